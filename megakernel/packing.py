@@ -1,0 +1,105 @@
+"""Packed weights: the layout the CPU interpreter and the GPU kernel both read.
+
+See scheduler/isa.py for the layout contract. In short, per layer:
+    wqkv [Hkv*(G+2)*D, d]  kv-group-major (G q heads, k head, v head), q/k rows pair-interleaved
+    wo   [d, H*D]
+    wgu  [2I, d]           rows 2j / 2j+1 = gate j / up j
+    wdown [d, I]
+stacked over layers, plus the embedding, the LM head (the embedding itself when tied) and
+the three norm weights. Packing copies QKV and gate/up (they are permuted); the embedding
+is shared with the source Weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import ModelConfig
+
+
+def pair_interleave(D: int) -> torch.Tensor:
+    """[D] source dim of each packed row inside a q/k head: row 2p <- p, 2p+1 <- p + D/2."""
+    half = D // 2
+    idx = torch.empty(D, dtype=torch.long)
+    idx[0::2] = torch.arange(half)
+    idx[1::2] = torch.arange(half) + half
+    return idx
+
+
+def qkv_row_sources(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each packed QKV row: (which of q/k/v: 0/1/2, row index inside that matrix)."""
+    D, G = cfg.D, cfg.G
+    inner = pair_interleave(D)
+    which, rows = [], []
+    for g in range(cfg.Hkv):
+        for h in range(g * G, (g + 1) * G):
+            which.append(torch.zeros(D, dtype=torch.long)); rows.append(h * D + inner)
+        which.append(torch.ones(D, dtype=torch.long)); rows.append(g * D + inner)
+        which.append(torch.full((D,), 2, dtype=torch.long)); rows.append(g * D + torch.arange(D))
+    return torch.cat(which), torch.cat(rows)
+
+
+@dataclasses.dataclass
+class PackedWeights:
+    config: ModelConfig
+    embed: torch.Tensor        # [V, d]
+    lm_head: torch.Tensor      # [V, d] (is embed when tied)
+    final_norm: torch.Tensor   # [d]
+    attn_norm: torch.Tensor    # [L, d]
+    mlp_norm: torch.Tensor     # [L, d]
+    wqkv: torch.Tensor         # [L, Hkv*(G+2)*D, d]
+    wo: torch.Tensor           # [L, d, H*D]
+    wgu: torch.Tensor          # [L, 2I, d]
+    wdown: torch.Tensor        # [L, d, I]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wqkv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wqkv.device
+
+    def to(self, device=None, dtype=None) -> "PackedWeights":
+        def cv(t):
+            return t.to(device=device, dtype=dtype)
+        emb = cv(self.embed)
+        head = emb if self.lm_head is self.embed else cv(self.lm_head)
+        return PackedWeights(self.config, emb, head, cv(self.final_norm), cv(self.attn_norm),
+                             cv(self.mlp_norm), cv(self.wqkv), cv(self.wo), cv(self.wgu),
+                             cv(self.wdown))
+
+
+def pack_weights(weights, dtype=None, device=None) -> PackedWeights:
+    """Weights -> PackedWeights (in `dtype` on `device`, default the weights' own)."""
+    cfg: ModelConfig = weights.config
+    dtype = dtype or weights.embed.dtype
+    device = device or weights.embed.device
+    which, rows = qkv_row_sources(cfg)
+
+    def cv(t):
+        return t.to(device=device, dtype=dtype)
+
+    L, d, I = cfg.L, cfg.d, cfg.I
+    # Preallocate the stacks and fill them layer by layer: no second copy in flight.
+    wqkv = torch.empty(L, len(rows), d, dtype=dtype, device=device)
+    wgu = torch.empty(L, 2 * I, d, dtype=dtype, device=device)
+    wo = torch.empty(L, d, cfg.H * cfg.D, dtype=dtype, device=device)
+    wdown = torch.empty(L, d, I, dtype=dtype, device=device)
+    sels = [(which == k).nonzero().squeeze(1) for k in range(3)]
+    for layer, lw in enumerate(weights.layers):
+        for sel, src in zip(sels, (lw.wq, lw.wk, lw.wv)):
+            wqkv[layer, sel.to(device)] = cv(src)[rows[sel].to(device)]
+        wgu[layer, 0::2] = cv(lw.w_gate)
+        wgu[layer, 1::2] = cv(lw.w_up)
+        wo[layer] = cv(lw.wo)
+        wdown[layer] = cv(lw.w_down)
+    embed = cv(weights.embed)
+    tied = cfg.tie_word_embeddings or weights.lm_head is weights.embed
+    return PackedWeights(
+        config=cfg, embed=embed, lm_head=embed if tied else cv(weights.lm_head),
+        final_norm=cv(weights.final_norm),
+        attn_norm=torch.stack([cv(lw.attn_norm) for lw in weights.layers]),
+        mlp_norm=torch.stack([cv(lw.mlp_norm) for lw in weights.layers]),
+        wqkv=wqkv, wo=wo, wgu=wgu, wdown=wdown)

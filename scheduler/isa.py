@@ -1,0 +1,194 @@
+"""The megakernel instruction set: the ONE definition of opcodes and record layout.
+
+csrc/generated/isa.cuh is generated from this module (`python -m megakernel.scheduler.isa`
+rewrites it; tests/test_isa.py fails when the checked-in header is stale).
+
+Record: WORDS int32 words. Words 0..7 are common to every opcode, words 8.. are the
+opcode's own fields (ARGS[op], in order). Opcode 0 is NOP and ends an SM's queue.
+
+    0 opcode   1 layer   2 uid (global instruction id, for traces and watchdog reports)
+    3 wait0_first  4 wait0_count  5 wait1_first  6 wait1_count   (counter ranges)
+    7 signal   (counter index bumped by +1 after the outputs are visible; -1 = none)
+
+Synchronisation: counters are int32 in global memory, monotonic across steps. For the
+epoch e (0 for the first step after a reset) an instruction may start once every counter c
+in its wait ranges satisfies counter[c] - target[c] * (e + 1) >= 0 (wrapping int32
+arithmetic). A producer writes its outputs, fences (release, gpu scope), then adds 1 to
+its signal counter. target[c] equals the number of instructions whose signal is c.
+
+Buffers (all activations fp32 unless said; "SSA": every element is written once per step):
+    tokens  [B] int64          input token ids (host/device writes before the step)
+    pos     [B] int32          position of this step's token in each sequence
+    resid   [2L+1, B, d]       resid[0] = embedding; resid[2l+1] = after attention of layer l;
+                               resid[2l+2] = after the MLP of layer l
+    q       [L, B, H, D]       RoPE'd queries
+    k_cache, v_cache [L, B, Hkv, S, D]   weight dtype (bf16 on the GPU)
+    o_part  [L, B, H, NS, D]   attention partial outputs (normalised per split)
+    lse     [L, B, H, NS]      natural-log sum-exp of the scaled scores per split (-inf if empty)
+    attn    [L, B, H*D]        merged attention output (head-major)
+    act     [L, B, I]          silu(gate) * up
+    logits  [B, V]
+    amax_val [B, NLM] fp32, amax_idx [B, NLM] int32   per-LM-head-instruction argmax partials
+    out_tokens [B] int64       greedy next tokens
+    rope_cos, rope_sin [S, D/2] fp32 (Llama-3 scaled frequencies, megakernel.rope)
+where NS = Program.attn_splits and NLM = Program.lm_slices.
+
+Packed weights (megakernel.packing; the CPU interpreter and the GPU read the same layout):
+    embed [V, d]; lm_head [V, d] (the embedding itself when tied)
+    attn_norm [L, d], mlp_norm [L, d], final_norm [d]
+    wqkv [L, Hkv*(G+2)*D, d], G = H // Hkv, kv-group-major: for group g the rows are
+        q heads g*G .. g*G+G-1 (D rows each), then k head g, then v head g. Inside every q and
+        k head the rows are pair-interleaved: packed row 2p holds dim p, row 2p+1 holds dim
+        p + D/2, so any even-aligned slice holds whole RoPE pairs. v rows keep their order.
+    wo [L, d, H*D]
+    wgu [L, 2I, d]: packed row 2j = gate row j, 2j+1 = up row j.
+    wdown [L, d, I]
+
+Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are even):
+    EMBED       resid[0][b, c0:c0+n] = embed[tokens[b], c0:c0+n] for every b
+    QKV         x = rmsnorm(resid[2l], attn_norm[l]); y = x @ wqkv[l][r0:r0+n].T; RoPE at
+                pos[b] on q/k pairs; q -> q[l], k/v -> k_cache/v_cache[l, b, g, pos[b]]
+    ATTN        decode attention of kv head g, batch row b, split s of NS, over positions
+                0..pos[b] of layer l. With n = pos[b]+1 and c = ceil(n / NS) the split covers
+                [s*c, min(n, (s+1)*c)); it writes o_part/lse of the G q heads of group g
+                (o = 0, lse = -inf when the range is empty). Scale 1/sqrt(D).
+    ATTN_REDUCE merges the NS partials of the G heads of group g, batch row b, into attn[l, b]
+    OPROJ       resid[2l+1][:, r0:r0+n] = resid[2l][:, r0:r0+n] + attn[l] @ wo[l][r0:r0+n].T
+    GATEUP      x = rmsnorm(resid[2l+1], mlp_norm[l]); y = x @ wgu[l][r0:r0+n].T;
+                act[l][:, r0/2 : (r0+n)/2] = silu(y[:, 0::2]) * y[:, 1::2]
+    DOWN        resid[2l+2][:, r0:r0+n] = resid[2l+1][:, r0:r0+n] + act[l] @ wdown[l][r0:r0+n].T
+    LMHEAD      x = rmsnorm(resid[2L], final_norm); logits[:, r0:r0+n] = x @ lm_head[r0:r0+n].T;
+                amax_val/idx[b, slot] = max and its lowest index over this slice
+    ARGMAX      out_tokens[b] = index of the max over the NLM partials (lowest index on ties)
+layer is -1 for EMBED, LMHEAD and ARGMAX.
+
+Kernel capacity (the scheduler respects these; the generated header static_asserts them):
+    a matvec instruction's n * B <= MAX_ROWS_TIMES_BATCH (fp32 accumulators in shared memory).
+"""
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+
+WORDS = 16
+MAX_BATCH = 16
+MAX_ROWS_TIMES_BATCH = 8192
+
+
+class Op(enum.IntEnum):
+    NOP = 0
+    EMBED = 1
+    QKV = 2
+    ATTN = 3
+    ATTN_REDUCE = 4
+    OPROJ = 5
+    GATEUP = 6
+    DOWN = 7
+    LMHEAD = 8
+    ARGMAX = 9
+
+
+# Common words, in order.
+HEADER = ("opcode", "layer", "uid", "wait0_first", "wait0_count", "wait1_first", "wait1_count",
+          "signal")
+# Each opcode's own fields, starting at word len(HEADER).
+ARGS: dict[Op, tuple[str, ...]] = {
+    Op.NOP: (),
+    Op.EMBED: ("col0", "ncols"),
+    Op.QKV: ("row0", "nrows"),
+    Op.ATTN: ("b", "kv_head", "split"),
+    Op.ATTN_REDUCE: ("b", "kv_head"),
+    Op.OPROJ: ("row0", "nrows"),
+    Op.GATEUP: ("row0", "nrows"),
+    Op.DOWN: ("row0", "nrows"),
+    Op.LMHEAD: ("row0", "nrows", "slot"),
+    Op.ARGMAX: (),
+}
+MATVEC_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
+NUM_WAITS = 2
+
+assert len(HEADER) + max(len(a) for a in ARGS.values()) <= WORDS
+
+
+def word_index(op: Op, field: str) -> int:
+    """Word index of `field` in a record of opcode `op` (common or op-specific)."""
+    if field in HEADER:
+        return HEADER.index(field)
+    try:
+        return len(HEADER) + ARGS[Op(op)].index(field)
+    except ValueError:
+        raise KeyError(f"opcode {Op(op).name} has no field {field!r}; it has "
+                       f"{HEADER + ARGS[Op(op)]}") from None
+
+
+def encode(op: Op, layer: int = -1, uid: int = 0, waits=(), signal: int = -1, **fields):
+    """One record as a list of WORDS ints. waits: up to NUM_WAITS (first, count) ranges."""
+    op = Op(op)
+    if len(waits) > NUM_WAITS:
+        raise ValueError(f"{op.name}: {len(waits)} wait ranges, at most {NUM_WAITS}")
+    missing = set(ARGS[op]) - set(fields)
+    extra = set(fields) - set(ARGS[op])
+    if missing or extra:
+        raise ValueError(f"{op.name}: missing fields {sorted(missing)}, unknown {sorted(extra)}")
+    rec = [0] * WORDS
+    rec[0], rec[1], rec[2], rec[7] = int(op), layer, uid, signal
+    for i, (first, count) in enumerate(waits):
+        rec[3 + 2 * i], rec[4 + 2 * i] = first, count
+    for name, value in fields.items():
+        rec[word_index(op, name)] = int(value)
+    return rec
+
+
+def decode(rec) -> dict:
+    """Record -> dict with 'op', the header fields and the opcode's fields."""
+    op = Op(int(rec[0]))
+    out = {"op": op}
+    for i, name in enumerate(HEADER[1:], start=1):
+        out[name] = int(rec[i])
+    for name in ARGS[op]:
+        out[name] = int(rec[word_index(op, name)])
+    return out
+
+
+HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "generated" / "isa.cuh"
+
+
+def render_header() -> str:
+    """The C++ header csrc/ includes, generated from this module."""
+    lines = [
+        "// GENERATED by scheduler/isa.py -- do not edit; run `python -m megakernel.scheduler.isa`.",
+        "// Instruction record layout shared with the Python scheduler.",
+        "#pragma once",
+        "",
+        "namespace mk {",
+        "",
+        f"constexpr int kWords = {WORDS};",
+        f"constexpr int kMaxBatch = {MAX_BATCH};",
+        f"constexpr int kMaxRowsTimesBatch = {MAX_ROWS_TIMES_BATCH};",
+        f"constexpr int kNumWaits = {NUM_WAITS};",
+        "",
+        "enum Op : int {",
+    ]
+    lines += [f"  OP_{op.name} = {int(op)}," for op in Op]
+    lines += ["};", "", "// Common words."]
+    lines += [f"constexpr int W_{name.upper()} = {i};" for i, name in enumerate(HEADER)]
+    for op in Op:
+        if ARGS[op]:
+            lines.append(f"// {op.name} fields.")
+        for name in ARGS[op]:
+            lines.append(f"constexpr int W_{op.name}_{name.upper()} = {word_index(op, name)};")
+    lines += ["", "inline const char* op_name(int op) {", "  switch (op) {"]
+    lines += [f'    case OP_{op.name}: return "{op.name}";' for op in Op]
+    lines += ['    default: return "UNKNOWN";', "  }", "}", "", "}  // namespace mk", ""]
+    return "\n".join(lines)
+
+
+def write_header(path: Path = HEADER_PATH) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_header())
+    return path
+
+
+if __name__ == "__main__":
+    print(write_header(Path(sys.argv[1]) if len(sys.argv) > 1 else HEADER_PATH))
