@@ -161,6 +161,12 @@ def render_header() -> str:
         "// Instruction record layout shared with the Python scheduler.",
         "#pragma once",
         "",
+        "#ifdef __CUDACC__",
+        "#define MK_HOST_DEVICE __host__ __device__",
+        "#else",
+        "#define MK_HOST_DEVICE",
+        "#endif",
+        "",
         "namespace mk {",
         "",
         f"constexpr int kWords = {WORDS};",
@@ -178,7 +184,7 @@ def render_header() -> str:
             lines.append(f"// {op.name} fields.")
         for name in ARGS[op]:
             lines.append(f"constexpr int W_{op.name}_{name.upper()} = {word_index(op, name)};")
-    lines += ["", "inline const char* op_name(int op) {", "  switch (op) {"]
+    lines += ["", "MK_HOST_DEVICE inline const char* op_name(int op) {", "  switch (op) {"]
     lines += [f'    case OP_{op.name}: return "{op.name}";' for op in Op]
     lines += ['    default: return "UNKNOWN";', "  }", "}", "", "}  // namespace mk", ""]
     return "\n".join(lines)
