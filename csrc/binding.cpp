@@ -1,0 +1,118 @@
+// The only file that speaks torch: turns named tensors and sizes into one mk::KernelArgs,
+// checking dtype, device and contiguity of every tensor, and launches on the current stream.
+// A Launcher is built once per (program, buffers); launch() does no per-step Python work and
+// is safe to capture in a CUDA graph.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include "kernel_args.h"
+
+namespace {
+
+class Launcher {
+ public:
+  Launcher(py::dict tensors, py::dict sizes, int num_sms) : num_sms_(num_sms) {
+    mk::KernelArgs& a = args_;
+    a.instructions = ptr<int32_t>(tensors, "instructions", torch::kInt32);
+    a.queue_len = ptr<int32_t>(tensors, "queue_len", torch::kInt32);
+    a.counter_targets = ptr<int32_t>(tensors, "counter_targets", torch::kInt32);
+    a.counters = ptr<int32_t>(tensors, "counters", torch::kInt32);
+    a.epoch = ptr<int32_t>(tensors, "epoch", torch::kInt32);
+    a.done = ptr<int32_t>(tensors, "done", torch::kInt32);
+    a.error = ptr<int32_t>(tensors, "error", torch::kInt32);
+    a.timing = tensors.contains("timing") && !tensors["timing"].is_none()
+                   ? ptr<int64_t>(tensors, "timing", torch::kInt64) : nullptr;
+    a.embed = bf16(tensors, "embed");
+    a.lm_head = bf16(tensors, "lm_head");
+    a.final_norm = bf16(tensors, "final_norm");
+    a.attn_norm = bf16(tensors, "attn_norm");
+    a.mlp_norm = bf16(tensors, "mlp_norm");
+    a.wqkv = bf16(tensors, "wqkv");
+    a.wo = bf16(tensors, "wo");
+    a.wgu = bf16(tensors, "wgu");
+    a.wdown = bf16(tensors, "wdown");
+    a.tokens = ptr<int64_t>(tensors, "tokens", torch::kInt64);
+    a.pos = ptr<int32_t>(tensors, "pos", torch::kInt32);
+    a.resid = ptr<float>(tensors, "resid", torch::kFloat32);
+    a.q = ptr<float>(tensors, "q", torch::kFloat32);
+    a.k_cache = ptr<__nv_bfloat16>(tensors, "k_cache", torch::kBFloat16);
+    a.v_cache = ptr<__nv_bfloat16>(tensors, "v_cache", torch::kBFloat16);
+    a.o_part = ptr<float>(tensors, "o_part", torch::kFloat32);
+    a.lse = ptr<float>(tensors, "lse", torch::kFloat32);
+    a.attn = ptr<float>(tensors, "attn", torch::kFloat32);
+    a.act = ptr<float>(tensors, "act", torch::kFloat32);
+    a.logits = ptr<float>(tensors, "logits", torch::kFloat32);
+    a.amax_val = ptr<float>(tensors, "amax_val", torch::kFloat32);
+    a.amax_idx = ptr<int32_t>(tensors, "amax_idx", torch::kInt32);
+    a.out_tokens = ptr<int64_t>(tensors, "out_tokens", torch::kInt64);
+    a.rope_cos = ptr<float>(tensors, "rope_cos", torch::kFloat32);
+    a.rope_sin = ptr<float>(tensors, "rope_sin", torch::kFloat32);
+    a.max_len = size(sizes, "max_len");
+    a.B = size(sizes, "B");
+    a.d = size(sizes, "d");
+    a.I = size(sizes, "I");
+    a.L = size(sizes, "L");
+    a.H = size(sizes, "H");
+    a.Hkv = size(sizes, "Hkv");
+    a.D = size(sizes, "D");
+    a.V = size(sizes, "V");
+    a.S = size(sizes, "S");
+    a.NS = size(sizes, "NS");
+    a.NLM = size(sizes, "NLM");
+    a.num_counters = size(sizes, "num_counters");
+    a.eps = sizes["eps"].cast<float>();
+    a.watchdog_ns = sizes["watchdog_ns"].cast<int64_t>();
+  }
+
+  void launch() {
+    const c10::cuda::CUDAGuard guard(device_);
+    const int err = mk::launch(args_, num_sms_, at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess, "megakernel launch failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+  }
+
+ private:
+  template <typename T>
+  T* ptr(py::dict& tensors, const char* name, torch::ScalarType dtype) {
+    TORCH_CHECK(tensors.contains(name), "megakernel: missing tensor '", name, "'");
+    torch::Tensor t = tensors[name].cast<torch::Tensor>();
+    TORCH_CHECK(t.is_cuda(), "megakernel: tensor '", name, "' must be on a CUDA device");
+    TORCH_CHECK(t.scalar_type() == dtype, "megakernel: tensor '", name, "' must be ",
+                c10::toString(dtype), ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "megakernel: tensor '", name, "' must be contiguous");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                "megakernel: tensor '", name, "' must be 16-byte aligned");
+    if (keep_.empty()) device_ = t.device();
+    TORCH_CHECK(t.device() == device_, "megakernel: tensor '", name, "' is on ", t.device(),
+                ", the others on ", device_);
+    keep_.push_back(t);
+    return reinterpret_cast<T*>(t.data_ptr());
+  }
+  const __nv_bfloat16* bf16(py::dict& tensors, const char* name) {
+    return ptr<__nv_bfloat16>(tensors, name, torch::kBFloat16);
+  }
+  static int size(py::dict& sizes, const char* name) {
+    TORCH_CHECK(sizes.contains(name), "megakernel: missing size '", name, "'");
+    return sizes[name].cast<int>();
+  }
+
+  mk::KernelArgs args_{};
+  int num_sms_;
+  torch::Device device_{torch::kCUDA};
+  std::vector<torch::Tensor> keep_;  // the kernel holds raw pointers: keep storage alive
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "megakernel: the persistent Llama decode interpreter (CUDA, sm_90a)";
+  py::class_<Launcher>(m, "Launcher")
+      .def(py::init<py::dict, py::dict, int>(), py::arg("tensors"), py::arg("sizes"),
+           py::arg("num_sms"))
+      .def("launch", &Launcher::launch);
+  m.def("smem_bytes", &mk::smem_bytes);
+  m.def("threads_per_block", &mk::threads_per_block);
+  m.def("max_blocks_per_sm", &mk::max_blocks_per_sm);
+}

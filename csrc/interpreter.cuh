@@ -1,0 +1,167 @@
+// The persistent interpreter: one block per SM, all co-resident. Warps 0..7 consume this
+// SM's instruction queue in order; warp 8 is the loader (matvec.cuh). Per instruction the
+// consumers: wait on the counters of its wait ranges (acquire; watchdog on every wait),
+// execute the op, then after a block barrier thread 0 publishes with a release add on the
+// signal counter. Counters are monotonic: for epoch e the target of counter c is
+// counter_targets[c] * (e + 1). The last block to finish a step advances the epoch.
+#pragma once
+#include "common.cuh"
+#include "matvec.cuh"
+#include "ops/argmax.cuh"
+#include "ops/attn.cuh"
+#include "ops/attn_reduce.cuh"
+#include "ops/embed.cuh"
+#include "ops/gateup.cuh"
+#include "ops/lmhead.cuh"
+#include "ops/qkv.cuh"
+#include "ops/residual.cuh"
+
+namespace mk {
+
+struct SmemLayout {
+  static constexpr size_t pages = 0;
+  static constexpr size_t full = pages + static_cast<size_t>(kNumPages) * kPageBytes;
+  static constexpr size_t empty = full + kNumPages * sizeof(uint64_t);
+  static constexpr size_t act = empty + kNumPages * sizeof(uint64_t);
+  static constexpr size_t acc = act + kActFloats * sizeof(float);
+  static constexpr size_t red = acc + kAccFloats * sizeof(float);
+  static constexpr size_t rstd = red + kConsumerWarps * kMaxBatch * sizeof(float);
+  static constexpr size_t flags = rstd + kMaxBatch * sizeof(float);
+  static constexpr size_t total = flags + 4 * sizeof(int);
+};
+// The attention op reuses act + acc as its scratch.
+static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
+              "attention scratch must fit in the activation + accumulator space");
+static_assert(SmemLayout::total <= 227 * 1024, "shared memory budget of one H100 block");
+
+// Stop the whole grid: first error wins the record.
+__device__ void report_error(const KernelArgs& a, int code, int i, const int32_t* ins,
+                             int counter, int value, int target) {
+  if (atomicCAS(a.error, 0, code) == 0) {
+    a.error[1] = blockIdx.x;
+    a.error[2] = i;
+    a.error[3] = ins[W_UID];
+    a.error[4] = counter;
+    a.error[5] = value;
+    a.error[6] = target;
+    a.error[7] = ins[W_OPCODE];
+    __threadfence();
+  }
+}
+
+// Thread 0 of the consumers: true when every waited counter reached its target.
+__device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, int epoch) {
+  for (int w = 0; w < kNumWaits; ++w) {
+    const int first = ins[W_WAIT0_FIRST + 2 * w], count = ins[W_WAIT0_COUNT + 2 * w];
+    for (int c = first; c < first + count; ++c) {
+      const int32_t target = __ldg(a.counter_targets + c) * (epoch + 1);
+      int32_t v = ld_acquire(a.counters + c);
+      if (v - target >= 0) continue;
+      const uint64_t start = globaltimer();
+      uint32_t spins = 0;
+      while ((v = ld_acquire(a.counters + c)) - target < 0) {
+        if ((++spins & 255) == 0) {
+          if (ld_volatile(a.error) != ERR_NONE) return false;
+          if (static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns) {
+            report_error(a, ERR_WATCHDOG, i, ins, c, v, target);
+            return false;
+          }
+        }
+      }
+    }
+  }
+  return true;
+}
+
+__device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
+                              int qlen, int epoch, unsigned char* smem) {
+  const int tid = threadIdx.x;
+  float* act = reinterpret_cast<float*>(smem + SmemLayout::act);
+  float* acc = reinterpret_cast<float*>(smem + SmemLayout::acc);
+  float* red = reinterpret_cast<float*>(smem + SmemLayout::red);
+  float* rstd = reinterpret_cast<float*>(smem + SmemLayout::rstd);
+  volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
+  int64_t* timing = a.timing ? a.timing + static_cast<size_t>(blockIdx.x) * a.max_len * 3 : nullptr;
+  uint32_t it = 0;
+  for (int i = 0; i < qlen; ++i) {
+    const int32_t* ins = queue + static_cast<size_t>(i) * kWords;  // read-only for the launch
+    if (tid == 0) {
+      const uint64_t t0 = globaltimer();
+      flags[0] = wait_counters(a, ins, i, epoch) ? 1 : 0;
+      if (timing) { timing[3 * i] = t0; timing[3 * i + 1] = globaltimer(); }
+    }
+    consumer_sync();
+    if (!flags[0]) break;
+    int err = ERR_NONE;
+    const int op = ins[W_OPCODE];
+    if (is_matvec(op)) {
+      consumer_matvec(a, ring, ins, it, act, acc, red, rstd);
+      switch (op) {
+        case OP_QKV: err = QkvOp::epilogue(a, ins, acc); break;
+        case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
+        case OP_LMHEAD: err = LmHeadOp::epilogue(a, ins, acc, red); break;
+        default: err = ResidualOp::epilogue(a, ins, acc); break;  // OPROJ, DOWN
+      }
+    } else {
+      switch (op) {
+        case OP_EMBED: err = EmbedOp::run(a, ins); break;
+        case OP_ATTN: err = AttnOp::run(a, ins, act); break;
+        case OP_ATTN_REDUCE: err = AttnReduceOp::run(a, ins); break;
+        case OP_ARGMAX: err = ArgmaxOp::run(a, ins); break;
+        default: err = ERR_BAD_OPCODE; break;
+      }
+    }
+    if (err != ERR_NONE) { flags[1] = err; }
+    consumer_sync();  // every output of the instruction is written
+    if (flags[1] != ERR_NONE) {
+      if (tid == 0) report_error(a, flags[1], i, ins, -1, 0, 0);
+      break;
+    }
+    if (tid == 0) {
+      const int sig = ins[W_SIGNAL];
+      if (sig >= 0) {
+        __threadfence();
+        red_release_add(a.counters + sig, 1);
+      }
+      if (timing) timing[3 * i + 2] = globaltimer();
+    }
+  }
+  if (tid == 0) ring.abort[0] = 1;  // harmless after a full run: the loader has finished
+}
+
+__global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant__ KernelArgs a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  Ring ring;
+  ring.pages = smem + SmemLayout::pages;
+  ring.full = reinterpret_cast<uint64_t*>(smem + SmemLayout::full);
+  ring.empty = reinterpret_cast<uint64_t*>(smem + SmemLayout::empty);
+  volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
+  ring.abort = flags + 2;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kNumPages; ++s) {
+      mbar_init(&ring.full[s], 1);
+      mbar_init(&ring.empty[s], kConsumerWarps);
+    }
+    flags[0] = 0;
+    flags[1] = ERR_NONE;
+    flags[2] = 0;
+    fence_mbar_init();
+  }
+  __syncthreads();
+  const int epoch = a.epoch[0];
+  const int32_t* queue = a.instructions + static_cast<size_t>(blockIdx.x) * a.max_len * kWords;
+  const int qlen = a.queue_len[blockIdx.x];
+  if (threadIdx.x >= kConsumerThreads) {
+    loader_main(a, ring, queue, qlen);
+  } else {
+    consumer_main(a, ring, queue, qlen, epoch, smem);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && ld_volatile(a.error) == ERR_NONE) {
+    __threadfence();
+    const int old = atomicAdd(a.done, 1);
+    if (old == static_cast<int>(gridDim.x) * (epoch + 1) - 1) atomicExch(a.epoch, epoch + 1);
+  }
+}
+
+}  // namespace mk

@@ -1,0 +1,75 @@
+// The one kernel argument: every pointer and size the interpreter needs.
+// Plain C++ (no torch): built by the Python runtime through the thin binding, passed by
+// value as a __grid_constant__ parameter. Layouts are those of scheduler/isa.py.
+#pragma once
+#include <cstdint>
+#include <cuda_bf16.h>
+
+namespace mk {
+
+struct KernelArgs {
+  // Program
+  const int32_t* instructions;     // [num_sms, max_len, kWords]
+  const int32_t* queue_len;        // [num_sms]
+  const int32_t* counter_targets;  // [num_counters]
+  int32_t* counters;               // [num_counters], monotonic across steps
+  int32_t* epoch;                  // [1] steps completed since reset
+  int32_t* done;                   // [1] blocks finished, monotonic
+  int32_t* error;                  // [8] code, sm, queue index, uid, counter, value, target, opcode
+  int64_t* timing;                 // [num_sms, max_len, 2] start/end ns, or null (trace off)
+  int max_len;
+
+  // Packed weights (bf16)
+  const __nv_bfloat16* embed;      // [V, d]
+  const __nv_bfloat16* lm_head;    // [V, d]
+  const __nv_bfloat16* final_norm; // [d]
+  const __nv_bfloat16* attn_norm;  // [L, d]
+  const __nv_bfloat16* mlp_norm;   // [L, d]
+  const __nv_bfloat16* wqkv;       // [L, Hkv*(G+2)*D, d]
+  const __nv_bfloat16* wo;         // [L, d, H*D]
+  const __nv_bfloat16* wgu;        // [L, 2I, d]
+  const __nv_bfloat16* wdown;      // [L, d, I]
+
+  // Buffers
+  const int64_t* tokens;           // [B]
+  const int32_t* pos;              // [B]
+  float* resid;                    // [2L+1, B, d]
+  float* q;                        // [L, B, H, D]
+  __nv_bfloat16* k_cache;          // [L, B, Hkv, S, D]
+  __nv_bfloat16* v_cache;          // [L, B, Hkv, S, D]
+  float* o_part;                   // [L, B, H, NS, D]
+  float* lse;                      // [L, B, H, NS]
+  float* attn;                     // [L, B, H*D]
+  float* act;                      // [L, B, I]
+  float* logits;                   // [B, V]
+  float* amax_val;                 // [B, NLM]
+  int32_t* amax_idx;               // [B, NLM]
+  int64_t* out_tokens;             // [B]
+  const float* rope_cos;           // [S, D/2]
+  const float* rope_sin;           // [S, D/2]
+
+  // Sizes
+  int B, d, I, L, H, Hkv, D, V, S, NS, NLM, num_counters;
+  float eps;
+  int64_t watchdog_ns;             // budget of one wait before the kernel reports and stops
+};
+
+// Error codes written to error[0].
+enum ErrorCode : int32_t {
+  ERR_NONE = 0,
+  ERR_WATCHDOG = 1,       // a counter wait exceeded its budget
+  ERR_BAD_OPCODE = 2,     // unknown opcode in a queue
+  ERR_BAD_TOKEN = 3,      // token id out of range
+  ERR_BAD_POSITION = 4,   // position outside [0, S)
+  ERR_ABORTED = 5,        // stopped because another block reported an error
+};
+
+// Host entry points, defined in megakernel.cu.
+size_t smem_bytes();
+int threads_per_block();
+// Launches grid = num_sms persistent blocks on `stream`; returns a cudaError_t value.
+int launch(const KernelArgs& args, int num_sms, void* stream);
+// Largest number of co-resident blocks of this kernel per SM on the current device.
+int max_blocks_per_sm();
+
+}  // namespace mk

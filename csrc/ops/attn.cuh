@@ -1,0 +1,144 @@
+// ATTN: flash-decoding partial of kv head g, batch row b, split s of NS over cache
+// positions [0, pos[b]]: with n = pos[b]+1 and c = ceil(n/NS) the split covers
+// [s*c, min(n, (s+1)*c)). Writes, for the G q heads of the group, o_part (normalised by the
+// split's softmax sum) and lse (log of that sum of exp(scaled scores)); an empty split
+// writes o = 0, lse = -inf.
+//
+// Work split: LP = D/8 lanes hold one position (8 dims each, 16-byte loads), a warp holds
+// 32/LP positions at a time; each lane keeps an online-softmax state for every q head of the
+// group. States merge across the lanes of a warp by shuffles, then across warps in smem.
+#pragma once
+#include "../common.cuh"
+
+namespace mk {
+
+struct SoftmaxState {
+  float m, l;  // running max (of scaled scores) and sum of exp(score - m)
+};
+
+// Merge (m2, l2, o2) into (m, l, o); -inf maxima mean "empty".
+__device__ __forceinline__ void merge_state(float& m, float& l, float* o, float m2, float l2,
+                                            const float* o2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;
+  const float c1 = expf(m - mn), c2 = expf(m2 - mn);
+  l = l * c1 + l2 * c2;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) o[k] = o[k] * c1 + o2[k] * c2;
+  m = mn;
+}
+
+template <int LP>
+__device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem) {
+  constexpr int PW = 32 / LP;                       // positions per warp step
+  const int l = ins[W_LAYER], b = ins[W_ATTN_B], g = ins[W_ATTN_KV_HEAD], s = ins[W_ATTN_SPLIT];
+  const int G = a.H / a.Hkv, D = LP * 8;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int sub = lane / LP, part = lane % LP;
+  const int n = a.pos[b] + 1, chunk = (n + a.NS - 1) / a.NS;
+  const int s0 = min(n, s * chunk), s1 = min(n, s0 + chunk);
+  const float scale = rsqrtf(static_cast<float>(D));
+
+  // smem: ms [warps][G], ls [warps][G], os [warps][G][D], then the scaled queries qs [G][D].
+  float* ms = smem;
+  float* ls = ms + kConsumerWarps * kMaxG;
+  float* os = ls + kConsumerWarps * kMaxG;
+  float* qs = os + kConsumerWarps * kMaxG * kMaxD;
+  const float* qsrc = a.q + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * D;
+  for (int i = tid; i < G * D; i += kConsumerThreads) qs[i] = scale * ldcg(qsrc + i);
+  consumer_sync();
+
+  float o[kMaxG][8], m[kMaxG], lsum[kMaxG];
+#pragma unroll
+  for (int h = 0; h < kMaxG; ++h) {
+    m[h] = -INFINITY;
+    lsum[h] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
+  }
+  const size_t base = ((static_cast<size_t>(l) * a.B + b) * a.Hkv + g) * a.S * D;
+  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kConsumerWarps * PW) {
+    const int t = t0 + sub;
+    const bool valid = t < s1;
+    float kf[8], vf[8];
+    if (valid) {
+      bf16x8_to_float(ldcg16(a.k_cache + base + static_cast<size_t>(t) * D + part * 8), kf);
+      bf16x8_to_float(ldcg16(a.v_cache + base + static_cast<size_t>(t) * D + part * 8), vf);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) kf[k] = vf[k] = 0.f;
+    }
+#pragma unroll
+    for (int h = 0; h < kMaxG; ++h) {
+      if (h >= G) break;
+      const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
+      const float4 q0 = qv[0], q1 = qv[1];
+      float sc = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
+                 q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+#pragma unroll
+      for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+      if (valid) {
+        const float mn = fmaxf(m[h], sc), c = expf(m[h] - mn), p = expf(sc - mn);
+        lsum[h] = lsum[h] * c + p;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) o[h][k] = o[h][k] * c + p * vf[k];
+        m[h] = mn;
+      }
+    }
+  }
+  // Merge the PW position groups of the warp (lanes part, part+LP, ...).
+#pragma unroll
+  for (int off = LP; off < 32; off <<= 1) {
+#pragma unroll
+    for (int h = 0; h < kMaxG; ++h) {
+      if (h >= G) break;
+      float o2[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) o2[k] = __shfl_xor_sync(0xffffffffu, o[h][k], off);
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[h], off);
+      const float l2 = __shfl_xor_sync(0xffffffffu, lsum[h], off);
+      merge_state(m[h], lsum[h], o[h], m2, l2, o2);
+    }
+  }
+  if (sub == 0) {
+#pragma unroll
+    for (int h = 0; h < kMaxG; ++h) {
+      if (h >= G) break;
+      if (part == 0) { ms[warp * kMaxG + h] = m[h]; ls[warp * kMaxG + h] = lsum[h]; }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) os[(warp * kMaxG + h) * D + part * 8 + k] = o[h][k];
+    }
+  }
+  consumer_sync();
+  for (int i = tid; i < G * D; i += kConsumerThreads) {
+    const int h = i / D, dim = i % D;
+    float M = -INFINITY;
+    for (int w = 0; w < kConsumerWarps; ++w) M = fmaxf(M, ms[w * kMaxG + h]);
+    float L = 0.f, O = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < kConsumerWarps; ++w) {
+        const float c = expf(ms[w * kMaxG + h] - M);
+        L += ls[w * kMaxG + h] * c;
+        O += os[(w * kMaxG + h) * D + dim] * c;
+      }
+    }
+    const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + g * G + h;
+    a.o_part[(head * a.NS + s) * D + dim] = M == -INFINITY ? 0.f : O / L;
+    if (dim == 0) a.lse[head * a.NS + s] = M == -INFINITY ? -INFINITY : M + logf(L);
+  }
+}
+
+struct AttnOp {
+  // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats.
+  __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem) {
+    const int p = a.pos[ins[W_ATTN_B]];
+    if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
+    switch (a.D) {
+      case 32: attn_split<4>(a, ins, smem); break;
+      case 64: attn_split<8>(a, ins, smem); break;
+      default: attn_split<16>(a, ins, smem); break;  // 128; the runtime rejects other D
+    }
+    return ERR_NONE;
+  }
+};
+}  // namespace mk

@@ -1,0 +1,45 @@
+// QKV epilogue: RoPE on pair-interleaved q/k rows at pos[b], q -> q[l] (fp32),
+// k/v -> the caches at pos[b] (bf16). The matvec (with RMSNorm) ran before.
+// acc: [n, B] fp32 for packed rows row0 .. row0+n-1 (row0 and n even).
+#pragma once
+#include "../common.cuh"
+
+namespace mk {
+struct QkvOp {
+  __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc) {
+    const int l = ins[W_LAYER], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
+    const int B = a.B, D = a.D, G = a.H / a.Hkv, half = D / 2, group_rows = (G + 2) * D;
+    int err = ERR_NONE;
+    for (int i = threadIdx.x; i < (n / 2) * B; i += kConsumerThreads) {
+      const int pr = i / B, b = i - pr * B, r = 2 * pr;   // local row pair (r, r + 1)
+      const int packed = row0 + r, g = packed / group_rows, j = packed - g * group_rows;
+      const float x0 = acc[r * B + b], x1 = acc[(r + 1) * B + b];
+      const int p = a.pos[b];
+      if (p < 0 || p >= a.S) { err = ERR_BAD_POSITION; continue; }
+      const size_t kv = ((static_cast<size_t>(l) * B + b) * a.Hkv + g) * a.S + p;
+      if (j < (G + 1) * D) {  // q or k head: (x0, x1) = dims (jj/2, jj/2 + D/2)
+        const int jj = j % D, d0 = jj / 2;
+        const float c = a.rope_cos[static_cast<size_t>(p) * half + d0];
+        const float s = a.rope_sin[static_cast<size_t>(p) * half + d0];
+        const float y0 = x0 * c - x1 * s, y1 = x1 * c + x0 * s;
+        if (j < G * D) {
+          const int h = g * G + j / D;
+          float* q = a.q + ((static_cast<size_t>(l) * B + b) * a.H + h) * D;
+          q[d0] = y0;
+          q[d0 + half] = y1;
+        } else {
+          __nv_bfloat16* k = a.k_cache + kv * D;
+          k[d0] = __float2bfloat16(y0);
+          k[d0 + half] = __float2bfloat16(y1);
+        }
+      } else {                // v head: natural order
+        const int jj = j - (G + 1) * D;
+        __nv_bfloat16* v = a.v_cache + kv * D;
+        v[jj] = __float2bfloat16(x0);
+        v[jj + 1] = __float2bfloat16(x1);
+      }
+    }
+    return err;
+  }
+};
+}  // namespace mk
