@@ -1,0 +1,97 @@
+"""Buffers: every tensor a decode step reads or writes, exactly as scheduler/isa.py lists them.
+
+Allocation only, device-agnostic: the CPU interpreter allocates on "cpu", the GPU runtime
+reuses this class with device="cuda" and binds the tensors' pointers into its kernel
+argument struct. All activations are fp32 and contiguous; the KV caches are `kv_dtype`.
+
+Invariants:
+  - shapes come from (ModelConfig, Program.batch / attn_splits / lm_slices / num_counters,
+    max_seq) and nothing else;
+  - `reset()` zeroes the synchronisation state (counters, epoch, done, error) and the KV
+    caches: the state of a fresh sequence;
+  - `poison()` fills everything an instruction writes (and the step inputs) with a value no
+    correct step produces, NaN for floats and INT_MIN for ints, so unwritten elements show.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import ModelConfig
+from .rope import rope_tables
+
+INT_POISON = -(2 ** 31)
+
+# Written by instructions (or by the host before a step): poisoned.
+STEP_OUTPUTS = ("tokens", "pos", "resid", "q", "k_cache", "v_cache", "o_part", "lse", "attn",
+                "act", "logits", "amax_val", "amax_idx", "out_tokens")
+# Synchronisation state: zeroed by reset().
+SYNC_STATE = ("counters", "epoch", "done", "error")
+
+
+@dataclasses.dataclass
+class Buffers:
+    tokens: torch.Tensor      # [B] int64
+    pos: torch.Tensor         # [B] int32
+    resid: torch.Tensor       # [2L+1, B, d]
+    q: torch.Tensor           # [L, B, H, D]
+    k_cache: torch.Tensor     # [L, B, Hkv, S, D] kv_dtype
+    v_cache: torch.Tensor     # [L, B, Hkv, S, D] kv_dtype
+    o_part: torch.Tensor      # [L, B, H, NS, D]
+    lse: torch.Tensor         # [L, B, H, NS]
+    attn: torch.Tensor        # [L, B, H*D]
+    act: torch.Tensor         # [L, B, I]
+    logits: torch.Tensor      # [B, V]
+    amax_val: torch.Tensor    # [B, NLM] fp32
+    amax_idx: torch.Tensor    # [B, NLM] int32
+    out_tokens: torch.Tensor  # [B] int64
+    counters: torch.Tensor    # [num_counters] int32
+    epoch: torch.Tensor       # [1] int32
+    done: torch.Tensor        # [1] int32
+    error: torch.Tensor       # [8] int32 watchdog record
+    rope_cos: torch.Tensor    # [S, D/2] fp32
+    rope_sin: torch.Tensor    # [S, D/2] fp32
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, program, max_seq: int, device="cpu",
+                 kv_dtype: torch.dtype = torch.bfloat16) -> "Buffers":
+        B, NS, NLM = int(program.batch), int(program.attn_splits), int(program.lm_slices)
+        if max_seq < 1:
+            raise ValueError(f"max_seq must be >= 1, got {max_seq}")
+        L, d, I, H, Hkv, D, V, S = cfg.L, cfg.d, cfg.I, cfg.H, cfg.Hkv, cfg.D, cfg.V, max_seq
+
+        def f32(*shape):
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+
+        def i32(*shape):
+            return torch.zeros(shape, dtype=torch.int32, device=device)
+
+        cos, sin = rope_tables(cfg, max_seq, device=device)
+        return cls(
+            tokens=torch.zeros(B, dtype=torch.int64, device=device), pos=i32(B),
+            resid=f32(2 * L + 1, B, d), q=f32(L, B, H, D),
+            k_cache=torch.zeros(L, B, Hkv, S, D, dtype=kv_dtype, device=device),
+            v_cache=torch.zeros(L, B, Hkv, S, D, dtype=kv_dtype, device=device),
+            o_part=f32(L, B, H, NS, D), lse=f32(L, B, H, NS), attn=f32(L, B, H * D),
+            act=f32(L, B, I), logits=f32(B, V), amax_val=f32(B, NLM), amax_idx=i32(B, NLM),
+            out_tokens=torch.zeros(B, dtype=torch.int64, device=device),
+            counters=i32(int(program.num_counters)), epoch=i32(1), done=i32(1), error=i32(8),
+            rope_cos=cos.contiguous(), rope_sin=sin.contiguous())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def poison(self) -> "Buffers":
+        for name in STEP_OUTPUTS:
+            t = getattr(self, name)
+            t.fill_(float("nan") if t.is_floating_point() else INT_POISON)
+        return self
+
+    def reset(self) -> "Buffers":
+        for name in SYNC_STATE + ("k_cache", "v_cache"):
+            getattr(self, name).zero_()
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())

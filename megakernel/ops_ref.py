@@ -1,0 +1,146 @@
+"""PyTorch reference of every opcode: the oracle the CPU interpreter runs and the GPU op tests
+compare against.
+
+Each function is `op(rec, w, buf, prog)`: `rec` a record decoded by isa.decode, `w` the
+PackedWeights, `buf` the Buffers, `prog` the Program (its attn_splits). It reads and writes
+only the buffers isa.py names for that opcode, keeps no state, and so runs alone on a
+one-instruction Program. Arithmetic is fp32 (weights cast up); K and V are stored in the
+cache's dtype. `run` dispatches on rec["op"]; an opcode without a reference raises.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .packing import qkv_row_sources
+from .scheduler.isa import Op
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [B, d] fp32, weight: [d] -> [B, d] fp32."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+@functools.lru_cache(maxsize=8)
+def qkv_row_targets(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each packed QKV row: (q/k/v as 0/1/2, q head or kv head, unpacked dim)."""
+    which, rows = qkv_row_sources(cfg)
+    return which, rows // cfg.D, rows % cfg.D
+
+
+def embed(rec, w, buf, prog):
+    c0, n = rec["col0"], rec["ncols"]
+    buf.resid[0, :, c0:c0 + n] = w.embed[buf.tokens, c0:c0 + n].float()
+
+
+def qkv(rec, w, buf, prog):
+    cfg, l, r0, n = w.config, rec["layer"], rec["row0"], rec["nrows"]
+    x = rmsnorm(buf.resid[2 * l], w.attn_norm[l], cfg.rms_norm_eps)        # [B, d]
+    y = x @ w.wqkv[l, r0:r0 + n].float().T                                 # [B, n]
+    which, head, dim = (t[r0:r0 + n] for t in qkv_row_targets(cfg))
+    pos = buf.pos.long()                                                   # [B]
+    # Rows 2p, 2p+1 of a q/k head hold dims (p, p + D/2): rotate each pair by angle p.
+    rotate = which[0::2] < 2                                               # [n/2]
+    pair = torch.where(rotate, dim[0::2], 0)
+    cos, sin = buf.rope_cos[pos][:, pair], buf.rope_sin[pos][:, pair]      # [B, n/2]
+    lo, hi = y[:, 0::2], y[:, 1::2]
+    y = y.clone()
+    y[:, 0::2] = torch.where(rotate, lo * cos - hi * sin, lo)
+    y[:, 1::2] = torch.where(rotate, hi * cos + lo * sin, hi)
+    is_q = which == 0
+    buf.q[l][:, head[is_q], dim[is_q]] = y[:, is_q]
+    b = torch.arange(len(pos))[:, None]
+    for kind, cache in ((1, buf.k_cache), (2, buf.v_cache)):
+        sel = which == kind
+        cache[l][b, head[sel][None, :], pos[:, None], dim[sel][None, :]] = (
+            y[:, sel].to(cache.dtype))
+
+
+def split_range(n: int, splits: int, s: int) -> tuple[int, int]:
+    """Positions [lo, hi) of split s when n positions are cut into `splits` (isa.py ATTN)."""
+    c = -(-n // splits)
+    return min(n, s * c), min(n, (s + 1) * c)
+
+
+def attn(rec, w, buf, prog):
+    cfg, l, b, g, s = w.config, rec["layer"], rec["b"], rec["kv_head"], rec["split"]
+    heads = slice(g * cfg.G, (g + 1) * cfg.G)
+    lo, hi = split_range(int(buf.pos[b]) + 1, int(prog.attn_splits), s)
+    if lo == hi:
+        buf.o_part[l, b, heads, s] = 0.0
+        buf.lse[l, b, heads, s] = -math.inf
+        return
+    q = buf.q[l, b, heads]                                                 # [G, D]
+    k = buf.k_cache[l, b, g, lo:hi].float()                                # [m, D]
+    v = buf.v_cache[l, b, g, lo:hi].float()                                # [m, D]
+    scores = (q @ k.T) / math.sqrt(cfg.D)                                  # [G, m]
+    top = scores.max(-1, keepdim=True).values
+    p = torch.exp(scores - top)
+    total = p.sum(-1, keepdim=True)
+    buf.o_part[l, b, heads, s] = (p @ v) / total
+    buf.lse[l, b, heads, s] = (top + torch.log(total)).squeeze(-1)
+
+
+def attn_reduce(rec, w, buf, prog):
+    cfg, l, b, g = w.config, rec["layer"], rec["b"], rec["kv_head"]
+    heads = slice(g * cfg.G, (g + 1) * cfg.G)
+    lse = buf.lse[l, b, heads]                                             # [G, NS]
+    o = buf.o_part[l, b, heads]                                            # [G, NS, D]
+    top = lse.max(-1, keepdim=True).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weight = torch.exp(lse - top)                                          # empty split -> 0
+    merged = (weight[..., None] * o).sum(1) / weight.sum(-1, keepdim=True)  # [G, D]
+    buf.attn[l, b, g * cfg.G * cfg.D:(g + 1) * cfg.G * cfg.D] = merged.reshape(-1)
+
+
+def oproj(rec, w, buf, prog):
+    l, r0, n = rec["layer"], rec["row0"], rec["nrows"]
+    buf.resid[2 * l + 1, :, r0:r0 + n] = (
+        buf.resid[2 * l, :, r0:r0 + n] + buf.attn[l] @ w.wo[l, r0:r0 + n].float().T)
+
+
+def gateup(rec, w, buf, prog):
+    cfg, l, r0, n = w.config, rec["layer"], rec["row0"], rec["nrows"]
+    x = rmsnorm(buf.resid[2 * l + 1], w.mlp_norm[l], cfg.rms_norm_eps)    # [B, d]
+    y = x @ w.wgu[l, r0:r0 + n].float().T                                  # [B, n]
+    buf.act[l, :, r0 // 2:(r0 + n) // 2] = F.silu(y[:, 0::2]) * y[:, 1::2]
+
+
+def down(rec, w, buf, prog):
+    l, r0, n = rec["layer"], rec["row0"], rec["nrows"]
+    buf.resid[2 * l + 2, :, r0:r0 + n] = (
+        buf.resid[2 * l + 1, :, r0:r0 + n] + buf.act[l] @ w.wdown[l, r0:r0 + n].float().T)
+
+
+def lmhead(rec, w, buf, prog):
+    cfg, r0, n, slot = w.config, rec["row0"], rec["nrows"], rec["slot"]
+    x = rmsnorm(buf.resid[2 * cfg.L], w.final_norm, cfg.rms_norm_eps)     # [B, d]
+    logits = x @ w.lm_head[r0:r0 + n].float().T                            # [B, n]
+    buf.logits[:, r0:r0 + n] = logits
+    best = logits.argmax(-1)                                               # first max on ties
+    buf.amax_val[:, slot] = logits.gather(1, best[:, None]).squeeze(1)
+    buf.amax_idx[:, slot] = (best + r0).to(torch.int32)
+
+
+def argmax(rec, w, buf, prog):
+    val, idx = buf.amax_val, buf.amax_idx                                  # [B, NLM]
+    top = val.max(-1, keepdim=True).values
+    lowest = torch.where(val == top, idx, torch.iinfo(torch.int32).max).min(-1).values
+    buf.out_tokens.copy_(lowest.to(torch.int64))
+
+
+OPS = {Op.EMBED: embed, Op.QKV: qkv, Op.ATTN: attn, Op.ATTN_REDUCE: attn_reduce,
+       Op.OPROJ: oproj, Op.GATEUP: gateup, Op.DOWN: down, Op.LMHEAD: lmhead, Op.ARGMAX: argmax}
+
+
+def run(rec: dict, w, buf, prog) -> None:
+    """Execute one decoded instruction on the buffers."""
+    fn = OPS.get(rec["op"])
+    if fn is None:
+        raise ValueError(f"no reference for opcode {rec['op']!r} (uid {rec.get('uid')}); "
+                         f"executable opcodes: {[op.name for op in OPS]}")
+    fn(rec, w, buf, prog)
