@@ -8,10 +8,12 @@ and says once why.
 """
 import importlib.util
 import os
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
 def load_build_facts():
@@ -46,7 +48,8 @@ def extension_args():
 
 
 kwargs, reason = extension_args()
-if reason:
+# pip runs setup.py once per build hook; say it in the one that builds.
+if reason and BUILD_COMMANDS & set(sys.argv[1:]):
     print(f"megakernel: CUDA extension not built: {reason}; installing pure Python")
 
 setup(
