@@ -70,7 +70,8 @@ class ReferenceModel:
             raise ValueError(f"generate: prompt_ids must be a [batch={self.batch}, T>=1] tensor, "
                              f"got {_describe(prompt_ids)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+            raise ValueError("generate: max_new_tokens must be an int >= 0, got "
+                             f"{max_new_tokens!r}")
         T = prompt_ids.shape[1]
         steps = T + max(max_new_tokens, 1) - 1   # the last new token is returned, not fed
         if steps > self.max_seq:

@@ -116,7 +116,8 @@ class Weights:
     def tensors(self) -> list[torch.Tensor]:
         """Every distinct tensor (the tied head counted once)."""
         head = [] if self.lm_head is self.embed else [self.lm_head]
-        return [self.embed, self.final_norm, *head, *(t for lw in self.layers for t in lw.tensors())]
+        layers = [t for lw in self.layers for t in lw.tensors()]
+        return [self.embed, self.final_norm, *head, *layers]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -192,7 +193,8 @@ class Weights:
             if got != shape:
                 raise ValueError(f"{hf_dir}: tensor {name!r} has shape {got}, expected {shape} "
                                  f"from config.json")
-        embed = handles[where["model.embed_tokens.weight"]].get_tensor("model.embed_tokens.weight")
+        embed_name = "model.embed_tokens.weight"
+        embed = handles[where[embed_name]].get_tensor(embed_name)
         dtype = dtype or embed.dtype
         embed = embed.to(device=device, dtype=dtype)
         progress = _Progress(f"loading {hf_dir.name}", len(expected))
