@@ -1,0 +1,135 @@
+"""Buffer accesses: which elements each instruction reads and writes, derived from its
+record alone by the semantics in isa.py, as [start, stop) ranges of flat element indices.
+
+The validator works in its own coordinates: every buffer's element space is numbered in
+an order chosen so that each access is one range (or one per batch row). Each order is a
+bijection of the real layout, so overlaps and coverage, all the validator asks about, do
+not depend on it. Orders (outer to inner, see BUFFER_DIMS):
+    resid [level, col, b]        q [layer, b, head, dim*]      k_new, v_new [layer, b, g, dim*]
+    o_part [layer, b, g, split, head in group, dim]            lse [layer, b, g, split, head in group]
+    attn [layer, b, head, dim]   act [layer, col, b]           logits [row, b]
+    amax_val, amax_idx [slot, b] out_tokens [b]
+dim* is the packed-row order inside a head (pair-interleaved, isa.py); every reader reads
+whole heads, so that permutation is invisible. k_new / v_new are the KV cache rows at this
+step's position (earlier positions were written by earlier steps). tokens, pos, the
+weights and the RoPE tables are inputs: written before the step, not tracked.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from megakernel.config import ModelConfig
+
+from .isa import Op
+from .table import Instrs
+
+
+def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int) -> dict[str, tuple]:
+    """buffer -> ((dim name, size), ...) in validator coordinates."""
+    L, d, H, Hkv, G, D = cfg.L, cfg.d, cfg.H, cfg.Hkv, cfg.G, cfg.D
+    lb = (("layer", L), ("b", B))
+    return {
+        "resid": (("level", 2 * L + 1), ("col", d), ("b", B)),
+        "q": lb + (("head", H), ("dim", D)),
+        "k_new": lb + (("kv_head", Hkv), ("dim", D)),
+        "v_new": lb + (("kv_head", Hkv), ("dim", D)),
+        "o_part": lb + (("kv_head", Hkv), ("split", NS), ("head_in_group", G), ("dim", D)),
+        "lse": lb + (("kv_head", Hkv), ("split", NS), ("head_in_group", G)),
+        "attn": lb + (("head", H), ("dim", D)),
+        "act": (("layer", L), ("col", cfg.I), ("b", B)),
+        "logits": (("row", cfg.V), ("b", B)),
+        "amax_val": (("slot", NLM), ("b", B)),
+        "amax_idx": (("slot", NLM), ("b", B)),
+        "out_tokens": (("b", B),),
+    }
+
+
+BUFFERS = tuple(buffer_dims(ModelConfig.preset("tiny"), 1, 1, 1))
+
+
+@dataclasses.dataclass
+class Accesses:
+    inst: np.ndarray    # int64 [A] row of the instruction table
+    buf: np.ndarray     # int64 [A] index into BUFFERS
+    start: np.ndarray   # int64 [A]
+    stop: np.ndarray    # int64 [A] (exclusive)
+    write: np.ndarray   # bool [A]
+
+
+def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int) -> Accesses:
+    """Every read and write of every instruction in t (whose fields are in range)."""
+    L, d, I, H, Hkv, G, D = cfg.L, cfg.d, cfg.I, cfg.H, cfg.Hkv, cfg.G, cfg.D
+    parts = []
+
+    def emit(name, write, inst, start, length):
+        start = np.asarray(start, np.int64) + np.zeros(len(inst), np.int64)
+        parts.append((inst, np.full(len(inst), BUFFERS.index(name)), start,
+                      start + length, np.full(len(inst), write)))
+
+    def rows(op):
+        i = np.flatnonzero(t.op == op)
+        a = t.args[i].astype(np.int64)
+        return i, t.layer[i].astype(np.int64), a[:, 0], a[:, 1], a[:, 2]
+
+    def resid_cols(level, col0):          # start of resid[level][:, col0]
+        return (level * d + col0) * B
+
+    i, _, c0, n, _ = rows(Op.EMBED)
+    emit("resid", True, i, resid_cols(0, c0), n * B)
+
+    i, l, r0, n, _ = rows(Op.QKV)
+    emit("resid", False, i, resid_cols(2 * l, 0), d * B)
+    R, r1 = (G + 2) * D, r0 + n
+    g0, g1 = r0 // R, (r1 - 1) // R
+    o0, o1 = r0 - g0 * R, r1 - g1 * R           # offsets of the ends inside their groups
+    for name, width, before, per_group in (("q", G * D, 0, G * D), ("k_new", D, G * D, D),
+                                           ("v_new", D, (G + 1) * D, D)):
+        lo = g0 * per_group + np.clip(o0 - before, 0, width)
+        hi = g1 * per_group + np.clip(o1 - before, 0, width)
+        m = hi > lo
+        for b in range(B):
+            emit(name, True, i[m], (l[m] * B + b) * Hkv * per_group + lo[m], hi[m] - lo[m])
+
+    i, l, b, g, s = rows(Op.ATTN)
+    lbg = (l * B + b) * Hkv + g
+    emit("q", False, i, lbg * G * D, G * D)
+    emit("k_new", False, i, lbg * D, D)
+    emit("v_new", False, i, lbg * D, D)
+    emit("o_part", True, i, (lbg * NS + s) * G * D, G * D)
+    emit("lse", True, i, (lbg * NS + s) * G, G)
+
+    i, l, b, g, _ = rows(Op.ATTN_REDUCE)
+    lbg = (l * B + b) * Hkv + g
+    emit("o_part", False, i, lbg * NS * G * D, NS * G * D)
+    emit("lse", False, i, lbg * NS * G, NS * G)
+    emit("attn", True, i, lbg * G * D, G * D)
+
+    i, l, r0, n, _ = rows(Op.OPROJ)
+    emit("attn", False, i, l * B * H * D, B * H * D)
+    emit("resid", False, i, resid_cols(2 * l, r0), n * B)
+    emit("resid", True, i, resid_cols(2 * l + 1, r0), n * B)
+
+    i, l, r0, n, _ = rows(Op.GATEUP)
+    emit("resid", False, i, resid_cols(2 * l + 1, 0), d * B)
+    emit("act", True, i, (l * I + r0 // 2) * B, n // 2 * B)
+
+    i, l, r0, n, _ = rows(Op.DOWN)
+    emit("act", False, i, l * I * B, I * B)
+    emit("resid", False, i, resid_cols(2 * l + 1, r0), n * B)
+    emit("resid", True, i, resid_cols(2 * l + 2, r0), n * B)
+
+    i, _, r0, n, slot = rows(Op.LMHEAD)
+    emit("resid", False, i, resid_cols(2 * L, 0), d * B)
+    emit("logits", True, i, r0 * B, n * B)
+    emit("amax_val", True, i, slot * B, B)
+    emit("amax_idx", True, i, slot * B, B)
+
+    i, *_ = rows(Op.ARGMAX)
+    emit("amax_val", False, i, 0, NLM * B)
+    emit("amax_idx", False, i, 0, NLM * B)
+    emit("out_tokens", True, i, 0, B)
+
+    cols = [np.concatenate(c) for c in zip(*parts)]
+    return Accesses(*cols)

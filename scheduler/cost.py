@@ -1,0 +1,121 @@
+"""Cost model: predicted time of every instruction on a GPU described by a GpuSpec.
+
+    time_us = instr_latency_us + max(bytes / sm_bandwidth, flops / sm_flop_rate)
+    sm_bandwidth = min(hbm_bytes_per_s / active_sms, sm_max_bytes_per_s)
+
+`active_sms` is the program's num_sms: every SM is assumed to stream at once (a decode
+step is one long stream of HBM reads), each with an equal share of the bandwidth, capped
+by what one SM can pull alone. bytes = weights + activations read and written + the KV
+cache an ATTN split reads at an assumed position (plan option kv_position). Counter
+latency (signal -> consumer sees it) is charged by the simulator on every dependency edge.
+All constants come from a plain dict (JSON-loadable) so a GPU trace can recalibrate them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from megakernel.config import ModelConfig
+
+from .isa import Op
+from .table import Instrs
+
+PRESETS: dict[str, dict] = {
+    # H100 SXM 80GB. hbm_bytes_per_s: read bandwidth measured on the project's H100 (BRIEF.md).
+    # The rest are first guesses, to be calibrated against kernel traces.
+    "h100": dict(name="h100", num_sms=132, hbm_bytes_per_s=2.95e12, sm_max_bytes_per_s=1.0e11,
+                 clock_hz=1.755e9, fp32_flops_per_sm_cycle=256.0, instr_latency_us=0.6,
+                 counter_latency_us=0.8, weight_bytes=2, kv_bytes=2, act_bytes=4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    num_sms: int
+    hbm_bytes_per_s: float          # achievable read bandwidth of the whole GPU
+    sm_max_bytes_per_s: float       # the most one SM can stream when it has HBM to itself
+    clock_hz: float
+    fp32_flops_per_sm_cycle: float  # 256 on Hopper: 128 FP32 lanes x FMA
+    instr_latency_us: float         # fixed cost of every instruction (fetch, setup, norm, store)
+    counter_latency_us: float       # producer's signal -> a waiting consumer proceeds
+    weight_bytes: int = 2           # bf16 weights
+    kv_bytes: int = 2               # bf16 KV cache
+    act_bytes: int = 4              # fp32 activations
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "name" and not v > 0:
+                raise ValueError(f"GpuSpec {self.name!r}: {f.name} must be > 0, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GpuSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"GpuSpec: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, gpu) -> "GpuSpec":
+        """A GpuSpec from itself, None (h100), a preset name, a dict, or a JSON file path."""
+        if isinstance(gpu, GpuSpec):
+            return gpu
+        if gpu is None:
+            gpu = "h100"
+        if isinstance(gpu, dict):
+            return cls.from_dict(gpu)
+        if gpu in PRESETS:
+            return cls.from_dict(PRESETS[gpu])
+        if Path(gpu).is_file():
+            return cls.from_dict(json.loads(Path(gpu).read_text()))
+        raise ValueError(f"gpu {gpu!r}: not a preset {sorted(PRESETS)} nor a JSON file")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def sm_bytes_per_s(self, active_sms: int) -> float:
+        return min(self.hbm_bytes_per_s / min(active_sms, self.num_sms), self.sm_max_bytes_per_s)
+
+
+def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_splits: int,
+                            lm_slices: int, spec: GpuSpec, kv_position: int):
+    """(bytes, flops) float64 [N] each instruction moves and computes."""
+    B, d, I, H, Hkv, G, D = batch, cfg.d, cfg.I, cfg.H, cfg.Hkv, cfg.G, cfg.D
+    wb, kb, ab = spec.weight_bytes, spec.kv_bytes, spec.act_bytes
+    op, a = ins.op, ins.args.astype(np.float64)
+    rows = a[:, 1]
+    nbytes = np.zeros(len(op))
+    flops = np.zeros(len(op))
+
+    def put(which, b, f=0.0):
+        m = op == which
+        nbytes[m] = b[m] if np.ndim(b) else b
+        flops[m] = f[m] if np.ndim(f) else f
+
+    put(Op.EMBED, B * rows * (wb + ab))
+    # matvec: weight rows + the input vector (normed ones also read the norm weight) + outputs
+    put(Op.QKV, rows * d * wb + B * d * ab + d * wb + B * rows * ab, 2.0 * B * rows * d)
+    put(Op.OPROJ, rows * H * D * wb + B * H * D * ab + 2 * B * rows * ab, 2.0 * B * rows * H * D)
+    put(Op.GATEUP, rows * d * wb + B * d * ab + d * wb + B * rows / 2 * ab, 2.0 * B * rows * d)
+    put(Op.DOWN, rows * I * wb + B * I * ab + 2 * B * rows * ab, 2.0 * B * rows * I)
+    put(Op.LMHEAD, rows * d * wb + B * d * ab + d * wb + B * rows * ab, 2.0 * B * rows * d)
+    positions = -(-(kv_position + 1) // attn_splits)
+    put(Op.ATTN, 2 * positions * D * kb + 2 * G * D * ab, 4.0 * G * D * positions)
+    put(Op.ATTN_REDUCE, attn_splits * G * (D + 1) * ab + G * D * ab)
+    put(Op.ARGMAX, 2 * B * lm_slices * ab + B * 8)
+    return nbytes, flops
+
+
+def instruction_us(ins: Instrs, cfg: ModelConfig, batch: int, attn_splits: int, lm_slices: int,
+                   spec: GpuSpec, active_sms: int, kv_position: int) -> np.ndarray:
+    """Predicted microseconds [N] of each instruction."""
+    nbytes, flops = instruction_bytes_flops(ins, cfg, batch, attn_splits, lm_slices, spec,
+                                            kv_position)
+    flop_rate = spec.fp32_flops_per_sm_cycle * spec.clock_hz
+    busy = np.maximum(nbytes / spec.sm_bytes_per_s(active_sms), flops / flop_rate)
+    return spec.instr_latency_us + 1e6 * busy

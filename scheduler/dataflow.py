@@ -1,0 +1,99 @@
+"""Dataflow checks of the validator: buffers are SSA per step and every read is ordered.
+
+On the accesses of access.py (validator coordinates), for an instruction table in uid order
+whose structure validate.py has already proven:
+  - no buffer element is written by two instructions;
+  - every element an instruction reads is written by some instruction;
+  - every buffer element is written (each exactly once, with the first check);
+  - every writer of an element an instruction reads happens-before that reader through
+    counters (happens.py), which covers reads ordered only transitively.
+Reads are deduplicated by (wait signature, range) before the happens-before test, so the
+work is about one test per distinct (reader signature, writer) pair.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from megakernel.config import ModelConfig
+
+from . import happens
+from .access import BUFFERS, accesses, buffer_dims
+from .table import Placed
+
+
+def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int) -> None:
+    dims = buffer_dims(cfg, B, NS, NLM)
+    sizes = np.array([int(np.prod([n for _, n in dims[b]])) for b in BUFFERS], np.int64)
+    base = np.r_[0, np.cumsum(sizes)]
+
+    def name(flat: int) -> str:
+        """Buffer element at a global flat index, e.g. resid[level=3, col=17, b=0]."""
+        k = int(np.searchsorted(base, flat, "right") - 1)
+        coords = np.unravel_index(flat - base[k], [n for _, n in dims[BUFFERS[k]]])
+        inner = ", ".join(f"{d}={int(c)}" for (d, _), c in zip(dims[BUFFERS[k]], coords))
+        return f"{BUFFERS[k]}[{inner}]"
+
+    def fail(i: int, msg: str):
+        raise ValueError(f"invalid plan: {t.where(i)}: {msg}")
+
+    acc = accesses(t, cfg, B, NS, NLM)
+    gstart, gstop = base[acc.buf] + acc.start, base[acc.buf] + acc.stop
+
+    w = np.flatnonzero(acc.write)
+    w = w[np.argsort(gstart[w], kind="stable")]
+    ws, we, wi = gstart[w], gstop[w], acc.inst[w]
+    overlap = np.flatnonzero(ws[1:] < we[:-1])
+    if len(overlap):
+        k = int(overlap[0])
+        fail(int(wi[k + 1]), f"writes {name(int(ws[k + 1]))}, also written by "
+             f"{t.where(int(wi[k]))}: every element must have one writer per step")
+
+    r = np.flatnonzero(~acc.write)
+    rs, re, ri = gstart[r], gstop[r], acc.inst[r]
+    i0 = np.searchsorted(we, rs, "right")                 # first write ending after rs
+    i1 = np.searchsorted(ws, re, "left")                  # writes starting before re: [0, i1)
+    breaks = np.r_[0, np.cumsum(we[:-1] != ws[1:])]
+    last = np.maximum(i1 - 1, 0)
+    covered = (i0 < i1) & (ws[np.minimum(i0, len(ws) - 1)] <= rs) & (we[last] >= re) \
+        & (breaks[last] == breaks[np.minimum(i0, last)])
+    for k in np.flatnonzero(~covered)[:1]:
+        written = np.zeros(int(re[k] - rs[k]), bool)
+        for j in range(i0[k], i1[k]):
+            written[max(ws[j], rs[k]) - rs[k]:min(we[j], re[k]) - rs[k]] = True
+        fail(int(ri[k]), f"reads {name(int(rs[k] + np.argmin(written)))}, which no "
+             "instruction writes")
+
+    gaps = np.flatnonzero(np.r_[ws[0] != 0, ws[1:] != we[:-1], we[-1] != base[-1]])
+    if len(gaps):
+        k = int(gaps[0])
+        missing = 0 if k == 0 else int(we[k - 1])
+        raise ValueError(f"invalid plan: {name(missing)} is never written: every element of "
+                         "every step buffer must be written exactly once")
+
+    _check_ordered(t, rs, re, ri, i0, i1, ws, wi, name)
+
+
+def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name) -> None:
+    """Every write [i0, i1) (starts ws, writers wi) of every read (rs, re, reader ri)
+    happens-before the reader."""
+    keys = np.column_stack([t.waits[ri].astype(np.int64), rs, re])
+    _, first = np.unique(keys, axis=0, return_index=True)
+    counts = i1[first] - i0[first]
+    key_of = np.repeat(np.arange(len(first)), counts)
+    offsets = np.cumsum(counts) - counts
+    write = i0[first][key_of] + np.arange(counts.sum()) - offsets[key_of]
+    writer, reader = wi[write], ri[first][key_of]
+    tracked = np.zeros(len(t), bool)
+    tracked[writer] = True
+    sig_of, sets, position = happens.ancestor_sets(t.waits, t.signal, tracked)
+    prefix = np.array([p for p, _ in sets], np.int64)
+    wpos = position[writer]
+    for k in np.flatnonzero(wpos >= prefix[sig_of[reader]]).tolist():
+        u, v = int(writer[k]), int(reader[k])
+        if not happens.contains(sets[sig_of[v]], int(wpos[k])):
+            elem = name(int(max(ws[write[k]], rs[first[key_of[k]]])))
+            raise ValueError(
+                f"invalid plan: {t.where(v)}: reads {elem}, written by {t.where(u)}, which "
+                f"does not happen before it: no chain of counter waits leads from counter "
+                f"{int(t.signal[u])} (the writer's signal) to this instruction's waits "
+                f"{t.wait_ranges(v)}")

@@ -1,0 +1,132 @@
+"""Lowering: one Llama decode step -> a DAG of coarse instructions joined by counters.
+
+`lower` returns the instructions in a topological order, stage by stage: EMBED; per layer
+QKV, ATTN, ATTN_REDUCE, OPROJ, GATEUP, DOWN; then LMHEAD, ARGMAX. A stage is one (layer,
+opcode); no instruction depends on another of its own stage. Each instruction has at most
+one wait range and one signal counter (ARGMAX signals none).
+
+Counters are numbered stage by stage in the producers' output order. A stage's producers
+are grouped into buckets, one counter per bucket, by the granularity:
+    layer   one bucket per stage
+    head    QKV slices by the kv group of their first row; ATTN by (b, kv_head)
+    chunk   QKV: one per slice; ATTN by (b, kv_head) (one per split would not help: every
+            ATTN_REDUCE waits on all NS splits of its group)
+Every other stage is read whole by its consumers, so it is one bucket at any granularity.
+A consumer waits on the contiguous counter range of the buckets holding the producers
+whose outputs it reads directly (isa.py says what each opcode reads); reads that are
+ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from megakernel.config import ModelConfig
+
+from . import isa
+from .isa import Op
+from .slicing import even_split, qkv_split
+from .table import NUM_ARGS, Instrs
+
+GRANULARITIES = ("layer", "head", "chunk")
+SLICED_OPS = ("embed", "qkv", "oproj", "gateup", "down", "lmhead")
+
+
+@dataclasses.dataclass
+class Lowered:
+    instrs: Instrs                # in lowering (topological) order
+    stage: np.ndarray             # int32 [N] stage index, nondecreasing
+    counter_targets: np.ndarray   # int32 [num_counters]
+    attn_splits: int
+    lm_slices: int
+
+
+class _Builder:
+    def __init__(self):
+        self.parts: list[tuple] = []
+        self.targets: list[np.ndarray] = []
+        self.num_counters = 0
+
+    def stage(self, op: Op, layer: int, args, waits, buckets) -> np.ndarray:
+        """Append one stage. args [n, <=NUM_ARGS]; waits [n, 2] (first, count) or None;
+        buckets [n] nondecreasing bucket keys, or None for no signal. Returns the counter
+        index each instruction signals."""
+        args = np.asarray(args, np.int32).reshape(len(args), -1)
+        n = len(args)
+        padded = np.zeros((n, NUM_ARGS), np.int32)
+        padded[:, :args.shape[1]] = args
+        w = np.zeros((n, 2 * isa.NUM_WAITS), np.int32)
+        if waits is not None:
+            w[:, :2] = waits
+        if buckets is None:
+            signal = np.full(n, -1, np.int32)
+        else:
+            new = np.r_[True, np.diff(buckets) != 0]
+            signal = (self.num_counters + np.cumsum(new) - 1).astype(np.int32)
+            self.targets.append(np.bincount(signal - self.num_counters).astype(np.int32))
+            self.num_counters = int(signal[-1]) + 1
+        self.parts.append((np.full(n, int(op), np.int32), np.full(n, layer, np.int32),
+                           padded, w, signal, np.full(n, len(self.parts), np.int32)))
+        return signal
+
+    def build(self) -> tuple[Instrs, np.ndarray, np.ndarray]:
+        cols = [np.concatenate(c) for c in zip(*self.parts)]
+        return Instrs(*cols[:5]), cols[5], np.concatenate(self.targets)
+
+
+def _span(cids: np.ndarray, i0, i1) -> np.ndarray:
+    """[n, 2] wait ranges covering the counters of producers [i0, i1) (arrays)."""
+    first = cids[i0]
+    return np.stack([first, cids[np.asarray(i1) - 1] - first + 1], axis=1)
+
+
+def _all(cids: np.ndarray, n: int) -> np.ndarray:
+    return _span(cids, np.zeros(n, np.int64), np.full(n, len(cids)))
+
+
+def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
+          slices: dict) -> Lowered:
+    """slices: target slice count per key of SLICED_OPS."""
+    B, L, d, I, V = batch, cfg.L, cfg.d, cfg.I, cfg.V
+    Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
+    max_rows = isa.MAX_ROWS_TIMES_BATCH // B
+    group_rows = (G + 2) * D
+
+    embed = np.array(even_split(d, slices["embed"]))
+    qkv = np.array(qkv_split(Hkv, group_rows, slices["qkv"], max_rows))
+    oproj = np.array(even_split(d, slices["oproj"], 1, max_rows))
+    gateup = np.array(even_split(2 * I, slices["gateup"], 2, max_rows))
+    down = np.array(even_split(d, slices["down"], 1, max_rows))
+    lm = np.array(even_split(V, slices["lmhead"], 1, max_rows))
+    lm = np.column_stack([lm, np.arange(len(lm))])
+
+    # QKV slices [g_i0[g], g_i1[g]) hold kv group g's rows.
+    groups = np.arange(Hkv)
+    g_i0 = np.searchsorted(qkv[:, 0] + qkv[:, 1], groups * group_rows, "right")
+    g_i1 = np.searchsorted(qkv[:, 0], (groups + 1) * group_rows, "left")
+    attn = np.stack(np.meshgrid(np.arange(B), groups, np.arange(NS), indexing="ij"), -1)
+    attn = attn.reshape(-1, 3)                                       # (b, kv_head, split)
+    reduce = attn[::NS, :2]                                          # (b, kv_head)
+    bg = np.arange(B * Hkv)
+    zeros = {n: np.zeros(n, np.int64) for n in {len(embed), len(qkv), len(attn), len(reduce),
+                                                len(oproj), len(gateup), len(down), len(lm)}}
+    qkv_buckets = {"layer": zeros[len(qkv)], "head": qkv[:, 0] // group_rows,
+                   "chunk": np.arange(len(qkv))}[granularity]
+    attn_buckets = zeros[len(attn)] if granularity == "layer" else attn[:, 0] * Hkv + attn[:, 1]
+
+    b = _Builder()
+    prev = b.stage(Op.EMBED, -1, embed, None, zeros[len(embed)])
+    for layer in range(L):
+        c = b.stage(Op.QKV, layer, qkv, _all(prev, len(qkv)), qkv_buckets)
+        c = b.stage(Op.ATTN, layer, attn, _span(c, g_i0[attn[:, 1]], g_i1[attn[:, 1]]),
+                    attn_buckets)
+        c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
+                    zeros[len(reduce)])
+        for op, rows in ((Op.OPROJ, oproj), (Op.GATEUP, gateup), (Op.DOWN, down)):
+            c = b.stage(op, layer, rows, _all(c, len(rows)), zeros[len(rows)])
+        prev = c
+    c = b.stage(Op.LMHEAD, -1, lm, _all(prev, len(lm)), zeros[len(lm)])
+    b.stage(Op.ARGMAX, -1, np.zeros((1, 0)), _all(c, 1), None)
+    instrs, stage, targets = b.build()
+    return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=len(lm))

@@ -1,0 +1,124 @@
+"""plan(): the scheduler's entry point. Checks the arguments, lowers the step (lowering.py),
+prices every instruction (cost.py), assigns SMs (assign.py), encodes the per-SM queues,
+validates the result (validate.py) and predicts the step time (simulate.py).
+
+Options (plan(..., name=value); Program.options holds them all, defaults filled in):
+    slices          target slices per weight matrix (default num_sms: one wave per matrix)
+    qkv_slices, oproj_slices, gateup_slices, down_slices, lmhead_slices   per-matrix targets
+                    (default `slices`); a matvec slice never exceeds MAX_ROWS_TIMES_BATCH //
+                    batch rows, so a target can be exceeded at large batch
+    embed_slices    EMBED column slices (default min(slices, d // 256), at least 1)
+    kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
+    validate        run validate() on the plan (True); off only to time planning itself
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from megakernel.config import ModelConfig
+
+from . import isa
+from .assign import POLICIES, assign
+from .cost import GpuSpec, instruction_us
+from .lowering import GRANULARITIES, SLICED_OPS, Lowered, lower
+from .program import Program
+from .simulate import simulate
+from .validate import validate
+
+OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "validate")
+
+
+def _int(name: str, value, lo: int, hi: int | None = None) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < lo or (hi is not None and v > hi):
+        allowed = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return v
+
+
+def _choice(name: str, value, allowed: tuple) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown plan options {sorted(unknown)}; options: {list(OPTIONS)}")
+    out = {"slices": _int("slices", options.get("slices", num_sms), 1)}
+    out["embed_slices"] = max(1, min(out["slices"], cfg.d // 256))
+    for op in SLICED_OPS:
+        key = f"{op}_slices"
+        out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
+    out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
+    out["validate"] = options.get("validate", True)
+    if not isinstance(out["validate"], bool):
+        raise ValueError(f"validate must be True or False, got {out['validate']!r}")
+    return out
+
+
+def default_attn_splits(cfg: ModelConfig, batch: int, num_sms: int) -> int:
+    """NS with batch * Hkv * NS about num_sms, in 1..32."""
+    return int(np.clip(round(num_sms / (batch * cfg.Hkv)), 1, 32))
+
+
+def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", attn_splits=None,
+         gpu=None, **options) -> Program:
+    """Plan one decode step of `cfg` (a ModelConfig or preset name) for `batch` sequences on
+    `num_sms` SMs. gpu: GpuSpec, preset name, dict or JSON path for the cost model (h100)."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig.preset(cfg)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg must be a ModelConfig or a preset name, got {type(cfg).__name__}")
+    batch = _int("batch", batch, 1, isa.MAX_BATCH)
+    num_sms = _int("num_sms", num_sms, 1)
+    policy = _choice("policy", policy, POLICIES)
+    granularity = _choice("granularity", granularity, GRANULARITIES)
+    tp = _int("tp", tp, 1)
+    if tp != 1:
+        raise NotImplementedError(f"tp={tp}: only tp=1 is lowered so far")
+    attn_splits = default_attn_splits(cfg, batch, num_sms) if attn_splits is None \
+        else _int("attn_splits", attn_splits, 1)
+    spec = GpuSpec.load(gpu)
+    opts = _resolve_options(cfg, num_sms, options)
+
+    low = lower(cfg, batch, granularity, attn_splits,
+                {op: opts[f"{op}_slices"] for op in SLICED_OPS})
+    cost = instruction_us(low.instrs, cfg, batch, attn_splits, low.lm_slices, spec, num_sms,
+                          opts["kv_position"])
+    order, sm = assign(low, cost, policy, num_sms, spec.counter_latency_us)
+    instructions, queue_len = _encode(low, order, sm, num_sms)
+    program = Program(
+        config=cfg, batch=batch, num_sms=num_sms, tp=tp, policy=policy,
+        granularity=granularity, attn_splits=attn_splits, lm_slices=low.lm_slices,
+        instructions=instructions, queue_len=queue_len,
+        counter_targets=low.counter_targets.astype(np.int32),
+        num_counters=len(low.counter_targets), num_instructions=len(order), options=opts,
+        predicted_us=0.0, gpu=spec)
+    if opts["validate"]:
+        validate(program)
+    program.predicted_us = simulate(program, spec).total_us
+    return program
+
+
+def _encode(low: Lowered, order: np.ndarray, sm: np.ndarray, num_sms: int):
+    """-> (instructions int32 [num_sms, max_len, WORDS], queue_len int32 [num_sms])."""
+    N = len(order)
+    uid = np.empty(N, np.int32)
+    uid[order] = np.arange(N, dtype=np.int32)
+    records = low.instrs.to_records(uid)
+    queue_len = np.bincount(sm, minlength=num_sms).astype(np.int32)
+    by_queue = np.lexsort((uid, sm))
+    sm_sorted = sm[by_queue]
+    index = np.arange(N) - (np.cumsum(queue_len) - queue_len)[sm_sorted]
+    instructions = np.zeros((num_sms, int(queue_len.max()), isa.WORDS), np.int32)
+    instructions[sm_sorted, index] = records[by_queue]
+    return instructions, queue_len

@@ -1,0 +1,78 @@
+"""Instruction tables: one numpy column per record field, the form every pass works on.
+
+`Instrs` is a list of instructions (lowering order, or uid order); `Placed` adds where each
+one sits (SM, queue index, uid). Records round-trip through `to_records` / `placed_from`
+word for word: args[:, k] is word len(isa.HEADER) + k, i.e. the k-th field of isa.ARGS[op]
+(zero where the opcode has fewer fields).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import isa
+
+NUM_ARGS = max(len(a) for a in isa.ARGS.values())
+_W = {name: i for i, name in enumerate(isa.HEADER)}
+_ARG0 = len(isa.HEADER)
+_WAIT_WORDS = [_W[f"wait{k}_{f}"] for k in range(isa.NUM_WAITS) for f in ("first", "count")]
+
+
+@dataclasses.dataclass
+class Instrs:
+    op: np.ndarray       # int32 [N]
+    layer: np.ndarray    # int32 [N]
+    args: np.ndarray     # int32 [N, NUM_ARGS]
+    waits: np.ndarray    # int32 [N, 2 * NUM_WAITS]: first0, count0, first1, count1
+    signal: np.ndarray   # int32 [N], -1 = none
+
+    def __len__(self) -> int:
+        return len(self.op)
+
+    def wait_ranges(self, i: int) -> list[tuple[int, int]]:
+        """(first, count) of instruction i's non-empty wait ranges."""
+        w = self.waits[i]
+        return [(int(w[2 * k]), int(w[2 * k + 1])) for k in range(isa.NUM_WAITS) if w[2 * k + 1]]
+
+    def take(self, idx: np.ndarray):
+        """The rows idx (same table type)."""
+        return type(self)(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+    def to_records(self, uid: np.ndarray) -> np.ndarray:
+        """int32 [N, WORDS] records with the given uids."""
+        rec = np.zeros((len(self), isa.WORDS), np.int32)
+        rec[:, _W["opcode"]] = self.op
+        rec[:, _W["layer"]] = self.layer
+        rec[:, _W["uid"]] = uid
+        rec[:, _WAIT_WORDS] = self.waits
+        rec[:, _W["signal"]] = self.signal
+        rec[:, _ARG0:_ARG0 + NUM_ARGS] = self.args
+        return rec
+
+
+@dataclasses.dataclass
+class Placed(Instrs):
+    uid: np.ndarray      # int32 [N]
+    sm: np.ndarray       # int32 [N]
+    index: np.ndarray    # int32 [N] position in the SM's queue
+
+    def where(self, i: int) -> str:
+        """Human name of instruction i for error messages."""
+        op = isa.Op(int(self.op[i])).name if int(self.op[i]) in isa.Op._value2member_map_ \
+            else f"opcode {int(self.op[i])}"
+        return (f"uid {int(self.uid[i])} {op} (layer {int(self.layer[i])}) on SM "
+                f"{int(self.sm[i])} at queue index {int(self.index[i])}")
+
+
+def placed_from(instructions: np.ndarray, queue_len: np.ndarray) -> Placed:
+    """Placed table of every queued record, in (SM, queue index) order.
+    instructions: int32 [num_sms, max_len, WORDS]; queue_len: int32 [num_sms]."""
+    S, M, _ = instructions.shape
+    live = np.arange(M)[None, :] < np.asarray(queue_len)[:, None]          # [S, M]
+    sm, index = np.nonzero(live)
+    rec = instructions[sm, index]
+    return Placed(op=rec[:, _W["opcode"]], layer=rec[:, _W["layer"]],
+                  args=rec[:, _ARG0:_ARG0 + NUM_ARGS], waits=rec[:, _WAIT_WORDS],
+                  signal=rec[:, _W["signal"]], uid=rec[:, _W["uid"]],
+                  sm=sm.astype(np.int32), index=index.astype(np.int32))

@@ -1,0 +1,160 @@
+"""Validator, run on every plan: proves a Program safe to hand to co-resident SM blocks.
+
+Checks, in order (the first failure raises ValueError naming the instruction as "uid U
+OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
+  1 shape: [num_sms, max_len, WORDS] int32; queue_len in range; all-zero NOP padding.
+  2 fields: known opcodes, layer, every opcode field in range (rows even where isa.py says,
+    n * batch <= MAX_ROWS_TIMES_BATCH), waits and signal inside the counter array.
+  3 counters: counter_targets[c] == number of signalers of c; every waited counter has one.
+  4 order: uids are 0..N-1, each queue is sorted by uid, and every signaler of a waited
+    counter has a smaller uid than the waiter. uid order is then one global topological
+    order that every queue follows, so all-resident blocks cannot deadlock: the unfinished
+    instruction with the smallest uid always heads its queue and has all inputs complete.
+  5 dataflow (dataflow.py): buffers are SSA, every read is written, and every writer of a
+    read element happens-before the reader through counters.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import isa
+from .dataflow import check_dataflow
+from .isa import Op
+from .table import NUM_ARGS, Placed
+
+
+def validate(program) -> None:
+    """Raise ValueError if `program` is unsafe or wrong; return None if it is valid."""
+    _check_shape(program)
+    t = program.table()
+    C = len(program.counter_targets)
+    _check_fields(program, t, C)
+    _check_counters(t, np.asarray(program.counter_targets), C)
+    t = _check_order(t, C)
+    check_dataflow(t, program.config, program.batch, program.attn_splits, program.lm_slices)
+
+
+def _fail(t: Placed, i: int, msg: str):
+    raise ValueError(f"invalid plan: {t.where(i)}: {msg}")
+
+
+def _first(t: Placed, bad: np.ndarray, msg):
+    """Fail on the first row where bad is set; msg(i) -> text."""
+    hits = np.flatnonzero(bad)
+    if len(hits):
+        _fail(t, int(hits[0]), msg(int(hits[0])))
+
+
+def _check_shape(p) -> None:
+    ins, ql = p.instructions, np.asarray(p.queue_len)
+    if not isinstance(ins, np.ndarray) or ins.dtype != np.int32 or ins.ndim != 3 \
+            or ins.shape[0] != p.num_sms or ins.shape[2] != isa.WORDS:
+        raise ValueError(f"invalid plan: instructions must be int32 [num_sms={p.num_sms}, "
+                         f"max_len, {isa.WORDS}], got {getattr(ins, 'dtype', type(ins))} "
+                         f"{getattr(ins, 'shape', '')}")
+    if ql.shape != (p.num_sms,) or (ql < 0).any() or (ql > ins.shape[1]).any():
+        raise ValueError(f"invalid plan: queue_len must be [num_sms] in 0..{ins.shape[1]}")
+    live = np.arange(ins.shape[1])[None, :] < ql[:, None]
+    if (ins[live][:, 0] == Op.NOP).any():
+        sm, k = np.argwhere(live & (ins[:, :, 0] == Op.NOP))[0]
+        raise ValueError(f"invalid plan: SM {sm} queue index {k} is a NOP inside the queue "
+                         f"(queue_len {ql[sm]}); a NOP ends the queue")
+    if ins[~live].any():
+        sm, k = np.argwhere(~live & ins.any(axis=2))[0]
+        raise ValueError(f"invalid plan: SM {sm} queue index {k} is past queue_len {ql[sm]} "
+                         "but not all-zero NOP padding")
+    if p.num_instructions != int(ql.sum()) or p.num_counters != len(p.counter_targets):
+        raise ValueError(f"invalid plan: num_instructions {p.num_instructions} / num_counters "
+                         f"{p.num_counters} disagree with queue_len sum {int(ql.sum())} / "
+                         f"len(counter_targets) {len(p.counter_targets)}")
+
+
+def _check_fields(p, t: Placed, C: int) -> None:
+    cfg, B = p.config, p.batch
+    max_rows = isa.MAX_ROWS_TIMES_BATCH // B
+    _first(t, ~np.isin(t.op, [int(o) for o in Op if o != Op.NOP]),
+           lambda i: f"unknown opcode {int(t.op[i])}")
+    no_layer = np.isin(t.op, [Op.EMBED, Op.LMHEAD, Op.ARGMAX])
+    _first(t, np.where(no_layer, t.layer != -1, (t.layer < 0) | (t.layer >= cfg.L)),
+           lambda i: f"layer must be -1 for EMBED/LMHEAD/ARGMAX, else in 0..{cfg.L - 1}")
+    a0, a1, a2 = (t.args[:, k].astype(np.int64) for k in range(NUM_ARGS))
+    rows = {Op.EMBED: (cfg.d, 1), Op.QKV: ((cfg.G + 2) * cfg.Hkv * cfg.D, 2),
+            Op.OPROJ: (cfg.d, 1), Op.GATEUP: (2 * cfg.I, 2), Op.DOWN: (cfg.d, 1),
+            Op.LMHEAD: (cfg.V, 1)}
+    for op, (total, align) in rows.items():
+        m = t.op == op
+        bad = (a0 < 0) | (a1 < 1) | (a0 + a1 > total) | (a0 % align != 0) | (a1 % align != 0)
+        if op != Op.EMBED:
+            bad |= a1 > max_rows
+        _first(t, m & bad, lambda i, total=total, align=align: (
+            f"rows/cols [{a0[i]}, {a0[i] + a1[i]}) must lie in [0, {total}), be a multiple "
+            f"of {align} and (matvec) hold at most {max_rows} rows at batch {B}"))
+    NS, NLM = p.attn_splits, p.lm_slices
+    for op, limits in ((Op.ATTN, (B, cfg.Hkv, NS)), (Op.ATTN_REDUCE, (B, cfg.Hkv)),
+                       (Op.LMHEAD, (None, None, NLM))):
+        for k, (v, lim) in enumerate(zip((a0, a1, a2), limits)):
+            if lim is not None:
+                _first(t, (t.op == op) & ((v < 0) | (v >= lim)), lambda i, k=k, lim=lim: (
+                    f"field {isa.ARGS[Op(t.op[i])][k]} = {v[i]} outside 0..{lim - 1}"))
+    nargs = np.array([len(isa.ARGS[Op(o)]) if o in Op._value2member_map_ else 0
+                      for o in range(max(Op) + 1)])[t.op]
+    _first(t, (t.args != 0) & (np.arange(NUM_ARGS)[None, :] >= nargs[:, None]),
+           lambda i: "words past the opcode's fields must be 0")
+    first, count = t.waits[:, 0::2].astype(np.int64), t.waits[:, 1::2].astype(np.int64)
+    bad = (count < 0) | np.where(count == 0, first != 0, (first < 0) | (first + count > C))
+    _first(t, bad.any(axis=1), lambda i: (
+        f"wait ranges {t.wait_ranges(i)} must be (0, 0) or inside the {C} counters"))
+    _first(t, (t.signal < -1) | (t.signal >= C),
+           lambda i: f"signal {t.signal[i]} outside -1..{C - 1}")
+
+
+def _per_wait(t: Placed, per_counter: np.ndarray, fn) -> np.ndarray:
+    """int64 [N, NUM_WAITS]: fn(per_counter[first:first+count]) for every wait, -1 where the
+    wait is empty. fn is evaluated once per distinct range."""
+    keys, inverse = np.unique(t.waits.reshape(-1, 2), axis=0, return_inverse=True)
+    vals = np.array([fn(per_counter[f:f + c]) if c else -1 for f, c in keys.tolist()], np.int64)
+    return vals[inverse.reshape(-1)].reshape(len(t), isa.NUM_WAITS)
+
+
+def _check_counters(t: Placed, targets: np.ndarray, C: int) -> None:
+    nsig = np.bincount(t.signal[t.signal >= 0], minlength=C)
+    wrong = np.flatnonzero(nsig != targets)
+    if len(wrong):
+        c = int(wrong[0])
+        sig = np.flatnonzero(t.signal == c)
+        waiters = [i for i in range(len(t)) if any(f <= c < f + n for f, n in t.wait_ranges(i))]
+        i = int(sig[0]) if len(sig) else waiters[0] if waiters else None
+        msg = (f"counter {c}: counter_targets says {int(targets[c])} but {int(nsig[c])} "
+               "instructions signal it (waiters would hang or run early)")
+        if i is None:
+            raise ValueError(f"invalid plan: {msg}")
+        _fail(t, i, msg)
+    zero_at = _per_wait(t, nsig, lambda s: int(np.argmin(s)) if s.min() == 0 else -1)
+    for i, k in np.argwhere(zero_at >= 0)[:1]:
+        c = int(t.waits[i, 2 * k] + zero_at[i, k])
+        _fail(t, int(i), f"waits on counter {c}, which no instruction signals")
+
+
+def _check_order(t: Placed, C: int) -> Placed:
+    N = len(t)
+    uid = t.uid.astype(np.int64)
+    if not np.array_equal(np.sort(uid), np.arange(N)):
+        seen = np.zeros(N + 1, bool)
+        for i, u in enumerate(uid.tolist()):
+            if u < 0 or u >= N or seen[u]:
+                _fail(t, i, f"uids must be 0..{N - 1}, each once (uid {u} repeated or outside)")
+            seen[u] = True
+    same_sm = t.sm[1:] == t.sm[:-1]
+    _first(t, np.r_[False, same_sm & (uid[1:] <= uid[:-1])], lambda i: (
+        f"follows uid {uid[i - 1]} in SM {t.sm[i]}'s queue: queues must be sorted by uid (one "
+        "global topological order); this order can deadlock co-resident blocks"))
+    last = np.full(C, -1, np.int64)
+    np.maximum.at(last, t.signal[t.signal >= 0], uid[t.signal >= 0])
+    latest = _per_wait(t, last, lambda s: int(np.argmax(s)))
+    counter = np.where(latest >= 0, t.waits[:, 0::2] + latest, 0)
+    for i, k in np.argwhere((latest >= 0) & (last[counter] >= uid[:, None]))[:1]:
+        c = int(counter[i, k])
+        producer = int(np.flatnonzero((t.signal == c) & (uid == last[c]))[0])
+        _fail(t, int(i), f"waits on counter {c}, signalled by {t.where(producer)}, which is "
+              "not earlier in the global order: the wait can deadlock")
+    return t.take(np.argsort(uid))
