@@ -76,8 +76,14 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int) -> No
 def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name) -> None:
     """Every write [i0, i1) (starts ws, writers wi) of every read (rs, re, reader ri)
     happens-before the reader."""
-    keys = np.column_stack([t.waits[ri].astype(np.int64), rs, re])
-    _, first = np.unique(keys, axis=0, return_index=True)
+    w = t.waits[ri].astype(np.int64)
+    keys = [w[:, 0] << 32 | w[:, 1], w[:, 2] << 32 | w[:, 3], rs, re]
+    by_key = np.lexsort(keys[::-1])
+    new = np.zeros(len(by_key), bool)
+    new[0] = True
+    for k in keys:
+        new[1:] |= k[by_key][1:] != k[by_key][:-1]
+    first = by_key[new]                                    # one read per distinct key
     counts = i1[first] - i0[first]
     key_of = np.repeat(np.arange(len(first)), counts)
     offsets = np.cumsum(counts) - counts

@@ -111,8 +111,10 @@ def _check_fields(p, t: Placed, C: int) -> None:
 def _per_wait(t: Placed, per_counter: np.ndarray, fn) -> np.ndarray:
     """int64 [N, NUM_WAITS]: fn(per_counter[first:first+count]) for every wait, -1 where the
     wait is empty. fn is evaluated once per distinct range."""
-    keys, inverse = np.unique(t.waits.reshape(-1, 2), axis=0, return_inverse=True)
-    vals = np.array([fn(per_counter[f:f + c]) if c else -1 for f, c in keys.tolist()], np.int64)
+    pairs = t.waits.reshape(-1, 2).astype(np.int64)
+    keys, inverse = np.unique(pairs[:, 0] << 32 | pairs[:, 1], return_inverse=True)
+    vals = np.array([fn(per_counter[k >> 32:(k >> 32) + (k & 0xFFFFFFFF)]) if k & 0xFFFFFFFF
+                     else -1 for k in keys.tolist()], np.int64)
     return vals[inverse.reshape(-1)].reshape(len(t), isa.NUM_WAITS)
 
 
