@@ -1,0 +1,219 @@
+"""CpuInterpreter against ReferenceModel (fp32, max|diff| / max|ref| <= 1e-5) under every
+policy, granularity and several interleavings; greedy tokens; monotonic counters; the
+deadlock report; input checks. `staged_program` is a Program built by hand (a barrier
+counter per stage), so the interpreter is also checked independently of the scheduler."""
+import argparse
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import megakernel as mk
+from megakernel import demo, ops_ref
+from megakernel.buffers import INT_POISON
+from megakernel.cpu_interpreter import CpuInterpreter
+from megakernel.scheduler import isa
+from megakernel.scheduler.isa import Op
+
+TINY = mk.ModelConfig.preset("tiny")
+REL_TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Ops on a few hundred elements: a thread pool costs more than it saves (and on a busy
+    2-core machine, 20x more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def chunks(total, pieces, align=1):
+    size = -(-total // (pieces * align)) * align
+    return [(r, min(size, total - r)) for r in range(0, total, size)]
+
+
+def staged_program(cfg, batch, num_sms=3, splits=2, lm_slices=3, pieces=3):
+    """Round-robin over SMs in stage order; stage s waits for all of stage s-1 (counter s-1)."""
+    stages = [[(Op.EMBED, -1, dict(col0=c, ncols=n)) for c, n in chunks(cfg.d, pieces)]]
+    for l in range(cfg.L):
+        heads = [(b, g) for b in range(batch) for g in range(cfg.Hkv)]
+        stages += [
+            [(Op.QKV, l, dict(row0=r, nrows=n))
+             for r, n in chunks(cfg.Hkv * (cfg.G + 2) * cfg.D, pieces, 2)],
+            [(Op.ATTN, l, dict(b=b, kv_head=g, split=s)) for b, g in heads for s in range(splits)],
+            [(Op.ATTN_REDUCE, l, dict(b=b, kv_head=g)) for b, g in heads],
+            [(Op.OPROJ, l, dict(row0=r, nrows=n)) for r, n in chunks(cfg.d, pieces)],
+            [(Op.GATEUP, l, dict(row0=r, nrows=n)) for r, n in chunks(2 * cfg.I, pieces, 2)],
+            [(Op.DOWN, l, dict(row0=r, nrows=n)) for r, n in chunks(cfg.d, pieces)]]
+    lm = chunks(cfg.V, lm_slices)
+    stages += [[(Op.LMHEAD, -1, dict(row0=r, nrows=n, slot=i)) for i, (r, n) in enumerate(lm)],
+               [(Op.ARGMAX, -1, {})]]
+    queues = [[] for _ in range(num_sms)]
+    uid = 0
+    for s, stage in enumerate(stages):
+        for op, layer, fields in stage:
+            waits = [(s - 1, 1)] if s else []
+            queues[uid % num_sms].append(isa.encode(op, layer, uid, waits, signal=s, **fields))
+            uid += 1
+    instructions = np.zeros((num_sms, max(map(len, queues)) + 1, isa.WORDS), np.int32)
+    for sm, q in enumerate(queues):
+        instructions[sm, :len(q)] = q
+    return SimpleNamespace(
+        config=cfg, batch=batch, num_sms=num_sms, attn_splits=splits, lm_slices=len(lm),
+        instructions=instructions, queue_len=np.array(list(map(len, queues)), np.int32),
+        counter_targets=np.array(list(map(len, stages)), np.int32), num_counters=len(stages),
+        policy="staged")
+
+
+def rel_err(out, ref):
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def compare(cfg, prog, steps, seed=0, max_seq=64):
+    """Max relative error of the interpreter's logits over `steps` decode steps."""
+    w = mk.Weights.random(cfg, seed=seed, dtype=torch.float32, device="cpu")
+    ref = mk.ReferenceModel(cfg, w, batch=prog.batch, max_seq=max_seq, dtype=torch.float32)
+    cpu = CpuInterpreter(cfg, w, prog, max_seq=max_seq, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(steps):
+        tokens = torch.randint(0, cfg.V, (prog.batch,), generator=gen)
+        expected = ref.step(tokens)
+        worst = max(worst, rel_err(cpu.step(tokens), expected))
+        assert torch.equal(cpu.out_tokens, expected.argmax(-1))
+    return worst
+
+
+def random_config(rng: random.Random, D: int, G: int):
+    """Small vocab and depth; hidden a multiple of 64 but not of 128; head_dim explicit."""
+    Hkv = rng.choice([1, 2, 3])
+    return mk.ModelConfig(
+        f"rand-D{D}-G{G}", vocab_size=rng.randrange(40, 300),
+        hidden_size=64 * rng.choice([1, 3, 5, 7]), intermediate_size=2 * rng.randrange(16, 200),
+        num_layers=rng.choice([1, 2]), num_heads=G * Hkv, num_kv_heads=Hkv, head_dim=D,
+        rope_theta=rng.choice([10000.0, 500000.0]), tie_word_embeddings=rng.random() < 0.5,
+        rope_scaling=rng.choice([None, mk.RopeScaling(8.0, 1.0, 4.0, 32)]))
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_staged_program_matches_reference(splits):
+    assert compare(TINY, staged_program(TINY, batch=3, splits=splits), steps=5) <= REL_TOL
+
+
+@pytest.mark.parametrize("policy", ["rr", "lpt", "dag"])
+@pytest.mark.parametrize("granularity", ["layer", "head", "chunk"])
+def test_tiny_matches_reference(policy, granularity):
+    for seed, batch in ((0, 1), (1, 2), (2, 5)):
+        prog = mk.plan(TINY, batch=batch, num_sms=8, policy=policy, granularity=granularity)
+        assert compare(TINY, prog, steps=6, seed=seed) <= REL_TOL
+
+
+@pytest.mark.parametrize("draw", range(3))
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+def test_random_configs_match_reference(D, G, draw):
+    rng = random.Random(f"{D}-{G}-{draw}")
+    cfg, batch = random_config(rng, D, G), rng.randint(1, 8)
+    for policy in ("rr", "lpt", "dag"):
+        prog = mk.plan(cfg, batch=batch, num_sms=rng.choice([3, 8, 13]), policy=policy,
+                       granularity=rng.choice(["layer", "head", "chunk"]),
+                       attn_splits=rng.choice([None, 1, 2, 5]))
+        err = compare(cfg, prog, steps=6, seed=rng.randrange(100))
+        assert err <= REL_TOL, (cfg, batch, policy, prog.granularity, prog.attn_splits, err)
+
+
+def test_greedy_tokens_equal_over_32_steps():
+    prog = mk.plan(TINY, batch=2, num_sms=8, policy="dag")
+    w = mk.Weights.random(TINY, seed=3, dtype=torch.float32, device="cpu")
+    prompt = torch.randint(0, TINY.V, (2, 4), generator=torch.Generator().manual_seed(3))
+    ref = mk.ReferenceModel(TINY, w, batch=2, max_seq=40, dtype=torch.float32)
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=40)
+    ids = cpu.generate(prompt, max_new_tokens=29)       # 4 + 28 = 32 steps
+    assert cpu.position == 32
+    assert torch.equal(ids, ref.generate(prompt, max_new_tokens=29))
+
+
+def test_counters_monotonic_and_interleavings_legal():
+    prog = staged_program(TINY, batch=2, num_sms=4)
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=16, seed=5)
+    targets = torch.from_numpy(prog.counter_targets)
+    traces = []
+    for epoch in range(1, 5):
+        cpu.step(torch.zeros(2, dtype=torch.int64))
+        assert int(cpu.buffers.epoch) == epoch and int(cpu.buffers.done) == 4 * epoch
+        assert torch.equal(cpu.buffers.counters, targets * epoch)
+        traces.append(cpu.trace)
+        for sm in range(prog.num_sms):                  # each SM runs its queue in order
+            assert [u for s, u in cpu.trace if s == sm] == [
+                int(r[2]) for r in prog.instructions[sm, :prog.queue_len[sm]]]
+    assert len({tuple(t) for t in traces}) > 1, "the seed should vary the interleaving"
+    cpu.reset()
+    assert int(cpu.buffers.epoch) == 0 and not cpu.buffers.counters.any()
+
+
+def test_counters_wrap_around_int32():
+    prog = staged_program(TINY, batch=1)
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=8)
+    ref = mk.ReferenceModel(TINY, w, batch=1, max_seq=8, dtype=torch.float32)
+    epoch = 2 ** 31 // int(prog.counter_targets.max())  # target * (epoch + 1) wraps
+    cpu.buffers.epoch.fill_(epoch)
+    cpu.buffers.done.fill_(prog.num_sms * epoch)
+    wrapped = (prog.counter_targets.astype(np.int64) * epoch + 2 ** 31) % 2 ** 32 - 2 ** 31
+    cpu.buffers.counters.copy_(torch.from_numpy(wrapped.astype(np.int32)))
+    for t in range(3):
+        tokens = torch.tensor([t + 1])
+        assert rel_err(cpu.step(tokens), ref.step(tokens)) <= REL_TOL
+
+
+def test_unsatisfiable_wait_reports_deadlock():
+    prog = staged_program(TINY, batch=1, num_sms=2)
+    last = prog.num_counters - 1                        # ARGMAX's counter: needs every stage
+    prog.instructions[1, 0, isa.word_index(Op.EMBED, "wait0_first")] = last
+    prog.instructions[1, 0, isa.word_index(Op.EMBED, "wait0_count")] = 1
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=8)
+    with pytest.raises(RuntimeError, match=rf"SM 1 queue index 0 uid 1 opcode EMBED waits on "
+                                           rf"counter {last}: value 0, needs 1") as report:
+        cpu.step(torch.tensor([0]))
+    code, sm, index, uid, counter, value, needed, op = cpu.buffers.error.tolist()
+    assert code == 1 and (f"SM {sm} queue index {index} uid {uid} opcode {Op(op).name} waits "
+                          f"on counter {counter}: value {value}, needs {needed}") in str(report.value)
+
+
+def test_bad_inputs_raise_and_write_nothing():
+    prog = staged_program(TINY, batch=2)
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=2)
+    bad = [[1, 2], torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3]),
+           torch.tensor([[1, 2]]), torch.tensor([0, TINY.V]), torch.tensor([-1, 0])]
+    for tokens in bad:
+        with pytest.raises(ValueError):
+            cpu.step(tokens)
+    assert cpu.position == 0 and (cpu.buffers.tokens == INT_POISON).all()
+    assert not cpu.buffers.counters.any()
+    for _ in range(2):
+        cpu.step(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="positions are used"):
+        cpu.step(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="max_seq"):
+        cpu.generate(torch.zeros(2, 2, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError):
+        CpuInterpreter(TINY, w, staged_program(mk.ModelConfig.preset("tiny").replace(
+            name="other", num_layers=1), batch=2))
+
+
+def test_demo_passes_and_fails_on_a_planted_fault(monkeypatch, capsys):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--steps", "3"])
+    assert demo.main(args) == 0
+    assert capsys.readouterr().out.count(" ok") == 3
+    monkeypatch.setitem(ops_ref.OPS, Op.ARGMAX, lambda rec, w, buf, prog: buf.out_tokens.zero_())
+    assert demo.main(parser.parse_args(["--steps", "3", "--policy", "dag"])) == 1
+    assert "FAIL" in capsys.readouterr().out
