@@ -29,6 +29,7 @@ def _mount_source_scheduler() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["megakernel.scheduler"] = module
         spec.loader.exec_module(module)
+        globals()["scheduler"] = module
 
 
 _mount_source_scheduler()

@@ -123,12 +123,13 @@ class ModelConfig:
                 raise ValueError(f"{path}: {key} {c[key]!r} is not supported (silu only)")
         if c.get("attention_bias") or c.get("mlp_bias"):
             raise ValueError(f"{path}: attention/mlp biases are not supported")
-        rs = c.get("rope_scaling")
+        # transformers 4 writes "rope_scaling"; transformers 5 writes "rope_parameters".
+        rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+        kind = rs.get("rope_type", rs.get("type", "default"))
         scaling = None
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
+        if kind != "default":
             if kind != "llama3":
-                raise ValueError(f"{path}: rope_scaling type {kind!r} is not supported "
+                raise ValueError(f"{path}: rope scaling type {kind!r} is not supported "
                                  "(llama3 or none)")
             scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
                                   float(rs["high_freq_factor"]),
