@@ -28,7 +28,8 @@ ERR_WATCHDOG = 1   # error[0] code of a stuck wait, as csrc/kernel_args.h
 
 
 def wrap32(x: np.ndarray) -> np.ndarray:
-    """int64 -> int32 with two's-complement wrap, as the GPU's int32 arithmetic."""
+    """Integers wrapped into int32 range (two's complement, as the GPU's int32 arithmetic),
+    returned as int64 so later differences do not overflow."""
     return ((np.asarray(x, dtype=np.int64) + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int64)
 
 
