@@ -4,11 +4,11 @@ record alone by the semantics in isa.py, as [start, stop) ranges of flat element
 The validator works in its own coordinates: every buffer's element space is numbered in
 an order chosen so that each access is one range (or one per batch row). Each order is a
 bijection of the real layout, so overlaps and coverage, all the validator asks about, do
-not depend on it. Orders (outer to inner, see BUFFER_DIMS):
-    resid [level, col, b]        q [layer, b, head, dim*]      k_new, v_new [layer, b, g, dim*]
-    o_part [layer, b, g, split, head in group, dim]            lse [layer, b, g, split, head in group]
-    attn [layer, b, head, dim]   act [layer, col, b]           logits [row, b]
-    amax_val, amax_idx [slot, b] out_tokens [b]
+not depend on it. Orders (outer to inner, see buffer_dims):
+    resid [level, col, b]          q [layer, b, head, dim*]      k_new, v_new [layer, b, g, dim*]
+    o_part [layer, b, g, split, head in group, dim]   lse [layer, b, g, split, head in group]
+    attn [layer, b, head, dim]     act [layer, col, b]           logits [row, b]
+    amax_val, amax_idx [slot, b]   out_tokens [b]
 dim* is the packed-row order inside a head (pair-interleaved, isa.py); every reader reads
 whole heads, so that permutation is invisible. k_new / v_new are the KV cache rows at this
 step's position (earlier positions were written by earlier steps). tokens, pos, the

@@ -63,6 +63,11 @@ def _check_shape(p) -> None:
         sm, k = np.argwhere(~live & ins.any(axis=2))[0]
         raise ValueError(f"invalid plan: SM {sm} queue index {k} is past queue_len {ql[sm]} "
                          "but not all-zero NOP padding")
+    spare = live & ins[:, :, len(isa.HEADER) + NUM_ARGS:].any(axis=2)
+    if spare.any():
+        sm, k = np.argwhere(spare)[0]
+        raise ValueError(f"invalid plan: uid {ins[sm, k, 2]} on SM {sm} at queue index {k}: "
+                         f"words past the opcode's fields must be 0")
     if p.num_instructions != int(ql.sum()) or p.num_counters != len(p.counter_targets):
         raise ValueError(f"invalid plan: num_instructions {p.num_instructions} / num_counters "
                          f"{p.num_counters} disagree with queue_len sum {int(ql.sum())} / "
@@ -98,8 +103,8 @@ def _check_fields(p, t: Placed, C: int) -> None:
                     f"field {isa.ARGS[Op(t.op[i])][k]} = {v[i]} outside 0..{lim - 1}"))
     nargs = np.array([len(isa.ARGS[Op(o)]) if o in Op._value2member_map_ else 0
                       for o in range(max(Op) + 1)])[t.op]
-    _first(t, (t.args != 0) & (np.arange(NUM_ARGS)[None, :] >= nargs[:, None]),
-           lambda i: "words past the opcode's fields must be 0")
+    spare = (t.args != 0) & (np.arange(NUM_ARGS)[None, :] >= nargs[:, None])
+    _first(t, spare.any(axis=1), lambda i: "words past the opcode's fields must be 0")
     first, count = t.waits[:, 0::2].astype(np.int64), t.waits[:, 1::2].astype(np.int64)
     bad = (count < 0) | np.where(count == 0, first != 0, (first < 0) | (first + count > C))
     _first(t, bad.any(axis=1), lambda i: (

@@ -1,0 +1,235 @@
+"""The validator: faults planted in valid plans are caught, with a message that names the
+instruction (uid, opcode, SM, queue index) and the counter or buffer element."""
+import copy
+import re
+
+import numpy as np
+import pytest
+
+from megakernel.config import ModelConfig
+from megakernel.scheduler import Op, isa, plan, validate
+from megakernel.scheduler import happens
+from megakernel.scheduler.access import BUFFERS, accesses
+
+WHERE = r"uid \d+ {op} \(layer -?\d+\) on SM \d+ at queue index \d+"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return plan("tiny", batch=2, num_sms=6, granularity="chunk")
+
+
+def find(prog, op, nth=0, **fields):
+    """(sm, index) of the nth instruction (uid order) with opcode op and these fields."""
+    hits = sorted((r["uid"], sm, k) for sm, k, r in prog.records()
+                  if r["op"] == op and all(r[f] == v for f, v in fields.items()))
+    return hits[nth][1:]
+
+
+def put(prog, at, field, value):
+    sm, k = at
+    prog.instructions[sm, k, isa.word_index(Op(prog.instructions[sm, k, 0]), field)] = value
+
+
+def remove(prog, at):
+    """Drop one instruction, keeping uids 0..N-1 and counter targets consistent."""
+    sm, k = at
+    rec = isa.decode(prog.instructions[sm, k])
+    n = prog.queue_len[sm]
+    prog.instructions[sm, k:n - 1] = prog.instructions[sm, k + 1:n].copy()
+    prog.instructions[sm, n - 1] = 0
+    prog.queue_len[sm] -= 1
+    prog.num_instructions -= 1
+    uid = prog.instructions[:, :, 2]
+    uid[(uid > rec["uid"]) & (prog.instructions[:, :, 0] != 0)] -= 1
+    if rec["signal"] >= 0:
+        prog.counter_targets[rec["signal"]] -= 1
+
+
+def caught(prog, match):
+    with pytest.raises(ValueError, match=match) as e:
+        validate(prog)
+    return str(e.value)
+
+
+def test_valid_plans_pass(base):
+    validate(base)
+    for policy in ("rr", "lpt", "dag"):
+        validate(plan("llama-3.2-1b", batch=4, policy=policy, granularity="head", validate=False))
+
+
+def test_missing_dependency_is_caught(base):
+    p = copy.deepcopy(base)
+    at = find(p, Op.ATTN, nth=3)
+    put(p, at, "wait0_count", 0)
+    put(p, at, "wait0_first", 0)
+    msg = caught(p, "does not happen before it")
+    assert re.search(WHERE.format(op="ATTN"), msg)
+    assert "counter" in msg and "QKV" in msg
+
+
+def test_partial_dependency_is_caught(base):
+    """ATTN waits on all but the last QKV slice of its group (chunk counters)."""
+    p = copy.deepcopy(base)
+    at = find(p, Op.ATTN, kv_head=1)
+    sm, k = at
+    assert isa.decode(p.instructions[sm, k])["wait0_count"] > 1
+    p.instructions[sm, k, isa.word_index(Op.ATTN, "wait0_count")] -= 1
+    caught(p, r"reads (q|k_new|v_new)\[.*does not happen before")
+
+
+def test_missing_wait_in_the_mlp_is_caught(base):
+    p = copy.deepcopy(base)
+    put(p, find(p, Op.DOWN, layer=1), "wait0_count", 0)
+    put(p, find(p, Op.DOWN, layer=1), "wait0_first", 0)
+    # act is read directly; resid[3] only transitively (through GATEUP's wait): both unordered
+    caught(p, r"DOWN .* reads (act|resid)\[.*does not happen before")
+
+
+@pytest.mark.parametrize("delta", [1, -1])
+def test_wrong_expected_count_is_caught(base, delta):
+    p = copy.deepcopy(base)
+    c = int(p.counter_targets.argmax())
+    p.counter_targets[c] += delta
+    msg = caught(p, f"counter {c}: counter_targets says")
+    assert "uid" in msg and "SM" in msg
+
+
+def test_queue_out_of_topological_order_is_caught(base):
+    p = copy.deepcopy(base)
+    sm = 2
+    p.instructions[sm, [3, 4]] = p.instructions[sm, [4, 3]]
+    caught(p, r"follows uid \d+ in SM 2's queue.*can deadlock")
+
+
+def test_wait_on_a_later_instruction_is_caught():
+    """Queues stay sorted (one instruction per SM) but a consumer's uid precedes its producer's."""
+    p = plan("tiny", num_sms=200, slices=2, policy="rr")
+    assert p.queue_len.max() == 1
+    consumer = find(p, Op.ATTN_REDUCE)
+    first = int(p.instructions[consumer][isa.word_index(Op.ATTN_REDUCE, "wait0_first")])
+    producer = next((sm, k) for sm, k, r in p.records() if r["signal"] == first)
+    u1, u2 = int(p.instructions[consumer][2]), int(p.instructions[producer][2])
+    p.instructions[consumer][2], p.instructions[producer][2] = u2, u1
+    caught(p, rf"ATTN_REDUCE .*waits on counter {first}, signalled by .*ATTN .*can deadlock")
+
+
+def test_two_writers_of_one_output_are_caught(base):
+    p = copy.deepcopy(base)
+    rows = sorted((r["row0"], sm, k) for sm, k, r in p.records()
+                  if r["op"] == Op.GATEUP and r["layer"] == 0)
+    put(p, rows[1][1:], "row0", rows[0][0])
+    caught(p, r"writes act\[layer=0, col=0, b=0\], also written by uid \d+ GATEUP")
+
+
+def test_duplicate_lm_head_slot_is_caught(base):
+    p = copy.deepcopy(base)
+    put(p, find(p, Op.LMHEAD, nth=1), "slot", 0)
+    caught(p, r"writes amax_(val|idx)\[slot=0, b=0\], also written by")
+
+
+def test_read_of_something_never_written_is_caught(base):
+    p = copy.deepcopy(base)
+    remove(p, find(p, Op.OPROJ, layer=1, nth=2))
+    caught(p, r"GATEUP .*reads resid\[level=3, col=\d+, b=0\], which no instruction writes")
+
+
+def test_unwritten_output_is_caught(base):
+    p = copy.deepcopy(base)
+    remove(p, find(p, Op.LMHEAD, row0=0))
+    caught(p, r"reads amax_val\[slot=0|logits\[row=0, b=0\] is never written")
+
+
+def test_waited_counter_without_signalers_is_caught(base):
+    p = copy.deepcopy(base)
+    c = int(p.instructions[find(p, Op.ARGMAX)][isa.word_index(Op.ARGMAX, "wait0_first")])
+    for sm, k, r in list(p.records()):
+        if r["signal"] == c:
+            p.instructions[sm, k, 7] = -1
+    p.counter_targets[c] = 0
+    caught(p, rf"ARGMAX .*waits on counter {c}, which no instruction signals")
+
+
+@pytest.mark.parametrize("op, field, value, match", [
+    (Op.QKV, "nrows", 3, "multiple of 2"),
+    (Op.QKV, "row0", 1, "multiple of 2"),
+    (Op.OPROJ, "nrows", 10_000, "at most"),
+    (Op.ATTN, "split", 99, "split = 99 outside"),
+    (Op.ATTN_REDUCE, "b", 2, "b = 2 outside"),
+    (Op.LMHEAD, "slot", -1, "slot = -1 outside"),
+    (Op.GATEUP, "layer", 7, "layer must be"),
+    (Op.EMBED, "layer", 0, "layer must be -1"),
+    (Op.DOWN, "signal", 10_000, "signal 10000 outside"),
+    (Op.OPROJ, "wait0_first", 10_000, "wait ranges"),
+])
+def test_bad_fields_are_caught(base, op, field, value, match):
+    p = copy.deepcopy(base)
+    put(p, find(p, op), field, value)
+    caught(p, WHERE.format(op=op.name) + ": .*" + match)
+
+
+def test_bad_encoding_is_caught(base):
+    p = copy.deepcopy(base)
+    p.instructions[0, p.queue_len[0], 5] = 1
+    caught(p, "not all-zero NOP padding")
+    p = copy.deepcopy(base)
+    p.instructions[1, 0, 0] = 42
+    caught(p, "unknown opcode 42")
+    p = copy.deepcopy(base)
+    p.instructions[1, 0, 2] = p.instructions[1, 1, 2]
+    caught(p, "uids must be")
+    p = copy.deepcopy(base)
+    at = find(p, Op.EMBED)
+    p.instructions[at][isa.WORDS - 1] = 5
+    caught(p, "words past the opcode's fields must be 0")
+    p = copy.deepcopy(base)
+    p.instructions[find(p, Op.ATTN_REDUCE)][len(isa.HEADER) + 2] = 1
+    caught(p, "words past the opcode's fields must be 0")
+    p = copy.deepcopy(base)
+    p.queue_len[0] = p.max_len
+    if (p.instructions[0, :, 0] == 0).any():
+        caught(p, "NOP inside the queue")
+    p = copy.deepcopy(base)
+    p.instructions = p.instructions.astype(np.int64)
+    caught(p, "must be int32")
+
+
+def test_qkv_accesses_match_a_row_by_row_mapping():
+    """Validator coordinates of a QKV slice equal the isa.py packed-row semantics."""
+    cfg = ModelConfig("g", 100, 192, 64, 2, 8, 2, head_dim=64)       # G = 4
+    G, D, R = cfg.G, cfg.D, (cfg.G + 2) * cfg.D
+    p = plan(cfg, batch=3, num_sms=4, qkv_slices=7)
+    t = p.table()
+    acc = accesses(t, cfg, 3, p.attn_splits, p.lm_slices)
+    for i in np.flatnonzero(t.op == Op.QKV):
+        l, (r0, n, _) = int(t.layer[i]), t.args[i]
+        expect = {"q": set(), "k_new": set(), "v_new": set()}
+        for row in range(r0, r0 + n):
+            g, o = divmod(row, R)
+            for b in range(3):
+                lb = l * 3 + b
+                if o < G * D:          # q head g*G + o // D, packed dim o % D
+                    expect["q"].add((lb * cfg.H + g * G + o // D) * D + o % D)
+                else:
+                    kind = "k_new" if o < (G + 1) * D else "v_new"
+                    expect[kind].add((lb * cfg.Hkv + g) * D + o % D)
+        got = {"q": set(), "k_new": set(), "v_new": set()}
+        for k in np.flatnonzero((acc.inst == i) & acc.write):
+            got[BUFFERS[acc.buf[k]]].update(range(acc.start[k], acc.stop[k]))
+        assert got == expect
+
+
+def test_prefix_bitsets_match_python_sets():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sets, ref = [], []
+        for _ in range(3):
+            xs = rng.choice(200, size=int(rng.integers(0, 120)), replace=False)
+            s = happens.EMPTY
+            for x in xs.tolist():
+                s = happens.add(s, x)
+            sets.append(s)
+            ref.append(set(xs.tolist()))
+        u = happens.union(happens.union(sets[0], sets[1]), sets[2])
+        want = ref[0] | ref[1] | ref[2]
+        assert all(happens.contains(u, x) == (x in want) for x in range(260))
