@@ -26,8 +26,12 @@ from .isa import Op
 from .table import Instrs
 
 
+BUFFERS = ("resid", "q", "k_new", "v_new", "o_part", "lse", "attn", "act", "logits", "amax_val",
+           "amax_idx", "out_tokens")
+
+
 def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int) -> dict[str, tuple]:
-    """buffer -> ((dim name, size), ...) in validator coordinates."""
+    """buffer -> ((dim name, size), ...) in validator coordinates, for every name in BUFFERS."""
     L, d, H, Hkv, G, D = cfg.L, cfg.d, cfg.H, cfg.Hkv, cfg.G, cfg.D
     lb = (("layer", L), ("b", B))
     return {
@@ -44,9 +48,6 @@ def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int) -> dict[str, tuple]
         "amax_idx": (("slot", NLM), ("b", B)),
         "out_tokens": (("b", B),),
     }
-
-
-BUFFERS = tuple(buffer_dims(ModelConfig.preset("tiny"), 1, 1, 1))
 
 
 @dataclasses.dataclass
@@ -84,13 +85,12 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int) -> Accesses
     R, r1 = (G + 2) * D, r0 + n
     g0, g1 = r0 // R, (r1 - 1) // R
     o0, o1 = r0 - g0 * R, r1 - g1 * R           # offsets of the ends inside their groups
-    for name, width, before, per_group in (("q", G * D, 0, G * D), ("k_new", D, G * D, D),
-                                           ("v_new", D, (G + 1) * D, D)):
-        lo = g0 * per_group + np.clip(o0 - before, 0, width)
-        hi = g1 * per_group + np.clip(o1 - before, 0, width)
+    for name, width, before in (("q", G * D, 0), ("k_new", D, G * D), ("v_new", D, (G + 1) * D)):
+        lo = g0 * width + np.clip(o0 - before, 0, width)     # this part's rows of each group
+        hi = g1 * width + np.clip(o1 - before, 0, width)     # sit at [before, before + width)
         m = hi > lo
         for b in range(B):
-            emit(name, True, i[m], (l[m] * B + b) * Hkv * per_group + lo[m], hi[m] - lo[m])
+            emit(name, True, i[m], (l[m] * B + b) * Hkv * width + lo[m], hi[m] - lo[m])
 
     i, l, b, g, s = rows(Op.ATTN)
     lbg = (l * B + b) * Hkv + g

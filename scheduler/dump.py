@@ -8,6 +8,7 @@ Chrome/Perfetto trace JSON (one track per SM).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -50,9 +51,13 @@ def main(args) -> int:
     if args.slices is not None:
         options["slices"] = args.slices
     t0 = time.perf_counter()
-    prog = plan(_config(args.model), batch=args.batch, num_sms=args.num_sms, policy=args.policy,
-                tp=args.tp, granularity=args.granularity, attn_splits=args.attn_splits,
-                gpu=args.gpu, **options)
+    try:
+        prog = plan(_config(args.model), batch=args.batch, num_sms=args.num_sms,
+                    policy=args.policy, tp=args.tp, granularity=args.granularity,
+                    attn_splits=args.attn_splits, gpu=args.gpu, **options)
+    except (ValueError, NotImplementedError) as e:
+        print(f"plan: {e}", file=sys.stderr)
+        return 2
     planned_s = time.perf_counter() - t0
     timeline = simulate(prog)
     print(prog.summary())

@@ -251,3 +251,5 @@ def test_dump_cli_prints_summaries_and_writes_a_trace(tmp_path, capsys):
     assert len(out.splitlines()) < 60
     events = json.loads(trace.read_text())["traceEvents"]
     assert sum(e["ph"] == "X" for e in events) == plan("tiny", batch=2, num_sms=6).num_instructions
+    assert dump.main(parser.parse_args(["--model", "tiny", "--tp", "2"])) == 2
+    assert "only tp=1" in capsys.readouterr().err
