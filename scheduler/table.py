@@ -59,8 +59,8 @@ class Placed(Instrs):
 
     def where(self, i: int) -> str:
         """Human name of instruction i for error messages."""
-        op = isa.Op(int(self.op[i])).name if int(self.op[i]) in isa.Op._value2member_map_ \
-            else f"opcode {int(self.op[i])}"
+        code = int(self.op[i])
+        op = isa.Op(code).name if code in set(isa.Op) else f"opcode {code}"
         return (f"uid {int(self.uid[i])} {op} (layer {int(self.layer[i])}) on SM "
                 f"{int(self.sm[i])} at queue index {int(self.index[i])}")
 

@@ -101,8 +101,9 @@ def _check_fields(p, t: Placed, C: int) -> None:
             if lim is not None:
                 _first(t, (t.op == op) & ((v < 0) | (v >= lim)), lambda i, k=k, lim=lim: (
                     f"field {isa.ARGS[Op(t.op[i])][k]} = {v[i]} outside 0..{lim - 1}"))
-    nargs = np.array([len(isa.ARGS[Op(o)]) if o in Op._value2member_map_ else 0
-                      for o in range(max(Op) + 1)])[t.op]
+    nargs = np.zeros(max(Op) + 1, np.int64)
+    nargs[[int(o) for o in Op]] = [len(isa.ARGS[o]) for o in Op]
+    nargs = nargs[t.op]
     spare = (t.args != 0) & (np.arange(NUM_ARGS)[None, :] >= nargs[:, None])
     _first(t, spare.any(axis=1), lambda i: "words past the opcode's fields must be 0")
     first, count = t.waits[:, 0::2].astype(np.int64), t.waits[:, 1::2].astype(np.int64)
