@@ -21,10 +21,9 @@ import torch
 from . import ops_ref
 from .buffers import Buffers
 from .config import ModelConfig
+from .decoding import StepDecoder
 from .packing import pack_weights
-from .scheduler.isa import NUM_WAITS, Op, decode
-
-ERR_WATCHDOG = 1   # error[0] code of a stuck wait, as csrc/kernel_args.h
+from .scheduler.isa import NUM_WAITS, Err, Op, decode
 
 
 def wrap32(x: np.ndarray) -> np.ndarray:
@@ -33,20 +32,15 @@ def wrap32(x: np.ndarray) -> np.ndarray:
     return ((np.asarray(x, dtype=np.int64) + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int64)
 
 
-class CpuInterpreter:
+class CpuInterpreter(StepDecoder):
     def __init__(self, cfg: ModelConfig, weights, prog, max_seq: int = 2048, dtype=None,
                  seed: int = 0):
-        if not isinstance(max_seq, int) or isinstance(max_seq, bool) or \
-                not 1 <= max_seq <= cfg.max_position_embeddings:
-            raise ValueError(f"CpuInterpreter: max_seq must be an int in 1.."
-                             f"{cfg.max_position_embeddings} (max_position_embeddings of "
-                             f"{cfg.name!r}), got {max_seq!r}")
+        self._init_sizes(cfg, int(prog.batch), max_seq)
         if getattr(prog, "config", cfg) != cfg:
             raise ValueError(f"CpuInterpreter: the program was planned for config "
                              f"{prog.config.name!r}, not {cfg.name!r}; plan it for this config")
         weights.check(cfg)
-        self.config, self.program, self.max_seq = cfg, prog, max_seq
-        self.batch = int(prog.batch)
+        self.program, self.device = prog, torch.device("cpu")
         self.weights = pack_weights(weights, dtype=dtype, device="cpu")
         self.buffers = Buffers.allocate(cfg, prog, max_seq, device="cpu",
                                         kv_dtype=self.weights.dtype)
@@ -57,46 +51,34 @@ class CpuInterpreter:
         self.trace: list[tuple[int, int]] = []   # (sm, uid) in execution order, last step
         self.reset()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         """Empty every sequence: zero counters and KV caches, poison the activations."""
         self.buffers.reset().poison()
-        self.position = 0
+
+    @property
+    def position(self) -> int:
+        return self.pos
 
     @property
     def out_tokens(self) -> torch.Tensor:
         """[B] int64 greedy next tokens of the last step, as the ARGMAX instruction wrote them."""
         return self.buffers.out_tokens.clone()
 
-    def _check_tokens(self, tokens, batch: int) -> None:
-        if (not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64
-                or tuple(tokens.shape) != (batch,)):
-            raise ValueError(f"tokens must be an int64 tensor of shape [{batch}], got "
-                             f"{_describe(tokens)}")
-        if tokens.device.type != "cpu":
-            raise ValueError(f"tokens are on {tokens.device}, the CPU interpreter wants them "
-                             "on the CPU; move them with .cpu()")
-        bad = (tokens < 0) | (tokens >= self.config.V)
-        if bool(bad.any()):
-            raise ValueError(f"token ids {tokens[bad].tolist()[:8]} are outside the vocabulary "
-                             f"[0, {self.config.V})")
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: int64 [B] -> fp32 logits [B, V]; appends one position to every sequence."""
-        self._check_tokens(tokens, self.batch)
-        if self.position >= self.max_seq:
-            raise ValueError(f"CpuInterpreter: all {self.max_seq} positions are used; "
-                             "construct it with a larger max_seq or call reset()")
         buf = self.buffers
         buf.tokens.copy_(tokens)
-        buf.pos.fill_(self.position)
+        buf.pos.fill_(self.pos)
         self._run_queues()
         # As the kernel: each block adds 1 to `done` when its queue ends; the last one
         # (done reaching num_sms * (epoch + 1)) advances the epoch.
         buf.done += len(self.queues)
         buf.epoch += 1
         self._check_counters()
-        self.position += 1
         return buf.logits.clone()
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.out_tokens
 
     def _run_queues(self) -> None:
         buf, epoch = self.buffers, int(self.buffers.epoch[0])
@@ -138,7 +120,7 @@ class CpuInterpreter:
         rec = self.queues[sm][index]
         c = self._blocked_wait(rec, counters, needed)
         self.buffers.error.copy_(torch.tensor(
-            [ERR_WATCHDOG, sm, index, rec["uid"], c, int(counters[c]), int(needed[c]),
+            [int(Err.WATCHDOG), sm, index, rec["uid"], c, int(counters[c]), int(needed[c]),
              int(rec["op"])], dtype=torch.int32))
 
     def _deadlock_report(self, live, head, counters, needed, epoch) -> str:
@@ -164,34 +146,3 @@ class CpuInterpreter:
             raise RuntimeError(f"after epoch {epoch}: {len(bad)} counters off target, first "
                                f"counter {c} = {counters[c]}, expected {expected[c]} "
                                f"(target {self.targets[c]} x epoch {epoch})")
-
-    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decode from fresh sequences with the kernel's own ARGMAX.
-        prompt_ids: int64 [B, T] -> int64 [B, T + N] (ReferenceModel.generate's contract)."""
-        if (not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2
-                or prompt_ids.shape[0] != self.batch or prompt_ids.shape[1] < 1):
-            raise ValueError(f"generate: prompt_ids must be a [batch={self.batch}, T>=1] tensor, "
-                             f"got {_describe(prompt_ids)}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        T = prompt_ids.shape[1]
-        steps = T + max(max_new_tokens, 1) - 1   # the last new token is returned, not fed
-        if steps > self.max_seq:
-            raise ValueError(f"generate: {T} prompt + {max_new_tokens} new tokens need {steps} "
-                             f"positions, max_seq is {self.max_seq}; raise max_seq")
-        self._check_tokens(prompt_ids.reshape(-1), batch=prompt_ids.numel())
-        self.reset()
-        out = [prompt_ids[:, t] for t in range(T)]
-        for t in range(T):
-            self.step(prompt_ids[:, t])
-        for i in range(max_new_tokens):
-            out.append(self.out_tokens)
-            if i + 1 < max_new_tokens:
-                self.step(out[-1])
-        return torch.stack(out, dim=1)
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {list(x.shape)} on {x.device}"
-    return type(x).__name__
