@@ -94,7 +94,9 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
     if (!flags[0]) break;
     int err = ERR_NONE;
     const int op = ins[W_OPCODE];
-    if (is_matvec(op)) {
+    if (is_matvec(op) && !matvec_valid(a, ins)) {
+      err = ERR_BAD_INSTRUCTION;
+    } else if (is_matvec(op)) {
       consumer_matvec(a, ring, ins, it, act, acc, red, rstd);
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc); break;

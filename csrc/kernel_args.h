@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda_bf16.h>
 
+#include "generated/isa.cuh"
+
 namespace mk {
 
 struct KernelArgs {
@@ -52,16 +54,6 @@ struct KernelArgs {
   int B, d, I, L, H, Hkv, D, V, S, NS, NLM, num_counters;
   float eps;
   int64_t watchdog_ns;             // budget of one wait before the kernel reports and stops
-};
-
-// Error codes written to error[0].
-enum ErrorCode : int32_t {
-  ERR_NONE = 0,
-  ERR_WATCHDOG = 1,       // a counter wait exceeded its budget
-  ERR_BAD_OPCODE = 2,     // unknown opcode in a queue
-  ERR_BAD_TOKEN = 3,      // token id out of range
-  ERR_BAD_POSITION = 4,   // position outside [0, S)
-  ERR_ABORTED = 5,        // stopped because another block reported an error
 };
 
 // Host entry points, defined in megakernel.cu.

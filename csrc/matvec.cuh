@@ -65,6 +65,14 @@ __device__ __forceinline__ MatvecGeometry matvec_geometry(const KernelArgs& a,
   }
 }
 
+// Fields the consumers check before touching shared memory (the loader streams nothing more
+// than the geometry says, so a rejected instruction only stops the block).
+__device__ __forceinline__ bool matvec_valid(const KernelArgs& a, const int32_t* ins) {
+  const int op = ins[W_OPCODE], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
+  const bool paired = op == OP_QKV || op == OP_GATEUP;
+  return n > 0 && row0 >= 0 && n * a.B <= kAccFloats && (!paired || (row0 % 2 == 0 && n % 2 == 0));
+}
+
 __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const int32_t* ins) {
   const int op = ins[W_OPCODE], l = ins[W_LAYER];
   const size_t Bd = static_cast<size_t>(a.B) * a.d;

@@ -10,7 +10,9 @@ opcode's own fields (ARGS[op], in order). Opcode 0 is NOP and ends an SM's queue
     3 wait0_first  4 wait0_count  5 wait1_first  6 wait1_count   (counter ranges)
     7 signal   (counter index bumped by +1 after the outputs are visible; -1 = none)
 
-Synchronisation: counters are int32 in global memory, monotonic across steps. For the
+Synchronisation: counters are int32 in global memory, monotonic across steps. `epoch` counts
+completed steps since a reset and `done` the blocks that finished (monotonic): the block
+whose increment makes done == num_sms * (epoch + 1) advances epoch. For the
 epoch e (0 for the first step after a reset) an instruction may start once every counter c
 in its wait ranges satisfies counter[c] - target[c] * (e + 1) >= 0 (wrapping int32
 arithmetic). A producer writes its outputs, fences (release, gpu scope), then adds 1 to
@@ -74,6 +76,18 @@ from pathlib import Path
 WORDS = 16
 MAX_BATCH = 16
 MAX_ROWS_TIMES_BATCH = 8192
+
+
+class Err(enum.IntEnum):
+    """Codes of the kernel's error record error[8] = [code, sm, queue index, uid, counter,
+    value, needed value, opcode]; the first error wins and stops every block."""
+    NONE = 0
+    WATCHDOG = 1         # a counter wait exceeded its budget
+    BAD_OPCODE = 2       # unknown opcode in a queue
+    BAD_TOKEN = 3        # token id out of range
+    BAD_POSITION = 4     # position outside [0, S)
+    ABORTED = 5          # stopped because another block reported an error
+    BAD_INSTRUCTION = 6  # fields outside what the kernel supports (rows * B too large, odd pairs)
 
 
 class Op(enum.IntEnum):
@@ -177,6 +191,8 @@ def render_header() -> str:
         "enum Op : int {",
     ]
     lines += [f"  OP_{op.name} = {int(op)}," for op in Op]
+    lines += ["};", "", "// Codes of the error record (scheduler/isa.py Err).", "enum ErrorCode : int {"]
+    lines += [f"  ERR_{e.name} = {int(e)}," for e in Err]
     lines += ["};", "", "// Common words."]
     lines += [f"constexpr int W_{name.upper()} = {i};" for i, name in enumerate(HEADER)]
     for op in Op:

@@ -28,6 +28,17 @@ enum Op : int {
   OP_ARGMAX = 9,
 };
 
+// Codes of the error record (scheduler/isa.py Err).
+enum ErrorCode : int {
+  ERR_NONE = 0,
+  ERR_WATCHDOG = 1,
+  ERR_BAD_OPCODE = 2,
+  ERR_BAD_TOKEN = 3,
+  ERR_BAD_POSITION = 4,
+  ERR_ABORTED = 5,
+  ERR_BAD_INSTRUCTION = 6,
+};
+
 // Common words.
 constexpr int W_OPCODE = 0;
 constexpr int W_LAYER = 1;
