@@ -1,0 +1,158 @@
+"""Runtime: binds a Program, packed weights and Buffers to the CUDA extension and launches.
+
+Plan once, run many: the constructor allocates every buffer, copies the Program to the
+device and freezes the kernel argument struct in a C++ Launcher; `launch()` is one kernel
+launch on the current stream (no Python work, capturable in a CUDA graph). `check()`
+synchronises and turns a kernel error record (watchdog, bad token, ...) into a RuntimeError.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .buffers import Buffers
+from .packing import PackedWeights
+from .profiling import nvtx_range
+from .scheduler.isa import Err, Op
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+MAX_GQA = 8
+MAX_BATCH = 16
+DEFAULT_WATCHDOG_MS = 2000
+_ERRORS = {Err.WATCHDOG: "watchdog: a counter wait exceeded its budget",
+           Err.BAD_OPCODE: "unknown opcode", Err.BAD_TOKEN: "token id out of range",
+           Err.BAD_POSITION: "position outside the KV cache", Err.ABORTED: "aborted",
+           Err.BAD_INSTRUCTION: "malformed instruction (rows * batch over the kernel's "
+                                "capacity, or an odd row pair slice)"}
+
+
+def check_supported(cfg, batch: int) -> None:
+    """Raise ValueError if the kernel cannot run this config/batch, saying what to change."""
+    problems = []
+    if cfg.D not in SUPPORTED_HEAD_DIMS:
+        problems.append(f"head_dim {cfg.D} (supported: {SUPPORTED_HEAD_DIMS})")
+    if cfg.G > MAX_GQA:
+        problems.append(f"{cfg.G} query heads per kv head (at most {MAX_GQA})")
+    for name, v in (("hidden_size", cfg.d), ("intermediate_size", cfg.I)):
+        if v % 8:
+            problems.append(f"{name} {v} (must be a multiple of 8 for 16-byte weight rows)")
+    if not 1 <= batch <= MAX_BATCH:
+        problems.append(f"batch {batch} (1..{MAX_BATCH})")
+    if problems:
+        raise ValueError(f"the megakernel does not support {cfg.name}: " + "; ".join(problems))
+
+
+def load_extension(verbose: bool = False):
+    """The compiled extension: the pip-installed one, else a JIT build cached by source hash."""
+    if os.environ.get("MEGAKERNEL_JIT", "0") != "1":
+        try:
+            from . import _C  # type: ignore[attr-defined]
+            return _C
+        except ImportError:
+            pass
+    from torch.utils.cpp_extension import load
+
+    from . import _build
+    name = f"megakernel_{_build.source_hash()}"
+    root = os.environ.get("MEGAKERNEL_CACHE_DIR", os.path.expanduser("~/.cache/megakernel"))
+    build_dir = os.path.join(root, name)
+    os.makedirs(build_dir, exist_ok=True)
+    with nvtx_range("megakernel.build"):
+        return load(name=name, sources=[os.path.join(_build.ROOT, s) for s in _build.SOURCES],
+                    extra_cuda_cflags=_build.NVCC_FLAGS, extra_cflags=_build.CXX_FLAGS,
+                    extra_include_paths=[_build.CSRC], build_directory=build_dir,
+                    verbose=verbose)
+
+
+class Runtime:
+    def __init__(self, packed: PackedWeights, program, max_seq: int, timing: bool = False,
+                 watchdog_ms: float | None = None):
+        cfg = program.config
+        check_supported(cfg, program.batch)
+        device = packed.device
+        if device.type != "cuda":
+            raise ValueError(f"Runtime needs packed weights on a CUDA device, got {device}")
+        if packed.dtype != torch.bfloat16:
+            raise ValueError(f"the kernel reads bf16 weights, got {packed.dtype}")
+        props = torch.cuda.get_device_properties(device)
+        if (props.major, props.minor) != (9, 0):
+            raise RuntimeError(f"the megakernel is built for sm_90a (H100/H200); {props.name} is "
+                               f"sm_{props.major}{props.minor}")
+        if program.num_sms > props.multi_processor_count:
+            raise ValueError(f"the Program was planned for {program.num_sms} SMs, {props.name} has "
+                             f"{props.multi_processor_count}; plan with num_sms <= that")
+        self.ext = load_extension()
+        if self.ext.max_blocks_per_sm() < 1:
+            raise RuntimeError("the interpreter block does not fit on one SM "
+                               f"({self.ext.smem_bytes()} bytes of shared memory)")
+        self.program, self.config, self.device, self.max_seq = program, cfg, device, max_seq
+        self.buffers = Buffers.allocate(cfg, program, max_seq, device=device,
+                                        kv_dtype=torch.bfloat16)
+        self.buffers.poison()
+        self.buffers.reset()
+        self.buffers.pos.zero_()
+
+        def dev(a):
+            return torch.as_tensor(a).to(device=device, dtype=torch.int32).contiguous()
+
+        self._program_tensors = {
+            "instructions": dev(program.instructions), "queue_len": dev(program.queue_len),
+            # never empty: the kernel binds a pointer even when no counter exists
+            "counter_targets": dev(program.counter_targets if program.num_counters else [0])}
+        if program.num_counters == 0:
+            self.buffers.counters = torch.zeros(1, dtype=torch.int32, device=device)
+        self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 3,
+                                   dtype=torch.int64, device=device) if timing else None)
+        watchdog_ms = watchdog_ms or float(os.environ.get("MEGAKERNEL_WATCHDOG_MS",
+                                                          DEFAULT_WATCHDOG_MS))
+        tensors = {**self.buffers.tensors(), **self._program_tensors,
+                   "embed": packed.embed, "lm_head": packed.lm_head,
+                   "final_norm": packed.final_norm, "attn_norm": packed.attn_norm,
+                   "mlp_norm": packed.mlp_norm, "wqkv": packed.wqkv, "wo": packed.wo,
+                   "wgu": packed.wgu, "wdown": packed.wdown, "timing": self.timing}
+        sizes = dict(max_len=int(program.instructions.shape[1]), B=program.batch, d=cfg.d, I=cfg.I,
+                     L=cfg.L, H=cfg.H, Hkv=cfg.Hkv, D=cfg.D, V=cfg.V, S=max_seq,
+                     NS=program.attn_splits, NLM=program.lm_slices,
+                     num_counters=max(1, program.num_counters), eps=float(cfg.rms_norm_eps),
+                     watchdog_ns=int(watchdog_ms * 1e6))
+        self._launcher = self.ext.Launcher(tensors, sizes, program.num_sms)
+
+    def launch(self) -> None:
+        """One decode step of the Program over the current buffers (async, capturable)."""
+        self._launcher.launch()
+
+    def error(self) -> str | None:
+        """Synchronise; the kernel's error report as text, or None."""
+        torch.cuda.synchronize(self.device)
+        rec = self.buffers.error.tolist()
+        if rec[0] == 0:
+            return None
+        code, sm, index, uid, counter, value, target, op = rec
+        what = _ERRORS.get(code, f"error code {code}")
+        try:
+            op_name = Op(op).name
+        except ValueError:
+            op_name = f"opcode {op}"
+        msg = (f"megakernel {what}: SM {sm}, instruction {index} (uid {uid}, {op_name})")
+        if code == Err.WATCHDOG:
+            msg += (f" waited on counter {counter}: value {value}, needed {target}. A counter "
+                    "that never completes means a broken Program (validate it) or a step that "
+                    "runs longer than MEGAKERNEL_WATCHDOG_MS")
+        return msg
+
+    def check(self) -> None:
+        """Raise RuntimeError if the last launches reported an error; the synchronisation
+        state is reset first, so the next valid run works."""
+        msg = self.error()
+        if msg is not None:
+            self.reset_sync()
+            raise RuntimeError(msg)
+
+    def reset_sync(self) -> None:
+        for t in (self.buffers.counters, self.buffers.epoch, self.buffers.done, self.buffers.error):
+            t.zero_()
+
+    def reset(self) -> None:
+        self.buffers.reset()
+        self.buffers.pos.zero_()
