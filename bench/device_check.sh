@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call: build the extension, run the GPU tests, compute-sanitizer on tiny, and
+# the first timing. Logs and JSON go to $OUT (or ./out). Usage: bash bench/device_check.sh
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=16
+export NCCL_NVLS_ENABLE=0
+{ nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$OUT/env.txt" 2>&1
+SECONDS=0
+python3 -c "from megakernel.runtime import load_extension as l; l(verbose=True)" > "$OUT/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
+echo "build: ${SECONDS}s"
+SECONDS=0
+python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} -p no:cacheprovider -rfE \
+  --junitxml="$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
+echo "gpu tests rc=$? (${SECONDS}s)"; tail -25 "$OUT/pytest_gpu.log"
+if [ "${SANITIZE:-1}" = 1 ]; then
+  for tool in memcheck racecheck; do
+    SECONDS=0
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_tiny.py 4 \
+      > "$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool rc=$? (${SECONDS}s)"; tail -4 "$OUT/sanitize_$tool.log"
+  done
+fi
+if [ "${MAINJOB:-1}" = 1 ]; then
+  python3 -m megakernel run > "$OUT/run_main.log" 2>&1
+  echo "python -m megakernel run rc=$?"; tail -4 "$OUT/run_main.log"
+fi
+if [ "${TIMING:-1}" = 1 ]; then
+  python3 bench/first_timing.py --out "$OUT" > "$OUT/first_timing.log" 2>&1
+  echo "first timing rc=$?"; tail -22 "$OUT/first_timing.log"
+fi

@@ -1,0 +1,82 @@
+"""Helpers of the GPU tests: one-instruction Programs run by the CUDA kernel and by the
+PyTorch op reference (megakernel.ops_ref) on identical random inputs, outputs poisoned."""
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import numpy as np
+import torch
+
+from megakernel import ModelConfig, Weights, ops_ref, pack_weights
+from megakernel.runtime import Runtime
+from megakernel.scheduler import isa
+
+# Awkward shapes: hidden sizes that are not multiples of 128, K chunked with a partial last
+# chunk, GQA 1/3/8, head dims 32/64/128.
+OP_CONFIGS = {
+    "d192_g3_D64": ModelConfig("d192", vocab_size=1000, hidden_size=192, intermediate_size=200,
+                               num_layers=2, num_heads=3, num_kv_heads=1, head_dim=64),
+    "d1216_g1_D32": ModelConfig("d1216", vocab_size=777, hidden_size=1216,
+                                intermediate_size=9000, num_layers=2, num_heads=4,
+                                num_kv_heads=4, head_dim=32),
+    "d256_g8_D128": ModelConfig("d256", vocab_size=4099, hidden_size=256, intermediate_size=344,
+                                num_layers=2, num_heads=8, num_kv_heads=1, head_dim=128),
+}
+
+
+def one_instruction_program(cfg, batch, rec, attn_splits=3, lm_slices=2):
+    return types.SimpleNamespace(
+        config=cfg, batch=batch, num_sms=1, tp=1, policy="test", attn_splits=attn_splits,
+        lm_slices=lm_slices, instructions=np.asarray([[rec]], dtype=np.int32),
+        queue_len=np.asarray([1], dtype=np.int32), counter_targets=np.zeros(0, np.int32),
+        num_counters=0)
+
+
+def random_inputs(buf, cfg, max_seq, seed, positions=None):
+    """Fill every buffer with random, never-zero data (in place, on the buffers' device)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for f in dataclasses.fields(buf):
+        t = getattr(buf, f.name)
+        if f.name in ("counters", "epoch", "done", "error", "rope_cos", "rope_sin"):
+            continue
+        if t.is_floating_point():
+            t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+    B = buf.tokens.shape[0]
+    buf.tokens.copy_(torch.randint(0, cfg.V, (B,), generator=g))
+    pos = positions if positions is not None else torch.randint(0, max_seq, (B,), generator=g)
+    buf.pos.copy_(torch.as_tensor(pos, dtype=torch.int32))
+    buf.amax_idx.copy_(torch.randint(0, cfg.V, buf.amax_idx.shape, generator=g))
+    buf.lse.mul_(3.0)
+
+
+def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
+           positions=None, poison=()):
+    """Run one instruction on the GPU and through ops_ref on the CPU.
+    poison: (buffer name, index) pairs set to NaN/INT_MIN on both sides first.
+    Returns (gpu Buffers moved to the CPU, reference Buffers)."""
+    w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
+    packed = pack_weights(w)
+    rec = isa.encode(op, layer=layer, **fields)
+    prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices)
+    rt = Runtime(packed, prog, max_seq)
+    random_inputs(rt.buffers, cfg, max_seq, seed + 1, positions)
+    for name, index in poison:
+        t = getattr(rt.buffers, name)
+        t[index] = float("nan") if t.is_floating_point() else -(2 ** 31)
+    ref = type(rt.buffers)(**{k: v.cpu().clone() for k, v in rt.buffers.tensors().items()})
+    rt.launch()
+    rt.check()
+    got = type(rt.buffers)(**{k: v.cpu() for k, v in rt.buffers.tensors().items()})
+    ops_ref.run(isa.decode(rec), packed.to(device="cpu", dtype=torch.float32), ref, prog)
+    return got, ref
+
+
+def assert_close(got, ref, name, rtol=1e-4, atol=1e-4):
+    a, b = getattr(got, name), getattr(ref, name)
+    assert not torch.isnan(b).all(), f"{name}: the reference wrote nothing"
+    if a.is_floating_point():
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    else:
+        assert torch.equal(a, b), f"{name}: {a} != {b}"
