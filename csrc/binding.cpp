@@ -64,6 +64,7 @@ class Launcher {
     a.num_counters = size(sizes, "num_counters");
     a.eps = sizes["eps"].cast<float>();
     a.watchdog_ns = sizes["watchdog_ns"].cast<int64_t>();
+    a.mode = sizes.contains("mode") ? sizes["mode"].cast<int>() : 0;
   }
 
   void launch() {

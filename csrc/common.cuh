@@ -13,10 +13,20 @@ namespace mk {
 constexpr int kConsumerWarps = 8;
 constexpr int kConsumerThreads = kConsumerWarps * 32;
 constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last warp)
-constexpr int kPageBytes = 32 * 1024;
+// Ring geometry: build flags (-DMK_NUM_PAGES=..., ...) select it for ablations.
+#ifndef MK_PAGE_KB
+#define MK_PAGE_KB 32
+#endif
+#ifndef MK_NUM_PAGES
+#define MK_NUM_PAGES 4
+#endif
+#ifndef MK_ACT_FLOATS
+#define MK_ACT_FLOATS 8192
+#endif
+constexpr int kPageBytes = MK_PAGE_KB * 1024;
 constexpr int kPageElems = kPageBytes / 2;        // bf16 elements per page
-constexpr int kNumPages = 4;
-constexpr int kActFloats = 8192;                  // activation chunk [B, kc] fp32
+constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
+constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128

@@ -27,7 +27,7 @@ struct SmemLayout {
   static constexpr size_t red = acc + kAccFloats * sizeof(float);
   static constexpr size_t rstd = red + kConsumerWarps * kMaxBatch * sizeof(float);
   static constexpr size_t flags = rstd + kMaxBatch * sizeof(float);
-  static constexpr size_t total = flags + 4 * sizeof(int);
+  static constexpr size_t total = flags + 4 * sizeof(int);  // wait ok, error, abort, ready
 };
 // The attention op reuses act + acc as its scratch.
 static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
@@ -49,23 +49,29 @@ __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t
   }
 }
 
-// Thread 0 of the consumers: true when every waited counter reached its target.
+// Warp 0 of the consumers: true when every waited counter reached its target. Lane i polls
+// counters first+i, first+i+32, ... so a wait on many counters costs one round trip to L2,
+// not one per counter. The bar.sync that follows orders every consumer after these acquires.
 __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, int epoch) {
+  const int lane = threadIdx.x & 31;
   for (int w = 0; w < kNumWaits; ++w) {
     const int first = ins[W_WAIT0_FIRST + 2 * w], count = ins[W_WAIT0_COUNT + 2 * w];
-    for (int c = first; c < first + count; ++c) {
-      const int32_t target = __ldg(a.counter_targets + c) * (epoch + 1);
-      int32_t v = ld_acquire(a.counters + c);
-      if (v - target >= 0) continue;
+    for (int c0 = first; c0 < first + count; c0 += 32) {
+      const int c = c0 + lane;
+      const bool mine = c < first + count;
+      const int32_t target = mine ? __ldg(a.counter_targets + c) * (epoch + 1) : 0;
+      int32_t v = mine ? ld_acquire(a.counters + c) : 0;
+      if (__all_sync(0xffffffffu, !mine || v - target >= 0)) continue;
       const uint64_t start = globaltimer();
       uint32_t spins = 0;
-      while ((v = ld_acquire(a.counters + c)) - target < 0) {
+      bool done = !mine || v - target >= 0;
+      while (!__all_sync(0xffffffffu, done)) {
+        if (!done) done = (v = ld_acquire(a.counters + c)) - target >= 0;
         if ((++spins & 255) == 0) {
-          if (ld_volatile(a.error) != ERR_NONE) return false;
-          if (static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns) {
-            report_error(a, ERR_WATCHDOG, i, ins, c, v, target);
-            return false;
-          }
+          const bool stop = ld_volatile(a.error) != ERR_NONE;
+          const bool late = !done && static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns;
+          if (late) report_error(a, ERR_WATCHDOG, i, ins, c, v, target);
+          if (__any_sync(0xffffffffu, stop || late)) return false;
         }
       }
     }
@@ -85,19 +91,27 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
     const int32_t* ins = queue + static_cast<size_t>(i) * kWords;  // read-only for the launch
-    if (tid == 0) {
+    if (tid < 32) {
       const uint64_t t0 = globaltimer();
-      flags[0] = wait_counters(a, ins, i, epoch) ? 1 : 0;
-      if (timing) { timing[3 * i] = t0; timing[3 * i + 1] = globaltimer(); }
+      const bool ok = wait_counters(a, ins, i, epoch);
+      if (tid == 0) {
+        flags[0] = ok ? 1 : 0;
+        if (timing) { timing[3 * i] = t0; timing[3 * i + 1] = globaltimer(); }
+      }
     }
     consumer_sync();
     if (!flags[0]) break;
+    if (tid == 0) flags[3] = i;  // waits of instruction i hold (the NO_PREFETCH loader waits for it)
     int err = ERR_NONE;
     const int op = ins[W_OPCODE];
     if (is_matvec(op) && !matvec_valid(a, ins)) {
       err = ERR_BAD_INSTRUCTION;
     } else if (is_matvec(op)) {
-      consumer_matvec(a, ring, ins, it, act, acc, red, rstd);
+      if (a.B == 1) consumer_matvec<1>(a, ring, ins, it, act, acc, red, rstd);
+      else if (a.B == 2) consumer_matvec<2>(a, ring, ins, it, act, acc, red, rstd);
+      else if (a.B <= 4) consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd);
+      else if (a.B <= 8) consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd);
+      else consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd);
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
@@ -121,10 +135,9 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
     }
     if (tid == 0) {
       const int sig = ins[W_SIGNAL];
-      if (sig >= 0) {
-        __threadfence();
-        red_release_add(a.counters + sig, 1);
-      }
+      // The bar.sync above ordered every consumer's writes before this thread; the release
+      // add publishes them (cumulativity) to whoever acquires the counter.
+      if (sig >= 0) red_release_add(a.counters + sig, 1);
       if (timing) timing[3 * i + 2] = globaltimer();
     }
   }
@@ -139,14 +152,16 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   ring.empty = reinterpret_cast<uint64_t*>(smem + SmemLayout::empty);
   volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
   ring.abort = flags + 2;
+  ring.ready = flags + 3;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kNumPages; ++s) {
       mbar_init(&ring.full[s], 1);
-      mbar_init(&ring.empty[s], kConsumerWarps);
+      mbar_init(&ring.empty[s], kConsumerThreads);
     }
     flags[0] = 0;
     flags[1] = ERR_NONE;
     flags[2] = 0;
+    flags[3] = -1;
     fence_mbar_init();
   }
   __syncthreads();

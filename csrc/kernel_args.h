@@ -54,6 +54,15 @@ struct KernelArgs {
   int B, d, I, L, H, Hkv, D, V, S, NS, NLM, num_counters;
   float eps;
   int64_t watchdog_ns;             // budget of one wait before the kernel reports and stops
+  int mode;                        // ablation switches (Mode), 0 = everything on
+};
+
+// Ablation switches. NO_COMPUTE / NO_LOAD give wrong results: they time one half of the
+// matvec pipeline alone.
+enum Mode : int {
+  MODE_NO_PREFETCH = 1,   // the loader starts an instruction's pages only once its waits hold
+  MODE_NO_COMPUTE = 2,    // consumers take pages without computing on them
+  MODE_NO_LOAD = 4,       // the loader hands over pages without copying weights into them
 };
 
 // Host entry points, defined in megakernel.cu.

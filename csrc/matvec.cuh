@@ -90,8 +90,9 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
 struct Ring {
   unsigned char* pages;    // kNumPages * kPageBytes
   uint64_t* full;          // [kNumPages] loader -> consumers (tx bytes)
-  uint64_t* empty;         // [kNumPages] consumers -> loader (kConsumerWarps arrivals)
+  uint64_t* empty;         // [kNumPages] consumers -> loader (one arrival per consumer thread)
   volatile int* abort;     // set by consumers when the block stops early
+  volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
 };
 
 // Loader warp: stream the pages of every matvec instruction of this SM's queue.
@@ -105,6 +106,10 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
     const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
     if (!is_matvec(__ldg(ins + W_OPCODE))) continue;
     const MatvecGeometry g = matvec_geometry(a, ins);
+    if (a.mode & MODE_NO_PREFETCH) {
+      while (*ring.ready < i && !*ring.abort) {}
+      if (*ring.abort) break;
+    }
     for (int p = 0; p < g.pages(); ++p, ++it) {
       const int slot = it % kNumPages;
       const uint32_t round = it / kNumPages;
@@ -115,6 +120,10 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       const int c = p / g.ngroups, grp = p % g.ngroups;
       const int cols = g.chunk_cols(c), rows = g.group_rows(grp);
       const uint32_t row_bytes = cols * 2;
+      if (a.mode & MODE_NO_LOAD) {
+        if (lane == 0) mbar_arrive(&ring.full[slot]);
+        continue;
+      }
       if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
       __syncwarp();
       unsigned char* dst = ring.pages + static_cast<size_t>(slot) * kPageBytes;
@@ -132,89 +141,178 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
   }
 }
 
-// Consumers: per-batch-row 1/rms of x over K, into rstd[B]. red: [kConsumerWarps * kMaxBatch].
-__device__ void rms_scale(const KernelArgs& a, const MatvecInput& in, int K, float* red,
-                          float* rstd) {
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  float part[kMaxBatch];
+// bf16 halves of a 32-bit word -> fp32, exactly (a bf16 is the top half of an fp32).
+__device__ __forceinline__ float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+
+// Rows per warp tile: at larger batch a tile shares each activation load among RB rows
+// (shared-memory traffic per weight byte falls by RB).
+template <int BT> constexpr int kRowTile = BT >= 4 ? 2 : 1;
+
+// s[j][b] += dot(weights of row j (8 bf16 in w), act[b][8 columns at x])
+template <int BT, int RB>
+__device__ __forceinline__ void fma_vec(float (&s)[RB][BT], const uint4 (&w)[RB], const float* x,
+                                        int cols, int B) {
 #pragma unroll
-  for (int b = 0; b < kMaxBatch; ++b) part[b] = 0.f;
-  for (int k = tid; k < K; k += kConsumerThreads) {
+  for (int b = 0; b < BT; ++b) {
+    if (BT > 1 && b >= B) break;
+    const float4 x0 = *reinterpret_cast<const float4*>(x + b * cols);
+    const float4 x1 = *reinterpret_cast<const float4*>(x + b * cols + 4);
 #pragma unroll
-    for (int b = 0; b < kMaxBatch; ++b)
-      if (b < a.B) { float v = ldcg(in.x + static_cast<size_t>(b) * in.ld + k); part[b] += v * v; }
+    for (int j = 0; j < RB; ++j) {
+      float t0 = bf16_lo(w[j].x) * x0.x, t1 = bf16_hi(w[j].x) * x0.y;
+      t0 = fmaf(bf16_lo(w[j].y), x0.z, t0); t1 = fmaf(bf16_hi(w[j].y), x0.w, t1);
+      t0 = fmaf(bf16_lo(w[j].z), x1.x, t0); t1 = fmaf(bf16_hi(w[j].z), x1.y, t1);
+      t0 = fmaf(bf16_lo(w[j].w), x1.z, t0); t1 = fmaf(bf16_hi(w[j].w), x1.w, t1);
+      s[j][b] += t0 + t1;
+    }
   }
-#pragma unroll
-  for (int b = 0; b < kMaxBatch; ++b)
-    if (b < a.B) { float s = warp_sum(part[b]); if (lane == 0) red[warp * kMaxBatch + b] = s; }
-  consumer_sync();
-  if (tid < a.B) {
-    float s = 0.f;
-    for (int w = 0; w < kConsumerWarps; ++w) s += red[w * kMaxBatch + tid];
-    rstd[tid] = rsqrtf(s / K + a.eps);
-  }
-  consumer_sync();
 }
 
 // One page: rows x cols bf16 (row-major, stride cols) times act [B, cols] -> acc[row, b].
-__device__ __forceinline__ void page_matvec(const unsigned char* page, int rows, int cols,
-                                            int row_base, const float* act, float* acc, int B) {
+// Warps take tiles of RB rows; when a page has fewer tiles than warps, several warps split
+// a tile's columns and add their partial sums atomically.
+template <int BT>
+__device__ void page_matvec(const unsigned char* page, int rows, int cols, int row_base,
+                            const float* act, float* acc, int B) {
+  constexpr int RB = kRowTile<BT>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const uint4* wv = reinterpret_cast<const uint4*>(page);
-  const int vecs = cols / 8;
-  for (int r = warp; r < rows; r += kConsumerWarps) {
-    float s[kMaxBatch];
+  const int vecs = cols >> 3;
+  const int tiles = (rows + RB - 1) / RB;
+  const int wpt = tiles >= kConsumerWarps ? 1 : kConsumerWarps / tiles;  // warps per tile
+  const int vstep = 32 * wpt;
+  for (int t = warp / wpt; t < tiles; t += kConsumerWarps / wpt) {
+    const int r0 = t * RB;
+    float s[RB][BT];
 #pragma unroll
-    for (int b = 0; b < kMaxBatch; ++b) s[b] = 0.f;
-    for (int v = lane; v < vecs; v += 32) {
-      float w[8];
-      bf16x8_to_float(wv[r * vecs + v], w);
+    for (int j = 0; j < RB; ++j)
 #pragma unroll
-      for (int b = 0; b < kMaxBatch; ++b) {
-        if (b < B) {
-          const float4* x = reinterpret_cast<const float4*>(act + b * cols + v * 8);
-          const float4 x0 = x[0], x1 = x[1];
-          s[b] += w[0] * x0.x + w[1] * x0.y + w[2] * x0.z + w[3] * x0.w +
-                  w[4] * x1.x + w[5] * x1.y + w[6] * x1.z + w[7] * x1.w;
-        }
+      for (int b = 0; b < BT; ++b) s[j][b] = 0.f;
+    int v = (warp % wpt) * 32 + lane;
+    for (; v + vstep < vecs; v += 2 * vstep) {  // two vectors in flight per lane
+      uint4 w0[RB], w1[RB];
+#pragma unroll
+      for (int j = 0; j < RB; ++j) {
+        const int r = min(r0 + j, rows - 1);   // a short last tile repeats a row; not stored
+        w0[j] = wv[r * vecs + v];
+        w1[j] = wv[r * vecs + v + vstep];
       }
+      fma_vec<BT, RB>(s, w0, act + v * 8, cols, B);
+      fma_vec<BT, RB>(s, w1, act + (v + vstep) * 8, cols, B);
+    }
+    if (v < vecs) {
+      uint4 w0[RB];
+#pragma unroll
+      for (int j = 0; j < RB; ++j) w0[j] = wv[min(r0 + j, rows - 1) * vecs + v];
+      fma_vec<BT, RB>(s, w0, act + v * 8, cols, B);
     }
 #pragma unroll
-    for (int b = 0; b < kMaxBatch; ++b) {
-      if (b < B) {
-        const float t = warp_sum(s[b]);
-        if (lane == 0) acc[(row_base + r) * B + b] += t;
+    for (int j = 0; j < RB; ++j) {
+#pragma unroll
+      for (int b = 0; b < BT; ++b) {
+        if (BT > 1 && b >= B) break;
+        const float sum = warp_sum(s[j][b]);
+        if (lane == 0 && r0 + j < rows) {
+          float* out = acc + (row_base + r0 + j) * B + b;
+          if (wpt == 1) *out += sum; else atomicAdd(out, sum);
+        }
       }
     }
   }
 }
 
+// Consumers: x[b, col0 : col0+cols] (times the norm weight when there is one) into
+// act[b, 0:cols] with 16-byte loads (act null: nothing stored); with want_sums, adds this
+// thread's sum of squares of x per batch row to sums[b].
+template <int BT>
+__device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, float* act,
+                            float (&sums)[BT], bool want_sums) {
+  const int c4 = cols >> 2;
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    if (b >= B) break;
+    const float4* src = reinterpret_cast<const float4*>(in.x + static_cast<size_t>(b) * in.ld + col0);
+    float4* dst = act ? reinterpret_cast<float4*>(act + b * cols) : nullptr;
+    float sq = 0.f;
+#pragma unroll 4
+    for (int k = threadIdx.x; k < c4; k += kConsumerThreads) {
+      float4 x = __ldcg(src + k);
+      if (want_sums) sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+      if (in.norm) {
+        const uint2 nw = __ldg(reinterpret_cast<const uint2*>(in.norm + col0) + k);
+        x.x *= bf16_lo(nw.x); x.y *= bf16_hi(nw.x); x.z *= bf16_lo(nw.y); x.w *= bf16_hi(nw.y);
+      }
+      if (dst) dst[k] = x;
+    }
+    sums[b] += sq;
+  }
+}
+
+// Consumers: rstd[b] = 1 / rms of row b from every thread's partial sums over K.
+template <int BT>
+__device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, float* red,
+                           float* rstd) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    if (b >= B) break;
+    const float t = warp_sum(sums[b]);
+    if (lane == 0) red[warp * kMaxBatch + b] = t;
+  }
+  consumer_sync();
+  if (tid < B) {
+    float t = 0.f;
+    for (int w = 0; w < kConsumerWarps; ++w) t += red[w * kMaxBatch + tid];
+    rstd[tid] = rsqrtf(t / K + eps);
+  }
+  consumer_sync();
+}
+
 // Consumers: the whole matvec of one instruction into acc[n, B]. `it` is the ring position
-// shared with the loader's walk.
+// shared with the loader's walk. BT: batch bucket (B <= BT).
+template <int BT>
 __device__ void consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                 uint32_t& it, float* act, float* acc, float* red, float* rstd) {
   const int tid = threadIdx.x, B = a.B;
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
   for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] = 0.f;
-  if (in.norm) rms_scale(a, in, g.K, red, rstd);
+  float sums[BT];
+#pragma unroll
+  for (int b = 0; b < BT; ++b) sums[b] = 0.f;
+  // One chunk (the usual case): the staging pass also gathers the RMS statistics.
+  const bool fused = in.norm && g.nchunks == 1;
+  if (in.norm && !fused) {
+    stage_chunk<BT>(in, 0, g.K, B, nullptr, sums, true);
+    finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);
+  }
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
-    for (int i = tid; i < B * cols; i += kConsumerThreads) {
-      const int b = i / cols, k = i - b * cols;
-      float x = ldcg(in.x + static_cast<size_t>(b) * in.ld + col0 + k);
-      if (in.norm) x *= rstd[b] * __bfloat162float(in.norm[col0 + k]);
-      act[b * cols + k] = x;
+    stage_chunk<BT>(in, col0, cols, B, act, sums, fused);
+    if (fused) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // syncs
+    else consumer_sync();
+    if (in.norm) {
+      float4* act4 = reinterpret_cast<float4*>(act);
+      const int c4 = cols >> 2;
+      for (int i = tid; i < B * c4; i += kConsumerThreads) {
+        const float r = rstd[i / c4];
+        float4 x = act4[i];
+        x.x *= r; x.y *= r; x.z *= r; x.w *= r;
+        act4[i] = x;
+      }
+      consumer_sync();
     }
-    consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
       const int slot = it % kNumPages;
       while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
-      page_matvec(ring.pages + static_cast<size_t>(slot) * kPageBytes, g.group_rows(grp), cols,
-                  grp * g.rpp, act, acc, B);
-      __syncwarp();
-      if ((tid & 31) == 0) mbar_arrive(&ring.empty[slot]);
+      if (!(a.mode & MODE_NO_COMPUTE))
+        page_matvec<BT>(ring.pages + static_cast<size_t>(slot) * kPageBytes, g.group_rows(grp),
+                        cols, grp * g.rpp, act, acc, B);
+      // Every consumer thread releases its own reads of the page (an mbarrier arrive orders
+      // only the arriving thread's accesses) before the loader may overwrite the slot.
+      mbar_arrive(&ring.empty[slot]);
     }
   }
   consumer_sync();  // acc complete

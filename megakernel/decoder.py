@@ -20,6 +20,7 @@ class Decoder(StepDecoder):
     def __init__(self, cfg, weights, batch: int = 1, max_seq: int = 2048, policy: str = "dag",
                  num_sms: int | None = None, device=None, granularity: str = "chunk",
                  timing: bool = False, watchdog_ms: float | None = None, program=None,
+                 ablate: tuple[str, ...] = (), build_flags: tuple[str, ...] = (),
                  **plan_options):
         self._init_sizes(cfg, batch, max_seq)
         check_supported(cfg, batch)
@@ -37,7 +38,7 @@ class Decoder(StepDecoder):
         with nvtx_range("megakernel.pack"):
             self.packed = pack_weights(weights, dtype=torch.bfloat16, device=self.device)
         self.runtime = Runtime(self.packed, self.program, max_seq, timing=timing,
-                               watchdog_ms=watchdog_ms)
+                               watchdog_ms=watchdog_ms, ablate=ablate, build_flags=build_flags)
         self.buffers = self.runtime.buffers
         self.pos = 0
 

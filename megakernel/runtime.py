@@ -43,9 +43,13 @@ def check_supported(cfg, batch: int) -> None:
         raise ValueError(f"the megakernel does not support {cfg.name}: " + "; ".join(problems))
 
 
-def load_extension(verbose: bool = False):
-    """The compiled extension: the pip-installed one, else a JIT build cached by source hash."""
-    if os.environ.get("MEGAKERNEL_JIT", "0") != "1":
+MODES = {"no_prefetch": 1, "no_compute": 2, "no_load": 4}   # csrc/kernel_args.h Mode
+
+
+def load_extension(verbose: bool = False, build_flags: tuple[str, ...] = ()):
+    """The compiled extension: the pip-installed one, else a JIT build cached by a hash of the
+    sources and flags. build_flags (e.g. "-DMK_NUM_PAGES=5") always take the JIT path."""
+    if not build_flags and os.environ.get("MEGAKERNEL_JIT", "0") != "1":
         try:
             from . import _C  # type: ignore[attr-defined]
             return _C
@@ -54,20 +58,25 @@ def load_extension(verbose: bool = False):
     from torch.utils.cpp_extension import load
 
     from . import _build
-    name = f"megakernel_{_build.source_hash()}"
+    name = f"megakernel_{_build.source_hash(build_flags)}"
     root = os.environ.get("MEGAKERNEL_CACHE_DIR", os.path.expanduser("~/.cache/megakernel"))
     build_dir = os.path.join(root, name)
     os.makedirs(build_dir, exist_ok=True)
     with nvtx_range("megakernel.build"):
         return load(name=name, sources=[os.path.join(_build.ROOT, s) for s in _build.SOURCES],
-                    extra_cuda_cflags=_build.NVCC_FLAGS, extra_cflags=_build.CXX_FLAGS,
+                    extra_cuda_cflags=_build.NVCC_FLAGS + list(build_flags),
+                    extra_cflags=_build.CXX_FLAGS,
                     extra_include_paths=[_build.CSRC], build_directory=build_dir,
                     verbose=verbose)
 
 
 class Runtime:
     def __init__(self, packed: PackedWeights, program, max_seq: int, timing: bool = False,
-                 watchdog_ms: float | None = None):
+                 watchdog_ms: float | None = None, ablate: tuple[str, ...] = (),
+                 build_flags: tuple[str, ...] = ()):
+        """ablate: names from MODES (switches that turn one overlap mechanism off; no_compute
+        and no_load give wrong results and exist to time one half of the pipeline).
+        build_flags: extra nvcc flags, e.g. ring geometry -DMK_NUM_PAGES=5."""
         cfg = program.config
         check_supported(cfg, program.batch)
         device = packed.device
@@ -82,7 +91,10 @@ class Runtime:
         if program.num_sms > props.multi_processor_count:
             raise ValueError(f"the Program was planned for {program.num_sms} SMs, {props.name} has "
                              f"{props.multi_processor_count}; plan with num_sms <= that")
-        self.ext = load_extension()
+        unknown = set(ablate) - set(MODES)
+        if unknown:
+            raise ValueError(f"unknown ablation switches {sorted(unknown)}; known: {sorted(MODES)}")
+        self.ext = load_extension(build_flags=tuple(build_flags))
         if self.ext.max_blocks_per_sm() < 1:
             raise RuntimeError("the interpreter block does not fit on one SM "
                                f"({self.ext.smem_bytes()} bytes of shared memory)")
@@ -115,7 +127,8 @@ class Runtime:
                      L=cfg.L, H=cfg.H, Hkv=cfg.Hkv, D=cfg.D, V=cfg.V, S=max_seq,
                      NS=program.attn_splits, NLM=program.lm_slices,
                      num_counters=max(1, program.num_counters), eps=float(cfg.rms_norm_eps),
-                     watchdog_ns=int(watchdog_ms * 1e6))
+                     watchdog_ns=int(watchdog_ms * 1e6),
+                     mode=sum(MODES[m] for m in set(ablate)))
         self._launcher = self.ext.Launcher(tensors, sizes, program.num_sms)
 
     def launch(self) -> None:

@@ -1,0 +1,108 @@
+"""Where a megakernel step goes, in one device call: the same plan with and without its
+dependency waits (without them the kernel only streams weights and computes: its ceiling),
+policy x granularity, and one step's per-instruction timing (npz) for offline analysis."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from megakernel import Decoder, ModelConfig, Weights, plan
+from bench.first_timing import time_replays
+
+
+def seeded(cfg, w, batch, pos, **kw):
+    dec = Decoder(cfg, w, batch=batch, max_seq=pos + 400, **kw)
+    dec.buffers.k_cache.normal_(); dec.buffers.v_cache.normal_()
+    dec.buffers.pos.fill_(pos); dec.pos = pos
+    dec.launch_step(torch.randint(0, cfg.V, (batch,), device="cuda"))
+    dec.runtime.check()
+    return dec
+
+
+def ms(dec, iters=60):
+    """Graph-replay ms per step with fixed input tokens (a no-wait plan's greedy output is
+    garbage, so nothing is fed back)."""
+    tokens = torch.randint(0, dec.config.V, (dec.batch,), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
+        dec.launch_step(tokens)
+    torch.cuda.current_stream().wait_stream(stream)
+    out = time_replays(g, iters)
+    dec.runtime.check()
+    return out
+
+
+def without_waits(prog):
+    p = copy.copy(prog)
+    p.instructions = prog.instructions.copy()
+    p.instructions[..., 3:7] = 0
+    return p
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--pos", type=int, default=512)
+    ap.add_argument("--ring", action="store_true", help="also time a 5-page ring build")
+    ap.add_argument("--sweep", action="store_true", help="only the plan-option sweep")
+    args = ap.parse_args()
+    res = {}
+    cfg = ModelConfig.preset("llama-3.2-1b")
+    w = Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    if args.sweep:
+        for opts in (dict(attn_splits=4), dict(attn_splits=8), dict(attn_splits=16),
+                     dict(attn_splits=32), dict(granularity="layer"), dict(policy="lpt"),
+                     dict(qkv_slices=64, oproj_slices=64), dict(gateup_slices=264),
+                     dict(down_slices=264), dict(lmhead_slices=264)):
+            res["1b_b1 " + " ".join(f"{k}={v}" for k, v in opts.items())] = ms(
+                seeded(cfg, w, 1, args.pos, **opts))
+        res["1b_b1 NUM_PAGES=5"] = ms(seeded(cfg, w, 1, args.pos,
+                                             build_flags=("-DMK_NUM_PAGES=5",)))
+        res["1b_b1 NUM_PAGES=5 attn_splits=8"] = ms(seeded(
+            cfg, w, 1, args.pos, attn_splits=8, build_flags=("-DMK_NUM_PAGES=5",)))
+        args.ring = False
+    base = seeded(cfg, w, 1, args.pos)
+    nowait = without_waits(base.program)
+    res["1b_b1"] = ms(base)
+    for ablate in ((), ("no_compute",), ("no_load",), ("no_compute", "no_load")):
+        tag = "+".join(ablate) or "all_on"
+        res[f"1b_b1_nowait_{tag}"] = ms(seeded(cfg, w, 1, args.pos, program=nowait,
+                                               ablate=ablate))
+    res["1b_b1_no_prefetch"] = ms(seeded(cfg, w, 1, args.pos, ablate=("no_prefetch",)))
+    for flags in ([("-DMK_NUM_PAGES=5",)] if args.ring else []):
+        tag = " ".join(f[5:] for f in flags)
+        res[f"1b_b1 {tag}"] = ms(seeded(cfg, w, 1, args.pos, build_flags=flags))
+    for B in (8, 16):
+        res[f"1b_b{B}"] = ms(seeded(cfg, w, B, args.pos))
+    traced = seeded(cfg, w, 1, args.pos, timing=True)
+    traced.runtime.timing.zero_()
+    traced.launch_step(None)
+    traced.runtime.check()
+    np.savez_compressed(os.path.join(args.out, "trace_1b_b1.npz"),
+                        timing=traced.runtime.timing.cpu().numpy(),
+                        instructions=traced.program.instructions,
+                        queue_len=traced.program.queue_len)
+    del base, traced, w
+    torch.cuda.empty_cache()
+    cfg8 = ModelConfig.preset("llama-3.1-8b")
+    w8 = Weights.random(cfg8, seed=0, dtype=torch.bfloat16, device="cuda")
+    res["8b_b1"] = ms(seeded(cfg8, w8, 1, args.pos), 30)
+    res["gpu"] = torch.cuda.get_device_name()
+    res["date"] = time.strftime("%Y-%m-%d %H:%M")
+    with open(os.path.join(args.out, "diagnose.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    for k, v in res.items():
+        print(f"{k:24s} {v:.3f}" if isinstance(v, float) else f"{k:24s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
