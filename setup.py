@@ -53,7 +53,8 @@ if reason and BUILD_COMMANDS & set(sys.argv[1:]):
     print(f"megakernel: CUDA extension not built: {reason}; installing pure Python")
 
 setup(
-    packages=["megakernel", "megakernel.scheduler"],
-    package_dir={"megakernel": "megakernel", "megakernel.scheduler": "scheduler"},
+    packages=["megakernel", "megakernel.scheduler", "megakernel.bench"],
+    package_dir={"megakernel": "megakernel", "megakernel.scheduler": "scheduler",
+                 "megakernel.bench": "bench"},
     **kwargs,
 )

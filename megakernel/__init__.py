@@ -15,24 +15,27 @@ from .config import ModelConfig, RopeScaling, PRESETS
 __version__ = "0.1.0"
 
 
-def _mount_source_scheduler() -> None:
-    # In a source checkout (or an editable install) scheduler/ sits beside megakernel/;
-    # setup.py installs it as megakernel.scheduler. Mount it under that name here too.
+def _mount_source_packages() -> None:
+    # In a source checkout (or an editable install) scheduler/ and bench/ sit beside
+    # megakernel/; setup.py installs them as megakernel.scheduler and megakernel.bench.
+    # Mount them under those names here too.
     here = os.path.dirname(os.path.abspath(__file__))
-    if os.path.isdir(os.path.join(here, "scheduler")) or "megakernel.scheduler" in sys.modules:
-        return
-    src = os.path.join(os.path.dirname(here), "scheduler")
-    init = os.path.join(src, "__init__.py")
-    if os.path.isfile(init):
-        spec = importlib.util.spec_from_file_location(
-            "megakernel.scheduler", init, submodule_search_locations=[src])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["megakernel.scheduler"] = module
-        spec.loader.exec_module(module)
-        globals()["scheduler"] = module
+    for name in ("scheduler", "bench"):
+        full = f"megakernel.{name}"
+        if os.path.isdir(os.path.join(here, name)) or full in sys.modules:
+            continue
+        src = os.path.join(os.path.dirname(here), name)
+        init = os.path.join(src, "__init__.py")
+        if os.path.isfile(init):
+            spec = importlib.util.spec_from_file_location(
+                full, init, submodule_search_locations=[src])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[full] = module
+            spec.loader.exec_module(module)
+            globals()[name] = module
 
 
-_mount_source_scheduler()
+_mount_source_packages()
 
 # name -> module that defines it (imported on first attribute access).
 _LAZY = {
