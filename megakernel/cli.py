@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "CPU interpreter vs the reference model on the `tiny` preset"),
     "plan": ("megakernel.scheduler.dump",
              "plan a decode step and print the instruction streams and the schedule"),
+    "bench": ("megakernel.bench_cli",
+              "time the megakernel against eager, CUDA-graph and compiled PyTorch (GPU)"),
+    "trace": ("megakernel.trace_cli",
+              "per-instruction timeline of one step: Perfetto trace, Gantt PNG, calibration"),
 }
 
 

@@ -1,0 +1,142 @@
+"""One traced megakernel step, made readable: the kernel's timing array (calibration.Measured)
+-> Chrome/Perfetto trace JSON, a Gantt PNG, and a per-opcode table of measured against
+predicted time. Also the .npz a trace is kept in, so all of it can be redone offline
+(`python -m megakernel trace --from-npz`). numpy only (matplotlib for the PNG).
+
+Trace JSON: process 0, one thread (track) per SM named "SM s"; every instruction is a
+complete event named by its opcode from wait end to end, args uid / layer / its record's
+fields / MB moved; the wait before it is its own "wait" event. Times are microseconds since
+the step's first wait start.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from megakernel.scheduler import isa
+from megakernel.scheduler.calibration import Measured
+from megakernel.scheduler.cost import instruction_us
+from megakernel.scheduler.table import NUM_ARGS
+
+WAIT_NAME = "wait"
+
+
+def chrome_trace(m: Measured, title: str) -> dict:
+    t = m.table
+    events = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": title}}]
+    for s in sorted(set(t.sm.tolist())):
+        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": s,
+                       "args": {"name": f"SM {s}"}})
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": 0, "tid": s,
+                       "args": {"sort_index": s}})
+    names = {int(op): op.name for op in isa.Op}
+    fields = {int(op): isa.ARGS[op] for op in isa.Op}
+    rows = zip(t.sm.tolist(), t.op.tolist(), t.uid.tolist(), t.layer.tolist(), t.args.tolist(),
+               t.waits.tolist(), m.t0.tolist(), m.t1.tolist(), m.t2.tolist(), m.nbytes.tolist())
+    for sm, op, uid, layer, args, waits, t0, t1, t2, nbytes in rows:
+        if t1 > t0:
+            ranges = [f"[{waits[k]}, {waits[k] + waits[k + 1]})"
+                      for k in range(0, len(waits), 2) if waits[k + 1]]
+            events.append({"ph": "X", "name": WAIT_NAME, "cname": "grey", "pid": 0, "tid": sm,
+                           "ts": round(t0, 3), "dur": round(t1 - t0, 3),
+                           "args": {"uid": uid, "counters": " ".join(ranges)}})
+        info = {"uid": uid, "layer": layer, "MB": round(nbytes / 1e6, 4)}
+        info.update(zip(fields[op], args[:NUM_ARGS]))
+        events.append({"ph": "X", "name": names[op], "pid": 0, "tid": sm, "ts": round(t1, 3),
+                       "dur": round(t2 - t1, 3), "args": info})
+    return {"traceEvents": events, "displayTimeUnit": "ns"}
+
+
+def write_chrome_trace(path, m: Measured, title: str) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(chrome_trace(m, title)))
+    return path
+
+
+def gantt(path, m: Measured, title: str) -> Path:
+    """A PNG with one row per SM: instructions coloured by opcode, waits in grey."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("matplotlib is not installed, so no Gantt PNG; redo it elsewhere "
+                           "with `python -m megakernel trace --from-npz trace.npz`") from e
+    from matplotlib.collections import PolyCollection
+    t = m.table
+    num_sms = int(t.sm.max()) + 1 if len(t) else 1
+    fig, ax = plt.subplots(figsize=(16, max(4.0, 0.06 * num_sms + 1.5)))
+
+    def bars(sel, x0, x1, color, label):      # one rectangle per selected instruction
+        y, a, b = t.sm[sel], x0[sel], x1[sel]
+        verts = np.stack([np.stack([a, y - 0.45], 1), np.stack([b, y - 0.45], 1),
+                          np.stack([b, y + 0.45], 1), np.stack([a, y + 0.45], 1)], 1)
+        ax.add_collection(PolyCollection(verts, facecolors=color, linewidths=0, label=label))
+
+    for k, op in enumerate(isa.Op):
+        if (t.op == op).any():
+            bars(t.op == op, m.t1, m.t2, plt.get_cmap("tab10")(k % 10), op.name)
+    bars(m.t1 > m.t0, m.t0, m.t1, "0.85", WAIT_NAME)
+    ax.set_xlabel("microseconds since the step's first instruction")
+    ax.set_ylabel("SM")
+    ax.set_ylim(num_sms - 0.5, -0.5)
+    ax.set_xlim(0, m.t2.max(initial=1.0))
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=6, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def opcode_table(program, m: Measured, specs: dict) -> str:
+    """Per opcode: count, SM-us waiting and occupied, mean measured occupancy next to the
+    mean predicted instruction time under each GpuSpec in `specs` (label -> spec), MB moved
+    and the bandwidth one SM achieved while occupied (bytes / occupancy)."""
+    t = m.table
+    occ = m.occupancy_us
+    pred = {label: instruction_us(t, program.config, program.batch, program.attn_splits,
+                                  program.lm_slices, spec, program.num_sms,
+                                  program.options["kv_position"])
+            for label, spec in specs.items()}
+    head = (f"{'opcode':<12}{'count':>7}{'wait SM-us':>12}{'busy SM-us':>12}"
+            f"{'measured us':>13}" + "".join(f"{'pred ' + k:>18}" for k in pred)
+            + f"{'MB':>10}{'GB/s/SM':>9}")
+    lines = [head]
+
+    def row(name, sel):
+        busy = occ[sel].sum()
+        cells = "".join(f"{p[sel].mean():>18.2f}" for p in pred.values())
+        lines.append(f"{name:<12}{int(sel.sum()):>7}{m.wait_us[sel].sum():>12.1f}{busy:>12.1f}"
+                     f"{occ[sel].mean():>13.2f}{cells}{m.nbytes[sel].sum() / 1e6:>10.2f}"
+                     f"{m.nbytes[sel].sum() / max(busy, 1e-9) / 1e3:>9.1f}")
+    for op in isa.Op:
+        if (t.op == op).any():
+            row(op.name, t.op == op)
+    row("all", np.ones(len(t), bool))
+    span = m.span_us
+    lines.append(f"step span {span:.1f} us over {program.num_sms} SMs: "
+                 f"{m.nbytes.sum() / 1e6:.1f} MB moved -> "
+                 f"{m.nbytes.sum() / max(span, 1e-9) / 1e6:.3f} TB/s; "
+                 f"SMs busy {occ.sum() / (span * program.num_sms):.0%}, waiting "
+                 f"{m.wait_us.sum() / (span * program.num_sms):.0%} of SM time")
+    return "\n".join(lines)
+
+
+def save_npz(path, timing: np.ndarray, program, meta: dict) -> Path:
+    """Keep a traced step: the timing array, the program's queues and `meta` (JSON: what
+    re-planning the same program needs, and the measured times)."""
+    path = Path(path)
+    np.savez_compressed(path, timing=np.asarray(timing, np.int64),
+                        instructions=program.instructions, queue_len=program.queue_len,
+                        meta=np.array(json.dumps(meta)))
+    return path
+
+
+def load_npz(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """-> (timing, instructions, queue_len, meta)."""
+    with np.load(path) as z:
+        return z["timing"], z["instructions"], z["queue_len"], json.loads(str(z["meta"]))

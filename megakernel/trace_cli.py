@@ -1,0 +1,173 @@
+"""`python -m megakernel trace`: one megakernel step with per-instruction timing.
+
+On the GPU: plans once, times graph replays of that program with timing off and on (the
+overhead), keeps the last traced step in <out>/trace.npz, then reports. The report (also
+offline from a kept trace: --from-npz, CPU is enough) writes <out>/trace.json (Perfetto /
+chrome://tracing, one track per SM) and <out>/gantt.png and prints the per-opcode table of
+measured against predicted time and the predicted against measured step. --calibrate fits
+the cost model's constants to the trace (scheduler/calibration.py), saves them as
+<calibration-dir>/<gpu>.json, reports the prediction with them, and on the GPU re-plans with
+them and traces that program too: the out-of-sample check of the calibration.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megakernel.scheduler.calibration import CALIBRATION_DIR
+    parser.add_argument("--model", default="llama-3.2-1b", help="preset")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--pos", type=int, default=512, help="position of the traced step")
+    parser.add_argument("--policy", default="dag")
+    parser.add_argument("--granularity", default="chunk")
+    parser.add_argument("--iters", type=int, default=50, help="timed replays, timing off/on")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True, help="directory for the outputs")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit the cost model to the trace and save it for this GPU")
+    parser.add_argument("--calibration-dir", type=Path, default=CALIBRATION_DIR)
+    parser.add_argument("--from-npz", type=Path, default=None, metavar="NPZ",
+                        help="report a kept trace.npz instead of running (no GPU needed)")
+
+
+def main(args) -> int:
+    try:
+        if args.from_npz is not None:
+            program, timing, meta = offline(args.from_npz)
+            gpu = None
+        else:
+            from megakernel.bench.harness import require_gpu
+            gpu = Traced(args, require_gpu("python -m megakernel trace"))
+            program, timing, meta = gpu.trace_planned()
+        args.out.mkdir(parents=True, exist_ok=True)
+        report(program, timing, meta, args, gpu)
+    except (ValueError, RuntimeError) as e:
+        print(f"trace: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def offline(path: Path):
+    """(program, timing, meta) of a kept trace; the program is re-planned from its meta."""
+    from megakernel.bench.trace import load_npz
+    from megakernel.scheduler import plan
+    import numpy as np
+    timing, instructions, queue_len, meta = load_npz(path)
+    program = plan(meta["model"], batch=meta["batch"], num_sms=meta["num_sms"],
+                   policy=meta["policy"], granularity=meta["granularity"],
+                   gpu=meta["gpu_spec"], kv_position=meta["pos"])
+    if not (np.array_equal(program.instructions, instructions)
+            and np.array_equal(program.queue_len, queue_len)):
+        raise ValueError(f"{path}: planning {meta['model']} batch {meta['batch']} now gives "
+                         "another program than the one traced (the scheduler changed); "
+                         "trace it again")
+    return program, timing, meta
+
+
+class Traced:
+    """The GPU side: one set of weights and inputs; traces any program of this shape."""
+
+    def __init__(self, args, device):
+        import torch
+
+        from megakernel import ModelConfig, Weights
+        from megakernel.bench import harness
+        self.args, self.device, self.harness = args, device, harness
+        self.cfg = ModelConfig.preset(args.model)
+        self.w = Weights.random(self.cfg, seed=0, dtype=torch.bfloat16, device=device)
+        self.inputs = harness.seeded_inputs(self.cfg, args.batch, args.pos, device)
+        self.flush = harness.L2Flush(device)
+        self.name = torch.cuda.get_device_name(device)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def plan(self, gpu=None):
+        from megakernel.profiling import nvtx_range
+        from megakernel.scheduler import plan
+        a = self.args
+        with nvtx_range("megakernel.plan"):
+            return plan(self.cfg, batch=a.batch, num_sms=self.num_sms, policy=a.policy,
+                        granularity=a.granularity, gpu=gpu, kv_position=a.pos)
+
+    def run(self, program, timing: bool):
+        """-> (median graph-replay ms, timing array of the last replay or None)."""
+        import statistics
+
+        import torch
+
+        from megakernel.bench.baselines import megakernel
+        from megakernel.profiling import nvtx_range
+        a = self.args
+        with nvtx_range(f"trace.run timing={timing}"):
+            dec, step, before = megakernel(self.cfg, self.w, a.batch, a.pos, *self.inputs,
+                                           program=program, timing=timing)
+            ms = self.harness.time_steps(step, a.iters, a.warmup,
+                                         before=lambda: (self.flush(), before()))
+            dec.runtime.check()
+            stamps = dec.runtime.timing.cpu().numpy() if timing else None
+        del dec, step, before
+        torch.cuda.empty_cache()
+        return statistics.median(ms), stamps
+
+    def trace_planned(self, gpu=None):
+        """Plan, time timing off and on, keep <out>/trace.npz -> (program, timing, meta)."""
+        from megakernel.bench.trace import save_npz
+        program = self.plan(gpu)
+        off, _ = self.run(program, timing=False)
+        on, stamps = self.run(program, timing=True)
+        a = self.args
+        meta = dict(model=a.model, batch=a.batch, pos=a.pos, policy=a.policy,
+                    granularity=a.granularity, num_sms=self.num_sms,
+                    gpu_spec=program.gpu.to_dict(), device=self.name, ms_timing_off=off,
+                    ms_timing_on=on, commit=self.harness.git_commit(),
+                    date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+        if gpu is None:
+            a.out.mkdir(parents=True, exist_ok=True)
+            print(f"kept {save_npz(a.out / 'trace.npz', stamps, program, meta)}")
+        return program, stamps, meta
+
+
+def report(program, timing, meta, args, gpu) -> None:
+    from megakernel.bench import trace
+    from megakernel.scheduler import calibration, simulate
+    m = calibration.measure(program, timing)
+    title = (f"{meta['model']} batch {meta['batch']} pos {meta['pos']} on {meta['device']} "
+             f"({meta['policy']}/{meta['granularity']}, {meta['num_sms']} SMs)")
+    print(f"trace: {trace.write_chrome_trace(args.out / 'trace.json', m, title)}")
+    try:
+        print(f"gantt: {trace.gantt(args.out / 'gantt.png', m, title)}")
+    except RuntimeError as e:
+        print(f"gantt: {e}")
+    off, on = meta["ms_timing_off"], meta["ms_timing_on"]
+    print(f"timing overhead (graph replay, same program): off {off:.4f} ms, on {on:.4f} ms "
+          f"per step: {1e3 * (on - off):+.1f} us ({(on - off) / off:+.1%})")
+    specs = {program.gpu.name: program.gpu}
+    if args.calibrate:
+        cal = calibration.fit(program, timing, name=calibration.slug(meta["device"]))
+        path = calibration.save(cal, meta["device"], args.calibration_dir, source=title,
+                                commit=meta["commit"], date=meta["date"])
+        f = cal.fit
+        print(f"calibration -> {path}: instr_latency {f['instr_latency_us']:.2f} us, "
+              f"{f['sm_GBps']:.1f} GB/s per SM ({f['sm_GBps'] * program.num_sms / 1e3:.2f} "
+              f"TB/s over {program.num_sms} SMs), counter latency "
+              f"{f['counter_latency_us']:.2f} us (median of {f['waited']} waits); "
+              f"R^2 {f['r2']:.3f} over {f['instructions']} instructions")
+        specs["calibrated"] = cal.spec
+    print(f"\nper opcode (predicted = cost model, mean us per instruction):\n"
+          f"{trace.opcode_table(program, m, specs)}\n")
+    print(f"step: measured {m.span_us:.1f} us from the first instruction to the last "
+          f"(graph replay, timing off: {1e3 * off:.1f} us with launch)")
+    for label, spec in specs.items():
+        pred = simulate(program, spec).total_us
+        print(f"  predicted ({label}): {pred:.1f} us, {pred / m.span_us - 1:+.1%} vs measured"
+              f" -> {'within' if abs(pred / m.span_us - 1) <= 0.25 else 'NOT within'} 25%")
+    if args.calibrate and gpu is not None:
+        program2, timing2, meta2 = gpu.trace_planned(specs["calibrated"])
+        span2 = calibration.measure(program2, timing2).span_us
+        pred2 = program2.predicted_us
+        print(f"re-planned with the calibrated constants: predicted {pred2:.1f} us, measured "
+              f"{span2:.1f} us ({pred2 / span2 - 1:+.1%}); graph replay "
+              f"{meta2['ms_timing_off']:.4f} ms/step vs {off:.4f} with the uncalibrated plan")

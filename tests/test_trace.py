@@ -1,0 +1,161 @@
+"""Traces and calibration on the CPU: synthetic timing arrays made by the simulator (with
+known constants) stand in for the kernel's %globaltimer stamps. Checks the Perfetto JSON
+(one track per SM, a slice per instruction, wait slices), the per-opcode sums, that the fit
+recovers the constants, the calibration files plan() resolves, and `trace --from-npz`."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megakernel.bench import trace
+from megakernel.scheduler import GpuSpec, calibration, plan, simulate
+from megakernel.scheduler.cost import instruction_us
+
+TRUE = dict(instr_latency_us=2.5, hbm_bytes_per_s=1.6e12, counter_latency_us=1.7)
+
+
+def synthetic_timing(program, spec) -> np.ndarray:
+    """int64 [num_sms, max_len, 3] ns: what the kernel would record if the simulator were
+    exact: wait start = the SM's previous end, wait end = simulated start, end."""
+    tl = simulate(program, spec)
+    t = program.table()
+    start, end = np.empty(len(t)), np.empty(len(t))
+    start[np.argsort(t.uid)], end[np.argsort(t.uid)] = tl.start_us, tl.end_us
+    wait_from = np.where(t.index == 0, 0.0, np.roll(end, 1))
+    timing = np.zeros((program.num_sms, program.max_len, 3), np.int64)
+    us = np.stack([wait_from, start, end], 1)
+    timing[t.sm, t.index] = np.round(us * 1e3).astype(np.int64) + 10 ** 9
+    return timing
+
+
+@pytest.fixture(scope="module")
+def traced():
+    prog = plan("llama-3.2-1b", batch=1, num_sms=132)
+    spec = dataclasses.replace(prog.gpu, **TRUE)
+    return prog, spec, synthetic_timing(prog, spec)
+
+
+def test_chrome_trace_has_one_track_per_sm_and_a_slice_per_instruction(traced, tmp_path):
+    prog, spec, timing = traced
+    m = calibration.measure(prog, timing)
+    path = trace.write_chrome_trace(tmp_path / "trace.json", m, "test")
+    events = json.loads(path.read_text())["traceEvents"]
+    tracks = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert tracks == {s: f"SM {s}" for s in range(prog.num_sms) if prog.queue_len[s]}
+    work = [e for e in events if e["ph"] == "X" and e["name"] != trace.WAIT_NAME]
+    waits = [e for e in events if e["ph"] == "X" and e["name"] == trace.WAIT_NAME]
+    per_sm = np.bincount([e["tid"] for e in work], minlength=prog.num_sms)
+    assert per_sm.tolist() == prog.queue_len.tolist()
+    assert sorted(e["args"]["uid"] for e in work) == list(range(prog.num_instructions))
+    assert len(waits) == int((m.t1 > m.t0).sum()) > 0
+    qkv = next(e for e in work if e["name"] == "QKV")
+    assert {"uid", "layer", "row0", "nrows", "MB"} <= set(qkv["args"])
+    tl = simulate(prog, spec)
+    total = sum(e["dur"] for e in work)
+    assert total == pytest.approx((tl.end_us - tl.start_us).sum(), rel=1e-4)
+    for e in waits[:50]:       # a wait ends where its instruction's slice starts
+        w = next(x for x in work if x["args"]["uid"] == e["args"]["uid"])
+        assert e["ts"] + e["dur"] == pytest.approx(w["ts"], abs=2e-3) and e["tid"] == w["tid"]
+
+
+def test_per_opcode_table_sums(traced):
+    prog, spec, timing = traced
+    m = calibration.measure(prog, timing)
+    cost = instruction_us(m.table, prog.config, prog.batch, prog.attn_splits, prog.lm_slices,
+                          spec, prog.num_sms, 512)
+    np.testing.assert_allclose(m.occupancy_us, cost, atol=2e-3)   # simulator-exact trace
+    text = trace.opcode_table(prog, m, {"h100": prog.gpu, "true": spec})
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[1:-1]}
+    assert set(rows) == {"EMBED", "QKV", "ATTN", "ATTN_REDUCE", "OPROJ", "GATEUP", "DOWN",
+                         "LMHEAD", "ARGMAX", "all"}
+    assert sum(int(r[1]) for k, r in rows.items() if k != "all") == int(rows["all"][1]) \
+        == prog.num_instructions
+    busy = sum(float(r[3]) for k, r in rows.items() if k != "all")
+    assert busy == pytest.approx(float(rows["all"][3]), rel=1e-3)
+    assert float(rows["all"][3]) == pytest.approx(m.occupancy_us.sum(), rel=1e-3)
+    assert float(rows["QKV"][4]) == pytest.approx(float(rows["QKV"][6]), rel=1e-3)  # = true
+    assert "TB/s" in text.splitlines()[-1]
+
+
+@pytest.mark.parametrize("name, batch, num_sms", [("tiny", 2, 8), ("llama-3.2-1b", 1, 132),
+                                                  ("llama-3.2-1b", 8, 132)])
+def test_fit_recovers_known_constants(name, batch, num_sms):
+    prog = plan(name, batch=batch, num_sms=num_sms)
+    spec = dataclasses.replace(prog.gpu, **TRUE)
+    cal = calibration.fit(prog, synthetic_timing(prog, spec), name="test gpu")
+    assert cal.spec.instr_latency_us == pytest.approx(2.5, rel=1e-3)
+    assert cal.spec.counter_latency_us == pytest.approx(1.7, abs=2e-3)
+    assert cal.spec.sm_bytes_per_s(num_sms) == pytest.approx(spec.sm_bytes_per_s(num_sms),
+                                                             rel=1e-3)
+    assert cal.fit["r2"] > 0.999 and cal.spec.name == "test gpu"
+    assert simulate(prog, cal.spec).total_us == pytest.approx(simulate(prog, spec).total_us,
+                                                              rel=1e-3)
+
+
+def test_measure_rejects_bad_timing(traced):
+    prog, _, timing = traced
+    with pytest.raises(ValueError, match="shape"):
+        calibration.measure(prog, timing[:, :-1])
+    broken = timing.copy()
+    broken[3, 2] = 0
+    with pytest.raises(ValueError, match="1 of .* instructions have no or unordered"):
+        calibration.measure(prog, broken)
+
+
+def test_calibration_files_and_plan_hook(tmp_path, traced):
+    prog, _, timing = traced
+    cal = calibration.fit(prog, timing, name="nvidia-h100-80gb-hbm3")
+    path = calibration.save(cal, "NVIDIA H100 80GB HBM3", tmp_path, commit="abc")
+    assert path.name == "nvidia-h100-80gb-hbm3.json"
+    assert json.loads(path.read_text())["commit"] == "abc"
+    assert calibration.resolve("NVIDIA H100 80GB HBM3", tmp_path) == cal.spec
+    # None and preset names stay uncalibrated: default plans are reproducible.
+    assert calibration.resolve(None, tmp_path) == GpuSpec.load("h100")
+    assert calibration.resolve("h100", tmp_path) == GpuSpec.load("h100")
+    assert calibration.resolve("NVIDIA H100 PCIe", tmp_path) == GpuSpec.load("h100")
+    with pytest.raises(ValueError, match="nvidia-h100-80gb-hbm3"):
+        calibration.resolve("Some B200", tmp_path)
+    again = plan("llama-3.2-1b", batch=1, num_sms=132, gpu=calibration.resolve(
+        "NVIDIA H100 80GB HBM3", tmp_path))
+    assert again.gpu == cal.spec and again.predicted_us > prog.predicted_us
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "megakernel", "trace", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_trace_cli_from_npz_with_calibration(tmp_path, traced):
+    prog, _, timing = traced
+    meta = dict(model="llama-3.2-1b", batch=1, pos=512, policy="dag", granularity="chunk",
+                num_sms=132, gpu_spec=prog.gpu.to_dict(), device="NVIDIA H100 80GB HBM3",
+                ms_timing_off=2.2, ms_timing_on=2.25, commit="abc", date="today")
+    npz = trace.save_npz(tmp_path / "trace.npz", timing, prog, meta)
+    r = _cli("--from-npz", npz, "--out", tmp_path / "out", "--calibrate",
+             "--calibration-dir", tmp_path / "cal")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "trace.json").read_text())["traceEvents"]
+    assert (tmp_path / "out" / "gantt.png").stat().st_size > 10_000
+    assert (tmp_path / "cal" / "nvidia-h100-80gb-hbm3.json").is_file()
+    assert "+50.0 us" in r.stdout                       # the timing overhead line
+    assert "predicted (calibrated)" in r.stdout and "NOT within 25%" in r.stdout
+    calibrated = next(line for line in r.stdout.splitlines() if "(calibrated)" in line)
+    assert "-> within 25%" in calibrated
+
+    bad = prog.instructions.copy()
+    bad[0, 0, 2] += 1
+    trace.save_npz(tmp_path / "other.npz", timing, dataclasses.replace(prog, instructions=bad),
+                   meta)
+    r = _cli("--from-npz", tmp_path / "other.npz", "--out", tmp_path / "out2")
+    assert r.returncode == 2 and "another program" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trace_without_a_gpu_says_so(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = _cli("--out", tmp_path)
+    assert r.returncode == 2 and "CUDA GPU" in r.stderr and "Traceback" not in r.stderr
