@@ -98,19 +98,21 @@ class Traced:
 
         import torch
 
-        from megakernel.bench.baselines import megakernel
         from megakernel.profiling import nvtx_range
-        a = self.args
         with nvtx_range(f"trace.run timing={timing}"):
-            dec, step, before = megakernel(self.cfg, self.w, a.batch, a.pos, *self.inputs,
-                                           program=program, timing=timing)
-            ms = self.harness.time_steps(step, a.iters, a.warmup,
-                                         before=lambda: (self.flush(), before()))
-            dec.runtime.check()
-            stamps = dec.runtime.timing.cpu().numpy() if timing else None
-        del dec, step, before
-        torch.cuda.empty_cache()
+            ms, stamps = self._replays(program, timing)
+        torch.cuda.empty_cache()          # the decoder and its graph are gone
         return statistics.median(ms), stamps
+
+    def _replays(self, program, timing: bool):
+        from megakernel.bench.baselines import megakernel
+        a = self.args
+        dec, step, before = megakernel(self.cfg, self.w, a.batch, a.pos, *self.inputs,
+                                       program=program, timing=timing)
+        ms = self.harness.time_steps(step, a.iters, a.warmup,
+                                     before=lambda: (self.flush(), before()))
+        dec.runtime.check()
+        return ms, (dec.runtime.timing.cpu().numpy() if timing else None)
 
     def trace_planned(self, gpu=None):
         """Plan, time timing off and on, keep <out>/trace.npz -> (program, timing, meta)."""
