@@ -15,7 +15,8 @@ the calibrated spec has hbm_bytes_per_s = sm_bandwidth * num_sms and sm_max_byte
 >= sm_bandwidth; flop rates and element sizes stay as in the base spec.
 
 Files: <dir>/<slug of the device name>.json = {"spec": GpuSpec dict, "fit": statistics,
-"device": name, ...}; `resolve(device name)` finds it. numpy only.
+"device": name, ...}. `resolve(gpu)` is plan()'s hook (a device name finds its file);
+`for_device(name)` is what a decoder on that device plans with. numpy only.
 """
 from __future__ import annotations
 
@@ -168,3 +169,12 @@ def resolve(gpu=None, directory=CALIBRATION_DIR) -> GpuSpec:
                          f"calibrated device (saved in {directory}: {saved or 'none'}); "
                          "calibrate it with `python -m megakernel trace --calibrate`")
     return GpuSpec.load(gpu)
+
+
+def for_device(name: str, directory=CALIBRATION_DIR) -> GpuSpec:
+    """The spec a decoder on device `name` should plan with: its calibration if saved, else
+    the preset named inside the name, else the default preset (h100); never raises."""
+    try:
+        return resolve(name, directory)
+    except ValueError:
+        return GpuSpec.load(None)

@@ -118,6 +118,8 @@ def test_calibration_files_and_plan_hook(tmp_path, traced):
     assert calibration.resolve("NVIDIA H100 PCIe", tmp_path) == GpuSpec.load("h100")
     with pytest.raises(ValueError, match="nvidia-h100-80gb-hbm3"):
         calibration.resolve("Some B200", tmp_path)
+    assert calibration.for_device("Some B200", tmp_path) == GpuSpec.load("h100")
+    assert calibration.for_device("NVIDIA H100 80GB HBM3", tmp_path) == cal.spec
     again = plan("llama-3.2-1b", batch=1, num_sms=132, gpu=calibration.resolve(
         "NVIDIA H100 80GB HBM3", tmp_path))
     assert again.gpu == cal.spec and again.predicted_us > prog.predicted_us
