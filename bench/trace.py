@@ -97,7 +97,7 @@ def opcode_table(program, m: Measured, specs: dict) -> str:
     mean predicted instruction time under each GpuSpec in `specs` (label -> spec), MB moved
     and the bandwidth one SM achieved while occupied (bytes / occupancy)."""
     t = m.table
-    occ = m.occupancy_us
+    occ = m.occupancy_us()
     pred = {label: instruction_us(t, program.config, program.batch, program.attn_splits,
                                   program.lm_slices, spec, program.num_sms,
                                   program.options["kv_position"])

@@ -6,10 +6,12 @@ queued instruction's (wait start, wait end = compute start, end); entries past a
 queue_len are 0. The simulator (simulate.py) models an instruction as: it starts when its
 SM is free and its counters are complete + counter_latency_us, then holds the SM for
 instruction_us = instr_latency_us + bytes / sm_bandwidth. The fit measures those quantities:
-    occupancy_i = end_i - max(end of the previous instruction on its SM, wait end_i)
-                  ~ instr_latency_us + bytes_i / sm_bandwidth    (least squares, every instr)
+    occupancy_i = end_i - (wait end_i if it waited longer than wait_eps_us, else the end of
+                  the previous instruction on its SM: fetch and a satisfied counter check
+                  are its own time) ~ instr_latency_us + bytes_i / sm_bandwidth
+                  (least squares over every instruction)
     latency_i   = wait end_i - last end among the instructions signalling what it waits on
-                  (median over the instructions that waited longer than wait_eps_us)
+                  (median over the instructions that waited)
 One trace has every SM streaming at once, so only the per-SM share of bandwidth is seen:
 the calibrated spec has hbm_bytes_per_s = sm_bandwidth * num_sms and sm_max_bytes_per_s
 >= sm_bandwidth; flop rates and element sizes stay as in the base spec.
@@ -63,9 +65,13 @@ class Measured:
     def compute_us(self) -> np.ndarray:
         return self.t2 - self.t1
 
-    @property
-    def occupancy_us(self) -> np.ndarray:
-        return self.t2 - np.maximum(self.prev_end, self.t1)
+    def waited(self, wait_eps_us: float = WAIT_EPS_US) -> np.ndarray:
+        """bool [N]: found a counter short and waited longer than wait_eps_us."""
+        return self.wait_us > wait_eps_us
+
+    def occupancy_us(self, wait_eps_us: float = WAIT_EPS_US) -> np.ndarray:
+        """float64 [N]: how long each instruction held its SM, in the simulator's terms."""
+        return self.t2 - np.where(self.waited(wait_eps_us), self.t1, self.prev_end)
 
 
 def measure(program, timing) -> Measured:
@@ -113,7 +119,7 @@ def fit(program, timing, base=None, name: str | None = None,
     program's own by default); name: the calibrated spec's name (the base's by default)."""
     m = measure(program, timing)
     base = program.gpu if base is None else GpuSpec.load(base)
-    x, y = m.nbytes, m.occupancy_us
+    x, y = m.nbytes, m.occupancy_us(wait_eps_us)
     (lat, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
     if lat < 1e-3:                        # GpuSpec needs > 0: pin it and refit the slope
         lat = 1e-3
@@ -123,7 +129,7 @@ def fit(program, timing, base=None, name: str | None = None,
                          "can be fitted (is the trace from this program?)")
     resid = y - (lat + slope * x)
     r2 = 1.0 - float(resid @ resid) / max(float(((y - y.mean()) ** 2).sum()), 1e-30)
-    waited = (m.wait_us > wait_eps_us) & np.isfinite(m.ready)
+    waited = m.waited(wait_eps_us) & np.isfinite(m.ready)
     seen = m.t1[waited] - m.ready[waited]
     counter = float(np.median(seen)) if len(seen) else base.counter_latency_us
     lat, sm_bw = float(lat), 1e6 / float(slope)   # us; bytes per second per SM

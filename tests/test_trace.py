@@ -66,7 +66,7 @@ def test_per_opcode_table_sums(traced):
     m = calibration.measure(prog, timing)
     cost = instruction_us(m.table, prog.config, prog.batch, prog.attn_splits, prog.lm_slices,
                           spec, prog.num_sms, 512)
-    np.testing.assert_allclose(m.occupancy_us, cost, atol=2e-3)   # simulator-exact trace
+    np.testing.assert_allclose(m.occupancy_us(), cost, atol=2e-3)   # simulator-exact trace
     text = trace.opcode_table(prog, m, {"h100": prog.gpu, "true": spec})
     rows = {line.split()[0]: line.split() for line in text.splitlines()[1:-1]}
     assert set(rows) == {"EMBED", "QKV", "ATTN", "ATTN_REDUCE", "OPROJ", "GATEUP", "DOWN",
@@ -75,7 +75,7 @@ def test_per_opcode_table_sums(traced):
         == prog.num_instructions
     busy = sum(float(r[3]) for k, r in rows.items() if k != "all")
     assert busy == pytest.approx(float(rows["all"][3]), rel=1e-3)
-    assert float(rows["all"][3]) == pytest.approx(m.occupancy_us.sum(), rel=1e-3)
+    assert float(rows["all"][3]) == pytest.approx(m.occupancy_us().sum(), rel=1e-3)
     assert float(rows["QKV"][4]) == pytest.approx(float(rows["QKV"][6]), rel=1e-3)  # = true
     assert "TB/s" in text.splitlines()[-1]
 
