@@ -58,16 +58,12 @@ def main() -> int:
     cfg = ModelConfig.preset("llama-3.2-1b")
     w = Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
     if args.sweep:
-        for opts in (dict(attn_splits=4), dict(attn_splits=8), dict(attn_splits=16),
-                     dict(attn_splits=32), dict(granularity="layer"), dict(policy="lpt"),
-                     dict(qkv_slices=64, oproj_slices=64), dict(gateup_slices=264),
-                     dict(down_slices=264), dict(lmhead_slices=264)):
-            res["1b_b1 " + " ".join(f"{k}={v}" for k, v in opts.items())] = ms(
-                seeded(cfg, w, 1, args.pos, **opts))
-        res["1b_b1 NUM_PAGES=5"] = ms(seeded(cfg, w, 1, args.pos,
-                                             build_flags=("-DMK_NUM_PAGES=5",)))
-        res["1b_b1 NUM_PAGES=5 attn_splits=8"] = ms(seeded(
-            cfg, w, 1, args.pos, attn_splits=8, build_flags=("-DMK_NUM_PAGES=5",)))
+        for pages in (0, 16):
+            flags = (f"-DMK_L2_PREFETCH_PAGES={pages}",)
+            res[f"1b_b1 L2_PREFETCH_PAGES={pages}"] = ms(seeded(cfg, w, 1, args.pos,
+                                                                build_flags=flags))
+        res["1b_b1 granularity=layer"] = ms(seeded(cfg, w, 1, args.pos, granularity="layer"))
+        res["1b_b1 attn_splits=8"] = ms(seeded(cfg, w, 1, args.pos, attn_splits=8))
         args.ring = False
     base = seeded(cfg, w, 1, args.pos)
     nowait = without_waits(base.program)

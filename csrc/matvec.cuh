@@ -95,44 +95,78 @@ struct Ring {
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
 };
 
-// Loader warp: stream the pages of every matvec instruction of this SM's queue.
+// The pages of the matvec instructions of one SM queue, in the order the consumers take them.
+struct PageWalk {
+  const int32_t* queue;
+  int qlen, i, p;          // instruction index (qlen: finished), page inside it
+  MatvecGeometry g;
+
+  __device__ void start(const KernelArgs& a, const int32_t* q, int n) {
+    queue = q; qlen = n; i = -1;
+    next_instruction(a);
+  }
+  __device__ bool done() const { return i >= qlen; }
+  __device__ void next_instruction(const KernelArgs& a) {
+    p = 0;
+    for (++i; i < qlen; ++i) {
+      const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
+      if (is_matvec(__ldg(ins + W_OPCODE))) {
+        g = matvec_geometry(a, ins);
+        if (g.pages() > 0) return;
+      }
+    }
+  }
+  __device__ void advance(const KernelArgs& a) {
+    if (++p >= g.pages()) next_instruction(a);
+  }
+  // Row segments of the current page: rows, bytes per row, first element of row 0.
+  __device__ int rows() const { return g.group_rows(p % g.ngroups); }
+  __device__ uint32_t row_bytes() const { return g.chunk_cols(p / g.ngroups) * 2; }
+  __device__ const __nv_bfloat16* row(int r) const {
+    const int c = p / g.ngroups, grp = p % g.ngroups;
+    return g.w + static_cast<size_t>(grp * g.rpp + r) * g.K + static_cast<size_t>(c) * g.kc;
+  }
+};
+
+// Loader warp: stream the pages of every matvec instruction of this SM's queue into the
+// ring, and keep kL2PrefetchPages further pages on their way into L2, so HBM stays busy
+// while the consumers wait on counters with a full ring.
 __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
                             int qlen) {
   const int lane = threadIdx.x & 31;
   const uint64_t policy = evict_first_policy();
-  uint32_t it = 0;
-  bool stop = false;
-  for (int i = 0; i < qlen && !stop; ++i) {
-    const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
-    if (!is_matvec(__ldg(ins + W_OPCODE))) continue;
-    const MatvecGeometry g = matvec_geometry(a, ins);
+  const bool l2_ahead = !(a.mode & (MODE_NO_PREFETCH | MODE_NO_LOAD)) && kL2PrefetchPages > 0;
+  PageWalk load, ahead;
+  load.start(a, queue, qlen);
+  ahead.start(a, queue, qlen);
+  uint32_t it = 0, ahead_it = 0;
+  for (; !load.done(); load.advance(a), ++it) {
     if (a.mode & MODE_NO_PREFETCH) {
-      while (*ring.ready < i && !*ring.abort) {}
+      while (*ring.ready < load.i && !*ring.abort) {}
       if (*ring.abort) break;
     }
-    for (int p = 0; p < g.pages(); ++p, ++it) {
-      const int slot = it % kNumPages;
-      const uint32_t round = it / kNumPages;
-      while (!mbar_try_wait(&ring.empty[slot], (round & 1) ^ 1)) {
-        if (*ring.abort) { stop = true; break; }
-      }
-      if (stop) break;
-      const int c = p / g.ngroups, grp = p % g.ngroups;
-      const int cols = g.chunk_cols(c), rows = g.group_rows(grp);
-      const uint32_t row_bytes = cols * 2;
-      if (a.mode & MODE_NO_LOAD) {
-        if (lane == 0) mbar_arrive(&ring.full[slot]);
-        continue;
-      }
-      if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
-      __syncwarp();
-      unsigned char* dst = ring.pages + static_cast<size_t>(slot) * kPageBytes;
-      for (int r = lane; r < rows; r += 32) {
-        const __nv_bfloat16* src =
-            g.w + static_cast<size_t>(grp * g.rpp + r) * g.K + static_cast<size_t>(c) * g.kc;
-        bulk_load(dst + r * row_bytes, src, row_bytes, &ring.full[slot], policy);
-      }
+    for (; l2_ahead && !ahead.done() && ahead_it < it + kNumPages + kL2PrefetchPages;
+         ahead.advance(a), ++ahead_it) {
+      if (ahead_it < it + kNumPages) continue;  // the ring load below covers these
+      for (int r = lane; r < ahead.rows(); r += 32) prefetch_l2(ahead.row(r), ahead.row_bytes());
     }
+    const int slot = it % kNumPages;
+    bool stop = false;
+    while (!mbar_try_wait(&ring.empty[slot], ((it / kNumPages) & 1) ^ 1)) {
+      if (*ring.abort) { stop = true; break; }
+    }
+    if (stop) break;
+    if (a.mode & MODE_NO_LOAD) {
+      if (lane == 0) mbar_arrive(&ring.full[slot]);
+      continue;
+    }
+    const int rows = load.rows();
+    const uint32_t row_bytes = load.row_bytes();
+    if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
+    __syncwarp();
+    unsigned char* dst = ring.pages + static_cast<size_t>(slot) * kPageBytes;
+    for (int r = lane; r < rows; r += 32)
+      bulk_load(dst + r * row_bytes, load.row(r), row_bytes, &ring.full[slot], policy);
   }
   // Never leave the block with copies in flight: wait for the last fill of every slot.
   for (int s = 0; s < kNumPages && s < static_cast<int>(it); ++s) {
