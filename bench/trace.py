@@ -136,7 +136,8 @@ def save_npz(path, timing: np.ndarray, program, meta: dict) -> Path:
     return path
 
 
-def load_npz(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """-> (timing, instructions, queue_len, meta)."""
+def load_npz(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict | None]:
+    """-> (timing, instructions, queue_len, meta; None for a bare dump without it)."""
     with np.load(path) as z:
-        return z["timing"], z["instructions"], z["queue_len"], json.loads(str(z["meta"]))
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else None
+        return z["timing"], z["instructions"], z["queue_len"], meta

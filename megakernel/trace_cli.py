@@ -31,13 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit the cost model to the trace and save it for this GPU")
     parser.add_argument("--calibration-dir", type=Path, default=CALIBRATION_DIR)
     parser.add_argument("--from-npz", type=Path, default=None, metavar="NPZ",
-                        help="report a kept trace.npz instead of running (no GPU needed)")
+                        help="report a kept trace.npz instead of running (no GPU needed); "
+                        "for a bare timing dump the plan arguments above say what was traced")
+    parser.add_argument("--device", default="unknown GPU",
+                        help="GPU of a bare timing dump (names its calibration file)")
 
 
 def main(args) -> int:
     try:
         if args.from_npz is not None:
-            program, timing, meta = offline(args.from_npz)
+            program, timing, meta = offline(args.from_npz, args)
             gpu = None
         else:
             from megakernel.bench.harness import require_gpu
@@ -51,12 +54,19 @@ def main(args) -> int:
     return 0
 
 
-def offline(path: Path):
-    """(program, timing, meta) of a kept trace; the program is re-planned from its meta."""
+def offline(path: Path, args):
+    """(program, timing, meta) of a kept trace; the program is re-planned from its meta (a
+    bare dump, e.g. bench/diagnose.py's, from the command's plan arguments)."""
+    import numpy as np
+
     from megakernel.bench.trace import load_npz
     from megakernel.scheduler import plan
-    import numpy as np
     timing, instructions, queue_len, meta = load_npz(path)
+    if meta is None:
+        meta = dict(model=args.model, batch=args.batch, pos=args.pos, policy=args.policy,
+                    granularity=args.granularity, num_sms=int(timing.shape[0]), gpu_spec=None,
+                    device=args.device, ms_timing_off=None, ms_timing_on=None,
+                    commit="unknown", date="unknown")
     program = plan(meta["model"], batch=meta["batch"], num_sms=meta["num_sms"],
                    policy=meta["policy"], granularity=meta["granularity"],
                    gpu=meta["gpu_spec"], kv_position=meta["pos"])
@@ -144,8 +154,9 @@ def report(program, timing, meta, args, gpu) -> None:
     except RuntimeError as e:
         print(f"gantt: {e}")
     off, on = meta["ms_timing_off"], meta["ms_timing_on"]
-    print(f"timing overhead (graph replay, same program): off {off:.4f} ms, on {on:.4f} ms "
-          f"per step: {1e3 * (on - off):+.1f} us ({(on - off) / off:+.1%})")
+    if off is not None:
+        print(f"timing overhead (graph replay, same program): off {off:.4f} ms, on {on:.4f} ms"
+              f" per step: {1e3 * (on - off):+.1f} us ({(on - off) / off:+.1%})")
     specs = {program.gpu.name: program.gpu}
     if args.calibrate:
         cal = calibration.fit(program, timing, name=calibration.slug(meta["device"]))
@@ -160,8 +171,8 @@ def report(program, timing, meta, args, gpu) -> None:
         specs["calibrated"] = cal.spec
     print(f"\nper opcode (predicted = cost model, mean us per instruction):\n"
           f"{trace.opcode_table(program, m, specs)}\n")
-    print(f"step: measured {m.span_us:.1f} us from the first instruction to the last "
-          f"(graph replay, timing off: {1e3 * off:.1f} us with launch)")
+    replay = f" (graph replay, timing off: {1e3 * off:.1f} us with launch)" if off else ""
+    print(f"step: measured {m.span_us:.1f} us from the first instruction to the last{replay}")
     for label, spec in specs.items():
         pred = simulate(program, spec).total_us
         print(f"  predicted ({label}): {pred:.1f} us, {pred / m.span_us - 1:+.1%} vs measured"

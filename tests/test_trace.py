@@ -155,6 +155,16 @@ def test_trace_cli_from_npz_with_calibration(tmp_path, traced):
     assert r.returncode == 2 and "another program" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_trace_cli_reads_a_bare_timing_dump(tmp_path, traced):
+    prog, _, timing = traced           # bench/diagnose.py's npz: no metadata
+    np.savez_compressed(tmp_path / "dump.npz", timing=timing, instructions=prog.instructions,
+                        queue_len=prog.queue_len)
+    r = _cli("--from-npz", tmp_path / "dump.npz", "--model", "llama-3.2-1b", "--out",
+             tmp_path / "out", "--calibrate", "--calibration-dir", tmp_path, "--device", "GPU X")
+    assert r.returncode == 0, r.stderr
+    assert "timing overhead" not in r.stdout and (tmp_path / "gpu-x.json").is_file()
+
+
 def test_trace_without_a_gpu_says_so(tmp_path):
     import torch
     if torch.cuda.is_available():
