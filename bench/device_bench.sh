@@ -39,7 +39,7 @@ echo "bench rc=$?" | tee -a "$LOG"
 step done
 
 # The summary: the trace's verdicts, the bench's progress and table.
-grep -E "^(timing overhead|calibration|step:|  predicted|re-planned|trace:|gantt:|kept)" "$LOG"
+grep -E "^(timing overhead|calibration|step:|  predicted|re-planned|trace:|gantt:|kept|bench:)" "$LOG"
 grep -E "^\[bench" "$LOG" | tail -30
 sed -n '/^# megakernel bench/,$p' "$LOG" | head -60
 grep -E "Traceback|Error" "$LOG" | head -10
