@@ -1,7 +1,8 @@
 """`python -m megakernel bench`: the megakernel against eager PyTorch, its CUDA graph and
 torch.compile, on the same weights and positions, in one process (torch.compile in a child
 with a deadline, bench/baselines.py says why). Writes <out>/bench_<gpu>_<time>.json, .md and
-.png (bench/report.py); progress on stderr, the markdown table on stdout.
+.png (bench/report.py); progress on stderr, the markdown table on stdout. Exit status 1 when
+a megakernel contender failed or its logits failed the fp32 spot check.
 """
 from __future__ import annotations
 
@@ -76,7 +77,12 @@ def main(args) -> int:
         log(f"wrote {p}")
     if why:
         log(why)
-    return 0
+    bad = [f"{r['model']} batch {r['batch']}: {r['note'] or 'check: logits off'}"
+           for r in run["records"] if r["contender"] == "megakernel"
+           and (r["ms_per_step"] is None or (r.get("check") or {}).get("ok") is False)]
+    for line in bad:
+        log(f"megakernel FAILED {line}")
+    return 1 if bad else 0
 
 
 def run_bench(cfgs, batches, contenders, args, device, log) -> dict:
