@@ -13,7 +13,7 @@ from .decoding import StepDecoder
 from .packing import pack_weights
 from .profiling import nvtx_range
 from .runtime import Runtime, check_supported
-from .scheduler import plan
+from .scheduler import calibration, plan
 
 
 class Decoder(StepDecoder):
@@ -31,10 +31,13 @@ class Decoder(StepDecoder):
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         props = torch.cuda.get_device_properties(self.device)
+        # The cost model behind "dag" uses this GPU's calibration when one is saved.
+        gpu = plan_options.pop("gpu", None) or calibration.for_device(props.name)
         with nvtx_range("megakernel.plan"):
             self.program = program or plan(cfg, batch=batch,
                                            num_sms=num_sms or props.multi_processor_count,
-                                           policy=policy, granularity=granularity, **plan_options)
+                                           policy=policy, granularity=granularity, gpu=gpu,
+                                           **plan_options)
         with nvtx_range("megakernel.pack"):
             self.packed = pack_weights(weights, dtype=torch.bfloat16, device=self.device)
         self.runtime = Runtime(self.packed, self.program, max_seq, timing=timing,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .profiling import nvtx_range
+
 
 def describe(x) -> str:
     if isinstance(x, torch.Tensor):
@@ -50,6 +52,7 @@ class StepDecoder:
         return logits
 
     @torch.no_grad()
+    @nvtx_range("megakernel.generate")
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decode from fresh sequences. prompt_ids: int64 [B, T] -> int64 [B, T + N]."""
         if (not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2

@@ -99,6 +99,12 @@ class Runtime:
             raise RuntimeError("the interpreter block does not fit on one SM "
                                f"({self.ext.smem_bytes()} bytes of shared memory)")
         self.program, self.config, self.device, self.max_seq = program, cfg, device, max_seq
+        with nvtx_range("megakernel.load"):
+            self._bind(packed, program, max_seq, timing, watchdog_ms, ablate)
+
+    def _bind(self, packed, program, max_seq, timing, watchdog_ms, ablate) -> None:
+        """Allocate the buffers, upload the Program, freeze the kernel arguments."""
+        cfg, device = program.config, packed.device
         self.buffers = Buffers.allocate(cfg, program, max_seq, device=device,
                                         kv_dtype=torch.bfloat16)
         self.buffers.poison()

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig
+from .profiling import nvtx_range
 
 LOGIT_STD = 3.0
 NORM_NOISE = 0.1
@@ -173,6 +174,7 @@ class Weights:
         return cls(cfg, embed, norm_weight(), lm_head, layers)
 
     @classmethod
+    @nvtx_range("megakernel.load")
     def load(cls, hf_dir, device="cpu", dtype: Optional[torch.dtype] = None) -> "Weights":
         """Load a Hugging Face Llama checkpoint (config.json + safetensors, one file or sharded
         with model.safetensors.index.json). dtype None keeps the checkpoint's (the embedding's)

@@ -19,9 +19,9 @@ import numpy as np
 
 from megakernel.config import ModelConfig
 
-from . import isa
+from . import calibration, isa
 from .assign import POLICIES, assign
-from .cost import GpuSpec, instruction_us
+from .cost import instruction_us
 from .lowering import GRANULARITIES, SLICED_OPS, Lowered, lower
 from .program import Program
 from .simulate import simulate
@@ -87,7 +87,7 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
         raise NotImplementedError(f"tp={tp}: only tp=1 is lowered so far")
     attn_splits = default_attn_splits(cfg, batch, num_sms) if attn_splits is None \
         else _int("attn_splits", attn_splits, 1)
-    spec = GpuSpec.load(gpu)
+    spec = calibration.resolve(gpu)
     opts = _resolve_options(cfg, num_sms, options)
 
     low = lower(cfg, batch, granularity, attn_splits,
