@@ -18,7 +18,8 @@ struct KernelArgs {
   int32_t* epoch;                  // [1] steps completed since reset
   int32_t* done;                   // [1] blocks finished, monotonic
   int32_t* error;                  // [8] code, sm, queue index, uid, counter, value, target, opcode
-  int64_t* timing;                 // [num_sms, max_len, 2] start/end ns, or null (trace off)
+  int64_t* timing;                 // [num_sms, max_len, 3] wait start, wait end, end (ns), or null:
+                                   // null launches the instantiation built without timing code
   int max_len;
 
   // Packed weights (bf16)

@@ -169,3 +169,17 @@ def test_counters_are_monotonic_across_steps():
         targets = torch.as_tensor(dec.program.counter_targets).cuda()
         assert torch.equal(dec.buffers.counters, targets * s)
         assert int(dec.buffers.epoch) == s
+
+
+def test_timing_records_every_instruction():
+    cfg = ModelConfig.preset("tiny")
+    w = Weights.random(cfg, seed=6, dtype=torch.bfloat16, device="cuda")
+    dec = Decoder(cfg, w, batch=1, max_seq=16, num_sms=16, timing=True)
+    dec.runtime.timing.fill_(-1)            # poison: every stamp must be written
+    dec.step(torch.tensor([3], device="cuda"))
+    t = dec.runtime.timing.cpu().numpy()
+    for sm, n in enumerate(dec.program.queue_len):
+        stamps = t[sm, :n].reshape(-1)      # wait start, wait end, end of each instruction
+        assert (stamps > 0).all(), f"SM {sm}: unwritten stamps"
+        assert (np.diff(stamps) >= 0).all(), f"SM {sm}: stamps out of order"
+        assert (t[sm, n:] == -1).all(), f"SM {sm}: stamps past the queue"
