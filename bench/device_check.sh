@@ -14,6 +14,25 @@ SECONDS=0
 python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} -p no:cacheprovider -rfE \
   --junitxml="$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
 echo "gpu tests rc=$? (${SECONDS}s)"; tail -25 "$OUT/pytest_gpu.log"
+if [ "${PIPCHECK:-0}" = 1 ]; then
+  # The install path: setup.py builds megakernel._C; then run it from outside the source tree.
+  SECONDS=0
+  python3 -m pip install --no-build-isolation --no-deps --no-index . > "$OUT/pip_install.log" 2>&1
+  echo "pip install . rc=$? (${SECONDS}s)"
+  (cd /tmp && env -u PYTHONPATH MEGAKERNEL_JIT=0 python3 -c "
+import megakernel, megakernel._C as C
+print('installed:', megakernel.__file__, C.__file__)
+from megakernel.runtime import load_extension
+assert load_extension() is C, 'the runtime did not pick the installed extension'
+from megakernel.run_main import gpu_main
+raise SystemExit(gpu_main('tiny', 2, 16))") >> "$OUT/pip_install.log" 2>&1
+  echo "installed extension main job rc=$?"; tail -4 "$OUT/pip_install.log"
+fi
+if [ "${TRACE:-0}" = 1 ]; then
+  python3 -m megakernel trace --model llama-3.2-1b --batch 1 --pos 512 --out /tmp/trace \
+    > "$OUT/trace.log" 2>&1
+  echo "trace rc=$?"; grep -E "^(timing overhead|step:|  predicted)" "$OUT/trace.log"
+fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   for tool in memcheck racecheck; do
     SECONDS=0
