@@ -20,7 +20,7 @@ if [ "${PIPCHECK:-0}" = 1 ]; then
   python3 -m pip install --no-build-isolation --no-deps --no-index . > "$OUT/pip_install.log" 2>&1
   echo "pip install . rc=$? (${SECONDS}s)"
   (cd /tmp && env -u PYTHONPATH MEGAKERNEL_JIT=0 python3 -c "
-import megakernel, megakernel._C as C
+import torch, megakernel, megakernel._C as C  # a torch extension loads after torch
 print('installed:', megakernel.__file__, C.__file__)
 from megakernel.runtime import load_extension
 assert load_extension() is C, 'the runtime did not pick the installed extension'
