@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: build the extension, run the GPU tests, compute-sanitizer on tiny, and
-# the first timing. Logs and JSON go to $OUT (or ./out). Usage: bash bench/device_check.sh
+# One device call: build the extension, run the GPU tests, compute-sanitizer on tiny, the
+# main job, and (switches) the pip-install path, the trace overhead, a quick bench row. Logs and JSON go to $OUT (or ./out). Usage: bash bench/device_check.sh
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=16
@@ -46,6 +46,7 @@ if [ "${MAINJOB:-1}" = 1 ]; then
   echo "python -m megakernel run rc=$?"; tail -4 "$OUT/run_main.log"
 fi
 if [ "${TIMING:-1}" = 1 ]; then
-  python3 bench/first_timing.py --out "$OUT" > "$OUT/first_timing.log" 2>&1
-  echo "first timing rc=$?"; tail -22 "$OUT/first_timing.log"
+  python3 -m megakernel bench --model llama-3.2-1b --batch 1 --contenders cuda_graph,megakernel \
+    --out /tmp/bench > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep -E "^\[bench" "$OUT/bench.log" | tail -4
 fi

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from megakernel import Decoder, ModelConfig, Weights, plan
-from bench.first_timing import time_replays
+import statistics
+
+from bench.harness import time_steps
 
 
 def seeded(cfg, w, batch, pos, **kw):
@@ -35,7 +37,7 @@ def ms(dec, iters=60):
     with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
         dec.launch_step(tokens)
     torch.cuda.current_stream().wait_stream(stream)
-    out = time_replays(g, iters)
+    out = statistics.median(time_steps(g.replay, iters, warmup=10))
     dec.runtime.check()
     return out
 
