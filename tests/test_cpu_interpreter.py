@@ -21,14 +21,7 @@ TINY = mk.ModelConfig.preset("tiny")
 REL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Ops on a few hundred elements: a thread pool costs more than it saves (and on a busy
-    2-core machine, 20x more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chunks(total, pieces, align=1):

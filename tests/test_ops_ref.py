@@ -25,14 +25,7 @@ CONFIGS = [
 B, S = 3, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Ops on a few hundred elements: a thread pool costs more than it saves (and on a busy
-    2-core machine, 20x more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 POS = torch.tensor([0, 6, 13], dtype=torch.int32)   # per-row positions, row 0 at the start
 
 
