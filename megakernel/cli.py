@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "time the megakernel against eager, CUDA-graph and compiled PyTorch (GPU)"),
     "trace": ("megakernel.trace_cli",
               "per-instruction timeline of one step: Perfetto trace, Gantt PNG, calibration"),
+    "ablate": ("megakernel.ablate_cli",
+               "time a grid of overlap-mechanism switches beside the cost model (GPU)"),
 }
 
 

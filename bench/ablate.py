@@ -1,0 +1,218 @@
+"""The ablation grid of `python -m megakernel ablate` and its results: the rows (each changes
+one overlap mechanism from the default), the Program a row plans, and the derived numbers,
+JSON, markdown table and PNG bar chart of a run. torch-free (numpy through the scheduler;
+matplotlib only for the PNG).
+
+A row is Decoder kwargs: plan arguments and options (policy, granularity, num_sms,
+attn_splits, ...) go to plan() together with the device's calibration and the timed position,
+and `ablate` / `build_flags` go to the Runtime. Diagnostic rows give wrong results and exist
+only to time one part of the pipeline (see bench/NOTES.md): `no_waits` zeroes every
+instruction's wait words (3..6), `no_compute` / `no_load` skip the consumers' math / the
+weight copies. A run's records carry ms_per_step (None with a `note` when the row was skipped
+or failed) and predicted_ms; `derive` adds the ratios to the default row and the bandwidth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+SCHEMA = "megakernel-ablate/1"
+BASELINE = "default"
+RUNTIME_KEYS = ("ablate", "build_flags")     # Decoder kwargs for the Runtime, not plan()
+RECORD_FIELDS = ("name", "change", "kwargs", "diagnostic", "modelled", "ms_per_step",
+                 "ms_min", "ms_p90", "predicted_ms", "time_vs_default",
+                 "predicted_vs_default", "achieved_TBps", "fraction_of_copy_bandwidth",
+                 "logits_rel_diff", "argmax_equal", "setup_s", "note")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    change: str                     # what it changes, for the table
+    kwargs: dict                    # Decoder kwargs
+    strip_waits: bool = False       # plan, then zero every instruction's wait words
+    diagnostic: bool = False        # wrong results: timing only
+
+    @property
+    def modelled(self) -> bool:
+        """Whether the cost model sees the change (it sees the plan, not the kernel)."""
+        return not any(k in self.kwargs for k in RUNTIME_KEYS)
+
+
+def grid(num_sms: int = 132) -> list[Row]:
+    """Every row, the default first; num_sms: the device's SM count (one row uses half)."""
+    def flag(macro, value, change):
+        return Row(f"{macro}={value}", change, {"build_flags": (f"-D{macro}={value}",)})
+    return [
+        Row(BASELINE, "nothing: plan defaults, every mechanism on", {}),
+        Row("no_prefetch", "the loader starts an instruction's weights only once its "
+            "waits hold", {"ablate": ("no_prefetch",)}),
+        Row("policy=rr", "round-robin SM assignment", {"policy": "rr"}),
+        Row("policy=lpt", "cost-balanced SM assignment, no dependency model",
+            {"policy": "lpt"}),
+        Row("granularity=layer", "one counter per stage and layer", {"granularity": "layer"}),
+        Row("granularity=head", "one counter per head", {"granularity": "head"}),
+        Row("attn_splits=4", "4 KV splits per (sequence, KV head)", {"attn_splits": 4}),
+        Row("attn_splits=32", "32 KV splits per (sequence, KV head)", {"attn_splits": 32}),
+        Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
+            {"num_sms": num_sms // 2}),
+        flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
+        flag("MK_NUM_PAGES", 5, "deeper shared-memory ring: 5 pages"),
+        flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of 8 pages past the ring"),
+        Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},
+            strip_waits=True, diagnostic=True),
+        Row("no_compute", "consumers skip the math", {"ablate": ("no_compute",)},
+            diagnostic=True),
+        Row("no_load", "the loader skips the weight copies", {"ablate": ("no_load",)},
+            diagnostic=True),
+    ]
+
+
+def select(rows: list[Row], names: str | None) -> list[Row]:
+    """The rows named in a comma list (all when None), in grid order; the default row is
+    always kept, first: it is what the others are compared with."""
+    if names is None:
+        return list(rows)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [r.name for r in rows]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--rows {names!r}: unknown row(s) {unknown}; rows: {','.join(known)}")
+    return [r for r in rows if r.name == BASELINE or r.name in wanted]
+
+
+def runtime_kwargs(row: Row) -> dict:
+    return {k: tuple(v) for k, v in row.kwargs.items() if k in RUNTIME_KEYS}
+
+
+def plan_row(row: Row, cfg, batch: int, pos: int, num_sms: int, gpu):
+    """The Program a row runs, planned with `gpu` (the device's GpuSpec) for position pos;
+    its predicted_us is the cost model's step time of that Program."""
+    from megakernel.scheduler import isa, plan, simulate
+    options = {k: v for k, v in row.kwargs.items() if k not in RUNTIME_KEYS}
+    options.setdefault("num_sms", num_sms)
+    program = plan(cfg, batch=batch, gpu=gpu, kv_position=pos, **options)
+    if not row.strip_waits:
+        return program
+    lo, hi = isa.HEADER.index("wait0_first"), isa.HEADER.index("wait1_count") + 1
+    stripped = dataclasses.replace(program, instructions=program.instructions.copy())
+    stripped.instructions[..., lo:hi] = 0
+    stripped.predicted_us = simulate(stripped, gpu).total_us
+    return stripped
+
+
+def record(row: Row, **measured) -> dict:
+    """A row's record; measured fields default to None (not measured)."""
+    rec = {f: None for f in RECORD_FIELDS}
+    rec.update(name=row.name, change=row.change, kwargs=row.kwargs, diagnostic=row.diagnostic,
+               modelled=row.modelled, note="")
+    rec.update(measured)
+    return rec
+
+
+def derive(run: dict) -> dict:
+    """Fill each record's ratios to the default row and its bandwidth, in place."""
+    base = next((r for r in run["records"] if r["name"] == BASELINE), {})
+    for r in run["records"]:
+        ms, pred = r["ms_per_step"], r["predicted_ms"]
+        r["time_vs_default"] = _ratio(ms, base.get("ms_per_step"))
+        r["predicted_vs_default"] = _ratio(pred, base.get("predicted_ms"))
+        tbps = run["bytes_read_per_step"] / (ms / 1e3) / 1e12 if ms else None
+        r["achieved_TBps"] = tbps
+        r["fraction_of_copy_bandwidth"] = _ratio(tbps, run["copy_TBps"])
+    return run
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(run: dict) -> str:
+    out = [f"# megakernel ablation: {run['model']} batch {run['batch']} on {run['gpu']}, "
+           f"{run['date']}", "",
+           f"torch {run['torch']} (CUDA {run['cuda']}), commit `{run['commit']}`, "
+           f"{run['num_sms']} SMs. Position {run['position']}, median of {run['iters']} "
+           f"CUDA-event-timed graph replays after {run['warmup']} warm-up, L2 flushed between "
+           f"steps. Copy bandwidth in this run: {_f(run['copy_TBps'], '.2f')} TB/s. "
+           f"Predictions: cost model `{run['cost_model']}`.", "",
+           "| row | change | ms/step | time / default | predicted ms | predicted / default "
+           "| TB/s | of copy BW | logits vs default | setup s | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in run["records"]:
+        mark = " (not modelled)" if not r["modelled"] and r["predicted_ms"] is not None else ""
+        logits = _f(r["logits_rel_diff"], ".1e")
+        if r["argmax_equal"] is False:
+            logits += ", argmax differs"
+        out.append(f"| {r['name']}{' †' if r['diagnostic'] else ''} | {r['change']} | "
+                   f"{_f(r['ms_per_step'], '.3f')} | {_f(r['time_vs_default'], '.2f')} | "
+                   f"{_f(r['predicted_ms'], '.3f')}{mark} | "
+                   f"{_f(r['predicted_vs_default'], '.2f')} | {_f(r['achieved_TBps'], '.2f')} | "
+                   f"{_f(r['fraction_of_copy_bandwidth'], '.0%')} | {logits} | "
+                   f"{_f(r['setup_s'], '.1f')} | {r['note']} |")
+    out += ["", "† diagnostic: gives wrong results, timing only. (not modelled): the cost model "
+            "sees only the plan, so the prediction is the default plan's.", "",
+            "## Method", ""] + [f"- {line}" for line in run["method"]]
+    if run["notes"]:
+        out += ["", "## Notes", ""] + [f"- {line}" for line in run["notes"]]
+    return "\n".join(out) + "\n"
+
+
+def bar_chart(run: dict, path) -> Path:
+    """One horizontal bar per row (measured ms/step, grey hatched when diagnostic), the cost
+    model's prediction as a diamond (hollow when the model does not see the change), the
+    default row's time as a dashed line. Rows without a time say why in place of a bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = run["records"]
+    fig, ax = plt.subplots(figsize=(9.0, 1.2 + 0.42 * len(recs)))
+    top = max([r[k] or 0.0 for r in recs for k in ("ms_per_step", "predicted_ms")] + [1e-3])
+    for y, r in enumerate(recs):
+        ms = r["ms_per_step"]
+        if ms is None:
+            ax.text(0.01 * top, y, (r["note"] or "not measured")[:70], va="center", fontsize=7,
+                    color="tab:red")
+        else:
+            ax.barh(y, ms, 0.7, color="0.75" if r["diagnostic"] else "tab:blue",
+                    hatch="//" if r["diagnostic"] else None)
+            ratio = f" ({r['time_vs_default']:.2f}x)" if r["time_vs_default"] else ""
+            ax.text(max(ms, r["predicted_ms"] or 0.0) + 0.01 * top, y, f" {ms:.3f}{ratio}",
+                    va="center", fontsize=7)
+        if r["predicted_ms"] is not None:
+            ax.plot(r["predicted_ms"], y, "D", color="black", markersize=5,
+                    fillstyle="full" if r["modelled"] else "none")
+    base = next((r["ms_per_step"] for r in recs if r["name"] == BASELINE), None)
+    if base:
+        ax.axvline(base, color="black", linestyle="--", linewidth=0.8)
+    ax.set_yticks(range(len(recs)))
+    ax.set_yticklabels([r["name"] + (" †" if r["diagnostic"] else "") for r in recs])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.3 * top)
+    ax.set_xlabel("ms per decode step (bars: measured; diamonds: cost model, hollow = "
+                  "not modelled; † diagnostic)")
+    ax.set_title(f"ablation: {run['model']} batch {run['batch']} on {run['gpu']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_all(run: dict, out_dir, stem: str) -> tuple[list[Path], str | None]:
+    """<out_dir>/<stem>.json, .md and (matplotlib permitting) .png.
+    -> (paths written, why the PNG was not written or None)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(run, indent=1))
+    paths[1].write_text(markdown(run))
+    try:
+        paths.append(bar_chart(run, out_dir / f"{stem}.png"))
+    except ImportError:
+        return paths, "matplotlib is not installed: no PNG"
+    return paths, None
