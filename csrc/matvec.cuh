@@ -6,8 +6,9 @@
 // groups of rpp, pages ordered chunk-major. The LOADER warp streams pages into a ring of
 // kNumPages shared-memory slots with bulk copies, running ahead across instruction
 // boundaries without looking at counters (weights never depend on activations). The
-// CONSUMER warps wait on counters, stage each activation chunk in shared memory (RMSNorm
-// applied on the fly), accumulate [n, B] fp32 partial sums, then run the op's epilogue.
+// CONSUMER warps wait on counters, stage each activation chunk in shared memory (times the
+// RMSNorm weight; 1/rms, a per-row constant, scales the sums afterwards), accumulate [n, B]
+// fp32 partial sums, then run the op's epilogue.
 // Both sides walk the same page sequence, derived from `matvec_geometry` alone.
 #pragma once
 #include "common.cuh"
@@ -256,28 +257,27 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
   }
 }
 
-// Consumers: x[b, col0 : col0+cols] (times the norm weight when there is one) into
-// act[b, 0:cols] with 16-byte loads (act null: nothing stored); with want_sums, adds this
-// thread's sum of squares of x per batch row to sums[b].
+// Consumers: x[b, col0 : col0+cols] into act[b, 0:cols] with 16-byte loads; with a norm
+// weight, x * weight is stored and this thread's sum of x^2 per batch row added to sums[b].
 template <int BT>
 __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, float* act,
-                            float (&sums)[BT], bool want_sums) {
+                            float (&sums)[BT]) {
   const int c4 = cols >> 2;
 #pragma unroll
   for (int b = 0; b < BT; ++b) {
     if (b >= B) break;
     const float4* src = reinterpret_cast<const float4*>(in.x + static_cast<size_t>(b) * in.ld + col0);
-    float4* dst = act ? reinterpret_cast<float4*>(act + b * cols) : nullptr;
+    float4* dst = reinterpret_cast<float4*>(act + b * cols);
     float sq = 0.f;
 #pragma unroll 4
     for (int k = threadIdx.x; k < c4; k += kConsumerThreads) {
       float4 x = __ldcg(src + k);
-      if (want_sums) sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
       if (in.norm) {
+        sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
         const uint2 nw = __ldg(reinterpret_cast<const uint2*>(in.norm + col0) + k);
         x.x *= bf16_lo(nw.x); x.y *= bf16_hi(nw.x); x.z *= bf16_lo(nw.y); x.w *= bf16_hi(nw.y);
       }
-      if (dst) dst[k] = x;
+      dst[k] = x;
     }
     sums[b] += sq;
   }
@@ -315,29 +315,13 @@ __device__ void consumer_matvec(const KernelArgs& a, const Ring& ring, const int
   float sums[BT];
 #pragma unroll
   for (int b = 0; b < BT; ++b) sums[b] = 0.f;
-  // One chunk (the usual case): the staging pass also gathers the RMS statistics.
-  const bool fused = in.norm && g.nchunks == 1;
-  if (in.norm && !fused) {
-    stage_chunk<BT>(in, 0, g.K, B, nullptr, sums, true);
-    finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);
-  }
+  // RMSNorm: rstd[b] is a constant of batch row b, so it factors out of every dot product:
+  // the staging pass stores x * norm and gathers sum(x^2); rstd scales acc after the pages.
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
-    stage_chunk<BT>(in, col0, cols, B, act, sums, fused);
-    if (fused) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // syncs
-    else consumer_sync();
-    if (in.norm) {
-      float4* act4 = reinterpret_cast<float4*>(act);
-      const int c4 = cols >> 2;
-      for (int i = tid; i < B * c4; i += kConsumerThreads) {
-        const float r = rstd[i / c4];
-        float4 x = act4[i];
-        x.x *= r; x.y *= r; x.z *= r; x.w *= r;
-        act4[i] = x;
-      }
-      consumer_sync();
-    }
+    stage_chunk<BT>(in, col0, cols, B, act, sums);
+    consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
       const int slot = it % kNumPages;
       while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
@@ -348,6 +332,10 @@ __device__ void consumer_matvec(const KernelArgs& a, const Ring& ring, const int
       // only the arriving thread's accesses) before the loader may overwrite the slot.
       mbar_arrive(&ring.empty[slot]);
     }
+  }
+  if (in.norm) {
+    finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers also complete acc
+    for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] *= rstd[i % B];
   }
   consumer_sync();  // acc complete
 }
