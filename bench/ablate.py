@@ -14,8 +14,9 @@ or failed) and predicted_ms; `derive` adds the ratios to the default row and the
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
+
+from . import report
 
 SCHEMA = "megakernel-ablate/1"
 BASELINE = "default"
@@ -204,15 +205,6 @@ def bar_chart(run: dict, path) -> Path:
 
 
 def write_all(run: dict, out_dir, stem: str) -> tuple[list[Path], str | None]:
-    """<out_dir>/<stem>.json, .md and (matplotlib permitting) .png.
-    -> (paths written, why the PNG was not written or None)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(run, indent=1))
-    paths[1].write_text(markdown(run))
-    try:
-        paths.append(bar_chart(run, out_dir / f"{stem}.png"))
-    except ImportError:
-        return paths, "matplotlib is not installed: no PNG"
-    return paths, None
+    """<out_dir>/<stem>.json, .md and (matplotlib permitting) .png."""
+    return report.write_all(run, out_dir, stem, markdown_fn=markdown, chart_fn=bar_chart,
+                            replot_hint="a machine with matplotlib (bench.ablate.bar_chart)")

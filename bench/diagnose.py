@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from megakernel import Decoder, ModelConfig, Weights, plan
+from megakernel import Decoder, ModelConfig, Weights
 import statistics
 
 from bench.harness import time_steps
@@ -30,13 +30,7 @@ def seeded(cfg, w, batch, pos, **kw):
 def ms(dec, iters=60):
     """Graph-replay ms per step with fixed input tokens (a no-wait plan's greedy output is
     garbage, so nothing is fed back)."""
-    tokens = torch.randint(0, dec.config.V, (dec.batch,), device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
-        dec.launch_step(tokens)
-    torch.cuda.current_stream().wait_stream(stream)
+    g = dec.capture(torch.randint(0, dec.config.V, (dec.batch,), device="cuda"))
     out = statistics.median(time_steps(g.replay, iters, warmup=10))
     dec.runtime.check()
     return out

@@ -130,17 +130,19 @@ def bar_chart(run: dict, path) -> Path:
     return path
 
 
-def write_all(run: dict, out_dir, stem: str) -> tuple[list[Path], str | None]:
-    """JSON, markdown and (matplotlib permitting) PNG as <out_dir>/<stem>.*.
+def write_all(run: dict, out_dir, stem: str, markdown_fn=None, chart_fn=None,
+              replot_hint: str = "") -> tuple[list[Path], str | None]:
+    """JSON, markdown and (matplotlib permitting) PNG as <out_dir>/<stem>.*; the bench's
+    markdown and chart unless others are given (the ablation grid's).
     -> (paths written, why the PNG was not written or None)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [write_json(run, out_dir / f"{stem}.json")]
-    (out_dir / f"{stem}.md").write_text(markdown(run))
+    (out_dir / f"{stem}.md").write_text((markdown_fn or markdown)(run))
     paths.append(out_dir / f"{stem}.md")
     try:
-        paths.append(bar_chart(run, out_dir / f"{stem}.png"))
+        paths.append((chart_fn or bar_chart)(run, out_dir / f"{stem}.png"))
     except ImportError:
-        return paths, ("matplotlib is not installed: redo the PNG elsewhere with "
-                       f"`python -m megakernel bench --replot {stem}.json`")
+        hint = replot_hint or f"`python -m megakernel bench --replot {stem}.json`"
+        return paths, f"matplotlib is not installed: redo the PNG elsewhere with {hint}"
     return paths, None

@@ -193,7 +193,7 @@ def time_row(row, program, cfg, w, inputs, args, flush, ref_logits) -> dict:
                                              **ablate.runtime_kwargs(row))
     setup_s = time.perf_counter() - t0
     if row.diagnostic:        # its greedy tokens are garbage: replay fixed ones instead
-        graph = static_graph(dec, tokens)
+        graph = dec.capture(tokens)
         step = graph.replay
     ms = harness.time_steps(step, args.iters, args.warmup, before=lambda: (flush(), before()))
     dec.runtime.check()
@@ -208,18 +208,6 @@ def time_row(row, program, cfg, w, inputs, args, flush, ref_logits) -> dict:
             out["logits_rel_diff"] = err.item()
             out["argmax_equal"] = bool(torch.equal(logits.argmax(-1), ref_logits.argmax(-1)))
     return out
-
-
-def static_graph(dec, tokens):
-    """A CUDA graph of one step on fixed `tokens` (Decoder.capture feeds back out_tokens)."""
-    import torch
-    stream = torch.cuda.Stream(dec.device)
-    stream.wait_stream(torch.cuda.current_stream(dec.device))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        dec.launch_step(tokens)
-    torch.cuda.current_stream(dec.device).wait_stream(stream)
-    return graph
 
 
 def method(args) -> list[str]:

@@ -67,13 +67,14 @@ class Decoder(StepDecoder):
     def _reset(self) -> None:
         self.runtime.reset()
 
-    def capture(self) -> torch.cuda.CUDAGraph:
-        """A CUDA graph of one greedy feedback step (tokens <- last out_tokens). Replaying it
-        advances the sequences; the caller keeps `pos` in step (see bench)."""
+    def capture(self, tokens: torch.Tensor | None = None) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of one step: greedy feedback (tokens <- last out_tokens) by default, or
+        the fixed device tensor `tokens` every replay. Replaying advances the sequences; the
+        caller keeps `pos` in step (see bench)."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            self.launch_step(None)
+            self.launch_step(tokens)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph
