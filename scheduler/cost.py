@@ -85,7 +85,7 @@ class GpuSpec:
 def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_splits: int,
                             lm_slices: int, spec: GpuSpec, kv_position: int):
     """(bytes, flops) float64 [N] each instruction moves and computes."""
-    B, d, I, H, Hkv, G, D = batch, cfg.d, cfg.I, cfg.H, cfg.Hkv, cfg.G, cfg.D
+    B, d, I, H, G, D = batch, cfg.d, cfg.I, cfg.H, cfg.G, cfg.D
     wb, kb, ab = spec.weight_bytes, spec.kv_bytes, spec.act_bytes
     op, a = ins.op, ins.args.astype(np.float64)
     rows = a[:, 1]
