@@ -113,7 +113,8 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     oproj = np.array(even_split(d, slices["oproj"], 1, max_rows))
     gateup = np.array(even_split(2 * I, slices["gateup"], 2, max_rows))
     down = np.array(even_split(d, slices["down"], 1, max_rows))
-    lm, tp = _lm_rows(V, slices["lmhead"], max_rows, shard), 1 if shard is None else shard.tp
+    lm = _lm_rows(V, slices["lmhead"], max_rows, shard)
+    peers = 0 if shard is None else shard.tp          # all_ranks of OPROJ, DOWN and LMHEAD
 
     # QKV slices [g_i0[g], g_i1[g]) hold kv group g's rows.
     groups = np.arange(Hkv)
@@ -138,17 +139,16 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
         c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
                     zeros[len(reduce)])
         for op, rows in ((Op.OPROJ, oproj), (Op.GATEUP, gateup), (Op.DOWN, down)):
-            c = b.stage(op, layer, rows, _all(c, len(rows)), np.zeros(len(rows), np.int64),
-                        tp if op != Op.GATEUP and shard else 0)
-            if op != Op.GATEUP and shard:
+            remote = 0 if op == Op.GATEUP else peers
+            c = b.stage(op, layer, rows, _all(c, len(rows)), zeros[len(rows)], remote)
+            if remote:
                 sums = np.column_stack([embed, np.full(len(embed), int(op == Op.DOWN))])
                 c = b.stage(Op.RESID_SUM, layer, sums, _all(c, len(sums)), zeros[len(embed)])
         prev = c
-    c = b.stage(Op.LMHEAD, -1, lm, _all(prev, len(lm)), np.zeros(len(lm), np.int64),
-                tp if shard else 0)
+    c = b.stage(Op.LMHEAD, -1, lm, _all(prev, len(lm)), zeros[len(lm)], peers)
     b.stage(Op.ARGMAX, -1, np.zeros((1, 0)), _all(c, 1), None)
     instrs, stage, targets = b.build()
-    return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=tp * len(lm))
+    return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=max(peers, 1) * len(lm))
 
 
 def _lm_rows(V: int, target: int, max_rows: int, shard: Shard | None) -> np.ndarray:
