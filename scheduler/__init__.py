@@ -13,4 +13,5 @@ from .program import Program, TpProgram
 from .simulate import Timeline, simulate
 from .validate import validate
 
-__all__ = ["GpuSpec", "Op", "WORDS", "Program", "Timeline", "TpProgram", "plan", "simulate", "validate"]
+__all__ = ["GpuSpec", "Op", "WORDS", "Program", "Timeline", "TpProgram", "plan", "simulate",
+           "validate"]

@@ -116,5 +116,6 @@ def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name, counter_name) ->
             raise ValueError(
                 f"invalid plan: {t.where(v)}: reads {elem}, written by {t.where(u)}, which "
                 f"does not happen before it: no chain of counter waits leads from "
-                f"{counter_name(int(t.signal[u]))} (the writer's signal) to this instruction's waits "
+                f"{counter_name(int(t.signal[u]))} (the writer's signal) to this instruction's "
+                f"waits "
                 f"{t.wait_ranges(v)}")

@@ -36,13 +36,13 @@ Buffers (all activations fp32 unless said; "SSA": every element is written once 
     amax_val [B, NLM] fp32, amax_idx [B, NLM] int32   per-LM-head-instruction argmax partials
     out_tokens [B] int64       greedy next tokens
     rope_cos, rope_sin [S, D/2] fp32 (Llama-3 scaled frequencies, megakernel.rope)
-    part    [2L, TP, B, d]         tp > 1 only: part[2l][src] = rank src's O-proj partial of
+    part    [2L, TP, B, d]     tp > 1 only: part[2l][src] = rank src's O-proj partial of
                                layer l, part[2l+1][src] = its down-proj partial
 where NS = Program.attn_splits and NLM = Program.lm_slices.
 
 Tensor parallelism (tp = TP > 1, Megatron style; plan() returns a TpProgram of TP per-rank
 Programs). Every rank holds a full residual stream and its own buffers, sized by the shard
-config (ModelConfig.shard: H/TP heads, Hkv/TP kv heads, I/TP FFN) except resid, part,
+config (scheduler/sharding.py: H/TP heads, Hkv/TP kv heads, I/TP FFN) except resid, part,
 logits and the LM-head partials (full V, NLM = all ranks' LMHEAD instructions). Indices in
 records are the rank's own (local heads, local FFN columns) except LMHEAD's rows and slot,
 which are global: rank r owns vocab rows [v0_r, v1_r) (even_split(V, TP)) and its lm_head
@@ -52,9 +52,11 @@ shard row i is vocab row v0_r + i. Under tp > 1 OPROJ, DOWN and LMHEAD carry all
     LMHEAD      as below, its logits rows and amax slot written on every rank
 and RESID_SUM folds the partials into this rank's residual. Counters live in each rank's own
 array; a counter signalled with all_ranks counts the signals of every rank (its target is
-the number of signalers on all ranks), and its index is the same on every rank. A rank's
-step ends (ARGMAX) waiting on every rank's LMHEAD, which transitively waits on every read of
-every rank in the step, so no peer store of step e+1 can overtake a read of step e.
+the number of signalers on all ranks), and its index is the same on every rank. Peer
+stores are visible on the target before the signal's bump there (system-scope release). A
+rank's step ends (ARGMAX) waiting on every rank's LMHEAD, which transitively follows every
+instruction of every rank in the step, so no peer store or bump of step e+1 can overtake
+a read or wait of step e.
 
 Packed weights (megakernel.packing; the CPU interpreter and the GPU read the same layout):
     embed [V, d]; lm_head [V, d] (the embedding itself when tied)
@@ -89,7 +91,8 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
                 amax_val/idx[b, slot] = max and its lowest index over this slice
     ARGMAX      out_tokens[b] = index of the max over the NLM partials (lowest index on ties)
     RESID_SUM   (tp > 1) with m = after_mlp (0/1): resid[2l+1+m][:, r0:r0+n] =
-                resid[2l+m][:, r0:r0+n] + sum over src = 0..TP-1, in order, of part[2l+m][src][:, r0:r0+n]
+                resid[2l+m][:, r0:r0+n] + part[2l+m][0][:, r0:r0+n] + ... + part[2l+m][TP-1][...]
+                (summed in that order, so every rank computes the same bits)
 layer is -1 for EMBED, LMHEAD and ARGMAX.
 
 Kernel capacity (the scheduler respects these; the generated header static_asserts them):

@@ -19,7 +19,9 @@ def counter_namer(tp: int, C: int):
         g = int(g)
         if tp == 1:
             return f"counter {g}"
-        return f"all-rank counter {g - tp * C}" if g >= tp * C else f"counter {g % C} of rank {g // C}"
+        if g >= tp * C:
+            return f"all-rank counter {g - tp * C}"
+        return f"counter {g % C} of rank {g // C}"
     return name
 
 

@@ -4,14 +4,12 @@ random valid configs, greedy tokens, monotonic counters on every rank, peer-stor
 semantics, and bad tp values."""
 import random
 
-import numpy as np
 import pytest
 import torch
 
 import megakernel as mk
 from megakernel.cpu_interpreter import CpuInterpreter
 from megakernel.packing import pack_weights
-from megakernel.scheduler.isa import Op
 
 REL_TOL = 1e-5
 WIDE = mk.ModelConfig("wide", vocab_size=203, hidden_size=96, intermediate_size=64,
