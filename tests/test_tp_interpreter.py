@@ -10,6 +10,7 @@ import torch
 import megakernel as mk
 from megakernel.cpu_interpreter import CpuInterpreter
 from megakernel.packing import pack_weights
+from megakernel.scheduler.isa import Op
 
 REL_TOL = 1e-5
 WIDE = mk.ModelConfig("wide", vocab_size=203, hidden_size=96, intermediate_size=64,
@@ -108,3 +109,17 @@ def test_bad_tp_raises(tp, what):
         mk.plan(WIDE, tp=tp)
     with pytest.raises(ValueError, match="intermediate_size"):
         mk.plan(WIDE.replace(intermediate_size=66), tp=4)
+
+
+def test_missing_peer_signal_is_a_deadlock_naming_the_rank():
+    prog = mk.plan(WIDE, batch=1, num_sms=3, tp=2, validate=False)
+    t = prog.ranks[0].table()
+    c = int(t.signal[t.op == Op.DOWN][0])                  # DOWN's all-rank counter
+    for p in prog.ranks:
+        p.counter_targets[c] += 1                         # a signal no rank sends
+    w = mk.Weights.random(WIDE, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(WIDE, w, prog, max_seq=8)
+    with pytest.raises(RuntimeError, match=f"(?s)deadlock.*rank [01] SM .*RESID_SUM waits on "
+                                           f"counter {c}"):
+        cpu.step(torch.tensor([1]))
+    assert any(int(b.error[0]) == 1 for b in cpu.rank_buffers)

@@ -97,3 +97,12 @@ def test_rank_local_signal_on_an_all_rank_counter_is_caught(tp2):
     p.ranks[1].instructions[at(p, Op.OPROJ, rank=1)][isa.ALL_RANKS_WORD] = 0
     with pytest.raises(ValueError, match="all_ranks = 0, must be 1"):
         validate(p)
+
+
+def test_wait_on_a_later_all_rank_counter_is_caught(tp2):
+    p = copy.deepcopy(tp2)
+    down = int(p.ranks[0].instructions[at(p, Op.DOWN)][7])
+    p.ranks[1].instructions[at(p, Op.RESID_SUM, rank=1)][3:5] = (down, 1)
+    with pytest.raises(ValueError, match=f"rank 1 uid .* RESID_SUM .*waits on all-rank counter "
+                                         f"{down}, signalled by rank .* DOWN.*can deadlock"):
+        validate(p)
