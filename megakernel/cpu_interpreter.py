@@ -60,7 +60,8 @@ class CpuInterpreter(StepDecoder):
         # k // num_sms; each a list of decoded records.
         self.queues = [[decode(p.instructions[sm, i]) for i in range(int(p.queue_len[sm]))]
                        for p in self.ranks for sm in range(int(p.num_sms))]
-        self.targets = np.asarray(prog.counter_targets, dtype=np.int64)  # [num_counters]
+        # [tp, num_counters] each rank's own targets
+        self.targets = np.stack([np.asarray(p.counter_targets, np.int64) for p in self.ranks])
         self._rng = random.Random(seed)
         self.trace: list[tuple] = []   # (sm, uid) ((rank, sm, uid) under tp) of the last step
         self.reset()
@@ -105,11 +106,16 @@ class CpuInterpreter(StepDecoder):
         """(rank, sm) of flat queue k."""
         return divmod(k, len(self.queues) // len(self.ranks))
 
+    def _state(self, k: int, counters, needed):
+        """(counters, needed) of flat queue k's rank."""
+        rank = self._where(k)[0]
+        return counters[rank], needed[rank]
+
     def _run_queues(self) -> None:
         epoch = int(self.buffers.epoch[0])
         # numpy views sharing memory with each rank's counters
         counters = [buf.counters.numpy() for buf in self.rank_buffers]
-        needed = wrap32(self.targets * (epoch + 1))
+        needed = wrap32(self.targets * (epoch + 1))          # [tp, num_counters]
         head = [0] * len(self.queues)
         self.trace = []
         while True:
@@ -117,10 +123,10 @@ class CpuInterpreter(StepDecoder):
             if not live:
                 return
             ready = [k for k in live if self._blocked_wait(
-                self.queues[k][head[k]], counters[self._where(k)[0]], needed) is None]
+                self.queues[k][head[k]], *self._state(k, counters, needed)) is None]
             if not ready:
-                rank = self._where(live[0])[0]
-                self._record_watchdog(live[0], head[live[0]], counters[rank], needed)
+                self._record_watchdog(live[0], head[live[0]], *self._state(live[0], counters,
+                                                                           needed))
                 raise RuntimeError(self._deadlock_report(live, head, counters, needed, epoch))
             k = self._rng.choice(ready)
             rank, sm = self._where(k)
@@ -162,11 +168,11 @@ class CpuInterpreter(StepDecoder):
             rec = self.queues[k][head[k]]
             rank, sm = self._where(k)
             gpu = f"rank {rank} " if len(self.ranks) > 1 else ""
-            value = counters[rank]
-            c = self._blocked_wait(rec, value, needed)
+            value, need = counters[rank], needed[rank]
+            c = self._blocked_wait(rec, value, need)
             lines.append(f"  {gpu}SM {sm} queue index {head[k]} uid {rec['uid']} opcode "
                          f"{Op(rec['op']).name} waits on counter {c}: value {int(value[c])}, "
-                         f"needs {int(needed[c])}")
+                         f"needs {int(need[c])}")
         return "\n".join(lines)
 
     def _check_counters(self) -> None:
@@ -178,10 +184,11 @@ class CpuInterpreter(StepDecoder):
                 raise RuntimeError(f"after epoch {epoch}{gpu}: done = {done}, expected "
                                    f"{num_sms} SMs x epoch {epoch}")
             counters = buf.counters.numpy().astype(np.int64)
-            expected = wrap32(self.targets * epoch)
+            targets = self.targets[rank]
+            expected = wrap32(targets * epoch)
             bad = np.nonzero(counters != expected)[0]
             if len(bad):
                 c = int(bad[0])
                 raise RuntimeError(f"after epoch {epoch}{gpu}: {len(bad)} counters off target, "
                                    f"first counter {c} = {counters[c]}, expected {expected[c]} "
-                                   f"(target {self.targets[c]} x epoch {epoch})")
+                                   f"(target {targets[c]} x epoch {epoch})")
