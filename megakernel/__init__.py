@@ -51,6 +51,7 @@ _LAZY = {
     "Runtime": ".runtime",
     "plan": ".scheduler",
     "Program": ".scheduler",
+    "TpProgram": ".scheduler",
 }
 
 __all__ = ["ModelConfig", "RopeScaling", "PRESETS", *_LAZY]

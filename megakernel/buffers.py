@@ -5,8 +5,9 @@ reuses this class with device="cuda" and binds the tensors' pointers into its ke
 argument struct. All activations are fp32 and contiguous; the KV caches are `kv_dtype`.
 
 Invariants:
-  - shapes come from (ModelConfig, Program.batch / attn_splits / lm_slices / num_counters,
-    max_seq) and nothing else;
+  - shapes come from (ModelConfig, Program.batch / attn_splits / lm_slices / num_counters /
+    tp, max_seq) and nothing else; under tp > 1 the ModelConfig is the rank's shard config
+    and `part` (the per-source partial sums, isa.py) exists, else it is None;
   - `reset()` zeroes the synchronisation state (counters, epoch, done, error) and the KV
     caches: the state of a fresh sequence;
   - `poison()` fills everything an instruction writes (and the step inputs) with a value no
@@ -25,7 +26,7 @@ INT_POISON = -(2 ** 31)
 
 # Written by instructions (or by the host before a step): poisoned.
 STEP_OUTPUTS = ("tokens", "pos", "resid", "q", "k_cache", "v_cache", "o_part", "lse", "attn",
-                "act", "logits", "amax_val", "amax_idx", "out_tokens")
+                "act", "logits", "amax_val", "amax_idx", "out_tokens", "part")
 # Synchronisation state: zeroed by reset().
 SYNC_STATE = ("counters", "epoch", "done", "error")
 
@@ -52,6 +53,7 @@ class Buffers:
     error: torch.Tensor       # [8] int32 watchdog record
     rope_cos: torch.Tensor    # [S, D/2] fp32
     rope_sin: torch.Tensor    # [S, D/2] fp32
+    part: torch.Tensor | None = None   # [2L, TP, B, d] under tp > 1
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, program, max_seq: int, device="cpu",
@@ -68,6 +70,7 @@ class Buffers:
             return torch.zeros(shape, dtype=torch.int32, device=device)
 
         cos, sin = rope_tables(cfg, max_seq, device=device)
+        tp = int(getattr(program, "tp", 1))
         return cls(
             tokens=torch.zeros(B, dtype=torch.int64, device=device), pos=i32(B),
             resid=f32(2 * L + 1, B, d), q=f32(L, B, H, D),
@@ -77,14 +80,18 @@ class Buffers:
             act=f32(L, B, I), logits=f32(B, V), amax_val=f32(B, NLM), amax_idx=i32(B, NLM),
             out_tokens=torch.zeros(B, dtype=torch.int64, device=device),
             counters=i32(int(program.num_counters)), epoch=i32(1), done=i32(1), error=i32(8),
-            rope_cos=cos.contiguous(), rope_sin=sin.contiguous())
+            rope_cos=cos.contiguous(), rope_sin=sin.contiguous(),
+            part=f32(2 * L, tp, B, d) if tp > 1 else None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
 
     def poison(self) -> "Buffers":
         for name in STEP_OUTPUTS:
             t = getattr(self, name)
+            if t is None:
+                continue
             t.fill_(float("nan") if t.is_floating_point() else INT_POISON)
         return self
 

@@ -10,6 +10,12 @@ so successive steps run different interleavings.
 Invariants checked every step: no SM is stuck before all queues finish (else RuntimeError
 naming SM, queue index, uid, opcode, counter, value and needed value); after the step the
 epoch advances by one and every counter equals target * epoch (monotonic counters).
+
+Tensor parallelism (prog a TpProgram): N simulated GPUs, one Buffers and one weight shard
+per rank; one seeded random legal interleaving of the SM queues of ALL ranks; a record with
+all_ranks stores into every rank's Buffers and bumps its signal counter on every rank.
+`buffers` is rank 0's; step() returns rank 0's logits after checking that every rank holds
+the same logits and next tokens. The trace then holds (rank, sm, uid).
 """
 from __future__ import annotations
 
@@ -41,19 +47,29 @@ class CpuInterpreter(StepDecoder):
                              f"{prog.config.name!r}, not {cfg.name!r}; plan it for this config")
         weights.check(cfg)
         self.program, self.device = prog, torch.device("cpu")
-        self.weights = pack_weights(weights, dtype=dtype, device="cpu")
-        self.buffers = Buffers.allocate(cfg, prog, max_seq, device="cpu",
-                                        kv_dtype=self.weights.dtype)
-        self.queues = [[decode(prog.instructions[sm, i]) for i in range(int(prog.queue_len[sm]))]
-                       for sm in range(int(prog.num_sms))]   # [num_sms][queue_len] records
-        self.targets = np.asarray(prog.counter_targets, dtype=np.int64)  # [num_counters]
+        self.ranks = getattr(prog, "ranks", None) or [prog]     # per-rank Programs
+        tp = len(self.ranks)
+        self.rank_weights = [pack_weights(weights, dtype=dtype, device="cpu", tp=tp, rank=r)
+                             for r in range(tp)]
+        self.weights = self.rank_weights[0]
+        self.rank_buffers = [Buffers.allocate(cfg if tp == 1 else p.config, p, max_seq,
+                                              device="cpu", kv_dtype=self.weights.dtype)
+                             for p in self.ranks]
+        self.buffers = self.rank_buffers[0]
+        # Flat list of every rank's SM queues, rank-major: queue k is SM k % num_sms of rank
+        # k // num_sms; each a list of decoded records.
+        self.queues = [[decode(p.instructions[sm, i]) for i in range(int(p.queue_len[sm]))]
+                       for p in self.ranks for sm in range(int(p.num_sms))]
+        # [tp, num_counters] each rank's own targets
+        self.targets = np.stack([np.asarray(p.counter_targets, np.int64) for p in self.ranks])
         self._rng = random.Random(seed)
-        self.trace: list[tuple[int, int]] = []   # (sm, uid) in execution order, last step
+        self.trace: list[tuple] = []   # (sm, uid) ((rank, sm, uid) under tp) of the last step
         self.reset()
 
     def _reset(self) -> None:
         """Empty every sequence: zero counters and KV caches, poison the activations."""
-        self.buffers.reset().poison()
+        for buf in self.rank_buffers:
+            buf.reset().poison()
 
     @property
     def position(self) -> int:
@@ -66,42 +82,63 @@ class CpuInterpreter(StepDecoder):
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: int64 [B] -> fp32 logits [B, V]; appends one position to every sequence."""
-        buf = self.buffers
-        buf.tokens.copy_(tokens)
-        buf.pos.fill_(self.pos)
+        for buf in self.rank_buffers:
+            buf.tokens.copy_(tokens)
+            buf.pos.fill_(self.pos)
         self._run_queues()
         # As the kernel: each block adds 1 to `done` when its queue ends; the last one
         # (done reaching num_sms * (epoch + 1)) advances the epoch.
-        buf.done += len(self.queues)
-        buf.epoch += 1
+        for buf in self.rank_buffers:
+            buf.done += len(self.queues) // len(self.ranks)
+            buf.epoch += 1
         self._check_counters()
-        return buf.logits.clone()
+        for r, buf in enumerate(self.rank_buffers[1:], start=1):
+            if not (torch.equal(buf.logits, self.buffers.logits)
+                    and torch.equal(buf.out_tokens, self.buffers.out_tokens)):
+                raise RuntimeError(f"rank {r} ends the step with other logits or tokens than "
+                                   "rank 0")
+        return self.buffers.logits.clone()
 
     def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
         return self.out_tokens
 
+    def _where(self, k: int) -> tuple[int, int]:
+        """(rank, sm) of flat queue k."""
+        return divmod(k, len(self.queues) // len(self.ranks))
+
+    def _state(self, k: int, counters, needed):
+        """(counters, needed) of flat queue k's rank."""
+        rank = self._where(k)[0]
+        return counters[rank], needed[rank]
+
     def _run_queues(self) -> None:
-        buf, epoch = self.buffers, int(self.buffers.epoch[0])
-        counters = buf.counters.numpy()            # shares memory with buf.counters
-        needed = wrap32(self.targets * (epoch + 1))
+        epoch = int(self.buffers.epoch[0])
+        # numpy views sharing memory with each rank's counters
+        counters = [buf.counters.numpy() for buf in self.rank_buffers]
+        needed = wrap32(self.targets * (epoch + 1))          # [tp, num_counters]
         head = [0] * len(self.queues)
         self.trace = []
         while True:
-            live = [sm for sm, q in enumerate(self.queues) if head[sm] < len(q)]
+            live = [k for k, q in enumerate(self.queues) if head[k] < len(q)]
             if not live:
                 return
-            ready = [sm for sm in live
-                     if self._blocked_wait(self.queues[sm][head[sm]], counters, needed) is None]
+            ready = [k for k in live if self._blocked_wait(
+                self.queues[k][head[k]], *self._state(k, counters, needed)) is None]
             if not ready:
-                self._record_watchdog(live[0], head[live[0]], counters, needed)
+                self._record_watchdog(live[0], head[live[0]], *self._state(live[0], counters,
+                                                                           needed))
                 raise RuntimeError(self._deadlock_report(live, head, counters, needed, epoch))
-            sm = self._rng.choice(ready)
-            rec = self.queues[sm][head[sm]]
-            ops_ref.run(rec, self.weights, buf, self.program)
+            k = self._rng.choice(ready)
+            rank, sm = self._where(k)
+            rec = self.queues[k][head[k]]
+            ops_ref.run(rec, self.rank_weights[rank], self.rank_buffers[rank],
+                        self.ranks[rank], self.rank_buffers)
             if rec["signal"] >= 0:
-                buf.counters[rec["signal"]] += 1
-            self.trace.append((sm, rec["uid"]))
-            head[sm] += 1
+                for r in (range(len(self.ranks)) if rec["all_ranks"] else [rank]):
+                    self.rank_buffers[r].counters[rec["signal"]] += 1
+            self.trace.append((sm, rec["uid"]) if len(self.ranks) == 1 else
+                              (rank, sm, rec["uid"]))
+            head[k] += 1
 
     @staticmethod
     def _blocked_wait(rec: dict, counters: np.ndarray, needed: np.ndarray):
@@ -115,34 +152,43 @@ class CpuInterpreter(StepDecoder):
                 return first + int(np.argmax(short))
         return None
 
-    def _record_watchdog(self, sm, index, counters, needed) -> None:
-        """The kernel's error record: code, SM, queue index, uid, counter, value, needed, op."""
-        rec = self.queues[sm][index]
+    def _record_watchdog(self, k, index, counters, needed) -> None:
+        """The kernel's error record (in the blocked rank's Buffers): code, SM, queue index,
+        uid, counter, value, needed, op."""
+        rec = self.queues[k][index]
+        rank, sm = self._where(k)
         c = self._blocked_wait(rec, counters, needed)
-        self.buffers.error.copy_(torch.tensor(
+        self.rank_buffers[rank].error.copy_(torch.tensor(
             [int(Err.WATCHDOG), sm, index, rec["uid"], c, int(counters[c]), int(needed[c]),
              int(rec["op"])], dtype=torch.int32))
 
     def _deadlock_report(self, live, head, counters, needed, epoch) -> str:
         lines = [f"deadlock in epoch {epoch}: no SM can progress, {len(live)} queues unfinished"]
-        for sm in live:
-            rec = self.queues[sm][head[sm]]
-            c = self._blocked_wait(rec, counters, needed)
-            lines.append(f"  SM {sm} queue index {head[sm]} uid {rec['uid']} opcode "
-                         f"{Op(rec['op']).name} waits on counter {c}: value {int(counters[c])}, "
-                         f"needs {int(needed[c])}")
+        for k in live:
+            rec = self.queues[k][head[k]]
+            rank, sm = self._where(k)
+            gpu = f"rank {rank} " if len(self.ranks) > 1 else ""
+            value, need = counters[rank], needed[rank]
+            c = self._blocked_wait(rec, value, need)
+            lines.append(f"  {gpu}SM {sm} queue index {head[k]} uid {rec['uid']} opcode "
+                         f"{Op(rec['op']).name} waits on counter {c}: value {int(value[c])}, "
+                         f"needs {int(need[c])}")
         return "\n".join(lines)
 
     def _check_counters(self) -> None:
-        epoch, done = int(self.buffers.epoch[0]), int(self.buffers.done[0])
-        if done != wrap32(len(self.queues) * epoch):
-            raise RuntimeError(f"after epoch {epoch}: done = {done}, expected "
-                               f"{len(self.queues)} SMs x epoch {epoch}")
-        counters = self.buffers.counters.numpy().astype(np.int64)
-        expected = wrap32(self.targets * epoch)
-        bad = np.nonzero(counters != expected)[0]
-        if len(bad):
-            c = int(bad[0])
-            raise RuntimeError(f"after epoch {epoch}: {len(bad)} counters off target, first "
-                               f"counter {c} = {counters[c]}, expected {expected[c]} "
-                               f"(target {self.targets[c]} x epoch {epoch})")
+        num_sms = len(self.queues) // len(self.ranks)
+        for rank, buf in enumerate(self.rank_buffers):
+            gpu = f" on rank {rank}" if len(self.ranks) > 1 else ""
+            epoch, done = int(buf.epoch[0]), int(buf.done[0])
+            if done != wrap32(num_sms * epoch):
+                raise RuntimeError(f"after epoch {epoch}{gpu}: done = {done}, expected "
+                                   f"{num_sms} SMs x epoch {epoch}")
+            counters = buf.counters.numpy().astype(np.int64)
+            targets = self.targets[rank]
+            expected = wrap32(targets * epoch)
+            bad = np.nonzero(counters != expected)[0]
+            if len(bad):
+                c = int(bad[0])
+                raise RuntimeError(f"after epoch {epoch}{gpu}: {len(bad)} counters off target, "
+                                   f"first counter {c} = {counters[c]}, expected {expected[c]} "
+                                   f"(target {targets[c]} x epoch {epoch})")

@@ -6,6 +6,10 @@ PackedWeights, `buf` the Buffers, `prog` the Program (its attn_splits). It reads
 only the buffers isa.py names for that opcode, keeps no state, and so runs alone on a
 one-instruction Program. Arithmetic is fp32 (weights cast up); K and V are stored in the
 cache's dtype. `run` dispatches on rec["op"]; an opcode without a reference raises.
+
+Tensor parallelism: `buf` is the executing rank's Buffers, `w` its weight shard, `prog` its
+Program (prog.rank); a record with all_ranks stores into every Buffers of `peers` (all
+ranks', in rank order), as the kernel's peer stores will.
 """
 from __future__ import annotations
 
@@ -103,6 +107,24 @@ def oproj(rec, w, buf, prog):
         buf.resid[2 * l, :, r0:r0 + n] + buf.attn[l] @ w.wo[l, r0:r0 + n].float().T)
 
 
+def partial(rec, w, buf, prog, peers):
+    """OPROJ / DOWN under tp: this rank's partial of every row, into part[..][rank] of all."""
+    l, r0, n = rec["layer"], rec["row0"], rec["nrows"]
+    mlp = rec["op"] == Op.DOWN
+    x, weight = (buf.act[l], w.wdown[l]) if mlp else (buf.attn[l], w.wo[l])
+    y = x @ weight[r0:r0 + n].float().T
+    for peer in peers:
+        peer.part[2 * l + mlp, prog.rank, :, r0:r0 + n] = y
+
+
+def resid_sum(rec, w, buf, prog):
+    level, r0, n = 2 * rec["layer"] + rec["after_mlp"], rec["row0"], rec["nrows"]
+    acc = buf.resid[level, :, r0:r0 + n]
+    for src in range(buf.part.shape[1]):                                  # fixed order
+        acc = acc + buf.part[level, src, :, r0:r0 + n]
+    buf.resid[level + 1, :, r0:r0 + n] = acc
+
+
 def gateup(rec, w, buf, prog):
     cfg, l, r0, n = w.config, rec["layer"], rec["row0"], rec["nrows"]
     x = rmsnorm(buf.resid[2 * l + 1], w.mlp_norm[l], cfg.rms_norm_eps)    # [B, d]
@@ -116,14 +138,15 @@ def down(rec, w, buf, prog):
         buf.resid[2 * l + 1, :, r0:r0 + n] + buf.act[l] @ w.wdown[l, r0:r0 + n].float().T)
 
 
-def lmhead(rec, w, buf, prog):
+def lmhead(rec, w, buf, prog, peers=None):
     cfg, r0, n, slot = w.config, rec["row0"], rec["nrows"], rec["slot"]
     x = rmsnorm(buf.resid[2 * cfg.L], w.final_norm, cfg.rms_norm_eps)     # [B, d]
-    logits = x @ w.lm_head[r0:r0 + n].float().T                            # [B, n]
-    buf.logits[:, r0:r0 + n] = logits
+    logits = x @ w.lm_head[r0 - w.vocab0:r0 - w.vocab0 + n].float().T      # [B, n]
     best = logits.argmax(-1)                                               # first max on ties
-    buf.amax_val[:, slot] = logits.gather(1, best[:, None]).squeeze(1)
-    buf.amax_idx[:, slot] = (best + r0).to(torch.int32)
+    for out in peers or [buf]:
+        out.logits[:, r0:r0 + n] = logits
+        out.amax_val[:, slot] = logits.gather(1, best[:, None]).squeeze(1)
+        out.amax_idx[:, slot] = (best + r0).to(torch.int32)
 
 
 def argmax(rec, w, buf, prog):
@@ -134,13 +157,19 @@ def argmax(rec, w, buf, prog):
 
 
 OPS = {Op.EMBED: embed, Op.QKV: qkv, Op.ATTN: attn, Op.ATTN_REDUCE: attn_reduce,
-       Op.OPROJ: oproj, Op.GATEUP: gateup, Op.DOWN: down, Op.LMHEAD: lmhead, Op.ARGMAX: argmax}
+       Op.OPROJ: oproj, Op.GATEUP: gateup, Op.DOWN: down, Op.LMHEAD: lmhead, Op.ARGMAX: argmax,
+       Op.RESID_SUM: resid_sum}
+ALL_RANK_OPS = {Op.OPROJ: partial, Op.DOWN: partial, Op.LMHEAD: lmhead}
 
 
-def run(rec: dict, w, buf, prog) -> None:
-    """Execute one decoded instruction on the buffers."""
-    fn = OPS.get(rec["op"])
+def run(rec: dict, w, buf, prog, peers=None) -> None:
+    """Execute one decoded instruction on the buffers; peers: every rank's Buffers (tp > 1)."""
+    remote = rec.get("all_ranks", 0)
+    fn = (ALL_RANK_OPS if remote else OPS).get(rec["op"])
     if fn is None:
-        raise ValueError(f"no reference for opcode {rec['op']!r} (uid {rec.get('uid')}); "
-                         f"executable opcodes: {[op.name for op in OPS]}")
-    fn(rec, w, buf, prog)
+        raise ValueError(f"no reference for opcode {rec['op']!r} (uid {rec.get('uid')}, "
+                         f"all_ranks {remote}); executable opcodes: {[op.name for op in OPS]}")
+    if remote:
+        fn(rec, w, buf, prog, peers)
+    else:
+        fn(rec, w, buf, prog)

@@ -8,6 +8,10 @@ See scheduler/isa.py for the layout contract. In short, per layer:
 stacked over layers, plus the embedding, the LM head (the embedding itself when tied) and
 the three norm weights. Packing copies QKV and gate/up (they are permuted); the embedding
 is shared with the source Weights.
+
+pack_weights(weights, tp=N, rank=r) packs rank r's shard (isa.py "Tensor parallelism"):
+the same layout for the shard config (scheduler.sharding), cut from the source weights
+before packing, and lm_head holding vocab rows [vocab0, vocab0 + rows) only.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import dataclasses
 import torch
 
 from .config import ModelConfig
+from .scheduler.sharding import shard_config, vocab_rows
+from .weights import LayerWeights, Weights
 
 
 def pair_interleave(D: int) -> torch.Tensor:
@@ -52,6 +58,7 @@ class PackedWeights:
     wo: torch.Tensor           # [L, d, H*D]
     wgu: torch.Tensor          # [L, 2I, d]
     wdown: torch.Tensor        # [L, d, I]
+    vocab0: int = 0            # vocab row of lm_head's row 0 (a tensor-parallel shard's)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,11 +75,32 @@ class PackedWeights:
         head = emb if self.lm_head is self.embed else cv(self.lm_head)
         return PackedWeights(self.config, emb, head, cv(self.final_norm), cv(self.attn_norm),
                              cv(self.mlp_norm), cv(self.wqkv), cv(self.wo), cv(self.wgu),
-                             cv(self.wdown))
+                             cv(self.wdown), self.vocab0)
 
 
-def pack_weights(weights, dtype=None, device=None) -> PackedWeights:
-    """Weights -> PackedWeights (in `dtype` on `device`, default the weights' own)."""
+def shard_weights(weights, tp: int, rank: int) -> Weights:
+    """Rank `rank`'s slice of every layer matrix as Weights of the shard config (views);
+    embedding, norms and the whole LM head kept."""
+    cfg, scfg = weights.config, shard_config(weights.config, tp)
+    D = cfg.D
+    q = slice(rank * scfg.H * D, (rank + 1) * scfg.H * D)
+    kv = slice(rank * scfg.Hkv * D, (rank + 1) * scfg.Hkv * D)
+    ffn = slice(rank * scfg.I, (rank + 1) * scfg.I)
+    layers = [LayerWeights(lw.attn_norm, lw.wq[q], lw.wk[kv], lw.wv[kv], lw.wo[:, q],
+                           lw.mlp_norm, lw.w_gate[ffn], lw.w_up[ffn], lw.w_down[:, ffn])
+              for lw in weights.layers]
+    return Weights(scfg, weights.embed, weights.final_norm, weights.lm_head, layers)
+
+
+def pack_weights(weights, dtype=None, device=None, tp: int = 1, rank: int = 0) -> PackedWeights:
+    """Weights -> PackedWeights (in `dtype` on `device`, default the weights' own); with
+    tp > 1 rank `rank`'s shard."""
+    if tp > 1:
+        if not 0 <= rank < tp:
+            raise ValueError(f"rank must be in 0..{tp - 1}, got {rank}")
+        packed = pack_weights(shard_weights(weights, tp, rank), dtype, device)
+        v0, nv = vocab_rows(weights.config.V, tp)[rank]
+        return dataclasses.replace(packed, lm_head=packed.lm_head[v0:v0 + nv], vocab0=v0)
     cfg: ModelConfig = weights.config
     dtype = dtype or weights.embed.dtype
     device = device or weights.embed.device

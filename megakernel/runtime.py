@@ -77,6 +77,9 @@ class Runtime:
         """ablate: names from MODES (switches that turn one overlap mechanism off; no_compute
         and no_load give wrong results and exist to time one half of the pipeline).
         build_flags: extra nvcc flags, e.g. ring geometry -DMK_NUM_PAGES=5."""
+        if getattr(program, "tp", 1) != 1:
+            raise NotImplementedError(f"tp={program.tp}: the kernel does not run tensor-parallel "
+                                      "Programs yet (issue 7); CpuInterpreter does")
         cfg = program.config
         check_supported(cfg, program.batch)
         device = packed.device

@@ -8,7 +8,9 @@ not depend on it. Orders (outer to inner, see buffer_dims):
     resid [level, col, b]          q [layer, b, head, dim*]      k_new, v_new [layer, b, g, dim*]
     o_part [layer, b, g, split, head in group, dim]   lse [layer, b, g, split, head in group]
     attn [layer, b, head, dim]     act [layer, col, b]           logits [row, b]
-    amax_val, amax_idx [slot, b]   out_tokens [b]
+    amax_val, amax_idx [slot, b]   out_tokens [b]   part [level, src, col, b] (tp > 1)
+Under tp > 1 coordinates are the rank's own (shard config); `remote` marks the writes that
+land in every rank's copy (all_ranks), and `src` in part is the writing rank.
 dim* is the packed-row order inside a head (pair-interleaved, isa.py); every reader reads
 whole heads, so that permutation is invisible. k_new / v_new are the KV cache rows at this
 step's position (earlier positions were written by earlier steps). tokens, pos, the
@@ -27,10 +29,10 @@ from .table import Instrs
 
 
 BUFFERS = ("resid", "q", "k_new", "v_new", "o_part", "lse", "attn", "act", "logits", "amax_val",
-           "amax_idx", "out_tokens")
+           "amax_idx", "out_tokens", "part")
 
 
-def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int) -> dict[str, tuple]:
+def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1) -> dict[str, tuple]:
     """buffer -> ((dim name, size), ...) in validator coordinates, for every name in BUFFERS."""
     L, d, H, Hkv, G, D = cfg.L, cfg.d, cfg.H, cfg.Hkv, cfg.G, cfg.D
     lb = (("layer", L), ("b", B))
@@ -47,6 +49,7 @@ def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int) -> dict[str, tuple]
         "amax_val": (("slot", NLM), ("b", B)),
         "amax_idx": (("slot", NLM), ("b", B)),
         "out_tokens": (("b", B),),
+        "part": (("level", 2 * L if tp > 1 else 0), ("src", tp), ("col", d), ("b", B)),
     }
 
 
@@ -57,17 +60,26 @@ class Accesses:
     start: np.ndarray   # int64 [A]
     stop: np.ndarray    # int64 [A] (exclusive)
     write: np.ndarray   # bool [A]
+    remote: np.ndarray  # bool [A] a write into every rank's copy
 
 
-def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int) -> Accesses:
-    """Every read and write of every instruction in t (whose fields are in range)."""
+def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1,
+             rank: np.ndarray | None = None) -> Accesses:
+    """Every read and write of every instruction in t (whose fields are in range); rank:
+    each instruction's rank (tp > 1)."""
     L, d, I, H, Hkv, G, D = cfg.L, cfg.d, cfg.I, cfg.H, cfg.Hkv, cfg.G, cfg.D
     parts = []
 
     def emit(name, write, inst, start, length):
         start = np.asarray(start, np.int64) + np.zeros(len(inst), np.int64)
         parts.append((inst, np.full(len(inst), BUFFERS.index(name)), start,
-                      start + length, np.full(len(inst), write)))
+                      start + length, np.full(len(inst), write),
+                      np.full(len(inst), write) & (t.all_ranks[inst] != 0)))
+
+    def part_cols(level, src, col0):     # start of part[level][src][:, col0]
+        return ((level * tp + src) * d + col0) * B
+
+    src = np.zeros(len(t), np.int64) if rank is None else rank.astype(np.int64)
 
     def rows(op):
         i = np.flatnonzero(t.op == op)
@@ -106,10 +118,16 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int) -> Accesses
     emit("lse", False, i, lbg * NS * G, NS * G)
     emit("attn", True, i, lbg * G * D, G * D)
 
+    def add_to_resid(i, level, r0, n):      # OPROJ / DOWN: resid[level + 1] or a partial
+        m = t.all_ranks[i] != 0
+        emit("part", True, i[m], part_cols(level[m], src[i[m]], r0[m]), n[m] * B)
+        i, level, r0, n = i[~m], level[~m], r0[~m], n[~m]
+        emit("resid", False, i, resid_cols(level, r0), n * B)
+        emit("resid", True, i, resid_cols(level + 1, r0), n * B)
+
     i, l, r0, n, _ = rows(Op.OPROJ)
     emit("attn", False, i, l * B * H * D, B * H * D)
-    emit("resid", False, i, resid_cols(2 * l, r0), n * B)
-    emit("resid", True, i, resid_cols(2 * l + 1, r0), n * B)
+    add_to_resid(i, 2 * l, r0, n)
 
     i, l, r0, n, _ = rows(Op.GATEUP)
     emit("resid", False, i, resid_cols(2 * l + 1, 0), d * B)
@@ -117,8 +135,14 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int) -> Accesses
 
     i, l, r0, n, _ = rows(Op.DOWN)
     emit("act", False, i, l * I * B, I * B)
-    emit("resid", False, i, resid_cols(2 * l + 1, r0), n * B)
-    emit("resid", True, i, resid_cols(2 * l + 2, r0), n * B)
+    add_to_resid(i, 2 * l + 1, r0, n)
+
+    i, l, r0, n, after_mlp = rows(Op.RESID_SUM)
+    level = 2 * l + after_mlp
+    emit("resid", False, i, resid_cols(level, r0), n * B)
+    for s in range(tp):
+        emit("part", False, i, part_cols(level, s, r0), n * B)
+    emit("resid", True, i, resid_cols(level + 1, r0), n * B)
 
     i, _, r0, n, slot = rows(Op.LMHEAD)
     emit("resid", False, i, resid_cols(2 * L, 0), d * B)

@@ -95,7 +95,8 @@ def _dag(low: Lowered, cost_arr: np.ndarray, num_sms: int, latency: float):
     g = _Graph(low)
     cost = cost_arr.tolist()
     level = g.bottom_levels(cost, latency)
-    counter_left = low.counter_targets.tolist()
+    signal = low.instrs.signal        # this rank's own signalers (all-rank counters count more)
+    counter_left = np.bincount(signal[signal >= 0], minlength=len(low.counter_targets)).tolist()
     counter_done = [0.0] * len(counter_left)
     range_left = [count for _, count in g.ranges]
     range_ready = [0.0] * len(g.ranges)

@@ -83,8 +83,9 @@ class GpuSpec:
 
 
 def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_splits: int,
-                            lm_slices: int, spec: GpuSpec, kv_position: int):
-    """(bytes, flops) float64 [N] each instruction moves and computes."""
+                            lm_slices: int, spec: GpuSpec, kv_position: int, tp: int = 1):
+    """(bytes, flops) float64 [N] each instruction moves and computes (peer stores priced
+    as local ones)."""
     B, d, I, H, G, D = batch, cfg.d, cfg.I, cfg.H, cfg.G, cfg.D
     wb, kb, ab = spec.weight_bytes, spec.kv_bytes, spec.act_bytes
     op, a = ins.op, ins.args.astype(np.float64)
@@ -108,14 +109,15 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     put(Op.ATTN, 2 * positions * D * kb + 2 * G * D * ab, 4.0 * G * D * positions)
     put(Op.ATTN_REDUCE, attn_splits * G * (D + 1) * ab + G * D * ab)
     put(Op.ARGMAX, 2 * B * lm_slices * ab + B * 8)
+    put(Op.RESID_SUM, (tp + 2) * B * rows * ab, (tp + 1.0) * B * rows)
     return nbytes, flops
 
 
 def instruction_us(ins: Instrs, cfg: ModelConfig, batch: int, attn_splits: int, lm_slices: int,
-                   spec: GpuSpec, active_sms: int, kv_position: int) -> np.ndarray:
+                   spec: GpuSpec, active_sms: int, kv_position: int, tp: int = 1) -> np.ndarray:
     """Predicted microseconds [N] of each instruction."""
     nbytes, flops = instruction_bytes_flops(ins, cfg, batch, attn_splits, lm_slices, spec,
-                                            kv_position)
+                                            kv_position, tp)
     flop_rate = spec.fp32_flops_per_sm_cycle * spec.clock_hz
     busy = np.maximum(nbytes / spec.sm_bytes_per_s(active_sms), flops / flop_rate)
     return spec.instr_latency_us + 1e6 * busy

@@ -9,6 +9,8 @@ whose structure validate.py has already proven:
     counters (happens.py), which covers reads ordered only transitively.
 Reads are deduplicated by (wait signature, range) before the happens-before test, so the
 work is about one test per distinct (reader signature, writer) pair.
+Under tp > 1 (a merged table, ranks.py) each rank has its own copy of every buffer: an
+access of rank r lands in copy r, a remote write in every copy.
 """
 from __future__ import annotations
 
@@ -21,23 +23,36 @@ from .access import BUFFERS, accesses, buffer_dims
 from .table import Placed
 
 
-def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int) -> None:
-    dims = buffer_dims(cfg, B, NS, NLM)
+def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1,
+                   counter_name=None) -> None:
+    dims = buffer_dims(cfg, B, NS, NLM, tp)
     sizes = np.array([int(np.prod([n for _, n in dims[b]])) for b in BUFFERS], np.int64)
     base = np.r_[0, np.cumsum(sizes)]
+    copy = int(base[-1])                                   # elements of one rank's buffers
+    counter_name = counter_name or (lambda c: f"counter {c}")
 
     def name(flat: int) -> str:
         """Buffer element at a global flat index, e.g. resid[level=3, col=17, b=0]."""
+        gpu, flat = divmod(flat, copy)
         k = int(np.searchsorted(base, flat, "right") - 1)
         coords = np.unravel_index(flat - base[k], [n for _, n in dims[BUFFERS[k]]])
         inner = ", ".join(f"{d}={int(c)}" for (d, _), c in zip(dims[BUFFERS[k]], coords))
-        return f"{BUFFERS[k]}[{inner}]"
+        return f"{BUFFERS[k]}[{inner}]" + (f" of rank {gpu}" if tp > 1 else "")
 
     def fail(i: int, msg: str):
         raise ValueError(f"invalid plan: {t.where(i)}: {msg}")
 
-    acc = accesses(t, cfg, B, NS, NLM)
-    gstart, gstop = base[acc.buf] + acc.start, base[acc.buf] + acc.stop
+    acc = accesses(t, cfg, B, NS, NLM, tp, t.rank)
+    rank = np.zeros(len(acc.inst), np.int64) if t.rank is None else t.rank[acc.inst]
+    if tp > 1:                       # a remote write: one access per destination rank
+        reps = np.where(acc.remote, tp, 1)
+        k = np.repeat(np.arange(len(reps)), reps)
+        within = np.arange(len(k)) - np.repeat(np.cumsum(reps) - reps, reps)
+        rank = np.where(acc.remote[k], within, rank[k])
+        acc = type(acc)(*(getattr(acc, f)[k] for f in ("inst", "buf", "start", "stop",
+                                                          "write", "remote")))
+    offset = base[acc.buf] + rank * copy
+    gstart, gstop = offset + acc.start, offset + acc.stop
 
     w = np.flatnonzero(acc.write)
     w = w[np.argsort(gstart[w], kind="stable")]
@@ -63,17 +78,17 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int) -> No
         fail(int(ri[k]), f"reads {name(int(rs[k] + np.argmin(written)))}, which no "
              "instruction writes")
 
-    gaps = np.flatnonzero(np.r_[ws[0] != 0, ws[1:] != we[:-1], we[-1] != base[-1]])
+    gaps = np.flatnonzero(np.r_[ws[0] != 0, ws[1:] != we[:-1], we[-1] != tp * copy])
     if len(gaps):
         k = int(gaps[0])
         missing = 0 if k == 0 else int(we[k - 1])
         raise ValueError(f"invalid plan: {name(missing)} is never written: every element of "
                          "every step buffer must be written exactly once")
 
-    _check_ordered(t, rs, re, ri, i0, i1, ws, wi, name)
+    _check_ordered(t, rs, re, ri, i0, i1, ws, wi, name, counter_name)
 
 
-def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name) -> None:
+def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name, counter_name) -> None:
     """Every write [i0, i1) (starts ws, writers wi) of every read (rs, re, reader ri)
     happens-before the reader."""
     w = t.waits[ri].astype(np.int64)
@@ -100,6 +115,7 @@ def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name) -> None:
             elem = name(int(max(ws[write[k]], rs[first[key_of[k]]])))
             raise ValueError(
                 f"invalid plan: {t.where(v)}: reads {elem}, written by {t.where(u)}, which "
-                f"does not happen before it: no chain of counter waits leads from counter "
-                f"{int(t.signal[u])} (the writer's signal) to this instruction's waits "
+                f"does not happen before it: no chain of counter waits leads from "
+                f"{counter_name(int(t.signal[u]))} (the writer's signal) to this instruction's "
+                f"waits "
                 f"{t.wait_ranges(v)}")

@@ -59,6 +59,9 @@ def main(args) -> int:
         print(f"plan: {e}", file=sys.stderr)
         return 2
     planned_s = time.perf_counter() - t0
+    if args.tp > 1:
+        print(f"tp {args.tp}: rank 0 of {args.tp} shown (every rank runs the same stages)")
+        prog = prog.ranks[0]
     timeline = simulate(prog)
     print(prog.summary())
     print(f"  planned and validated in {planned_s:.2f} s")
@@ -81,7 +84,8 @@ def _per_opcode(prog, timeline) -> str:
     t = prog.table()
     t = t.take(np.argsort(t.uid))
     nbytes, flops = instruction_bytes_flops(t, prog.config, prog.batch, prog.attn_splits,
-                                            prog.lm_slices, prog.gpu, prog.options["kv_position"])
+                                            prog.lm_slices, prog.gpu, prog.options["kv_position"],
+                                            prog.tp)
     dur = timeline.end_us - timeline.start_us
     lines = [f"{'opcode':<12}{'count':>8}{'MB moved':>12}{'GFLOP':>10}{'SM-us':>12}"
              f"{'mean us':>10}"]

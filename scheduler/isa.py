@@ -9,6 +9,9 @@ opcode's own fields (ARGS[op], in order). Opcode 0 is NOP and ends an SM's queue
     0 opcode   1 layer   2 uid (global instruction id, for traces and watchdog reports)
     3 wait0_first  4 wait0_count  5 wait1_first  6 wait1_count   (counter ranges)
     7 signal   (counter index bumped by +1 after the outputs are visible; -1 = none)
+    15 all_ranks (word WORDS-1, tensor parallelism only; 0 under tp=1): 1 = the outputs are
+       stored into EVERY rank's buffers (peer stores, this rank's own included) and the
+       signal counter is bumped on every rank (system-scope release), else 0
 
 Synchronisation: counters are int32 in global memory, monotonic across steps. `epoch` counts
 completed steps since a reset and `done` the blocks that finished (monotonic): the block
@@ -33,7 +36,27 @@ Buffers (all activations fp32 unless said; "SSA": every element is written once 
     amax_val [B, NLM] fp32, amax_idx [B, NLM] int32   per-LM-head-instruction argmax partials
     out_tokens [B] int64       greedy next tokens
     rope_cos, rope_sin [S, D/2] fp32 (Llama-3 scaled frequencies, megakernel.rope)
+    part    [2L, TP, B, d]     tp > 1 only: part[2l][src] = rank src's O-proj partial of
+                               layer l, part[2l+1][src] = its down-proj partial
 where NS = Program.attn_splits and NLM = Program.lm_slices.
+
+Tensor parallelism (tp = TP > 1, Megatron style; plan() returns a TpProgram of TP per-rank
+Programs). Every rank holds a full residual stream and its own buffers, sized by the shard
+config (scheduler/sharding.py: H/TP heads, Hkv/TP kv heads, I/TP FFN) except resid, part,
+logits and the LM-head partials (full V, NLM = all ranks' LMHEAD instructions). Indices in
+records are the rank's own (local heads, local FFN columns) except LMHEAD's rows and slot,
+which are global: rank r owns vocab rows [v0_r, v1_r) (even_split(V, TP)) and its lm_head
+shard row i is vocab row v0_r + i. Under tp > 1 OPROJ, DOWN and LMHEAD carry all_ranks = 1:
+    OPROJ       part[2l][rank][:, r0:r0+n] = attn[l] @ wo[l][r0:r0+n].T   on every rank
+    DOWN        part[2l+1][rank][:, r0:r0+n] = act[l] @ wdown[l][r0:r0+n].T   on every rank
+    LMHEAD      as below, its logits rows and amax slot written on every rank
+and RESID_SUM folds the partials into this rank's residual. Counters live in each rank's own
+array; a counter signalled with all_ranks counts the signals of every rank (its target is
+the number of signalers on all ranks), and its index is the same on every rank. Peer
+stores are visible on the target before the signal's bump there (system-scope release). A
+rank's step ends (ARGMAX) waiting on every rank's LMHEAD, which transitively follows every
+instruction of every rank in the step, so no peer store or bump of step e+1 can overtake
+a read or wait of step e.
 
 Packed weights (megakernel.packing; the CPU interpreter and the GPU read the same layout):
     embed [V, d]; lm_head [V, d] (the embedding itself when tied)
@@ -45,6 +68,11 @@ Packed weights (megakernel.packing; the CPU interpreter and the GPU read the sam
     wo [L, d, H*D]
     wgu [L, 2I, d]: packed row 2j = gate row j, 2j+1 = up row j.
     wdown [L, d, I]
+Under tp = TP > 1 rank r's packed weights (pack_weights(weights, tp=TP, rank=r)) are this
+layout for the shard config, cut from the full one: wqkv the rows of kv groups
+[r*Hkv/TP, (r+1)*Hkv/TP); wo the columns of those groups' q heads; wgu the packed rows of FFN
+units [r*I/TP, (r+1)*I/TP) and wdown the matching columns; lm_head rows [v0_r, v1_r); embed
+and the norms whole.
 
 Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are even):
     EMBED       resid[0][b, c0:c0+n] = embed[tokens[b], c0:c0+n] for every b
@@ -62,6 +90,9 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
     LMHEAD      x = rmsnorm(resid[2L], final_norm); logits[:, r0:r0+n] = x @ lm_head[r0:r0+n].T;
                 amax_val/idx[b, slot] = max and its lowest index over this slice
     ARGMAX      out_tokens[b] = index of the max over the NLM partials (lowest index on ties)
+    RESID_SUM   (tp > 1) with m = after_mlp (0/1): resid[2l+1+m][:, r0:r0+n] =
+                resid[2l+m][:, r0:r0+n] + part[2l+m][0][:, r0:r0+n] + ... + part[2l+m][TP-1][...]
+                (summed in that order, so every rank computes the same bits)
 layer is -1 for EMBED, LMHEAD and ARGMAX.
 
 Kernel capacity (the scheduler respects these; the generated header static_asserts them):
@@ -101,6 +132,7 @@ class Op(enum.IntEnum):
     DOWN = 7
     LMHEAD = 8
     ARGMAX = 9
+    RESID_SUM = 10
 
 
 # Common words, in order.
@@ -118,17 +150,21 @@ ARGS: dict[Op, tuple[str, ...]] = {
     Op.DOWN: ("row0", "nrows"),
     Op.LMHEAD: ("row0", "nrows", "slot"),
     Op.ARGMAX: (),
+    Op.RESID_SUM: ("row0", "nrows", "after_mlp"),
 }
+ALL_RANKS_WORD = WORDS - 1
 MATVEC_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
 NUM_WAITS = 2
 
-assert len(HEADER) + max(len(a) for a in ARGS.values()) <= WORDS
+assert len(HEADER) + max(len(a) for a in ARGS.values()) <= ALL_RANKS_WORD
 
 
 def word_index(op: Op, field: str) -> int:
     """Word index of `field` in a record of opcode `op` (common or op-specific)."""
     if field in HEADER:
         return HEADER.index(field)
+    if field == "all_ranks":
+        return ALL_RANKS_WORD
     try:
         return len(HEADER) + ARGS[Op(op)].index(field)
     except ValueError:
@@ -136,7 +172,8 @@ def word_index(op: Op, field: str) -> int:
                        f"{HEADER + ARGS[Op(op)]}") from None
 
 
-def encode(op: Op, layer: int = -1, uid: int = 0, waits=(), signal: int = -1, **fields):
+def encode(op: Op, layer: int = -1, uid: int = 0, waits=(), signal: int = -1, all_ranks=0,
+           **fields):
     """One record as a list of WORDS ints. waits: up to NUM_WAITS (first, count) ranges."""
     op = Op(op)
     if len(waits) > NUM_WAITS:
@@ -147,6 +184,7 @@ def encode(op: Op, layer: int = -1, uid: int = 0, waits=(), signal: int = -1, **
         raise ValueError(f"{op.name}: missing fields {sorted(missing)}, unknown {sorted(extra)}")
     rec = [0] * WORDS
     rec[0], rec[1], rec[2], rec[7] = int(op), layer, uid, signal
+    rec[ALL_RANKS_WORD] = int(all_ranks)
     for i, (first, count) in enumerate(waits):
         rec[3 + 2 * i], rec[4 + 2 * i] = first, count
     for name, value in fields.items():
@@ -162,6 +200,7 @@ def decode(rec) -> dict:
         out[name] = int(rec[i])
     for name in ARGS[op]:
         out[name] = int(rec[word_index(op, name)])
+    out["all_ranks"] = int(rec[ALL_RANKS_WORD])
     return out
 
 
@@ -195,6 +234,7 @@ def render_header() -> str:
     lines += [f"  ERR_{e.name} = {int(e)}," for e in Err]
     lines += ["};", "", "// Common words."]
     lines += [f"constexpr int W_{name.upper()} = {i};" for i, name in enumerate(HEADER)]
+    lines.append(f"constexpr int W_ALL_RANKS = {ALL_RANKS_WORD};")
     for op in Op:
         if ARGS[op]:
             lines.append(f"// {op.name} fields.")

@@ -15,6 +15,12 @@ Every other stage is read whole by its consumers, so it is one bucket at any gra
 A consumer waits on the contiguous counter range of the buckets holding the producers
 whose outputs it reads directly (isa.py says what each opcode reads); reads that are
 ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of their own.
+
+Tensor parallelism (`shard` given, isa.py): the rank lowers its shard config; OPROJ, DOWN
+and LMHEAD are all-rank stages (peer stores, one counter bumped by every rank, its target
+tp times the rank's own signalers); after OPROJ and DOWN a RESID_SUM stage (EMBED's
+slicing) folds the partials into the residual; LMHEAD takes global vocab rows and slots.
+Every rank's lowering has the same stages, counters and waits: only LMHEAD's fields differ.
 """
 from __future__ import annotations
 
@@ -42,16 +48,23 @@ class Lowered:
     lm_slices: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    tp: int
+    rank: int
+    vocab: list                   # (first row, rows) of the LM head of every rank
+
 class _Builder:
     def __init__(self):
         self.parts: list[tuple] = []
         self.targets: list[np.ndarray] = []
         self.num_counters = 0
 
-    def stage(self, op: Op, layer: int, args, waits, buckets) -> np.ndarray:
+    def stage(self, op: Op, layer: int, args, waits, buckets, all_ranks: int = 0) -> np.ndarray:
         """Append one stage. args [n, <=NUM_ARGS]; waits [n, 2] (first, count) or None;
-        buckets [n] nondecreasing bucket keys, or None for no signal. Returns the counter
-        index each instruction signals."""
+        buckets [n] nondecreasing bucket keys, or None for no signal; all_ranks: the number
+        of ranks whose copies signal the same counters (0: a rank-local stage). Returns the
+        counter index each instruction signals."""
         args = np.asarray(args, np.int32).reshape(len(args), -1)
         n = len(args)
         padded = np.zeros((n, NUM_ARGS), np.int32)
@@ -64,15 +77,17 @@ class _Builder:
         else:
             new = np.r_[True, np.diff(buckets) != 0]
             signal = (self.num_counters + np.cumsum(new) - 1).astype(np.int32)
-            self.targets.append(np.bincount(signal - self.num_counters).astype(np.int32))
+            fanin = max(all_ranks, 1)
+            self.targets.append(fanin * np.bincount(signal - self.num_counters).astype(np.int32))
             self.num_counters = int(signal[-1]) + 1
         self.parts.append((np.full(n, int(op), np.int32), np.full(n, layer, np.int32),
-                           padded, w, signal, np.full(n, len(self.parts), np.int32)))
+                           padded, w, signal, np.full(n, int(all_ranks > 0), np.int32),
+                           np.full(n, len(self.parts), np.int32)))
         return signal
 
     def build(self) -> tuple[Instrs, np.ndarray, np.ndarray]:
         cols = [np.concatenate(c) for c in zip(*self.parts)]
-        return Instrs(*cols[:5]), cols[5], np.concatenate(self.targets)
+        return Instrs(*cols[:6]), cols[6], np.concatenate(self.targets)
 
 
 def _span(cids: np.ndarray, i0, i1) -> np.ndarray:
@@ -86,8 +101,8 @@ def _all(cids: np.ndarray, n: int) -> np.ndarray:
 
 
 def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
-          slices: dict) -> Lowered:
-    """slices: target slice count per key of SLICED_OPS."""
+          slices: dict, shard: Shard | None = None) -> Lowered:
+    """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp."""
     B, L, d, I, V = batch, cfg.L, cfg.d, cfg.I, cfg.V
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
@@ -98,8 +113,8 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     oproj = np.array(even_split(d, slices["oproj"], 1, max_rows))
     gateup = np.array(even_split(2 * I, slices["gateup"], 2, max_rows))
     down = np.array(even_split(d, slices["down"], 1, max_rows))
-    lm = np.array(even_split(V, slices["lmhead"], 1, max_rows))
-    lm = np.column_stack([lm, np.arange(len(lm))])
+    lm = _lm_rows(V, slices["lmhead"], max_rows, shard)
+    peers = 0 if shard is None else shard.tp          # all_ranks of OPROJ, DOWN and LMHEAD
 
     # QKV slices [g_i0[g], g_i1[g]) hold kv group g's rows.
     groups = np.arange(Hkv)
@@ -124,9 +139,27 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
         c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
                     zeros[len(reduce)])
         for op, rows in ((Op.OPROJ, oproj), (Op.GATEUP, gateup), (Op.DOWN, down)):
-            c = b.stage(op, layer, rows, _all(c, len(rows)), zeros[len(rows)])
+            remote = 0 if op == Op.GATEUP else peers
+            c = b.stage(op, layer, rows, _all(c, len(rows)), zeros[len(rows)], remote)
+            if remote:
+                sums = np.column_stack([embed, np.full(len(embed), int(op == Op.DOWN))])
+                c = b.stage(Op.RESID_SUM, layer, sums, _all(c, len(sums)), zeros[len(embed)])
         prev = c
-    c = b.stage(Op.LMHEAD, -1, lm, _all(prev, len(lm)), zeros[len(lm)])
+    c = b.stage(Op.LMHEAD, -1, lm, _all(prev, len(lm)), zeros[len(lm)], peers)
     b.stage(Op.ARGMAX, -1, np.zeros((1, 0)), _all(c, 1), None)
     instrs, stage, targets = b.build()
-    return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=len(lm))
+    return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=max(peers, 1) * len(lm))
+
+
+def _lm_rows(V: int, target: int, max_rows: int, shard: Shard | None) -> np.ndarray:
+    """[n, 3] (row0, nrows, slot) of the rank's LMHEAD slices. Under tp every rank gets the
+    same number of slices, so its slots [rank*n, (rank+1)*n) and the counters line up."""
+    if shard is None:
+        lm = np.array(even_split(V, target, 1, max_rows))
+        return np.column_stack([lm, np.arange(len(lm))])
+    sizes = [n for _, n in shard.vocab]
+    n = min(len(even_split(max(sizes), target, 1, max_rows)), min(sizes))
+    v0, nv = shard.vocab[shard.rank]
+    lm = np.array(even_split(nv, n, 1, max_rows)) + [v0, 0]
+    assert len(lm) == n, (len(lm), n)
+    return np.column_stack([lm, shard.rank * n + np.arange(n)])

@@ -1,6 +1,9 @@
 """plan(): the scheduler's entry point. Checks the arguments, lowers the step (lowering.py),
 prices every instruction (cost.py), assigns SMs (assign.py), encodes the per-SM queues,
 validates the result (validate.py) and predicts the step time (simulate.py).
+tp > 1 (sharding.py): every rank is lowered on the shard config; rank 0's costs pick one
+order and SM assignment for all ranks (their stages and counters are identical), so uids
+match across ranks; the result is a TpProgram of per-rank Programs.
 
 Options (plan(..., name=value); Program.options holds them all, defaults filled in):
     slices          target slices per weight matrix (default num_sms: one wave per matrix)
@@ -22,8 +25,9 @@ from megakernel.config import ModelConfig
 from . import calibration, isa
 from .assign import POLICIES, assign
 from .cost import instruction_us
-from .lowering import GRANULARITIES, SLICED_OPS, Lowered, lower
-from .program import Program
+from .lowering import GRANULARITIES, SLICED_OPS, Lowered, Shard, lower
+from .program import Program, TpProgram
+from .sharding import check_tp, shard_config, vocab_rows
 from .simulate import simulate
 from .validate import validate
 
@@ -71,7 +75,7 @@ def default_attn_splits(cfg: ModelConfig, batch: int, num_sms: int) -> int:
 
 
 def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", attn_splits=None,
-         gpu=None, **options) -> Program:
+         gpu=None, **options) -> Program | TpProgram:
     """Plan one decode step of `cfg` (a ModelConfig or preset name) for `batch` sequences on
     `num_sms` SMs. gpu: GpuSpec, preset name, dict or JSON path for the cost model (h100)."""
     if isinstance(cfg, str):
@@ -83,29 +87,34 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
     policy = _choice("policy", policy, POLICIES)
     granularity = _choice("granularity", granularity, GRANULARITIES)
     tp = _int("tp", tp, 1)
-    if tp != 1:
-        raise NotImplementedError(f"tp={tp}: only tp=1 is lowered so far")
+    check_tp(cfg, tp)
+    full, cfg = cfg, shard_config(cfg, tp)
     attn_splits = default_attn_splits(cfg, batch, num_sms) if attn_splits is None \
         else _int("attn_splits", attn_splits, 1)
     spec = calibration.resolve(gpu)
     opts = _resolve_options(cfg, num_sms, options)
 
-    low = lower(cfg, batch, granularity, attn_splits,
-                {op: opts[f"{op}_slices"] for op in SLICED_OPS})
-    cost = instruction_us(low.instrs, cfg, batch, attn_splits, low.lm_slices, spec, num_sms,
-                          opts["kv_position"])
-    order, sm = assign(low, cost, policy, num_sms, spec.counter_latency_us)
-    instructions, queue_len = _encode(low, order, sm, num_sms)
-    program = Program(
-        config=cfg, batch=batch, num_sms=num_sms, tp=tp, policy=policy,
-        granularity=granularity, attn_splits=attn_splits, lm_slices=low.lm_slices,
-        instructions=instructions, queue_len=queue_len,
-        counter_targets=low.counter_targets.astype(np.int32),
-        num_counters=len(low.counter_targets), num_instructions=len(order), options=opts,
-        predicted_us=0.0, gpu=spec)
+    slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
+    shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]
+    lows = [lower(cfg, batch, granularity, attn_splits, slices, s) for s in shards]
+    cost = instruction_us(lows[0].instrs, cfg, batch, attn_splits, lows[0].lm_slices, spec,
+                          num_sms, opts["kv_position"], tp)
+    order, sm = assign(lows[0], cost, policy, num_sms, spec.counter_latency_us)
+    programs = []
+    for rank, low in enumerate(lows):
+        instructions, queue_len = _encode(low, order, sm, num_sms)
+        programs.append(Program(
+            config=cfg, batch=batch, num_sms=num_sms, tp=tp, policy=policy,
+            granularity=granularity, attn_splits=attn_splits, lm_slices=low.lm_slices,
+            instructions=instructions, queue_len=queue_len,
+            counter_targets=low.counter_targets.astype(np.int32),
+            num_counters=len(low.counter_targets), num_instructions=len(order), options=opts,
+            predicted_us=0.0, gpu=spec, rank=rank))
+    program = programs[0] if tp == 1 else TpProgram(full, tp, programs)
     if opts["validate"]:
         validate(program)
-    program.predicted_us = simulate(program, spec).total_us
+    for p in programs:
+        p.predicted_us = simulate(p, spec).total_us
     return program
 
 

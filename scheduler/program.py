@@ -5,6 +5,10 @@ sm's queue in execution order and every word after it is 0 (NOP); uids are 0..N-
 index of each instruction in one global topological order, and every queue is sorted by
 uid; counter_targets[c] is the number of instructions that signal c; LMHEAD slots are
 0..lm_slices-1. Counters are monotonic across steps (see isa.py), never reset per step.
+
+Under tensor parallelism plan() returns a TpProgram: one Program per rank (config = the
+shard config, rank = its index), each exactly what that GPU runs, with the same counters
+and uid numbering on every rank; counter_targets count the signals of all ranks (isa.py).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Program:
     options: dict                 # every plan option, defaults filled in
     predicted_us: float           # cost-model prediction of one step on `gpu`
     gpu: GpuSpec
+    rank: int = 0
 
     @property
     def max_len(self) -> int:
@@ -70,3 +75,24 @@ class Program:
             f"  predicted step on {self.gpu.name}: {self.predicted_us:.1f} us",
         ]
         return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class TpProgram:
+    config: ModelConfig           # the whole model; ranks[r].config is the shard config
+    tp: int
+    ranks: list                   # [tp] Program, ranks[r].rank == r
+
+    def __getattr__(self, name):
+        """Fields every rank shares (batch, num_sms, policy, attn_splits, lm_slices, ...)."""
+        if name == "ranks":
+            raise AttributeError(name)
+        return getattr(self.ranks[0], name)
+
+    @property
+    def predicted_us(self) -> float:
+        return max(p.predicted_us for p in self.ranks)
+
+    def summary(self) -> str:
+        return "\n".join([f"tp {self.tp} program of {self.config.name}: rank 0 shown"] +
+                          [self.ranks[0].summary()])

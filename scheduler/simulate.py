@@ -63,7 +63,7 @@ def simulate(program, spec=None) -> Timeline:
     t = t.take(np.argsort(t.uid, kind="stable"))
     cost = instruction_us(t, program.config, program.batch, program.attn_splits,
                           program.lm_slices, spec, program.num_sms,
-                          program.options["kv_position"])
+                          program.options["kv_position"], program.tp)
     done = np.zeros(program.num_counters)
     sm_free = np.zeros(program.num_sms)
     start = np.empty(len(t))

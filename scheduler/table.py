@@ -26,6 +26,7 @@ class Instrs:
     args: np.ndarray     # int32 [N, NUM_ARGS]
     waits: np.ndarray    # int32 [N, 2 * NUM_WAITS]: first0, count0, first1, count1
     signal: np.ndarray   # int32 [N], -1 = none
+    all_ranks: np.ndarray  # int32 [N], 1 = peer stores and an all-rank signal (tp > 1)
 
     def __len__(self) -> int:
         return len(self.op)
@@ -37,7 +38,8 @@ class Instrs:
 
     def take(self, idx: np.ndarray):
         """The rows idx (same table type)."""
-        return type(self)(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+        cols = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return type(self)(*(None if c is None else c[idx] for c in cols))
 
     def to_records(self, uid: np.ndarray) -> np.ndarray:
         """int32 [N, WORDS] records with the given uids."""
@@ -47,6 +49,7 @@ class Instrs:
         rec[:, _W["uid"]] = uid
         rec[:, _WAIT_WORDS] = self.waits
         rec[:, _W["signal"]] = self.signal
+        rec[:, isa.ALL_RANKS_WORD] = self.all_ranks
         rec[:, _ARG0:_ARG0 + NUM_ARGS] = self.args
         return rec
 
@@ -56,12 +59,14 @@ class Placed(Instrs):
     uid: np.ndarray      # int32 [N]
     sm: np.ndarray       # int32 [N]
     index: np.ndarray    # int32 [N] position in the SM's queue
+    rank: np.ndarray | None = None   # int32 [N] GPU of each instruction (tp > 1 tables)
 
     def where(self, i: int) -> str:
         """Human name of instruction i for error messages."""
         code = int(self.op[i])
         op = isa.Op(code).name if code in set(isa.Op) else f"opcode {code}"
-        return (f"uid {int(self.uid[i])} {op} (layer {int(self.layer[i])}) on SM "
+        gpu = "" if self.rank is None else f"rank {int(self.rank[i])} "
+        return (f"{gpu}uid {int(self.uid[i])} {op} (layer {int(self.layer[i])}) on SM "
                 f"{int(self.sm[i])} at queue index {int(self.index[i])}")
 
 
@@ -74,5 +79,6 @@ def placed_from(instructions: np.ndarray, queue_len: np.ndarray) -> Placed:
     rec = instructions[sm, index]
     return Placed(op=rec[:, _W["opcode"]], layer=rec[:, _W["layer"]],
                   args=rec[:, _ARG0:_ARG0 + NUM_ARGS], waits=rec[:, _WAIT_WORDS],
-                  signal=rec[:, _W["signal"]], uid=rec[:, _W["uid"]],
+                  signal=rec[:, _W["signal"]], all_ranks=rec[:, isa.ALL_RANKS_WORD],
+                  uid=rec[:, _W["uid"]],
                   sm=sm.astype(np.int32), index=index.astype(np.int32))

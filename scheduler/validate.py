@@ -12,6 +12,10 @@ OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
     instruction with the smallest uid always heads its queue and has all inputs complete.
   5 dataflow (dataflow.py): buffers are SSA, every read is written, and every writer of a
     read element happens-before the reader through counters.
+A TpProgram is checked as one table of all its ranks (ranks.py): fields per rank (all_ranks
+set exactly on OPROJ, DOWN and LMHEAD), counters with global ids (an all-rank counter's
+target counts every rank's signalers), one global order (uid, rank), and dataflow over
+every rank's buffers, peer stores landing in every rank's copy.
 """
 from __future__ import annotations
 
@@ -20,18 +24,30 @@ import numpy as np
 from . import isa
 from .dataflow import check_dataflow
 from .isa import Op
+from .ranks import counter_namer, merge
 from .table import NUM_ARGS, Placed
+
+REMOTE_OPS = (Op.OPROJ, Op.DOWN, Op.LMHEAD)
 
 
 def validate(program) -> None:
-    """Raise ValueError if `program` is unsafe or wrong; return None if it is valid."""
-    _check_shape(program)
-    t = program.table()
-    C = len(program.counter_targets)
-    _check_fields(program, t, C)
-    _check_counters(t, np.asarray(program.counter_targets), C)
-    t = _check_order(t, C)
-    check_dataflow(t, program.config, program.batch, program.attn_splits, program.lm_slices)
+    """Raise ValueError if `program` (a Program or TpProgram) is unsafe or wrong; return
+    None if it is valid."""
+    programs = getattr(program, "ranks", None) or [program]
+    tables = []
+    for p in programs:
+        _check_shape(p)
+        tables.append(p.table())
+        _check_fields(p, tables[-1], len(p.counter_targets), len(programs))
+    if len(programs) == 1:
+        t, targets = tables[0], np.asarray(program.counter_targets)
+    else:
+        t, targets = merge(programs, tables)
+    C, p = len(targets), programs[0]
+    name = counter_namer(len(programs), len(p.counter_targets))
+    _check_counters(t, targets, C, name)
+    t = _check_order(t, C, name)
+    check_dataflow(t, p.config, p.batch, p.attn_splits, p.lm_slices, len(programs), name)
 
 
 def _fail(t: Placed, i: int, msg: str):
@@ -63,7 +79,7 @@ def _check_shape(p) -> None:
         sm, k = np.argwhere(~live & ins.any(axis=2))[0]
         raise ValueError(f"invalid plan: SM {sm} queue index {k} is past queue_len {ql[sm]} "
                          "but not all-zero NOP padding")
-    spare = live & ins[:, :, len(isa.HEADER) + NUM_ARGS:].any(axis=2)
+    spare = live & ins[:, :, len(isa.HEADER) + NUM_ARGS:isa.ALL_RANKS_WORD].any(axis=2)
     if spare.any():
         sm, k = np.argwhere(spare)[0]
         raise ValueError(f"invalid plan: uid {ins[sm, k, 2]} on SM {sm} at queue index {k}: "
@@ -74,8 +90,14 @@ def _check_shape(p) -> None:
                          f"len(counter_targets) {len(p.counter_targets)}")
 
 
-def _check_fields(p, t: Placed, C: int) -> None:
+def _check_fields(p, t: Placed, C: int, tp: int) -> None:
     cfg, B = p.config, p.batch
+    remote = (tp > 1) & np.isin(t.op, REMOTE_OPS)
+    _first(t, t.all_ranks != remote, lambda i: (
+        f"all_ranks = {t.all_ranks[i]}, must be {int(remote[i])} (1 exactly on "
+        "OPROJ/DOWN/LMHEAD under tp > 1)"))
+    _first(t, (t.op == Op.RESID_SUM) & ((tp == 1) | ~np.isin(t.args[:, 2], (0, 1))),
+           lambda i: "RESID_SUM needs tp > 1 and after_mlp 0 or 1")
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
     _first(t, ~np.isin(t.op, [int(o) for o in Op if o != Op.NOP]),
            lambda i: f"unknown opcode {int(t.op[i])}")
@@ -85,11 +107,11 @@ def _check_fields(p, t: Placed, C: int) -> None:
     a0, a1, a2 = (t.args[:, k].astype(np.int64) for k in range(NUM_ARGS))
     rows = {Op.EMBED: (cfg.d, 1), Op.QKV: ((cfg.G + 2) * cfg.Hkv * cfg.D, 2),
             Op.OPROJ: (cfg.d, 1), Op.GATEUP: (2 * cfg.I, 2), Op.DOWN: (cfg.d, 1),
-            Op.LMHEAD: (cfg.V, 1)}
+            Op.LMHEAD: (cfg.V, 1), Op.RESID_SUM: (cfg.d, 1)}
     for op, (total, align) in rows.items():
         m = t.op == op
         bad = (a0 < 0) | (a1 < 1) | (a0 + a1 > total) | (a0 % align != 0) | (a1 % align != 0)
-        if op != Op.EMBED:
+        if op not in (Op.EMBED, Op.RESID_SUM):
             bad |= a1 > max_rows
         _first(t, m & bad, lambda i, total=total, align=align: (
             f"rows/cols [{a0[i]}, {a0[i] + a1[i]}) must lie in [0, {total}), be a multiple "
@@ -124,7 +146,7 @@ def _per_wait(t: Placed, per_counter: np.ndarray, fn) -> np.ndarray:
     return vals[inverse.reshape(-1)].reshape(len(t), isa.NUM_WAITS)
 
 
-def _check_counters(t: Placed, targets: np.ndarray, C: int) -> None:
+def _check_counters(t: Placed, targets: np.ndarray, C: int, name) -> None:
     nsig = np.bincount(t.signal[t.signal >= 0], minlength=C)
     wrong = np.flatnonzero(nsig != targets)
     if len(wrong):
@@ -132,7 +154,7 @@ def _check_counters(t: Placed, targets: np.ndarray, C: int) -> None:
         sig = np.flatnonzero(t.signal == c)
         waiters = [i for i in range(len(t)) if any(f <= c < f + n for f, n in t.wait_ranges(i))]
         i = int(sig[0]) if len(sig) else waiters[0] if waiters else None
-        msg = (f"counter {c}: counter_targets says {int(targets[c])} but {int(nsig[c])} "
+        msg = (f"{name(c)}: counter_targets says {int(targets[c])} but {int(nsig[c])} "
                "instructions signal it (waiters would hang or run early)")
         if i is None:
             raise ValueError(f"invalid plan: {msg}")
@@ -140,19 +162,23 @@ def _check_counters(t: Placed, targets: np.ndarray, C: int) -> None:
     zero_at = _per_wait(t, nsig, lambda s: int(np.argmin(s)) if s.min() == 0 else -1)
     for i, k in np.argwhere(zero_at >= 0)[:1]:
         c = int(t.waits[i, 2 * k] + zero_at[i, k])
-        _fail(t, int(i), f"waits on counter {c}, which no instruction signals")
+        _fail(t, int(i), f"waits on {name(c)}, which no instruction signals")
 
 
-def _check_order(t: Placed, C: int) -> Placed:
-    N = len(t)
+def _check_order(t: Placed, C: int, name) -> Placed:
     uid = t.uid.astype(np.int64)
-    if not np.array_equal(np.sort(uid), np.arange(N)):
-        seen = np.zeros(N + 1, bool)
-        for i, u in enumerate(uid.tolist()):
-            if u < 0 or u >= N or seen[u]:
-                _fail(t, i, f"uids must be 0..{N - 1}, each once (uid {u} repeated or outside)")
-            seen[u] = True
-    same_sm = t.sm[1:] == t.sm[:-1]
+    rank = np.zeros(len(t), np.int64) if t.rank is None else t.rank.astype(np.int64)
+    for r in np.unique(rank).tolist():
+        rows = np.flatnonzero(rank == r)
+        N = len(rows)
+        if not np.array_equal(np.sort(uid[rows]), np.arange(N)):
+            seen = np.zeros(N + 1, bool)
+            for i, u in zip(rows.tolist(), uid[rows].tolist()):
+                if u < 0 or u >= N or seen[u]:
+                    _fail(t, i, f"uids must be 0..{N - 1}, each once (uid {u} repeated or "
+                          "outside)")
+                seen[u] = True
+    same_sm = (t.sm[1:] == t.sm[:-1]) & (rank[1:] == rank[:-1])
     _first(t, np.r_[False, same_sm & (uid[1:] <= uid[:-1])], lambda i: (
         f"follows uid {uid[i - 1]} in SM {t.sm[i]}'s queue: queues must be sorted by uid (one "
         "global topological order); this order can deadlock co-resident blocks"))
@@ -163,6 +189,6 @@ def _check_order(t: Placed, C: int) -> Placed:
     for i, k in np.argwhere((latest >= 0) & (last[counter] >= uid[:, None]))[:1]:
         c = int(counter[i, k])
         producer = int(np.flatnonzero((t.signal == c) & (uid == last[c]))[0])
-        _fail(t, int(i), f"waits on counter {c}, signalled by {t.where(producer)}, which is "
+        _fail(t, int(i), f"waits on {name(c)}, signalled by {t.where(producer)}, which is "
               "not earlier in the global order: the wait can deadlock")
-    return t.take(np.argsort(uid))
+    return t.take(np.lexsort((rank, uid)))

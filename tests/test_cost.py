@@ -112,6 +112,7 @@ def test_chrome_trace(tmp_path):
     names = {e["tid"]: e["args"]["name"] for e in trace if e.get("name") == "thread_name"}
     assert names == {s: f"SM {s}" for s in range(4)}
     assert len(spans) == prog.num_instructions
-    assert {e["name"] for e in spans} == {op.name for op in Op if op != Op.NOP}
+    assert {e["name"] for e in spans} == {op.name for op in Op
+                                          if op not in (Op.NOP, Op.RESID_SUM)}
     assert all(e["dur"] >= 0 and 0 <= e["tid"] < 4 for e in spans)
     assert max(e["ts"] + e["dur"] for e in spans) == pytest.approx(tl.total_us, abs=1e-2)

@@ -67,13 +67,14 @@ def test_numpy_tables_round_trip_through_records():
         args[i, :len(isa.ARGS[Op(o)])] = rng.integers(0, 1000, len(isa.ARGS[Op(o)]))
     ins = Instrs(op=ops.astype(np.int32), layer=rng.integers(-1, 9, 50).astype(np.int32),
                  args=args, waits=rng.integers(0, 100, (50, 2 * isa.NUM_WAITS)).astype(np.int32),
-                 signal=rng.integers(-1, 100, 50).astype(np.int32))
+                 signal=rng.integers(-1, 100, 50).astype(np.int32),
+                 all_ranks=rng.integers(0, 2, 50).astype(np.int32))
     uid = rng.permutation(50).astype(np.int32)
     rec = ins.to_records(uid)
     for i in range(50):
         expect = isa.encode(Op(ops[i]), layer=int(ins.layer[i]), uid=int(uid[i]),
                             waits=[tuple(ins.waits[i, 2 * k:2 * k + 2]) for k in range(2)],
-                            signal=int(ins.signal[i]),
+                            signal=int(ins.signal[i]), all_ranks=int(ins.all_ranks[i]),
                             **dict(zip(isa.ARGS[Op(ops[i])], args[i].tolist())))
         assert rec[i].tolist() == expect
     queues = np.zeros((2, 30, isa.WORDS), np.int32)

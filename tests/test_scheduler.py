@@ -184,9 +184,14 @@ def test_bad_arguments_name_the_argument(kw, match):
         plan("tiny", **kw)
 
 
-def test_tp_is_an_argument_but_only_tp1_is_lowered():
-    with pytest.raises(NotImplementedError, match="tp=2"):
-        plan("tiny", tp=2)
+def test_tp_must_divide_kv_heads_and_ffn():
+    with pytest.raises(ValueError, match="tp=3 must divide num_kv_heads"):
+        plan("tiny", tp=3)
+    with pytest.raises(ValueError, match="tp=4 must divide intermediate_size"):
+        plan(ModelConfig.preset("tiny").replace(num_kv_heads=4, num_heads=4,
+                                                intermediate_size=322), tp=4)
+    with pytest.raises(ValueError, match="tp must be an int"):
+        plan("tiny", tp=0)
     assert plan("tiny", tp=1, num_sms=4).tp == 1
     with pytest.raises(ValueError, match="preset"):
         plan("llama-9")
@@ -251,5 +256,6 @@ def test_dump_cli_prints_summaries_and_writes_a_trace(tmp_path, capsys):
     assert len(out.splitlines()) < 60
     events = json.loads(trace.read_text())["traceEvents"]
     assert sum(e["ph"] == "X" for e in events) == plan("tiny", batch=2, num_sms=6).num_instructions
-    assert dump.main(parser.parse_args(["--model", "tiny", "--tp", "2"])) == 2
-    assert "only tp=1" in capsys.readouterr().err
+    assert dump.main(parser.parse_args(["--model", "tiny", "--tp", "3"])) == 2
+    assert dump.main(parser.parse_args(["--model", "tiny", "--tp", "2", "--num-sms", "4"])) == 0
+    assert "tp=3 must divide" in capsys.readouterr().err

@@ -180,8 +180,11 @@ def test_bad_encoding_is_caught(base):
     caught(p, "uids must be")
     p = copy.deepcopy(base)
     at = find(p, Op.EMBED)
-    p.instructions[at][isa.WORDS - 1] = 5
+    p.instructions[at][isa.WORDS - 2] = 5
     caught(p, "words past the opcode's fields must be 0")
+    p = copy.deepcopy(base)
+    p.instructions[find(p, Op.OPROJ)][isa.ALL_RANKS_WORD] = 1
+    caught(p, "all_ranks = 1, must be 0")
     p = copy.deepcopy(base)
     p.instructions[find(p, Op.ATTN_REDUCE)][len(isa.HEADER) + 2] = 1
     caught(p, "words past the opcode's fields must be 0")

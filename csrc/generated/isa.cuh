@@ -26,6 +26,7 @@ enum Op : int {
   OP_DOWN = 7,
   OP_LMHEAD = 8,
   OP_ARGMAX = 9,
+  OP_RESID_SUM = 10,
 };
 
 // Codes of the error record (scheduler/isa.py Err).
@@ -48,6 +49,7 @@ constexpr int W_WAIT0_COUNT = 4;
 constexpr int W_WAIT1_FIRST = 5;
 constexpr int W_WAIT1_COUNT = 6;
 constexpr int W_SIGNAL = 7;
+constexpr int W_ALL_RANKS = 15;
 // EMBED fields.
 constexpr int W_EMBED_COL0 = 8;
 constexpr int W_EMBED_NCOLS = 9;
@@ -74,6 +76,10 @@ constexpr int W_DOWN_NROWS = 9;
 constexpr int W_LMHEAD_ROW0 = 8;
 constexpr int W_LMHEAD_NROWS = 9;
 constexpr int W_LMHEAD_SLOT = 10;
+// RESID_SUM fields.
+constexpr int W_RESID_SUM_ROW0 = 8;
+constexpr int W_RESID_SUM_NROWS = 9;
+constexpr int W_RESID_SUM_AFTER_MLP = 10;
 
 MK_HOST_DEVICE inline const char* op_name(int op) {
   switch (op) {
@@ -87,6 +93,7 @@ MK_HOST_DEVICE inline const char* op_name(int op) {
     case OP_DOWN: return "DOWN";
     case OP_LMHEAD: return "LMHEAD";
     case OP_ARGMAX: return "ARGMAX";
+    case OP_RESID_SUM: return "RESID_SUM";
     default: return "UNKNOWN";
   }
 }
