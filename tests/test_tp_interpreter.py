@@ -17,24 +17,10 @@ WIDE = mk.ModelConfig("wide", vocab_size=203, hidden_size=96, intermediate_size=
                       num_layers=2, num_heads=16, num_kv_heads=8, head_dim=16,
                       rope_scaling=mk.RopeScaling(8.0, 1.0, 4.0, 32))
 
+from test_cpu_interpreter import compare  # the same oracle comparison, over N ranks
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def compare(cfg, prog, steps, seed=0, max_seq=32):
-    """Max relative error of the tp interpreter's logits over `steps` decode steps; greedy
-    tokens must equal the reference's."""
-    w = mk.Weights.random(cfg, seed=seed, dtype=torch.float32, device="cpu")
-    ref = mk.ReferenceModel(cfg, w, batch=prog.batch, max_seq=max_seq, dtype=torch.float32)
-    cpu = CpuInterpreter(cfg, w, prog, max_seq=max_seq, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    worst = 0.0
-    for _ in range(steps):
-        tokens = torch.randint(0, cfg.V, (prog.batch,), generator=gen)
-        expected = ref.step(tokens)
-        got = cpu.step(tokens)
-        worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
-        assert torch.equal(cpu.out_tokens, expected.argmax(-1))
-    return worst
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
