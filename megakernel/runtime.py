@@ -111,8 +111,7 @@ class Runtime:
         self.buffers = Buffers.allocate(cfg, program, max_seq, device=device,
                                         kv_dtype=torch.bfloat16)
         self.buffers.poison()
-        self.buffers.reset()
-        self.buffers.pos.zero_()
+        self.reset()
 
         def dev(a):
             return torch.as_tensor(a).to(device=device, dtype=torch.int32).contiguous()
