@@ -13,7 +13,9 @@ namespace {
 
 class Launcher {
  public:
-  Launcher(py::dict tensors, py::dict sizes, int num_sms) : num_sms_(num_sms) {
+  // peers (tensor parallelism): one dict per rank, this rank's own included, of the tensors
+  // other ranks store into (PeerBuffers); their devices differ from this rank's.
+  Launcher(py::dict tensors, py::dict sizes, int num_sms, py::list peers) : num_sms_(num_sms) {
     mk::KernelArgs& a = args_;
     a.instructions = ptr<int32_t>(tensors, "instructions", torch::kInt32);
     a.queue_len = ptr<int32_t>(tensors, "queue_len", torch::kInt32);
@@ -49,6 +51,8 @@ class Launcher {
     a.out_tokens = ptr<int64_t>(tensors, "out_tokens", torch::kInt64);
     a.rope_cos = ptr<float>(tensors, "rope_cos", torch::kFloat32);
     a.rope_sin = ptr<float>(tensors, "rope_sin", torch::kFloat32);
+    a.part = tensors.contains("part") && !tensors["part"].is_none()
+                 ? ptr<float>(tensors, "part", torch::kFloat32) : nullptr;
     a.max_len = size(sizes, "max_len");
     a.B = size(sizes, "B");
     a.d = size(sizes, "d");
@@ -65,6 +69,30 @@ class Launcher {
     a.eps = sizes["eps"].cast<float>();
     a.watchdog_ns = sizes["watchdog_ns"].cast<int64_t>();
     a.mode = sizes.contains("mode") ? sizes["mode"].cast<int>() : 0;
+    a.tp = sizes.contains("tp") ? size(sizes, "tp") : 1;
+    a.rank = sizes.contains("rank") ? size(sizes, "rank") : 0;
+    a.vocab0 = sizes.contains("vocab0") ? size(sizes, "vocab0") : 0;
+    a.counts_step = sizes.contains("counts_step") ? size(sizes, "counts_step") : 1;
+    TORCH_CHECK(a.tp >= 1 && a.tp <= mk::kMaxTp, "megakernel: tp must be in 1..", mk::kMaxTp,
+                ", got ", a.tp);
+    TORCH_CHECK(a.rank >= 0 && a.rank < a.tp, "megakernel: rank ", a.rank, " outside 0..",
+                a.tp - 1);
+    TORCH_CHECK(a.tp == 1 || (a.part && static_cast<int>(peers.size()) == a.tp),
+                "megakernel: tp=", a.tp, " needs the 'part' tensor and one peer entry per rank, "
+                "got ", peers.size());
+    for (int r = 0; r < static_cast<int>(peers.size()); ++r) {
+      py::dict p = peers[r].cast<py::dict>();
+      mk::PeerBuffers& pb = a.peers[r];
+      pb.part = peer<float>(p, r, "part", torch::kFloat32);
+      pb.logits = peer<float>(p, r, "logits", torch::kFloat32);
+      pb.amax_val = peer<float>(p, r, "amax_val", torch::kFloat32);
+      pb.amax_idx = peer<int32_t>(p, r, "amax_idx", torch::kInt32);
+      pb.counters = peer<int32_t>(p, r, "counters", torch::kInt32);
+      pb.error = peer<int32_t>(p, r, "error", torch::kInt32);
+    }
+    TORCH_CHECK(a.tp == 1 || (a.peers[a.rank].part == a.part &&
+                              a.peers[a.rank].counters == a.counters),
+                "megakernel: peer entry ", a.rank, " must be this rank's own buffers");
   }
 
   void launch() {
@@ -91,6 +119,17 @@ class Launcher {
     keep_.push_back(t);
     return reinterpret_cast<T*>(t.data_ptr());
   }
+  // A peer's tensor: on its own device (checked contiguous, typed, CUDA), kept alive.
+  template <typename T>
+  T* peer(py::dict& p, int rank, const char* name, torch::ScalarType dtype) {
+    TORCH_CHECK(p.contains(name), "megakernel: peer ", rank, " lacks tensor '", name, "'");
+    torch::Tensor t = p[name].cast<torch::Tensor>();
+    TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous(),
+                "megakernel: peer ", rank, " tensor '", name, "' must be a contiguous CUDA ",
+                c10::toString(dtype), " tensor");
+    keep_.push_back(t);
+    return reinterpret_cast<T*>(t.data_ptr());
+  }
   const __nv_bfloat16* bf16(py::dict& tensors, const char* name) {
     return ptr<__nv_bfloat16>(tensors, name, torch::kBFloat16);
   }
@@ -105,15 +144,33 @@ class Launcher {
   std::vector<torch::Tensor> keep_;  // the kernel holds raw pointers: keep storage alive
 };
 
+void enable_peer_access(int device, int peer) {
+  if (device == peer) return;
+  int can = 0;
+  cudaError_t e = cudaDeviceCanAccessPeer(&can, device, peer);
+  TORCH_CHECK(e == cudaSuccess && can, "megakernel: GPU ", device, " cannot access GPU ", peer,
+              "'s memory (no peer access: tensor parallelism needs NVLink or PCIe P2P)");
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  e = cudaDeviceEnablePeerAccess(peer, 0);
+  if (e == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();  // clear the sticky-free error
+    return;
+  }
+  TORCH_CHECK(e == cudaSuccess, "megakernel: enabling peer access ", device, " -> ", peer,
+              " failed: ", cudaGetErrorString(e));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megakernel: the persistent Llama decode interpreter (CUDA, sm_90a)";
   py::class_<Launcher>(m, "Launcher")
-      .def(py::init<py::dict, py::dict, int>(), py::arg("tensors"), py::arg("sizes"),
-           py::arg("num_sms"))
+      .def(py::init<py::dict, py::dict, int, py::list>(), py::arg("tensors"), py::arg("sizes"),
+           py::arg("num_sms"), py::arg("peers") = py::list())
       .def("launch", &Launcher::launch);
   m.def("smem_bytes", &mk::smem_bytes);
   m.def("threads_per_block", &mk::threads_per_block);
   m.def("max_blocks_per_sm", &mk::max_blocks_per_sm);
+  m.def("enable_peer_access", &enable_peer_access, py::arg("device"), py::arg("peer"),
+        "Let kernels on `device` access `peer`'s memory (idempotent); raises if impossible.");
 }

@@ -4,6 +4,10 @@
 // execute the op, then after a block barrier thread 0 publishes with a release add on the
 // signal counter. Counters are monotonic: for epoch e the target of counter c is
 // counter_targets[c] * (e + 1). The last block to finish a step advances the epoch.
+// Tensor parallelism (tp > 1): one such grid per GPU, all resident at once. A record with
+// all_ranks stores into every rank's buffers and bumps its signal counter on every rank
+// with a system-scope release; every wait acquires at system scope. An error on one rank
+// aborts the others (their records say ABORTED and name the rank that failed).
 #pragma once
 #include "common.cuh"
 #include "matvec.cuh"
@@ -34,7 +38,7 @@ static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) 
               "attention scratch must fit in the activation + accumulator space");
 static_assert(SmemLayout::total <= 227 * 1024, "shared memory budget of one H100 block");
 
-// Stop the whole grid: first error wins the record.
+// Stop the whole grid (every rank's under tp): first error wins the record.
 __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t* ins,
                              int counter, int value, int target) {
   if (atomicCAS(a.error, 0, code) == 0) {
@@ -46,7 +50,19 @@ __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t
     a.error[6] = target;
     a.error[7] = ins[W_OPCODE];
     __threadfence();
+    for (int r = 0; r < a.tp; ++r) {
+      if (r == a.rank) continue;
+      int32_t* peer = a.peers[r].error;
+      if (atomicCAS_system(peer, 0, ERR_ABORTED) == 0) {  // ABORTED, origin rank in word 1
+        peer[1] = a.rank;
+        __threadfence_system();
+      }
+    }
   }
+}
+
+__device__ __forceinline__ int32_t acquire_counter(const KernelArgs& a, const int32_t* p) {
+  return a.tp > 1 ? ld_acquire_sys(p) : ld_acquire(p);
 }
 
 // Warp 0 of the consumers: true when every waited counter reached its target. Lane i polls
@@ -60,13 +76,13 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
       const int c = c0 + lane;
       const bool mine = c < first + count;
       const int32_t target = mine ? __ldg(a.counter_targets + c) * (epoch + 1) : 0;
-      int32_t v = mine ? ld_acquire(a.counters + c) : 0;
+      int32_t v = mine ? acquire_counter(a, a.counters + c) : 0;
       if (__all_sync(0xffffffffu, !mine || v - target >= 0)) continue;
       const uint64_t start = globaltimer();
       uint32_t spins = 0;
       bool done = !mine || v - target >= 0;
       while (!__all_sync(0xffffffffu, done)) {
-        if (!done) done = (v = ld_acquire(a.counters + c)) - target >= 0;
+        if (!done) done = (v = acquire_counter(a, a.counters + c)) - target >= 0;
         if ((++spins & 255) == 0) {
           const bool stop = ld_volatile(a.error) != ERR_NONE;
           const bool late = !done && static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns;
@@ -127,6 +143,7 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
         case OP_ATTN: err = AttnOp::run(a, ins, act); break;
         case OP_ATTN_REDUCE: err = AttnReduceOp::run(a, ins); break;
         case OP_ARGMAX: err = ArgmaxOp::run(a, ins); break;
+        case OP_RESID_SUM: err = ResidSumOp::run(a, ins); break;
         default: err = ERR_BAD_OPCODE; break;
       }
     }
@@ -140,7 +157,11 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       const int sig = ins[W_SIGNAL];
       // The bar.sync above ordered every consumer's writes before this thread; the release
       // add publishes them (cumulativity) to whoever acquires the counter.
-      if (sig >= 0) red_release_add(a.counters + sig, 1);
+      if (sig >= 0 && ins[W_ALL_RANKS] && !(a.mode & MODE_LOCAL_COMM)) {
+        for (int r = 0; r < a.tp; ++r) red_release_add_sys(a.peers[r].counters + sig, 1);
+      } else if (sig >= 0) {
+        red_release_add(a.counters + sig, 1);
+      }
       if (kTiming) timing[3 * i + 2] = globaltimer();
     }
   }
@@ -178,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     consumer_main<kTiming>(a, ring, queue, qlen, epoch, smem);
   }
   __syncthreads();
-  if (threadIdx.x == 0 && ld_volatile(a.error) == ERR_NONE) {
+  if (threadIdx.x == 0 && a.counts_step && ld_volatile(a.error) == ERR_NONE) {
     __threadfence();
     const int old = atomicAdd(a.done, 1);
     if (old == static_cast<int>(gridDim.x) * (epoch + 1) - 1) atomicExch(a.epoch, epoch + 1);

@@ -9,6 +9,20 @@
 
 namespace mk {
 
+constexpr int kMaxTp = 8;
+
+// What a rank's peer stores and signals reach on one rank (this rank's own included).
+// Tensor parallelism runs one process driving every GPU with peer access enabled, so these
+// are plain device pointers into the peers' memory (unified addressing).
+struct PeerBuffers {
+  float* part;                     // [2L, TP, B, d]
+  float* logits;                   // [B, V]
+  float* amax_val;                 // [B, NLM]
+  int32_t* amax_idx;               // [B, NLM]
+  int32_t* counters;               // [num_counters]
+  int32_t* error;                  // [8]
+};
+
 struct KernelArgs {
   // Program
   const int32_t* instructions;     // [num_sms, max_len, kWords]
@@ -50,6 +64,14 @@ struct KernelArgs {
   int64_t* out_tokens;             // [B]
   const float* rope_cos;           // [S, D/2]
   const float* rope_sin;           // [S, D/2]
+  float* part;                     // [2L, TP, B, d] under tp > 1, else null
+
+  // Tensor parallelism (tp == 1: rank 0, vocab0 0, peers unused)
+  int tp, rank;
+  int vocab0;                      // first vocab row of this rank's lm_head shard
+  PeerBuffers peers[kMaxTp];       // [tp], indexed by rank
+  int counts_step;                 // 1: this launch ends a step (bumps done, advances epoch);
+                                   // 0: one phase of a step split over several launches
 
   // Sizes
   int B, d, I, L, H, Hkv, D, V, S, NS, NLM, num_counters;
@@ -64,6 +86,8 @@ enum Mode : int {
   MODE_NO_PREFETCH = 1,   // the loader starts an instruction's pages only once its waits hold
   MODE_NO_COMPUTE = 2,    // consumers take pages without computing on them
   MODE_NO_LOAD = 4,       // the loader hands over pages without copying weights into them
+  MODE_LOCAL_COMM = 8,    // tp > 1: all-rank stores and signals stay on this rank (the
+                          // NCCL-between-launches ablation moves the data between phases)
 };
 
 // Host entry points, defined in megakernel.cu.

@@ -62,7 +62,7 @@ __device__ __forceinline__ MatvecGeometry matvec_geometry(const KernelArgs& a,
     case OP_OPROJ: return make_geometry(a.wo + l * d * HD, static_cast<int>(HD), row0, n, a.B);
     case OP_GATEUP: return make_geometry(a.wgu + l * 2 * I * d, a.d, row0, n, a.B);
     case OP_DOWN: return make_geometry(a.wdown + l * d * I, a.I, row0, n, a.B);
-    default: return make_geometry(a.lm_head, a.d, row0, n, a.B);  // OP_LMHEAD
+    default: return make_geometry(a.lm_head, a.d, row0 - a.vocab0, n, a.B);  // OP_LMHEAD: global rows
   }
 }
 
@@ -71,7 +71,9 @@ __device__ __forceinline__ MatvecGeometry matvec_geometry(const KernelArgs& a,
 __device__ __forceinline__ bool matvec_valid(const KernelArgs& a, const int32_t* ins) {
   const int op = ins[W_OPCODE], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
   const bool paired = op == OP_QKV || op == OP_GATEUP;
-  return n > 0 && row0 >= 0 && n * a.B <= kAccFloats && (!paired || (row0 % 2 == 0 && n % 2 == 0));
+  const int first = op == OP_LMHEAD ? row0 - a.vocab0 : row0;
+  return n > 0 && first >= 0 && n * a.B <= kAccFloats &&
+         (!paired || (row0 % 2 == 0 && n % 2 == 0));
 }
 
 __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const int32_t* ins) {

@@ -16,6 +16,9 @@ per rank; one seeded random legal interleaving of the SM queues of ALL ranks; a 
 all_ranks stores into every rank's Buffers and bumps its signal counter on every rank.
 `buffers` is rank 0's; step() returns rank 0's logits after checking that every rank holds
 the same logits and next tokens. The trace then holds (rank, sm, uid).
+comm="nccl" runs the NCCL-between-launches ablation instead (scheduler/phases.py): each
+phase's queues with all-rank stores and signals kept on the rank, then the phase's
+collective (an all-gather of the partials, or the sum of the LM-head outputs) simulated.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .buffers import Buffers
 from .config import ModelConfig
 from .decoding import StepDecoder
 from .packing import pack_weights
+from .scheduler import phases as phases_mod
 from .scheduler.isa import NUM_WAITS, Err, Op, decode
 
 
@@ -40,7 +44,7 @@ def wrap32(x: np.ndarray) -> np.ndarray:
 
 class CpuInterpreter(StepDecoder):
     def __init__(self, cfg: ModelConfig, weights, prog, max_seq: int = 2048, dtype=None,
-                 seed: int = 0):
+                 seed: int = 0, comm: str = "peer"):
         self._init_sizes(cfg, int(prog.batch), max_seq)
         if getattr(prog, "config", cfg) != cfg:
             raise ValueError(f"CpuInterpreter: the program was planned for config "
@@ -56,12 +60,19 @@ class CpuInterpreter(StepDecoder):
                                               device="cpu", kv_dtype=self.weights.dtype)
                              for p in self.ranks]
         self.buffers = self.rank_buffers[0]
-        # Flat list of every rank's SM queues, rank-major: queue k is SM k % num_sms of rank
-        # k // num_sms; each a list of decoded records.
-        self.queues = [[decode(p.instructions[sm, i]) for i in range(int(p.queue_len[sm]))]
-                       for p in self.ranks for sm in range(int(p.num_sms))]
-        # [tp, num_counters] each rank's own targets
-        self.targets = np.stack([np.asarray(p.counter_targets, np.int64) for p in self.ranks])
+        if comm not in ("peer", "nccl") or (comm == "nccl" and tp == 1):
+            raise ValueError(f"comm must be 'peer', or 'nccl' under tp > 1; got {comm!r}")
+        self.comm = comm
+        # Per phase (one phase unless comm="nccl"): the flat list of every rank's SM queues,
+        # rank-major: queue k is SM k % num_sms of rank k // num_sms; each a list of decoded
+        # records; and [tp, num_counters] each rank's own targets.
+        per_rank = (phases_mod.split_phases(prog) if comm == "nccl"
+                    else [[p] for p in self.ranks])
+        self.phases = [([[decode(p.instructions[sm, i]) for i in range(int(p.queue_len[sm]))]
+                         for p in progs for sm in range(int(p.num_sms))],
+                        np.stack([np.asarray(p.counter_targets, np.int64) for p in progs]))
+                       for progs in zip(*per_rank)]
+        self.queues, self.targets = self.phases[0]
         self._rng = random.Random(seed)
         self.trace: list[tuple] = []   # (sm, uid) ((rank, sm, uid) under tp) of the last step
         self.reset()
@@ -85,7 +96,17 @@ class CpuInterpreter(StepDecoder):
         for buf in self.rank_buffers:
             buf.tokens.copy_(tokens)
             buf.pos.fill_(self.pos)
-        self._run_queues()
+        if self.comm == "nccl":
+            for buf in self.rank_buffers:       # summed over ranks after the LM head
+                for t in (buf.logits, buf.amax_val, buf.amax_idx):
+                    t.zero_()
+        trace = []
+        for p, (self.queues, self.targets) in enumerate(self.phases):
+            self._run_queues()
+            trace += self.trace
+            if self.comm == "nccl":
+                self._collective(p)
+        self.trace = trace
         # As the kernel: each block adds 1 to `done` when its queue ends; the last one
         # (done reaching num_sms * (epoch + 1)) advances the epoch.
         for buf in self.rank_buffers:
@@ -98,6 +119,23 @@ class CpuInterpreter(StepDecoder):
                 raise RuntimeError(f"rank {r} ends the step with other logits or tokens than "
                                    "rank 0")
         return self.buffers.logits.clone()
+
+    def _collective(self, p: int) -> None:
+        """What NCCL does between phase p and p + 1 (scheduler.phases.collective_after)."""
+        step = phases_mod.collective_after(p, self.config.L)
+        if step is None:
+            return
+        bufs = self.rank_buffers
+        kind, level = step
+        if kind == "gather_part":
+            for dst in bufs:
+                for src, b in enumerate(bufs):
+                    dst.part[level, src] = b.part[level, src]
+            return
+        for name in ("logits", "amax_val", "amax_idx"):
+            total = sum(getattr(b, name) for b in bufs)
+            for b in bufs:
+                getattr(b, name).copy_(total)
 
     def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
         return self.out_tokens
@@ -131,10 +169,13 @@ class CpuInterpreter(StepDecoder):
             k = self._rng.choice(ready)
             rank, sm = self._where(k)
             rec = self.queues[k][head[k]]
+            local = self.comm == "nccl"
             ops_ref.run(rec, self.rank_weights[rank], self.rank_buffers[rank],
-                        self.ranks[rank], self.rank_buffers)
+                        self.ranks[rank],
+                        [self.rank_buffers[rank]] if local else self.rank_buffers)
             if rec["signal"] >= 0:
-                for r in (range(len(self.ranks)) if rec["all_ranks"] else [rank]):
+                everywhere = rec["all_ranks"] and not local
+                for r in (range(len(self.ranks)) if everywhere else [rank]):
                     self.rank_buffers[r].counters[rec["signal"]] += 1
             self.trace.append((sm, rec["uid"]) if len(self.ranks) == 1 else
                               (rank, sm, rec["uid"]))

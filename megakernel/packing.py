@@ -92,15 +92,24 @@ def shard_weights(weights, tp: int, rank: int) -> Weights:
     return Weights(scfg, weights.embed, weights.final_norm, weights.lm_head, layers)
 
 
+def pack_shard(shard, tp: int, rank: int, dtype=None, device=None) -> PackedWeights:
+    """Rank `rank`'s Weights of the shard config (shard_weights, or generated per rank for
+    models no single device holds) -> its PackedWeights: the LM head cut to the rank's rows."""
+    v0, nv = vocab_rows(shard.lm_head.shape[0], tp)[rank]
+    packed = pack_weights(shard, dtype, device)
+    head = packed.lm_head[v0:v0 + nv]
+    if not packed.config.tie_word_embeddings:   # the full head stays only where tied
+        head = head.clone()
+    return dataclasses.replace(packed, lm_head=head, vocab0=v0)
+
+
 def pack_weights(weights, dtype=None, device=None, tp: int = 1, rank: int = 0) -> PackedWeights:
     """Weights -> PackedWeights (in `dtype` on `device`, default the weights' own); with
     tp > 1 rank `rank`'s shard."""
     if tp > 1:
         if not 0 <= rank < tp:
             raise ValueError(f"rank must be in 0..{tp - 1}, got {rank}")
-        packed = pack_weights(shard_weights(weights, tp, rank), dtype, device)
-        v0, nv = vocab_rows(weights.config.V, tp)[rank]
-        return dataclasses.replace(packed, lm_head=packed.lm_head[v0:v0 + nv], vocab0=v0)
+        return pack_shard(shard_weights(weights, tp, rank), tp, rank, dtype, device)
     cfg: ModelConfig = weights.config
     dtype = dtype or weights.embed.dtype
     device = device or weights.embed.device

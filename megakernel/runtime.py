@@ -4,6 +4,10 @@ Plan once, run many: the constructor allocates every buffer, copies the Program 
 device and freezes the kernel argument struct in a C++ Launcher; `launch()` is one kernel
 launch on the current stream (no Python work, capturable in a CUDA graph). `check()`
 synchronises and turns a kernel error record (watchdog, bad token, ...) into a RuntimeError.
+
+Under tensor parallelism a Runtime is one rank's (program = that rank's Program); the
+Launcher needs the other ranks' buffers, so megakernel.tp.TpRuntime builds the ranks first
+and then calls `connect()` on each.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ def check_supported(cfg, batch: int) -> None:
 
 
 MODES = {"no_prefetch": 1, "no_compute": 2, "no_load": 4}   # csrc/kernel_args.h Mode
+MODE_LOCAL_COMM = 8                                           # set by connect(phases=...)
 
 
 def load_extension(verbose: bool = False, build_flags: tuple[str, ...] = ()):
@@ -77,9 +82,9 @@ class Runtime:
         """ablate: names from MODES (switches that turn one overlap mechanism off; no_compute
         and no_load give wrong results and exist to time one half of the pipeline).
         build_flags: extra nvcc flags, e.g. ring geometry -DMK_NUM_PAGES=5."""
-        if getattr(program, "tp", 1) != 1:
-            raise NotImplementedError(f"tp={program.tp}: the kernel does not run tensor-parallel "
-                                      "Programs yet (issue 7); CpuInterpreter does")
+        if hasattr(program, "ranks"):
+            raise TypeError("Runtime runs one rank's Program; a TpProgram runs through "
+                            "megakernel.tp.TpRuntime (or Decoder(..., tp=N))")
         cfg = program.config
         check_supported(cfg, program.batch)
         device = packed.device
@@ -113,9 +118,7 @@ class Runtime:
         self.buffers.poison()
         self.reset()
 
-        def dev(a):
-            return torch.as_tensor(a).to(device=device, dtype=torch.int32).contiguous()
-
+        dev = self._dev
         self._program_tensors = {
             "instructions": dev(program.instructions), "queue_len": dev(program.queue_len),
             # never empty: the kernel binds a pointer even when no counter exists
@@ -124,6 +127,8 @@ class Runtime:
             self.buffers.counters = torch.zeros(1, dtype=torch.int32, device=device)
         self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 3,
                                    dtype=torch.int64, device=device) if timing else None)
+        if timing and program.tp > 1:
+            raise ValueError("timing is not supported under tensor parallelism")
         watchdog_ms = watchdog_ms or float(os.environ.get("MEGAKERNEL_WATCHDOG_MS",
                                                           DEFAULT_WATCHDOG_MS))
         tensors = {**self.buffers.tensors(), **self._program_tensors,
@@ -136,12 +141,56 @@ class Runtime:
                      NS=program.attn_splits, NLM=program.lm_slices,
                      num_counters=max(1, program.num_counters), eps=float(cfg.rms_norm_eps),
                      watchdog_ns=int(watchdog_ms * 1e6),
-                     mode=sum(MODES[m] for m in set(ablate)))
-        self._launcher = self.ext.Launcher(tensors, sizes, program.num_sms)
+                     mode=sum(MODES[m] for m in set(ablate)), tp=program.tp,
+                     rank=program.rank, vocab0=int(packed.vocab0), counts_step=1)
+        self._tensors, self._sizes = tensors, sizes
+        self._launchers = [self.ext.Launcher(tensors, sizes, program.num_sms)] \
+            if program.tp == 1 else []
 
-    def launch(self) -> None:
-        """One decode step of the Program over the current buffers (async, capturable)."""
-        self._launcher.launch()
+    def peer_tensors(self) -> dict:
+        """The buffers other ranks store into and signal (csrc/kernel_args.h PeerBuffers)."""
+        b = self.buffers
+        return {"part": b.part, "logits": b.logits, "amax_val": b.amax_val,
+                "amax_idx": b.amax_idx, "counters": b.counters, "error": b.error}
+
+    def connect(self, peers: list[dict], phases=None) -> None:
+        """tp > 1: build the launcher(s) given every rank's peer_tensors() (rank order).
+        phases: None for in-kernel communication (one launch per step), else this rank's
+        phase Programs (scheduler.phases), one launch each with all-rank stores and signals
+        kept local (MODE_LOCAL_COMM); only the last one counts the step."""
+        if self.program.tp == 1:
+            raise ValueError("connect() is for tensor-parallel ranks")
+        if phases is None:
+            self._launchers = [self.ext.Launcher(self._tensors, self._sizes,
+                                                 self.program.num_sms, peers)]
+            return
+        self._phase_tensors = []
+        self._launchers = []
+        for k, ph in enumerate(phases):
+            prog = {"instructions": self._dev(ph.instructions),
+                    "queue_len": self._dev(ph.queue_len),
+                    "counter_targets": self._dev(ph.counter_targets)}
+            self._phase_tensors.append(prog)
+            sizes = dict(self._sizes, max_len=int(ph.instructions.shape[1]),
+                         mode=self._sizes["mode"] | MODE_LOCAL_COMM,
+                         counts_step=int(k == len(phases) - 1))
+            self._launchers.append(self.ext.Launcher({**self._tensors, **prog}, sizes,
+                                                     self.program.num_sms, peers))
+
+    def _dev(self, a) -> torch.Tensor:
+        return torch.as_tensor(a).to(device=self.device, dtype=torch.int32).contiguous()
+
+    @property
+    def num_launches(self) -> int:
+        """Kernel launches per step (1, or the number of phases of the NCCL ablation)."""
+        return len(self._launchers)
+
+    def launch(self, phase: int = 0) -> None:
+        """One decode step of the Program over the current buffers (async, capturable); with
+        phases, phase `phase` of it."""
+        if not self._launchers:
+            raise RuntimeError("tensor-parallel rank not connected: build it through TpRuntime")
+        self._launchers[phase].launch()
 
     def error(self) -> str | None:
         """Synchronise; the kernel's error report as text, or None."""
@@ -150,12 +199,15 @@ class Runtime:
         if rec[0] == 0:
             return None
         code, sm, index, uid, counter, value, target, op = rec
+        gpu = (f" on rank {self.program.rank} ({self.device})" if self.program.tp > 1 else "")
+        if code == Err.ABORTED and self.program.tp > 1:
+            return f"megakernel{gpu}: aborted because rank {sm} reported an error"
         what = _ERRORS.get(code, f"error code {code}")
         try:
             op_name = Op(op).name
         except ValueError:
             op_name = f"opcode {op}"
-        msg = (f"megakernel {what}: SM {sm}, instruction {index} (uid {uid}, {op_name})")
+        msg = (f"megakernel {what}{gpu}: SM {sm}, instruction {index} (uid {uid}, {op_name})")
         if code == Err.WATCHDOG:
             msg += (f" waited on counter {counter}: value {value}, needed {target}. A counter "
                     "that never completes means a broken Program (validate it) or a step that "

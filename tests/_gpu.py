@@ -27,7 +27,7 @@ OP_CONFIGS = {
 
 def one_instruction_program(cfg, batch, rec, attn_splits=3, lm_slices=2):
     return types.SimpleNamespace(
-        config=cfg, batch=batch, num_sms=1, tp=1, policy="test", attn_splits=attn_splits,
+        config=cfg, batch=batch, num_sms=1, tp=1, rank=0, policy="test", attn_splits=attn_splits,
         lm_slices=lm_slices, instructions=np.asarray([[rec]], dtype=np.int32),
         queue_len=np.asarray([1], dtype=np.int32), counter_targets=np.zeros(0, np.int32),
         num_counters=0)

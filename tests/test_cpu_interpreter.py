@@ -66,11 +66,11 @@ def rel_err(out, ref):
     return float((out - ref).abs().max() / ref.abs().max())
 
 
-def compare(cfg, prog, steps, seed=0, max_seq=64):
+def compare(cfg, prog, steps, seed=0, max_seq=64, **options):
     """Max relative error of the interpreter's logits over `steps` decode steps."""
     w = mk.Weights.random(cfg, seed=seed, dtype=torch.float32, device="cpu")
     ref = mk.ReferenceModel(cfg, w, batch=prog.batch, max_seq=max_seq, dtype=torch.float32)
-    cpu = CpuInterpreter(cfg, w, prog, max_seq=max_seq, seed=seed)
+    cpu = CpuInterpreter(cfg, w, prog, max_seq=max_seq, seed=seed, **options)
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for _ in range(steps):

@@ -32,6 +32,33 @@ def test_wide_matches_reference(tp, policy):
         assert compare(WIDE, prog, steps=3, seed=seed) <= REL_TOL
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("policy", ["rr", "dag"])
+def test_nccl_between_phases_matches_reference(tp, policy):
+    """The NCCL-between-launches ablation: 2L + 2 phase Programs per rank, all-rank traffic
+    kept local, the collectives simulated between phases."""
+    for seed, batch, granularity in ((0, 1, "chunk"), (1, 3, "head")):
+        prog = mk.plan(WIDE, batch=batch, num_sms=5, policy=policy, tp=tp,
+                       granularity=granularity)
+        assert compare(WIDE, prog, steps=3, seed=seed, comm="nccl") <= REL_TOL
+
+
+def test_phase_split_rejects_a_wait_on_its_own_phase():
+    from megakernel.scheduler.phases import num_phases, split_phases
+    prog = mk.plan(WIDE, batch=1, num_sms=3, tp=2)
+    phases = split_phases(prog)
+    assert len(phases) == 2 and len(phases[0]) == num_phases(WIDE.L)
+    assert sum(p.num_instructions for p in phases[1]) == prog.ranks[1].num_instructions
+    # Move a RESID_SUM into the phase of the partials it sums: it would wait on NCCL data.
+    p = prog.ranks[0]
+    sm, i = next((sm, i) for sm, i, r in p.records() if r["op"] == Op.RESID_SUM)
+    p.instructions[sm, i, 1] = 0      # layer 0 ...
+    p.instructions[sm, i, 10] = 0     # ... after_mlp 0 -> phase 1; make it an attention one
+    p.instructions[sm, i, 0] = int(Op.OPROJ)   # phase 0, where its all-rank wait is signalled
+    with pytest.raises(ValueError, match="waits on counter"):
+        split_phases(prog)
+
+
 @pytest.mark.parametrize("draw", range(4))
 def test_random_configs_match_reference(draw):
     rng = random.Random(f"tp-{draw}")

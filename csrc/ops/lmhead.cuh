@@ -1,7 +1,9 @@
 // LMHEAD epilogue: logits[:, row0:row0+n] = acc, plus this slice's argmax per batch row
-// (lowest index on ties, NaN never wins) into amax_val/amax_idx[b, slot].
+// (lowest index on ties, NaN never wins) into amax_val/amax_idx[b, slot]. row0 and slot are
+// global (vocab rows); under tp > 1 (all_ranks) both go to every rank's buffers.
 #pragma once
 #include "../common.cuh"
+#include "residual.cuh"
 
 namespace mk {
 
@@ -25,9 +27,14 @@ struct LmHeadOp {
                                  float* red) {
     const int row0 = ins[W_LMHEAD_ROW0], n = ins[W_LMHEAD_NROWS], slot = ins[W_LMHEAD_SLOT];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    for (int i = tid; i < n * a.B; i += kConsumerThreads) {
-      const int r = i / a.B, b = i - r * a.B;
-      a.logits[static_cast<size_t>(b) * a.V + row0 + r] = acc[i];
+    const bool all = ins[W_ALL_RANKS] != 0;
+    const int p0 = all ? first_peer(a) : a.rank, p1 = all ? end_peer(a) : a.rank + 1;
+    for (int p = p0; p < p1; ++p) {
+      float* logits = a.tp > 1 ? a.peers[p].logits : a.logits;
+      for (int i = tid; i < n * a.B; i += kConsumerThreads) {
+        const int r = i / a.B, b = i - r * a.B;
+        logits[static_cast<size_t>(b) * a.V + row0 + r] = acc[i];
+      }
     }
     int* red_i = reinterpret_cast<int*>(red + kConsumerWarps);
     for (int b = 0; b < a.B; ++b) {
@@ -43,8 +50,12 @@ struct LmHeadOp {
       if (tid == 0) {
         for (int w = 1; w < kConsumerWarps; ++w)
           if (argmax_better(red[w], red_i[w], bv, bi)) { bv = red[w]; bi = red_i[w]; }
-        a.amax_val[static_cast<size_t>(b) * a.NLM + slot] = bv;
-        a.amax_idx[static_cast<size_t>(b) * a.NLM + slot] = bi;
+        for (int p = p0; p < p1; ++p) {
+          float* val = a.tp > 1 ? a.peers[p].amax_val : a.amax_val;
+          int32_t* idx = a.tp > 1 ? a.peers[p].amax_idx : a.amax_idx;
+          val[static_cast<size_t>(b) * a.NLM + slot] = bv;
+          idx[static_cast<size_t>(b) * a.NLM + slot] = bi;
+        }
       }
       consumer_sync();
     }

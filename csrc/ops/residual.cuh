@@ -1,20 +1,68 @@
-// OPROJ and DOWN epilogue: out[:, row0+i] = resid_in[:, row0+i] + acc[i, :].
-// OPROJ: resid[2l] -> resid[2l+1]; DOWN: resid[2l+1] -> resid[2l+2].
+// OPROJ and DOWN epilogue.
+// tp == 1: out[:, row0+i] = resid_in[:, row0+i] + acc[i, :], with
+//   OPROJ: resid[2l] -> resid[2l+1]; DOWN: resid[2l+1] -> resid[2l+2].
+// tp > 1 (all_ranks): this rank's partial acc goes to part[level][rank][:, row0+i] on every
+//   rank (peer stores over NVLink; the interpreter's system-scope signal publishes them), and
+//   RESID_SUM later folds the partials of all ranks into the residual.
 #pragma once
 #include "../common.cuh"
 
 namespace mk {
+
+// Destinations of an all-rank store: this rank's own buffers only under MODE_LOCAL_COMM.
+__device__ __forceinline__ int first_peer(const KernelArgs& a) {
+  return (a.mode & MODE_LOCAL_COMM) ? a.rank : 0;
+}
+__device__ __forceinline__ int end_peer(const KernelArgs& a) {
+  return (a.mode & MODE_LOCAL_COMM) ? a.rank + 1 : a.tp;
+}
+
 struct ResidualOp {
   __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc) {
     const int l = ins[W_LAYER], row0 = ins[W_OPROJ_ROW0], n = ins[W_OPROJ_NROWS];
     const int src = ins[W_OPCODE] == OP_OPROJ ? 2 * l : 2 * l + 1;
     const size_t Bd = static_cast<size_t>(a.B) * a.d;
+    if (ins[W_ALL_RANKS]) {
+      if (a.tp < 2) return ERR_BAD_INSTRUCTION;
+      const size_t off = (static_cast<size_t>(src) * a.tp + a.rank) * Bd;
+      for (int r = first_peer(a); r < end_peer(a); ++r) {
+        float* out = a.peers[r].part + off;
+        for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
+          const int j = i / a.B, b = i - j * a.B;
+          out[static_cast<size_t>(b) * a.d + row0 + j] = acc[i];
+        }
+      }
+      return ERR_NONE;
+    }
     const float* in = a.resid + src * Bd;
     float* out = a.resid + (src + 1) * Bd;
     for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
       const int r = i / a.B, b = i - r * a.B;
       const size_t o = static_cast<size_t>(b) * a.d + row0 + r;
       out[o] = ldcg(in + o) + acc[i];
+    }
+    return ERR_NONE;
+  }
+};
+
+// RESID_SUM (tp > 1): resid[level+1][:, r0:r0+n] = resid[level][...] + part[level][0][...]
+// + ... + part[level][tp-1][...], level = 2l + after_mlp, summed in rank order so every rank
+// computes the same bits.
+struct ResidSumOp {
+  __device__ static int run(const KernelArgs& a, const int32_t* ins) {
+    const int l = ins[W_LAYER], row0 = ins[W_RESID_SUM_ROW0], n = ins[W_RESID_SUM_NROWS];
+    const int level = 2 * l + ins[W_RESID_SUM_AFTER_MLP];
+    if (a.tp < 2 || a.part == nullptr || row0 < 0 || row0 + n > a.d) return ERR_BAD_INSTRUCTION;
+    const size_t Bd = static_cast<size_t>(a.B) * a.d;
+    const float* in = a.resid + level * Bd;
+    const float* part = a.part + static_cast<size_t>(level) * a.tp * Bd;
+    float* out = a.resid + (level + 1) * Bd;
+    for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
+      const int b = i / n, j = i - b * n;
+      const size_t o = static_cast<size_t>(b) * a.d + row0 + j;
+      float s = ldcg(in + o);
+      for (int r = 0; r < a.tp; ++r) s += ldcg(part + r * Bd + o);
+      out[o] = s;
     }
     return ERR_NONE;
   }
