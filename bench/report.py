@@ -15,10 +15,11 @@ from pathlib import Path
 SCHEMA = "megakernel-bench/1"
 RECORD_FIELDS = ("model", "batch", "tp", "contender", "ms_per_step", "tokens_per_s",
                  "bytes_read_per_step", "achieved_TBps", "fraction_of_copy_bandwidth",
-                 "speedup_vs_eager", "speedup_vs_cuda_graph", "note")
+                 "speedup_vs_eager", "speedup_vs_cuda_graph", "speedup_vs_megakernel_nccl",
+                 "note")
 RUN_FIELDS = ("schema", "gpu", "num_sms", "torch", "cuda", "commit", "date", "position",
               "iters", "warmup", "copy_TBps", "read_TBps", "method", "notes", "records")
-CONTENDER_ORDER = ("eager", "cuda_graph", "compile", "megakernel")
+CONTENDER_ORDER = ("eager", "cuda_graph", "compile", "megakernel", "megakernel_nccl")
 
 
 def derive(run: dict) -> dict:
@@ -33,7 +34,7 @@ def derive(run: dict) -> dict:
         r["tokens_per_s"] = r["batch"] * 1e3 / ms if ok else None
         r["achieved_TBps"] = tbps
         r["fraction_of_copy_bandwidth"] = tbps / copy if ok and copy else None
-        for name in ("eager", "cuda_graph"):
+        for name in ("eager", "cuda_graph", "megakernel_nccl"):
             ref = base.get(key + (name,))
             r[f"speedup_vs_{name}"] = ref / ms if ok and ref else None
         r.setdefault("note", "")
@@ -60,12 +61,16 @@ def markdown(run: dict) -> str:
            "| model | batch | contender | ms/step | tokens/s | TB/s | of copy BW | speedup vs "
            "eager | speedup vs CUDA graph | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in _sorted(run["records"]):
-        out.append(f"| {r['model']} | {r['batch']} | {r['contender']} | "
+        tp = f" tp={r['tp']}" if r.get("tp", 1) > 1 else ""
+        vs = r.get("speedup_vs_megakernel_nccl")
+        note = (f"{_f(vs, '.2f')}x vs NCCL between launches; " if vs and
+                r["contender"] == "megakernel" else "") + r["note"]
+        out.append(f"| {r['model']}{tp} | {r['batch']} | {r['contender']} | "
                    f"{_f(r['ms_per_step'], '.3f')} | {_f(r['tokens_per_s'], ',.0f')} | "
                    f"{_f(r['achieved_TBps'], '.2f')} | "
                    f"{_f(r['fraction_of_copy_bandwidth'], '.0%')} | "
                    f"{_f(r['speedup_vs_eager'], '.2f')} | "
-                   f"{_f(r['speedup_vs_cuda_graph'], '.2f')} | {r['note']} |")
+                   f"{_f(r['speedup_vs_cuda_graph'], '.2f')} | {note} |")
     checks = [r for r in run["records"] if r.get("check")]
     if checks:
         out += ["", "## Megakernel correctness (one step, max |logit error| / max |fp32 logit|)",

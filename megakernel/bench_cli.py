@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds for the whole run; compile children get what is left")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallelism over this many "
+                        "GPUs (bench/tp_bench.py: NCCL PyTorch eager and CUDA graph, the "
+                        "megakernel, and the NCCL-between-launches ablation)")
+    parser.add_argument("--variants", default="eager,cuda_graph,megakernel,megakernel_nccl",
+                        help="with --tp > 1: comma-separated subset of those four")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
                         help="only rewrite the markdown and PNG of a results JSON")
 
@@ -44,7 +49,12 @@ def _checked(args):
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown or not contenders:
         raise ValueError(f"--contenders {args.contenders!r}: choose from {','.join(CONTENDERS)}")
-    for name, v, lo in (("--batch", min(batches), 1), ("--pos", args.pos, 0),
+    if args.tp > 1:
+        from megakernel.bench.tp_bench import VARIANTS
+        args.variants = [c.strip() for c in args.variants.split(",") if c.strip()]
+        if not args.variants or set(args.variants) - set(VARIANTS):
+            raise ValueError(f"--variants: choose from {','.join(VARIANTS)}")
+    for name, v, lo in (("--batch", min(batches), 1), ("--tp", args.tp, 1), ("--pos", args.pos, 0),
                         ("--iters", args.iters, 1), ("--warmup", args.warmup, 0)):
         if v < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
@@ -69,8 +79,13 @@ def main(args) -> int:
     from megakernel.bench.harness import Progress
     from megakernel.scheduler.calibration import slug
     log = Progress("bench")
-    run = report.derive(run_bench(cfgs, batches, contenders, args, device, log))
-    stem = f"bench_{slug(run['gpu'])}_{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.tp > 1:
+        from megakernel.bench.tp_bench import run_tp
+        run = report.derive(run_tp(cfgs, batches, args.tp, args, log))
+    else:
+        run = report.derive(run_bench(cfgs, batches, contenders, args, device, log))
+    tp = f"_tp{args.tp}" if args.tp > 1 else ""
+    stem = f"bench_{slug(run['gpu'])}{tp}_{time.strftime('%Y%m%d-%H%M%S')}"
     paths, why = report.write_all(run, args.out, stem)
     print(report.markdown(run))
     for p in paths:
@@ -78,7 +93,7 @@ def main(args) -> int:
     if why:
         log(why)
     bad = [f"{r['model']} batch {r['batch']}: {r['note'] or 'check: logits off'}"
-           for r in run["records"] if r["contender"] == "megakernel"
+           for r in run["records"] if r["contender"].startswith("megakernel")
            and (r["ms_per_step"] is None or (r.get("check") or {}).get("ok") is False)]
     for line in bad:
         log(f"megakernel FAILED {line}")

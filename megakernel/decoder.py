@@ -7,8 +7,8 @@ kernel's own ARGMAX output back without a host round trip.
 
 tp=N runs one megakernel per GPU (megakernel.tp): `devices` lists each rank's GPU (default
 cuda:0..N-1; ranks may share a GPU, each then planned for its share of the SMs), `weights`
-is the whole model's Weights or one shard Weights per rank (for models no device holds
-whole), and comm="nccl" selects the NCCL-between-launches ablation. `buffers` are rank 0's
+is the whole model's Weights, or per rank its shard Weights or PackedWeights (pack_shard;
+for models no device holds whole), and comm="nccl" selects the NCCL-between-launches ablation. `buffers` are rank 0's
 (every rank ends a step with the same logits and tokens).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .decoding import StepDecoder
-from .packing import pack_shard, pack_weights
+from .packing import PackedWeights, pack_shard, pack_weights
 from .profiling import nvtx_range
 from .runtime import Runtime, check_supported
 from .scheduler import calibration, plan
@@ -85,6 +85,11 @@ class Decoder(StepDecoder):
         if isinstance(weights, (list, tuple)):
             if len(weights) != self.tp:
                 raise ValueError(f"tp={self.tp}: got {len(weights)} weight shards")
+            if isinstance(weights[r], PackedWeights):     # packed already (pack_shard)
+                if weights[r].device != dev or weights[r].dtype != torch.bfloat16:
+                    raise ValueError(f"rank {r}'s packed shard is {weights[r].dtype} on "
+                                     f"{weights[r].device}; the rank runs bf16 on {dev}")
+                return weights[r]
             return pack_shard(weights[r], self.tp, r, dtype=torch.bfloat16, device=dev)
         return pack_weights(weights, dtype=torch.bfloat16, device=dev, tp=self.tp, rank=r)
 

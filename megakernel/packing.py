@@ -92,20 +92,25 @@ def shard_weights(weights, tp: int, rank: int) -> Weights:
     return Weights(scfg, weights.embed, weights.final_norm, weights.lm_head, layers)
 
 
-def pack_shard(shard, tp: int, rank: int, dtype=None, device=None) -> PackedWeights:
+def pack_shard(shard, tp: int, rank: int, dtype=None, device=None,
+               release: bool = False) -> PackedWeights:
     """Rank `rank`'s Weights of the shard config (shard_weights, or generated per rank for
-    models no single device holds) -> its PackedWeights: the LM head cut to the rank's rows."""
+    models no single device holds) -> its PackedWeights: the LM head cut to the rank's rows.
+    release: as pack_weights."""
     v0, nv = vocab_rows(shard.lm_head.shape[0], tp)[rank]
-    packed = pack_weights(shard, dtype, device)
+    packed = pack_weights(shard, dtype, device, release=release)
     head = packed.lm_head[v0:v0 + nv]
     if not packed.config.tie_word_embeddings:   # the full head stays only where tied
         head = head.clone()
     return dataclasses.replace(packed, lm_head=head, vocab0=v0)
 
 
-def pack_weights(weights, dtype=None, device=None, tp: int = 1, rank: int = 0) -> PackedWeights:
+def pack_weights(weights, dtype=None, device=None, tp: int = 1, rank: int = 0,
+                 release: bool = False) -> PackedWeights:
     """Weights -> PackedWeights (in `dtype` on `device`, default the weights' own); with
-    tp > 1 rank `rank`'s shard."""
+    tp > 1 rank `rank`'s shard. release=True empties weights.layers as it goes (each layer
+    set to None once packed), so packing a model that fills the device needs one layer of
+    headroom, not a second copy; `weights` is unusable afterwards."""
     if tp > 1:
         if not 0 <= rank < tp:
             raise ValueError(f"rank must be in 0..{tp - 1}, got {rank}")
@@ -125,18 +130,21 @@ def pack_weights(weights, dtype=None, device=None, tp: int = 1, rank: int = 0) -
     wo = torch.empty(L, d, cfg.H * cfg.D, dtype=dtype, device=device)
     wdown = torch.empty(L, d, I, dtype=dtype, device=device)
     sels = [(which == k).nonzero().squeeze(1) for k in range(3)]
-    for layer, lw in enumerate(weights.layers):
+    attn_norm = torch.stack([cv(lw.attn_norm) for lw in weights.layers])
+    mlp_norm = torch.stack([cv(lw.mlp_norm) for lw in weights.layers])
+    for layer in range(L):
+        lw = weights.layers[layer]
         for sel, src in zip(sels, (lw.wq, lw.wk, lw.wv)):
             wqkv[layer, sel.to(device)] = cv(src)[rows[sel].to(device)]
         wgu[layer, 0::2] = cv(lw.w_gate)
         wgu[layer, 1::2] = cv(lw.w_up)
         wo[layer] = cv(lw.wo)
         wdown[layer] = cv(lw.w_down)
+        if release:
+            weights.layers[layer] = lw = None
     embed = cv(weights.embed)
     tied = cfg.tie_word_embeddings or weights.lm_head is weights.embed
     return PackedWeights(
         config=cfg, embed=embed, lm_head=embed if tied else cv(weights.lm_head),
-        final_norm=cv(weights.final_norm),
-        attn_norm=torch.stack([cv(lw.attn_norm) for lw in weights.layers]),
-        mlp_norm=torch.stack([cv(lw.mlp_norm) for lw in weights.layers]),
+        final_norm=cv(weights.final_norm), attn_norm=attn_norm, mlp_norm=mlp_norm,
         wqkv=wqkv, wo=wo, wgu=wgu, wdown=wdown)

@@ -81,13 +81,15 @@ def test_two_gpus_match_fp32(batch, comm):
 
 
 def greedy_and_graph(devices, comm="peer"):
-    """64 greedy steps equal bf16 eager's; then a captured step replayed equals step()."""
+    """64 greedy steps equal the fp32 reference's (the megakernel is ~10x closer to it than
+    bf16 eager, whose tokens drift off at near-ties); then replaying a captured step equals
+    step()."""
     cfg = ModelConfig.preset("tiny")
     w = Weights.random(cfg, seed=5, dtype=torch.bfloat16, device="cuda:0")
     prompt = torch.randint(0, cfg.V, (2, 4), generator=torch.Generator().manual_seed(5)).cuda()
     mk = Decoder(cfg, w, batch=2, max_seq=96, tp=2, devices=devices, comm=comm)
-    bf = ReferenceModel(cfg, w, batch=2, max_seq=96)
-    assert torch.equal(mk.generate(prompt, 64), bf.generate(prompt, 64))
+    fp = ReferenceModel(cfg, w, batch=2, max_seq=96, dtype=torch.float32)
+    assert torch.equal(mk.generate(prompt, 64), fp.generate(prompt, 64))
     # Graph replay: greedy feedback from each rank's own out_tokens.
     mk.reset()
     mk.step(prompt[:, 0])
