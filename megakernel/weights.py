@@ -275,7 +275,7 @@ def random_tensors(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16, device
             "w_down": I ** -0.5 * out_scale}
     shapes = layer_shapes(cfg)
     for layer in range(L):
-        for field in _LAYER_FIELDS:
-            t = norm_weight() if field.endswith("norm") else normal(shapes[field], stds[field])
-            yield layer, field, t
+        for field in _LAYER_FIELDS:   # yielded unbound: the caller's drop frees it
+            yield layer, field, (norm_weight() if field.endswith("norm")
+                                 else normal(shapes[field], stds[field]))
     yield None, "final_norm", norm_weight()
