@@ -78,18 +78,30 @@ class PackedWeights:
                              cv(self.wdown), self.vocab0)
 
 
-def shard_weights(weights, tp: int, rank: int) -> Weights:
-    """Rank `rank`'s slice of every layer matrix as Weights of the shard config (views);
-    embedding, norms and the whole LM head kept."""
-    cfg, scfg = weights.config, shard_config(weights.config, tp)
-    D = cfg.D
+def shard_tensor(cfg: ModelConfig, tp: int, rank: int, field: str, t: torch.Tensor):
+    """Rank `rank`'s view of one layer tensor (`field` a LayerWeights field name): its kv
+    groups' rows of wq/wk/wv and columns of wo, its FFN units' rows of w_gate/w_up and
+    columns of w_down; the norms whole."""
+    scfg, D = shard_config(cfg, tp), cfg.D
     q = slice(rank * scfg.H * D, (rank + 1) * scfg.H * D)
     kv = slice(rank * scfg.Hkv * D, (rank + 1) * scfg.Hkv * D)
     ffn = slice(rank * scfg.I, (rank + 1) * scfg.I)
-    layers = [LayerWeights(lw.attn_norm, lw.wq[q], lw.wk[kv], lw.wv[kv], lw.wo[:, q],
-                           lw.mlp_norm, lw.w_gate[ffn], lw.w_up[ffn], lw.w_down[:, ffn])
+    rows = {"wq": q, "wk": kv, "wv": kv, "w_gate": ffn, "w_up": ffn}
+    cols = {"wo": q, "w_down": ffn}
+    if field in rows:
+        return t[rows[field]]
+    return t[:, cols[field]] if field in cols else t
+
+
+def shard_weights(weights, tp: int, rank: int) -> Weights:
+    """Rank `rank`'s slice of every layer matrix as Weights of the shard config (views);
+    embedding, norms and the whole LM head kept."""
+    cfg = weights.config
+    layers = [LayerWeights(**{f.name: shard_tensor(cfg, tp, rank, f.name, getattr(lw, f.name))
+                              for f in dataclasses.fields(lw)})
               for lw in weights.layers]
-    return Weights(scfg, weights.embed, weights.final_norm, weights.lm_head, layers)
+    return Weights(shard_config(cfg, tp), weights.embed, weights.final_norm, weights.lm_head,
+                   layers)
 
 
 def pack_shard(shard, tp: int, rank: int, dtype=None, device=None,

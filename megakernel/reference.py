@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .decoding import StepDecoder
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_tables
-from .weights import Weights
+from .weights import LayerWeights, Weights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,6 +28,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              visible: torch.Tensor) -> torch.Tensor:
+    """q: [B, Hkv, G, D]; keys, values: [B, Hkv, S, D]; visible: bool [S] -> [B, Hkv, G, D].
+    Query head h = g*G + j reads kv head g (Hugging Face's repeat_kv order)."""
+    scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5   # [B, Hkv, G, S]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ values
+
+
+def attend(cfg: ModelConfig, lw: LayerWeights, cache: KVCache, layer: int, h: torch.Tensor,
+           pos_t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           visible: torch.Tensor) -> torch.Tensor:
+    """One layer's attention up to the O-projection, for cfg's heads (a tensor-parallel
+    shard config with that shard's weights and cache works alike): h: [B, d] normed input;
+    pos_t: int64 [1]; cos, sin: [1, D/2]; visible: bool [kv_len] -> [B, H*D]. Writes this
+    step's keys and values at pos_t into cache and reads its first kv_len positions."""
+    B, H, Hkv, D = h.shape[0], cfg.H, cfg.Hkv, cfg.D
+    q = apply_rope((h @ lw.wq.T).view(B, H, D), cos, sin)    # [B, H, D]
+    k = apply_rope((h @ lw.wk.T).view(B, Hkv, D), cos, sin)  # [B, Hkv, D]
+    v = (h @ lw.wv.T).view(B, Hkv, D)
+    cache.write(layer, pos_t, k, v)
+    kv_len = visible.shape[0]
+    keys = cache.k[layer, :, :, :kv_len]                     # [B, Hkv, kv_len, D]
+    values = cache.v[layer, :, :, :kv_len]
+    return attention(q.view(B, Hkv, H // Hkv, D), keys, values, visible).reshape(B, H * D)
+
+
+def swiglu(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+    """h: [B, d] normed input -> [B, I], the input of the down projection."""
+    return F.silu(h @ lw.w_gate.T) * (h @ lw.w_up.T)
 
 
 class ReferenceModel(StepDecoder):
@@ -59,32 +92,15 @@ class ReferenceModel(StepDecoder):
         step() passes pos + 1. Returns float32 logits [B, V].
         """
         cfg, w = self.config, self.weights
-        B, H, Hkv, D = tokens.shape[0], cfg.H, cfg.Hkv, cfg.D
         kv_len = self.max_seq if kv_len is None else kv_len
         cos, sin = self.cos[pos_t], self.sin[pos_t]                  # [1, D/2]
         visible = torch.arange(kv_len, device=self.device) <= pos_t  # [kv_len]
         x = w.embed[tokens]                                          # [B, d]
         for layer, lw in enumerate(w.layers):
             h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-            q = apply_rope((h @ lw.wq.T).view(B, H, D), cos, sin)    # [B, H, D]
-            k = apply_rope((h @ lw.wk.T).view(B, Hkv, D), cos, sin)  # [B, Hkv, D]
-            v = (h @ lw.wv.T).view(B, Hkv, D)
-            self.cache.write(layer, pos_t, k, v)
-            keys = self.cache.k[layer, :, :, :kv_len]                # [B, Hkv, kv_len, D]
-            values = self.cache.v[layer, :, :, :kv_len]
-            attn = self._attention(q.view(B, Hkv, H // Hkv, D), keys, values, visible)
-            x = x + attn.reshape(B, H * D) @ lw.wo.T
+            attn = attend(cfg, lw, self.cache, layer, h, pos_t, cos, sin, visible)
+            x = x + attn @ lw.wo.T
             h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-            x = x + (F.silu(h @ lw.w_gate.T) * (h @ lw.w_up.T)) @ lw.w_down.T
+            x = x + swiglu(h, lw) @ lw.w_down.T
         x = rms_norm(x, w.final_norm, cfg.rms_norm_eps)
         return (x @ w.lm_head.T).float()
-
-    @staticmethod
-    def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   visible: torch.Tensor) -> torch.Tensor:
-        """q: [B, Hkv, G, D]; keys, values: [B, Hkv, S, D]; visible: bool [S] -> [B, Hkv, G, D].
-        Query head h = g*G + j reads kv head g (Hugging Face's repeat_kv order)."""
-        scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5   # [B, Hkv, G, S]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return probs @ values

@@ -138,40 +138,17 @@ class Weights:
         """Random weights with realistic scales (module docstring), built on `device` tensor by
         tensor, so host memory never holds the model in fp32. Deterministic for (seed, device
         type)."""
-        device = torch.device(device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
+        return cls.assemble(cfg, random_tensors(cfg, seed, dtype, device))
 
-        def normal(shape, std):
-            out = torch.empty(shape, dtype=dtype, device=device)
-            rows = max(1, (1 << 24) // math.prod(shape[1:]))   # <= 64 MB fp32 in flight
-            for r0 in range(0, shape[0], rows):
-                chunk = out[r0:r0 + rows]
-                chunk.copy_(torch.randn(chunk.shape, generator=gen, device=device) * std)
-            return out
-
-        def norm_weight():
-            noise = torch.randn(cfg.d, generator=gen, device=device) * NORM_NOISE
-            return (1.0 + noise).to(dtype)
-
-        d, I, L = cfg.d, cfg.I, cfg.L
-        head_std = LOGIT_STD / math.sqrt(d)
-        embed = normal((cfg.V, d), head_std if cfg.tie_word_embeddings else 1.0)
-        lm_head = embed if cfg.tie_word_embeddings else normal((cfg.V, d), head_std)
-        out_scale = 1.0 / math.sqrt(2 * L)
-        layers = []
-        for _ in range(L):
-            layers.append(LayerWeights(
-                attn_norm=norm_weight(),
-                wq=normal((cfg.H * cfg.D, d), d ** -0.5),
-                wk=normal((cfg.Hkv * cfg.D, d), d ** -0.5),
-                wv=normal((cfg.Hkv * cfg.D, d), d ** -0.5),
-                wo=normal((d, cfg.H * cfg.D), (cfg.H * cfg.D) ** -0.5 * out_scale),
-                mlp_norm=norm_weight(),
-                w_gate=normal((I, d), d ** -0.5),
-                w_up=normal((I, d), d ** -0.5),
-                w_down=normal((d, I), I ** -0.5 * out_scale)))
-        return cls(cfg, embed, norm_weight(), lm_head, layers)
+    @classmethod
+    def assemble(cls, cfg: ModelConfig, items) -> "Weights":
+        """Weights from (layer, field, tensor) items as random_tensors yields them (layer None
+        for embed, lm_head, final_norm); without an lm_head the head is the embedding."""
+        top, layers = {}, [{} for _ in range(cfg.L)]
+        for layer, field, t in items:
+            (top if layer is None else layers[layer])[field] = t
+        return cls(cfg, top["embed"], top["final_norm"], top.get("lm_head", top["embed"]),
+                   [LayerWeights(**fields) for fields in layers])
 
     @classmethod
     @nvtx_range("megakernel.load")
@@ -264,3 +241,41 @@ class _Progress:
     def done(self):
         if self.shown:
             sys.stderr.write("\n")
+
+
+def random_tensors(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu"):
+    """Yield (layer, field, tensor) of Weights.random one full tensor at a time, in its one
+    generation order (one generator stream): embed, lm_head unless tied, each layer's fields
+    in LayerWeights order, final_norm; layer is None outside the layers. A caller that keeps
+    only a slice of each (bench/tp_baseline.random_shards) never holds the whole model."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def normal(shape, std):
+        out = torch.empty(shape, dtype=dtype, device=device)
+        rows = max(1, (1 << 24) // math.prod(shape[1:]))   # <= 64 MB fp32 in flight
+        for r0 in range(0, shape[0], rows):
+            chunk = out[r0:r0 + rows]
+            chunk.copy_(torch.randn(chunk.shape, generator=gen, device=device) * std)
+        return out
+
+    def norm_weight():
+        noise = torch.randn(cfg.d, generator=gen, device=device) * NORM_NOISE
+        return (1.0 + noise).to(dtype)
+
+    d, I, L = cfg.d, cfg.I, cfg.L
+    head_std = LOGIT_STD / math.sqrt(d)
+    yield None, "embed", normal((cfg.V, d), head_std if cfg.tie_word_embeddings else 1.0)
+    if not cfg.tie_word_embeddings:
+        yield None, "lm_head", normal((cfg.V, d), head_std)
+    out_scale = 1.0 / math.sqrt(2 * L)
+    stds = {"wq": d ** -0.5, "wk": d ** -0.5, "wv": d ** -0.5,
+            "wo": (cfg.H * cfg.D) ** -0.5 * out_scale, "w_gate": d ** -0.5, "w_up": d ** -0.5,
+            "w_down": I ** -0.5 * out_scale}
+    shapes = layer_shapes(cfg)
+    for layer in range(L):
+        for field in _LAYER_FIELDS:   # yielded unbound: the caller's drop frees it
+            yield layer, field, (norm_weight() if field.endswith("norm")
+                                 else normal(shapes[field], stds[field]))
+    yield None, "final_norm", norm_weight()
