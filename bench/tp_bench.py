@@ -26,6 +26,7 @@ import time
 import torch
 
 VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl")
+CAPTURE_MODES = ("global", "thread_local", "relaxed")
 
 
 def bytes_per_gpu(cfg, tp: int, batch: int, pos: int) -> tuple[int, int]:
@@ -119,8 +120,17 @@ def bench_shape(cfg, shards, batch, tp, devices, args, flush, log, keep_shards):
         attempt("eager", lambda: (timed(lambda: base.forward(tokens, pos_t)), {}))
     if "cuda_graph" in args.variants:
         def graph():
-            g = base.capture(tokens, pos_t)
-            return timed(g.replay), {}
+            failed = []
+            for mode in CAPTURE_MODES:   # the first capture_error_mode that captures
+                try:
+                    g = base.capture(tokens, pos_t, error_mode=mode)
+                except RuntimeError as e:
+                    failed.append(f"{mode}: {str(e)[:160]}")
+                    continue
+                note = f"captured with capture_error_mode={mode}" + (
+                    f" (failed: {'; '.join(failed)})" if failed else "")
+                return timed(g.replay), {"note": note}
+            raise RuntimeError("capture failed in every mode: " + " | ".join(failed))
         attempt("cuda_graph", graph)
     bf16_logits = base.forward(tokens, pos_t)
     base = None
@@ -157,15 +167,22 @@ def bench_shape(cfg, shards, batch, tp, devices, args, flush, log, keep_shards):
             got = dec.buffers.logits.clone()
             setup_s = time.perf_counter() - t0
             note = ""
-            try:
-                step = dec.capture().replay
-            except Exception as e:  # noqa: BLE001 -- time the eager launches instead
+            step, failed = None, []
+            for mode in CAPTURE_MODES[1:]:
+                try:
+                    step = dec.runtime.capture(error_mode=mode).replay
+                    note = f"captured with capture_error_mode={mode}"
+                    break
+                except Exception as e:  # noqa: BLE001 -- try the next mode, else eager
+                    failed.append(f"{mode}: {type(e).__name__}: {str(e)[:120]}")
+                    for d in dec.devices:
+                        torch.cuda.synchronize(d)
+            if step is None:
                 if comm_kind == "peer":
-                    raise
-                torch.cuda.synchronize()
+                    raise RuntimeError("capture failed: " + " | ".join(failed))
                 dec.set_position(pos)
-                step, note = dec.launch_step, (f"launched eagerly: CUDA-graph capture failed "
-                                               f"({type(e).__name__}: {str(e)[:120]})")
+                step, note = dec.launch_step, ("launched eagerly: CUDA-graph capture failed ("
+                                               + " | ".join(failed) + ")")
             ms = timed(step, lambda: dec.set_position(pos))
             dec.runtime.check()
             check = errors(got, bf16_logits, want)

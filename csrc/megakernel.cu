@@ -1,5 +1,6 @@
 // Host side of the interpreter: launch configuration and capability queries. No torch here:
 // csrc/binding.cpp is the only file that speaks torch.
+#include <atomic>
 #include <cuda_runtime.h>
 #include "interpreter.cuh"
 
@@ -8,16 +9,23 @@ namespace mk {
 size_t smem_bytes() { return SmemLayout::total; }
 int threads_per_block() { return kThreads; }
 
+// The shared-memory opt-in is a per-device function attribute: set it once per device
+// (tensor parallelism launches on several GPUs from one process).
 static cudaError_t configure() {
-  static cudaError_t status = [] {
-    const int bytes = static_cast<int>(SmemLayout::total);
-    cudaError_t e = cudaFuncSetAttribute(megakernel<false>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) return e;
-    return cudaFuncSetAttribute(megakernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                bytes);
-  }();
-  return status;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> status[kMaxDevices];  // 0: not yet, 1: ok, else cudaError_t + 2
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  const int known = status[dev].load();
+  if (known != 0) return known == 1 ? cudaSuccess : static_cast<cudaError_t>(known - 2);
+  const int bytes = static_cast<int>(SmemLayout::total);
+  e = cudaFuncSetAttribute(megakernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(megakernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  status[dev].store(e == cudaSuccess ? 1 : static_cast<int>(e) + 2);
+  return e;
 }
 
 int max_blocks_per_sm() {

@@ -120,9 +120,9 @@ def pack_shard(shard, tp: int, rank: int, dtype=None, device=None,
 def pack_weights(weights, dtype=None, device=None, tp: int = 1, rank: int = 0,
                  release: bool = False) -> PackedWeights:
     """Weights -> PackedWeights (in `dtype` on `device`, default the weights' own); with
-    tp > 1 rank `rank`'s shard. release=True empties weights.layers as it goes (each layer
-    set to None once packed), so packing a model that fills the device needs one layer of
-    headroom, not a second copy; `weights` is unusable afterwards."""
+    tp > 1 rank `rank`'s shard. release=True drops each layer matrix from `weights` once
+    packed, so packing a model that fills the device needs room for its largest stack, not
+    a second copy; `weights` is unusable afterwards."""
     if tp > 1:
         if not 0 <= rank < tp:
             raise ValueError(f"rank must be in 0..{tp - 1}, got {rank}")
@@ -136,24 +136,35 @@ def pack_weights(weights, dtype=None, device=None, tp: int = 1, rank: int = 0,
         return t.to(device=device, dtype=dtype)
 
     L, d, I = cfg.L, cfg.d, cfg.I
-    # Preallocate the stacks and fill them layer by layer: no second copy in flight.
-    wqkv = torch.empty(L, len(rows), d, dtype=dtype, device=device)
-    wgu = torch.empty(L, 2 * I, d, dtype=dtype, device=device)
-    wo = torch.empty(L, d, cfg.H * cfg.D, dtype=dtype, device=device)
-    wdown = torch.empty(L, d, I, dtype=dtype, device=device)
     sels = [(which == k).nonzero().squeeze(1) for k in range(3)]
     attn_norm = torch.stack([cv(lw.attn_norm) for lw in weights.layers])
     mlp_norm = torch.stack([cv(lw.mlp_norm) for lw in weights.layers])
-    for layer in range(L):
-        lw = weights.layers[layer]
+
+    def fill_qkv(out, lw):
         for sel, src in zip(sels, (lw.wq, lw.wk, lw.wv)):
-            wqkv[layer, sel.to(device)] = cv(src)[rows[sel].to(device)]
-        wgu[layer, 0::2] = cv(lw.w_gate)
-        wgu[layer, 1::2] = cv(lw.w_up)
-        wo[layer] = cv(lw.wo)
-        wdown[layer] = cv(lw.w_down)
-        if release:
-            weights.layers[layer] = lw = None
+            out[sel.to(device)] = cv(src)[rows[sel].to(device)]
+
+    def fill_gu(out, lw):
+        out[0::2] = cv(lw.w_gate)
+        out[1::2] = cv(lw.w_up)
+
+    # One stack at a time, each filled layer by layer (no second copy in flight); with
+    # release the sources of a stack go as it fills, so the peak is the model plus its
+    # largest stack, not two models.
+    stacks = []
+    for rows_cols, fill, sources in (
+            ((len(rows), d), fill_qkv, ("wq", "wk", "wv")),
+            ((d, cfg.H * cfg.D), lambda out, lw: out.copy_(cv(lw.wo)), ("wo",)),
+            ((2 * I, d), fill_gu, ("w_gate", "w_up")),
+            ((d, I), lambda out, lw: out.copy_(cv(lw.w_down)), ("w_down",))):
+        out = torch.empty(L, *rows_cols, dtype=dtype, device=device)
+        for layer, lw in enumerate(weights.layers):
+            fill(out[layer], lw)
+            if release:
+                for name in sources:
+                    setattr(lw, name, None)
+        stacks.append(out)
+    wqkv, wo, wgu, wdown = stacks
     embed = cv(weights.embed)
     tied = cfg.tie_word_embeddings or weights.lm_head is weights.embed
     return PackedWeights(

@@ -116,10 +116,12 @@ class TpRuntime:
             for name in ("logits", "amax_val", "amax_idx"):
                 nccl.all_reduce([getattr(b, name) for b in bufs], streams=self.streams)
 
-    def capture(self, tokens: torch.Tensor | None = None) -> "TpGraph":
+    def capture(self, tokens: torch.Tensor | None = None,
+                error_mode: str = "thread_local") -> "TpGraph":
         """CUDA graphs of one step (greedy feedback by default), one per rank device, captured
-        together; replay() forks and joins like launch_step."""
-        return TpGraph(self, tokens)
+        together; replay() forks and joins like launch_step. error_mode: torch's
+        capture_error_mode."""
+        return TpGraph(self, tokens, error_mode)
 
     # -- state ----------------------------------------------------------------------------
     def error(self) -> str | None:
@@ -146,7 +148,7 @@ class TpGraph:
     devices inside a capture; the captures of all devices are open at once so the NCCL
     calls of the ablation, which span the devices, are captured too."""
 
-    def __init__(self, rt: TpRuntime, tokens):
+    def __init__(self, rt: TpRuntime, tokens, error_mode: str = "thread_local"):
         self.rt = rt
         devices = list(dict.fromkeys(rt.devices))
         for d in devices:
@@ -163,7 +165,7 @@ class TpGraph:
             for d in devices:
                 torch.cuda.set_stream(self.lead[d])
                 with torch.cuda.device(d):
-                    self.graphs[d].capture_begin(capture_error_mode="thread_local")
+                    self.graphs[d].capture_begin(capture_error_mode=error_mode)
                 begun.append(d)
             for s, lead in followers:
                 s.wait_stream(lead)
