@@ -26,6 +26,14 @@ from .runtime import Runtime
 from .scheduler import phases as phases_mod
 
 COMMS = ("peer", "nccl")
+_FAILED_GRAPHS: list = []
+
+
+def keep_failed_graphs(graphs) -> None:
+    """Keep CUDAGraph objects whose capture failed alive for the life of the process: torch
+    2.11 aborts the process in ~CUDAGraph of such a graph ("The graph should be registered
+    to the state", seen on 2 H200s)."""
+    _FAILED_GRAPHS.extend(graphs)
 
 
 class TpRuntime:
@@ -117,10 +125,12 @@ class TpRuntime:
                 nccl.all_reduce([getattr(b, name) for b in bufs], streams=self.streams)
 
     def capture(self, tokens: torch.Tensor | None = None,
-                error_mode: str = "thread_local") -> "TpGraph":
+                error_mode: str = "relaxed") -> "TpGraph":
         """CUDA graphs of one step (greedy feedback by default), one per rank device, captured
         together; replay() forks and joins like launch_step. error_mode: torch's
-        capture_error_mode."""
+        capture_error_mode: the second device's capture_begin is an unsafe call while the
+        first device captures, so only "relaxed" works with several GPUs (measured on two
+        H200s, torch 2.11)."""
         return TpGraph(self, tokens, error_mode)
 
     # -- state ----------------------------------------------------------------------------
@@ -148,7 +158,7 @@ class TpGraph:
     devices inside a capture; the captures of all devices are open at once so the NCCL
     calls of the ablation, which span the devices, are captured too."""
 
-    def __init__(self, rt: TpRuntime, tokens, error_mode: str = "thread_local"):
+    def __init__(self, rt: TpRuntime, tokens, error_mode: str = "relaxed"):
         self.rt = rt
         devices = list(dict.fromkeys(rt.devices))
         for d in devices:
@@ -158,13 +168,14 @@ class TpGraph:
         followers = [(s, self.lead[d]) for s, d in zip(rt.streams, rt.devices)
                      if s is not self.lead[d]]
         saved = {d: torch.cuda.current_stream(d) for d in devices}
-        begun = []
+        device = torch.cuda.current_device()
+        begun, ok = [], False
         try:
             # torch.cuda.graph() synchronises on entry, which would break the first capture
             # while opening the second: begin the captures by hand.
             for d in devices:
-                torch.cuda.set_stream(self.lead[d])
                 with torch.cuda.device(d):
+                    torch.cuda.set_stream(self.lead[d])
                     self.graphs[d].capture_begin(capture_error_mode=error_mode)
                 begun.append(d)
             for s, lead in followers:
@@ -172,12 +183,19 @@ class TpGraph:
             rt._enqueue(tokens)
             for s, lead in followers:
                 lead.wait_stream(s)
+            ok = True
         finally:
-            for d in reversed(begun):
-                with torch.cuda.device(d):
-                    self.graphs[d].capture_end()
-            for d in devices:
-                torch.cuda.set_stream(saved[d])
+            try:
+                for d in reversed(begun):
+                    with torch.cuda.device(d):
+                        self.graphs[d].capture_end()
+            finally:
+                for d in devices:
+                    with torch.cuda.device(d):
+                        torch.cuda.set_stream(saved[d])
+                torch.cuda.set_device(device)
+                if not ok:
+                    keep_failed_graphs(self.graphs.values())
 
     def replay(self) -> None:
         caller = torch.cuda.current_stream(self.rt.devices[0])

@@ -86,7 +86,7 @@ def greedy_and_graph(devices, comm="peer"):
     step()."""
     cfg = ModelConfig.preset("tiny")
     w = Weights.random(cfg, seed=5, dtype=torch.bfloat16, device="cuda:0")
-    prompt = torch.randint(0, cfg.V, (2, 4), generator=torch.Generator().manual_seed(5)).cuda()
+    prompt = torch.randint(0, cfg.V, (2, 4), generator=torch.Generator().manual_seed(5)).to("cuda:0")
     mk = Decoder(cfg, w, batch=2, max_seq=96, tp=2, devices=devices, comm=comm)
     fp = ReferenceModel(cfg, w, batch=2, max_seq=96, dtype=torch.float32)
     assert torch.equal(mk.generate(prompt, 64), fp.generate(prompt, 64))
