@@ -21,6 +21,6 @@ fi
 SECONDS=0
 args=(); for m in $MODELS; do args+=(--model "$m"); done
 for b in $BATCHES; do args+=(--batch "$b"); done
-timeout "${BENCH_TIMEOUT:-300}" python3 -m megakernel bench --tp "$TP" "${args[@]}" --iters "${ITERS:-30}" \
-  --warmup 5 --out "$OUT" > "$OUT/bench_tp.log" 2>&1
+timeout "${BENCH_TIMEOUT:-480}" python3 -m megakernel bench --tp "$TP" "${args[@]}" --iters "${ITERS:-30}" \
+  --warmup 5 --graph-timeout "${GRAPH_TIMEOUT:-150}" --out "$OUT" > "$OUT/bench_tp.log" 2>&1
 echo "bench --tp $TP rc=$? (${SECONDS}s)"; grep -E "^\[bench" "$OUT/bench_tp.log" | tail -14

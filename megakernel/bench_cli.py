@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "megakernel, and the NCCL-between-launches ablation)")
     parser.add_argument("--variants", default="eager,cuda_graph,megakernel,megakernel_nccl",
                         help="with --tp > 1: comma-separated subset of those four")
+    parser.add_argument("--graph-timeout", type=float, default=180.0,
+                        help="with --tp > 1: seconds for the cuda_graph child of each shape")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
                         help="only rewrite the markdown and PNG of a results JSON")
 
@@ -81,11 +84,24 @@ def main(args) -> int:
     log = Progress("bench")
     if args.tp > 1:
         from megakernel.bench.tp_bench import run_tp
-        run = report.derive(run_tp(cfgs, batches, args.tp, args, log))
+        import json
+
+        import torch
+        gpu = torch.cuda.get_device_name(device)
+        stem = f"bench_{slug(gpu)}_tp{args.tp}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.child:      # the parent reads the records from the last stdout line
+            run = run_tp(cfgs, batches, args.tp, args, log)
+            print(json.dumps(run["records"]))
+            return 0
+
+        def save(partial):  # a later hang or kill keeps what was measured
+            report.write_json(report.derive(partial), args.out / f"{stem}.partial.json")
+        args.out.mkdir(parents=True, exist_ok=True)
+        run = report.derive(run_tp(cfgs, batches, args.tp, args, log, on_record=save))
+        (args.out / f"{stem}.partial.json").unlink(missing_ok=True)
     else:
         run = report.derive(run_bench(cfgs, batches, contenders, args, device, log))
-    tp = f"_tp{args.tp}" if args.tp > 1 else ""
-    stem = f"bench_{slug(run['gpu'])}{tp}_{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"bench_{slug(run['gpu'])}_{time.strftime('%Y%m%d-%H%M%S')}"
     paths, why = report.write_all(run, args.out, stem)
     print(report.markdown(run))
     for p in paths:
