@@ -92,6 +92,10 @@ def bandwidth(device, nbytes: int = 2 << 30, iters: int = 20) -> tuple[float, fl
 
 
 def git_commit() -> str:
+    """MK_COMMIT if set (the device copy's .git can be stale: it reported a commit from
+    before the tree that ran), else git's HEAD."""
+    if os.environ.get("MK_COMMIT"):
+        return os.environ["MK_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
@@ -99,7 +103,7 @@ def git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("MK_COMMIT", "unknown")
+    return "unknown"
 
 
 def stamp(device) -> dict:
