@@ -2,7 +2,6 @@
 PyTorch op reference (megakernel.ops_ref) on identical random inputs, outputs poisoned."""
 from __future__ import annotations
 
-import dataclasses
 import types
 
 import numpy as np
@@ -36,9 +35,8 @@ def one_instruction_program(cfg, batch, rec, attn_splits=3, lm_slices=2):
 def random_inputs(buf, cfg, max_seq, seed, positions=None):
     """Fill every buffer with random, never-zero data (in place, on the buffers' device)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    for f in dataclasses.fields(buf):
-        t = getattr(buf, f.name)
-        if f.name in ("counters", "epoch", "done", "error", "rope_cos", "rope_sin"):
+    for name, t in buf.tensors().items():   # absent buffers (part, tp = 1) are None
+        if name in ("counters", "epoch", "done", "error", "rope_cos", "rope_sin"):
             continue
         if t.is_floating_point():
             t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
