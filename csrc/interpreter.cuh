@@ -118,9 +118,12 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       else if (nt == 2) consumer_matvec_tc<2>(a, ring, ins, it, act, acc, red, rstd);
       else if (a.B == 1) consumer_matvec<1>(a, ring, ins, it, act, acc, red, rstd);
       else if (a.B == 2) consumer_matvec<2>(a, ring, ins, it, act, acc, red, rstd);
-      else if (kTcMinBucket > 4 && a.B <= 4) consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd);
-      else if (kTcMinBucket > 8 && a.B <= 8) consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd);
-      else if (kTcMinBucket > 16) consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd);
+      else if (kTcMinBucket > 4 && a.B <= 4)
+        consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd);
+      else if (kTcMinBucket > 8 && a.B <= 8)
+        consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd);
+      else if (kTcMinBucket > 16)
+        consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd);
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
