@@ -26,8 +26,16 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_ACT_FLOATS
 #define MK_ACT_FLOATS 8192
 #endif
+#ifndef MK_TC_MIN_BUCKET
+#define MK_TC_MIN_BUCKET 4  // batch buckets from this one up use tensor cores; 32: none do
+#endif
 constexpr int kPageBytes = MK_PAGE_KB * 1024;
 constexpr int kPageElems = kPageBytes / 2;        // bf16 elements per page
+// A ring slot holds one page plus 16 bytes for each of 16 rows: tensor-core pages pad their
+// rows to an odd multiple of 16 bytes (conflict-free ldmatrix), and the batch-8 page of
+// 16 rows x 1024 columns keeps its 16 rows. More would not fit 5 pages in 227 KB.
+constexpr int kSlotBytes = kPageBytes + 16 * 16;
+constexpr int kTcMinBucket = MK_TC_MIN_BUCKET;
 constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
 constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages beyond the ring pulled into L2
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
@@ -37,6 +45,7 @@ constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");
 static_assert(kPageBytes % 16 == 0, "bulk copies move multiples of 16 bytes");
+static_assert(kSlotBytes % 128 == 0, "ring slots start 128-byte aligned");
 
 // ---- counters -------------------------------------------------------------------------
 __device__ __forceinline__ int32_t ld_acquire(const int32_t* p) {

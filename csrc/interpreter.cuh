@@ -11,6 +11,7 @@
 #pragma once
 #include "common.cuh"
 #include "matvec.cuh"
+#include "matvec_tc.cuh"
 #include "ops/argmax.cuh"
 #include "ops/attn.cuh"
 #include "ops/attn_reduce.cuh"
@@ -24,7 +25,7 @@ namespace mk {
 
 struct SmemLayout {
   static constexpr size_t pages = 0;
-  static constexpr size_t full = pages + static_cast<size_t>(kNumPages) * kPageBytes;
+  static constexpr size_t full = pages + static_cast<size_t>(kNumPages) * kSlotBytes;
   static constexpr size_t empty = full + kNumPages * sizeof(uint64_t);
   static constexpr size_t act = empty + kNumPages * sizeof(uint64_t);
   static constexpr size_t acc = act + kActFloats * sizeof(float);
@@ -126,11 +127,19 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
     if (is_matvec(op) && !matvec_valid(a, ins)) {
       err = ERR_BAD_INSTRUCTION;
     } else if (is_matvec(op)) {
-      if (a.B == 1) consumer_matvec<1>(a, ring, ins, it, act, acc, red, rstd);
+      // Buckets below kTcMinBucket run on CUDA cores; the CUDA-core code of the others is
+      // compiled only when MK_TC_MIN_BUCKET leaves them on CUDA cores.
+      const int nt = tc_ntiles(a.B);
+      if (nt == 1) consumer_matvec_tc<1>(a, ring, ins, it, act, acc, red, rstd);
+      else if (nt == 2) consumer_matvec_tc<2>(a, ring, ins, it, act, acc, red, rstd);
+      else if (a.B == 1) consumer_matvec<1>(a, ring, ins, it, act, acc, red, rstd);
       else if (a.B == 2) consumer_matvec<2>(a, ring, ins, it, act, acc, red, rstd);
-      else if (a.B <= 4) consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd);
-      else if (a.B <= 8) consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd);
-      else consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd);
+      else if (kTcMinBucket > 4 && a.B <= 4)
+        consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd);
+      else if (kTcMinBucket > 8 && a.B <= 8)
+        consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd);
+      else if (kTcMinBucket > 16)
+        consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd);
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;

@@ -10,19 +10,36 @@
 // RMSNorm weight; 1/rms, a per-row constant, scales the sums afterwards), accumulate [n, B]
 // fp32 partial sums, then run the op's epilogue.
 // Both sides walk the same page sequence, derived from `matvec_geometry` alone.
+// Batch buckets from kTcMinBucket up compute on tensor cores (matvec_tc.cuh) and change the
+// page layout: rows padded to an odd multiple of 16 bytes, activation chunks of 8-column
+// n-tiles. Buckets below it (batch 1 and 2) keep the CUDA-core layout and code here.
 #pragma once
 #include "common.cuh"
 
 namespace mk {
+
+// The compile-time batch a matvec runs at (B <= bucket).
+__host__ __device__ constexpr int batch_bucket(int B) {
+  return B <= 1 ? 1 : B <= 2 ? 2 : B <= 4 ? 4 : B <= 8 ? 8 : 16;
+}
+// Tensor-core n-tiles of 8 batch columns for batch B; 0: CUDA cores.
+__host__ __device__ constexpr int tc_ntiles(int B) {
+  return batch_bucket(B) >= kTcMinBucket ? (B + 7) / 8 : 0;
+}
 
 struct MatvecGeometry {
   const __nv_bfloat16* w;  // row row0 of the matrix
   int K, n;                // in features; rows of this instruction
   int kc, rpp;             // columns per chunk; rows per page
   int nchunks, ngroups;
+  int nt;                  // tc_ntiles(B)
   __device__ int pages() const { return nchunks * ngroups; }
   __device__ int chunk_cols(int c) const { return min(kc, K - c * kc); }
   __device__ int group_rows(int g) const { return min(rpp, n - g * rpp); }
+  // Bytes from one row of a page to the next in shared memory: tensor-core pages round
+  // rows up to an odd number of 16-byte units, so the 8 rows of an ldmatrix 8x8 tile fall
+  // in 8 different bank groups.
+  __device__ int stride(int cols) const { return nt ? ((cols >> 3) | 1) << 4 : cols * 2; }
 };
 
 // Input of a matvec op: activation rows `x` (stride `ld`), optional RMSNorm weight.
@@ -38,9 +55,17 @@ __device__ __forceinline__ MatvecGeometry make_geometry(const __nv_bfloat16* mat
   g.w = matrix + static_cast<size_t>(row0) * K;
   g.K = K;
   g.n = n;
-  int kc = min(K, min(kPageElems, (kActFloats / B) & ~7));
-  g.kc = kc;
-  g.rpp = max(1, kPageElems / kc);
+  g.nt = tc_ntiles(B);
+  if (g.nt) {
+    // Activation chunks hold nt n-tiles of fp32-sized hi/lo bf16 pairs, whole k-steps of
+    // 16 columns; a padded page fits a slot and holds at most a page of weights.
+    g.kc = min(K, (kActFloats / (8 * g.nt)) & ~15);
+    g.rpp = max(1, min(kPageElems / g.kc, kSlotBytes / g.stride(g.kc)));
+  } else {
+    g.kc = min(K, min(kPageElems, (kActFloats / B) & ~7));
+    g.rpp = max(1, kPageElems / g.kc);
+  }
+  const int kc = g.kc;
   g.nchunks = (K + kc - 1) / kc;
   g.ngroups = (n + g.rpp - 1) / g.rpp;
   return g;
@@ -91,7 +116,7 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
 
 // ---- shared-memory ring ------------------------------------------------------------------
 struct Ring {
-  unsigned char* pages;    // kNumPages * kPageBytes
+  unsigned char* pages;    // kNumPages * kSlotBytes
   uint64_t* full;          // [kNumPages] loader -> consumers (tx bytes)
   uint64_t* empty;         // [kNumPages] consumers -> loader (one arrival per consumer thread)
   volatile int* abort;     // set by consumers when the block stops early
@@ -125,6 +150,7 @@ struct PageWalk {
   // Row segments of the current page: rows, bytes per row, first element of row 0.
   __device__ int rows() const { return g.group_rows(p % g.ngroups); }
   __device__ uint32_t row_bytes() const { return g.chunk_cols(p / g.ngroups) * 2; }
+  __device__ uint32_t row_stride() const { return g.stride(g.chunk_cols(p / g.ngroups)); }
   __device__ const __nv_bfloat16* row(int r) const {
     const int c = p / g.ngroups, grp = p % g.ngroups;
     return g.w + static_cast<size_t>(grp * g.rpp + r) * g.K + static_cast<size_t>(c) * g.kc;
@@ -164,12 +190,12 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       continue;
     }
     const int rows = load.rows();
-    const uint32_t row_bytes = load.row_bytes();
+    const uint32_t row_bytes = load.row_bytes(), stride = load.row_stride();
     if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
     __syncwarp();
-    unsigned char* dst = ring.pages + static_cast<size_t>(slot) * kPageBytes;
+    unsigned char* dst = ring.pages + static_cast<size_t>(slot) * kSlotBytes;
     for (int r = lane; r < rows; r += 32)
-      bulk_load(dst + r * row_bytes, load.row(r), row_bytes, &ring.full[slot], policy);
+      bulk_load(dst + r * stride, load.row(r), row_bytes, &ring.full[slot], policy);
   }
   // Never leave the block with copies in flight: wait for the last fill of every slot.
   for (int s = 0; s < kNumPages && s < static_cast<int>(it); ++s) {
@@ -285,17 +311,10 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
   }
 }
 
-// Consumers: rstd[b] = 1 / rms of row b from every thread's partial sums over K.
-template <int BT>
-__device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, float* red,
-                           float* rstd) {
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-#pragma unroll
-  for (int b = 0; b < BT; ++b) {
-    if (b >= B) break;
-    const float t = warp_sum(sums[b]);
-    if (lane == 0) red[warp * kMaxBatch + b] = t;
-  }
+// Consumers: rstd[b] = 1 / rms of row b from each warp's sum of squares red[warp, b].
+__device__ __forceinline__ void rstd_from_warp_sums(int K, int B, float eps, const float* red,
+                                                    float* rstd) {
+  const int tid = threadIdx.x;
   consumer_sync();
   if (tid < B) {
     float t = 0.f;
@@ -303,6 +322,20 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
     rstd[tid] = rsqrtf(t / K + eps);
   }
   consumer_sync();
+}
+
+// Consumers: rstd[b] = 1 / rms of row b from every thread's partial sums over K.
+template <int BT>
+__device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, float* red,
+                           float* rstd) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int b = 0; b < BT; ++b) {
+    if (b >= B) break;
+    const float t = warp_sum(sums[b]);
+    if (lane == 0) red[warp * kMaxBatch + b] = t;
+  }
+  rstd_from_warp_sums(K, B, eps, red, rstd);
 }
 
 // Consumers: the whole matvec of one instruction into acc[n, B]. `it` is the ring position
@@ -328,7 +361,7 @@ __device__ void consumer_matvec(const KernelArgs& a, const Ring& ring, const int
       const int slot = it % kNumPages;
       while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
       if (!(a.mode & MODE_NO_COMPUTE))
-        page_matvec<BT>(ring.pages + static_cast<size_t>(slot) * kPageBytes, g.group_rows(grp),
+        page_matvec<BT>(ring.pages + static_cast<size_t>(slot) * kSlotBytes, g.group_rows(grp),
                         cols, grp * g.rpp, act, acc, B);
       // Every consumer thread releases its own reads of the page (an mbarrier arrive orders
       // only the arriving thread's accesses) before the loader may overwrite the slot.

@@ -1,0 +1,239 @@
+// The tensor-core matvec of the batch buckets from kTcMinBucket up; matvec.cuh owns the ring,
+// the page walk and the geometry (MatvecGeometry::nt > 0 selects the layout used here).
+//
+// Per page, acc[rows, B] += W[rows, cols] x act[B, cols]^T with mma.sync m16n8k16 (bf16 in,
+// fp32 accumulate): weights are the A operand (16 rows x 16 k, ldmatrix.x4 from the page,
+// whose rows are padded to an odd number of 16-byte units so ldmatrix is conflict-free),
+// activations the B operand (16 k x 8 batch columns). Activations are fp32: each is split
+// into hi = bf16(x) and lo = bf16(x - hi), and both go through the MMA, so a product loses
+// ~2^-17 of its size instead of bf16's 2^-9.
+//
+// Activation chunk in shared memory (`frag`, uint4 [k-steps][nt][32 lanes]): lane l of
+// k-step s, n-tile j holds for batch row 8j + l/4 and columns k = 16s + 2(l%4):
+// {hi(k, k+1), hi(k+8, k+9), lo(k, k+1), lo(k+8, k+9)}, the B fragments of both MMAs, read
+// with one conflict-free 16-byte load per lane. Rows b >= B and columns past the chunk are 0.
+//
+// Work split: a page has mt = ceil(rows/16) m-tiles. With fewer than 8, wpt = 8/mt warps
+// share a tile, each taking a contiguous 1/wpt of its k-steps, and add their sums to acc
+// with shared atomics. An instruction with one row group has the same rows on every page:
+// its warps then keep their sums in registers across pages and add them to acc once.
+#pragma once
+#include "matvec.cuh"
+
+namespace mk {
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+
+// d += a (16 x 16 bf16, row-major) x b (16 x 8 bf16, column-major), fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// (x.x, x.y) as bf16 pairs hi = bf16(x) and lo = bf16(x - hi) (x - hi is exact in fp32).
+__device__ __forceinline__ void split_bf16(float2 x, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __float22bfloat162_rn(x);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(x.x - hf.x, x.y - hf.y);
+  hi = reinterpret_cast<const uint32_t&>(h);
+  lo = reinterpret_cast<const uint32_t&>(l);
+}
+
+// Consumers: x[:, col0 : col0+cols] (times the norm weight) into `frag`. Thread t always
+// holds batch row 8 (warp % NT) + lane/4, so its sum of x^2 is the one float `sq`.
+template <int NT>
+__device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B, uint4* frag,
+                               float& sq) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = 8 * (warp % NT) + (lane >> 2), ksteps = (cols + 15) >> 4;
+  const float* x = in.x + static_cast<size_t>(min(b, B - 1)) * in.ld + col0;
+#pragma unroll 4
+  for (int s = warp / NT; s < ksteps; s += kConsumerWarps / NT) {
+    const int k = 16 * s + 2 * (lane & 3);
+    const bool upper = k + 8 < cols;  // false only in a k-step cut to 8 columns
+    float2 v0 = make_float2(0.f, 0.f), v1 = v0;   // columns (k, k+1) and (k+8, k+9)
+    if (b < B) {
+      v0 = __ldcg(reinterpret_cast<const float2*>(x + k));
+      if (upper) v1 = __ldcg(reinterpret_cast<const float2*>(x + k + 8));
+      if (in.norm) {
+        sq += v0.x * v0.x + v0.y * v0.y + v1.x * v1.x + v1.y * v1.y;
+        const unsigned* nw = reinterpret_cast<const unsigned*>(in.norm + col0 + k);
+        const uint32_t n0 = __ldg(nw), n1 = upper ? __ldg(nw + 4) : 0u;
+        v0.x *= bf16_lo(n0); v0.y *= bf16_hi(n0);
+        v1.x *= bf16_lo(n1); v1.y *= bf16_hi(n1);
+      }
+    }
+    uint4 f;
+    split_bf16(v0, f.x, f.z);
+    split_bf16(v1, f.y, f.w);
+    frag[(s * NT + warp % NT) * 32 + lane] = f;
+  }
+}
+
+// Adds a warp's sums for one m-tile to acc[row0 + r, b] and zeroes them. part[2j] (hi) and
+// part[2j+1] (lo) element e of lane (g, q) = (lane/4, lane%4): row g + 8 (e/2), batch
+// column 8j + 2q + e%2. rot >= 0: other warps add to the same words, so atomically; each
+// starts at element rot, so warps sharing a tile rarely retry their CAS on the same word.
+template <int NT>
+__device__ __forceinline__ void flush_tile(float (&part)[2 * NT][4], float* acc, int row0,
+                                           int rows, int B, int rot) {
+  constexpr int E = 4 * NT;
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  float v[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    v[e] = part[2 * (e >> 2)][e & 3] + part[2 * (e >> 2) + 1][e & 3];
+    part[2 * (e >> 2)][e & 3] = part[2 * (e >> 2) + 1][e & 3] = 0.f;
+  }
+  if (rot < 0) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int r = g + 8 * ((e >> 1) & 1), b = 8 * (e >> 2) + 2 * q + (e & 1);
+      if (r < rows && b < B) acc[(row0 + r) * B + b] += v[e];
+    }
+    return;
+  }
+#pragma unroll
+  for (int sh = 1; sh < E; sh <<= 1) {  // v[i] <- v[(i + rot) % E], in log2(E) selects
+    if (rot & sh) {
+      float t[E];
+#pragma unroll
+      for (int i = 0; i < E; ++i) t[i] = v[(i + sh) % E];
+#pragma unroll
+      for (int i = 0; i < E; ++i) v[i] = t[i];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const int e = (i + rot) % E;
+    const int r = g + 8 * ((e >> 1) & 1), b = 8 * (e >> 2) + 2 * q + (e & 1);
+    if (r < rows && b < B) atomicAdd(acc + (row0 + r) * B + b, v[i]);
+  }
+}
+
+// part[2j] += A x hi, part[2j+1] += A x lo of n-tile j: hi and lo in separate accumulators
+// make two independent MMA chains per n-tile.
+template <int NT>
+__device__ __forceinline__ void mma_step(float (&part)[2 * NT][4], const uint32_t (&a)[4],
+                                         const uint4 (&x)[NT]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    mma_bf16(part[2 * j], a, x[j].x, x[j].y);
+    mma_bf16(part[2 * j + 1], a, x[j].z, x[j].w);
+  }
+}
+
+// One page: rows x cols bf16 (row stride `stride` bytes) times frag -> part, added to
+// acc[row_base + r, b] when `flush` (else kept in part for the next page, same rows).
+template <int NT>
+__device__ __forceinline__ void page_mma(const unsigned char* page, int stride, int rows,
+                                         int cols, int row_base, const uint4* frag,
+                                         float* acc, int B, float (&part)[2 * NT][4],
+                                         bool flush) {
+  static_assert(kConsumerWarps == 8, "warps per tile are 8 >> wsh");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int mt = (rows + 15) >> 4, full = cols >> 4;      // m-tiles; k-steps of 16 columns
+  const int wsh = mt >= 5 ? 0 : mt >= 3 ? 1 : 4 - mt;     // wpt = 8 / mt, a power of 2
+  const int wpt = 1 << wsh, kp = warp & (wpt - 1);
+  // This warp's k-steps: [s0, s0 + per) of the ceil(cols / 16), contiguous so that the
+  // loads of consecutive steps are immediate offsets of one address.
+  const int per = (((cols + 15) >> 4) + wpt - 1) >> wsh, s0 = kp * per;
+  const int s1 = min(full, s0 + per);
+  const bool tail = (cols & 8) && s0 <= full && full < s0 + per;  // a last step of 8 columns
+  for (int t = warp >> wsh; t < mt; t += kConsumerWarps >> wsh) {
+    // ldmatrix.x4: lanes 0-15 point at rows 0-15 of the tile at k 0..7 (a0, a1), lanes
+    // 16-31 at the same rows at k 8..15 (a2, a3). A short tile repeats its last row (real
+    // weights, never garbage); the sums of those rows are not stored.
+    uint32_t a_addr = smem_addr(page) + min(t * 16 + (lane & 15), rows - 1) * stride +
+                      (lane >> 4) * 16 + s0 * 32;
+    const uint4* f = frag + s0 * NT * 32 + lane;
+    int s = s0;
+    for (; s + 4 <= s1; s += 4, a_addr += 4 * 32, f += 4 * NT * 32) {
+      uint32_t a[4][4];  // 4 k-steps: every load before any MMA
+      uint4 x[4][NT];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        ldsm_x4(a[u], a_addr + u * 32);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) x[u][j] = f[(u * NT + j) * 32];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) mma_step<NT>(part, a[u], x[u]);
+    }
+    for (; s < s1; ++s, a_addr += 32, f += NT * 32) {
+      uint32_t a[4];
+      uint4 x[NT];
+      ldsm_x4(a, a_addr);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) x[j] = f[j * 32];
+      mma_step<NT>(part, a, x);
+    }
+    if (tail) {
+      uint32_t a[4];
+      uint4 x[NT];
+      ldsm_x4(a, a_addr - (lane >> 4) * 16);  // every lane inside its row
+      a[2] = a[3] = 0u;                       // k 8..15 are not in the page
+#pragma unroll
+      for (int j = 0; j < NT; ++j) x[j] = f[j * 32];
+      mma_step<NT>(part, a, x);
+    }
+    if (flush) flush_tile<NT>(part, acc, row_base + t * 16, rows - t * 16, B, wpt > 1 ? kp : -1);
+  }
+}
+
+// Consumers: the whole matvec of one instruction into acc[n, B] on tensor cores; the same
+// contract as consumer_matvec (matvec.cuh). NT: n-tiles, tc_ntiles(a.B).
+template <int NT>
+__device__ void consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
+                                   uint32_t& it, float* act, float* acc, float* red,
+                                   float* rstd) {
+  const int tid = threadIdx.x, B = a.B;
+  const MatvecGeometry g = matvec_geometry(a, ins);
+  const MatvecInput in = matvec_input(a, ins);
+  uint4* frag = reinterpret_cast<uint4*>(act);
+  for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] = 0.f;
+  float sq = 0.f;
+  float part[2 * NT][4];
+#pragma unroll
+  for (int j = 0; j < 2 * NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
+  // One row group of at most one m-tile per warp: every page has the same rows and tiles.
+  const bool carry = g.ngroups == 1 && g.n <= 16 * kConsumerWarps;
+  for (int c = 0; c < g.nchunks; ++c) {
+    const int cols = g.chunk_cols(c), col0 = c * g.kc;
+    consumer_sync();  // every warp is done with the previous chunk
+    stage_chunk_tc<NT>(in, col0, cols, B, frag, sq);
+    consumer_sync();
+    for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
+      const int slot = it % kNumPages;
+      while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
+      if (!(a.mode & MODE_NO_COMPUTE))
+        page_mma<NT>(ring.pages + static_cast<size_t>(slot) * kSlotBytes, g.stride(cols),
+                     g.group_rows(grp), cols, grp * g.rpp, frag, acc, B, part,
+                     !carry || c == g.nchunks - 1);
+      mbar_arrive(&ring.empty[slot]);  // this thread's reads of the page are done
+    }
+  }
+  if (in.norm) {
+    // Lanes 4i..4i+3 of a warp hold batch row 8 (warp % NT) + i.
+    const int warp = tid >> 5, lane = tid & 31, b = 8 * (warp % NT) + (lane >> 2);
+    float t = sq + __shfl_xor_sync(0xffffffffu, sq, 1);
+    t += __shfl_xor_sync(0xffffffffu, t, 2);
+    if ((lane & 3) == 0) {
+      red[warp * kMaxBatch + b] = t;
+      if (NT > 1) red[warp * kMaxBatch + (b ^ 8)] = 0.f;  // the other n-tile's rows
+    }
+    rstd_from_warp_sums(g.K, B, a.eps, red, rstd);  // its barriers also complete acc
+    for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] *= rstd[i % B];
+  }
+  consumer_sync();  // acc complete
+}
+
+}  // namespace mk
