@@ -55,10 +55,9 @@ class Decoder(StepDecoder):
         if tp == 1:
             self.runtime = Runtime(self.packed, self.program, max_seq, timing=timing, **options)
         else:
-            if timing:
-                raise ValueError("timing=True is not supported with tp > 1")
             from .tp import TpRuntime
-            self.runtime = TpRuntime(self.packed, self.program, max_seq, comm=comm, **options)
+            self.runtime = TpRuntime(self.packed, self.program, max_seq, comm=comm,
+                                     timing=timing, **options)
         self.buffers = self.runtime.buffers
         self.pos = 0
 

@@ -125,10 +125,10 @@ class Runtime:
             "counter_targets": dev(program.counter_targets if program.num_counters else [0])}
         if program.num_counters == 0:
             self.buffers.counters = torch.zeros(1, dtype=torch.int32, device=device)
+        if timing and program.tp > 1:
+            raise ValueError("timing=True is not supported under tensor parallelism (tp > 1)")
         self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 3,
                                    dtype=torch.int64, device=device) if timing else None)
-        if timing and program.tp > 1:
-            raise ValueError("timing is not supported under tensor parallelism")
         watchdog_ms = watchdog_ms or float(os.environ.get("MEGAKERNEL_WATCHDOG_MS",
                                                           DEFAULT_WATCHDOG_MS))
         tensors = {**self.buffers.tensors(), **self._program_tensors,
@@ -164,13 +164,11 @@ class Runtime:
             self._launchers = [self.ext.Launcher(self._tensors, self._sizes,
                                                  self.program.num_sms, peers)]
             return
-        self._phase_tensors = []
         self._launchers = []
-        for k, ph in enumerate(phases):
+        for k, ph in enumerate(phases):    # the Launcher keeps its tensors alive
             prog = {"instructions": self._dev(ph.instructions),
                     "queue_len": self._dev(ph.queue_len),
                     "counter_targets": self._dev(ph.counter_targets)}
-            self._phase_tensors.append(prog)
             sizes = dict(self._sizes, max_len=int(ph.instructions.shape[1]),
                          mode=self._sizes["mode"] | MODE_LOCAL_COMM,
                          counts_step=int(k == len(phases) - 1))

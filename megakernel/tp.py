@@ -74,10 +74,15 @@ class TpRuntime:
         """Enqueue one step on every rank: tokens (None: each rank's last greedy tokens) ->
         token buffers, the kernel(s), position += 1. Forks from and joins into the current
         stream of rank 0's device."""
+        self._forked(lambda: self._enqueue(tokens))
+
+    def _forked(self, work) -> None:
+        """Run `work` (which enqueues on the rank streams) after everything already on the
+        caller's stream of rank 0's device, and make that stream wait for it."""
         caller = torch.cuda.current_stream(self.devices[0])
         for s in self.streams:
             s.wait_stream(caller)
-        self._enqueue(tokens)
+        work()
         for s in self.streams:
             caller.wait_stream(s)
 
@@ -102,13 +107,11 @@ class TpRuntime:
 
     def fill_position(self, pos: int) -> None:
         """Every rank's position buffer <- pos, on the rank streams (ordered with steps)."""
-        caller = torch.cuda.current_stream(self.devices[0])
-        for rt, s in zip(self.ranks, self.streams):
-            s.wait_stream(caller)
-            with torch.cuda.device(rt.device), torch.cuda.stream(s):
-                rt.buffers.pos.fill_(pos)
-        for s in self.streams:
-            caller.wait_stream(s)
+        def fill():
+            for rt, s in zip(self.ranks, self.streams):
+                with torch.cuda.device(rt.device), torch.cuda.stream(s):
+                    rt.buffers.pos.fill_(pos)
+        self._forked(fill)
 
     def _collective(self, p: int) -> None:
         step = phases_mod.collective_after(p, self.program.config.L)
