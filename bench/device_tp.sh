@@ -2,6 +2,7 @@
 # One device call on a multi-GPU machine (nvidia-h200-x2): build, the tensor-parallel GPU
 # tests, then `bench --tp $TP` for the issue's models. Logs and results go to $OUT.
 # Usage: MK_COMMIT=<hash> TP=2 MODELS="llama-3.1-8b llama-3.1-70b" bash bench/device_tp.sh
+# (TESTS=0 skips the tests, BENCH=0 the bench)
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=32
@@ -18,6 +19,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     -p no:cacheprovider -rfE > "$OUT/pytest_tp.log" 2>&1
   echo "tp gpu tests rc=$? (${SECONDS}s)"; tail -12 "$OUT/pytest_tp.log"
 fi
+[ "${BENCH:-1}" = 1 ] || exit 0
 SECONDS=0
 args=(); for m in $MODELS; do args+=(--model "$m"); done
 for b in $BATCHES; do args+=(--batch "$b"); done
