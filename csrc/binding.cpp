@@ -103,32 +103,36 @@ class Launcher {
   }
 
  private:
+  // The tensor `name` of `from`, checked CUDA, typed, contiguous and 16-byte aligned, kept
+  // alive. `what` names it in errors ("tensor", "peer 1 tensor").
+  torch::Tensor checked(py::dict& from, const std::string& what, const char* name,
+                        torch::ScalarType dtype) {
+    TORCH_CHECK(from.contains(name), "megakernel: missing ", what, " '", name, "'");
+    torch::Tensor t = from[name].cast<torch::Tensor>();
+    TORCH_CHECK(t.is_cuda(), "megakernel: ", what, " '", name, "' must be on a CUDA device");
+    TORCH_CHECK(t.scalar_type() == dtype, "megakernel: ", what, " '", name, "' must be ",
+                c10::toString(dtype), ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "megakernel: ", what, " '", name, "' must be contiguous");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                "megakernel: ", what, " '", name, "' must be 16-byte aligned");
+    keep_.push_back(t);
+    return t;
+  }
+  // This rank's tensor: on the same device as the others.
   template <typename T>
   T* ptr(py::dict& tensors, const char* name, torch::ScalarType dtype) {
-    TORCH_CHECK(tensors.contains(name), "megakernel: missing tensor '", name, "'");
-    torch::Tensor t = tensors[name].cast<torch::Tensor>();
-    TORCH_CHECK(t.is_cuda(), "megakernel: tensor '", name, "' must be on a CUDA device");
-    TORCH_CHECK(t.scalar_type() == dtype, "megakernel: tensor '", name, "' must be ",
-                c10::toString(dtype), ", got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "megakernel: tensor '", name, "' must be contiguous");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-                "megakernel: tensor '", name, "' must be 16-byte aligned");
-    if (keep_.empty()) device_ = t.device();
+    const bool first = keep_.empty();
+    torch::Tensor t = checked(tensors, "tensor", name, dtype);
+    if (first) device_ = t.device();
     TORCH_CHECK(t.device() == device_, "megakernel: tensor '", name, "' is on ", t.device(),
                 ", the others on ", device_);
-    keep_.push_back(t);
     return reinterpret_cast<T*>(t.data_ptr());
   }
-  // A peer's tensor: on its own device (checked contiguous, typed, CUDA), kept alive.
+  // A peer's tensor: on its own device.
   template <typename T>
   T* peer(py::dict& p, int rank, const char* name, torch::ScalarType dtype) {
-    TORCH_CHECK(p.contains(name), "megakernel: peer ", rank, " lacks tensor '", name, "'");
-    torch::Tensor t = p[name].cast<torch::Tensor>();
-    TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous(),
-                "megakernel: peer ", rank, " tensor '", name, "' must be a contiguous CUDA ",
-                c10::toString(dtype), " tensor");
-    keep_.push_back(t);
-    return reinterpret_cast<T*>(t.data_ptr());
+    return reinterpret_cast<T*>(
+        checked(p, "peer " + std::to_string(rank) + " tensor", name, dtype).data_ptr());
   }
   const __nv_bfloat16* bf16(py::dict& tensors, const char* name) {
     return ptr<__nv_bfloat16>(tensors, name, torch::kBFloat16);

@@ -44,6 +44,7 @@ def test_nccl_between_phases_matches_reference(tp, policy):
 
 
 def test_phase_split_rejects_a_wait_on_its_own_phase():
+    from megakernel.scheduler.isa import word_index
     from megakernel.scheduler.phases import num_phases, split_phases
     prog = mk.plan(WIDE, batch=1, num_sms=3, tp=2)
     phases = split_phases(prog)
@@ -52,9 +53,9 @@ def test_phase_split_rejects_a_wait_on_its_own_phase():
     # Move a RESID_SUM into the phase of the partials it sums: it would wait on NCCL data.
     p = prog.ranks[0]
     sm, i = next((sm, i) for sm, i, r in p.records() if r["op"] == Op.RESID_SUM)
-    p.instructions[sm, i, 1] = 0      # layer 0 ...
-    p.instructions[sm, i, 10] = 0     # ... after_mlp 0 -> phase 1; make it an attention one
-    p.instructions[sm, i, 0] = int(Op.OPROJ)   # phase 0, where its all-rank wait is signalled
+    # Turn it into a layer-0 OPROJ: phase 0, where the all-rank counter it waits on is signalled.
+    p.instructions[sm, i, word_index(Op.RESID_SUM, "layer")] = 0
+    p.instructions[sm, i, word_index(Op.RESID_SUM, "opcode")] = int(Op.OPROJ)
     with pytest.raises(ValueError, match="waits on counter"):
         split_phases(prog)
 
