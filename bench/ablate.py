@@ -43,8 +43,10 @@ class Row:
 
 def grid(num_sms: int = 132) -> list[Row]:
     """Every row, the default first; num_sms: the device's SM count (one row uses half)."""
-    def flag(macro, value, change):
-        return Row(f"{macro}={value}", change, {"build_flags": (f"-D{macro}={value}",)})
+    def flag(macro, value, change, *more):
+        """A row of kernel build flags: macro=value, plus more "-DMK_...=..." flags."""
+        return Row(f"{macro}={value}" + "".join(f"+{m[2:]}" for m in more), change,
+                   {"build_flags": (f"-D{macro}={value}",) + more})
     return [
         Row(BASELINE, "nothing: plan defaults, every mechanism on", {}),
         Row("no_prefetch", "the loader starts an instruction's weights only once its "
@@ -60,7 +62,16 @@ def grid(num_sms: int = 132) -> list[Row]:
             {"num_sms": num_sms // 2}),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
         flag("MK_NUM_PAGES", 5, "deeper shared-memory ring: 5 pages"),
-        flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of 8 pages past the ring"),
+        flag("MK_INPUT_PREFETCH", 0, "no L2 prefetch of the small inputs (queue, wait "
+             "targets, norm weights, RoPE rows, KV cache): the consumers miss on demand"),
+        flag("MK_L2_PREFETCH_PAGES", 4, "L2 prefetch of the next 4 pages once the ring "
+             "has stalled 2 us"),
+        flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of the next 8 pages once the ring "
+             "has stalled 2 us"),
+        flag("MK_L2_PREFETCH_PAGES", 16, "L2 prefetch of the next 16 pages once the ring "
+             "has stalled 2 us"),
+        flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of the next 8 pages whenever the "
+             "loader waits for a slot", "-DMK_L2_STALL_NS=0"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},
             strip_waits=True, diagnostic=True),
         Row("no_compute", "consumers skip the math", {"ablate": ("no_compute",)},

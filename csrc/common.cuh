@@ -21,7 +21,10 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #define MK_NUM_PAGES 4
 #endif
 #ifndef MK_L2_PREFETCH_PAGES
-#define MK_L2_PREFETCH_PAGES 0  // measured on H100, llama-3.2-1b b1: 0 -> 1.29 ms, 8 -> 1.67, 16 -> 1.89
+#define MK_L2_PREFETCH_PAGES 0  // pages pulled into L2 while the ring stalls (0: none)
+#endif
+#ifndef MK_L2_STALL_NS
+#define MK_L2_STALL_NS 2000     // how long the loader waits for a free slot before that
 #endif
 #ifndef MK_ACT_FLOATS
 #define MK_ACT_FLOATS 8192
@@ -37,7 +40,8 @@ constexpr int kPageElems = kPageBytes / 2;        // bf16 elements per page
 constexpr int kSlotBytes = kPageBytes + 16 * 16;
 constexpr int kTcMinBucket = MK_TC_MIN_BUCKET;
 constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
-constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages beyond the ring pulled into L2
+constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages past the ring pulled into L2
+constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports

@@ -15,6 +15,7 @@
 // n-tiles. Buckets below it (batch 1 and 2) keep the CUDA-core layout and code here.
 #pragma once
 #include "common.cuh"
+#include "inputs.cuh"
 
 namespace mk {
 
@@ -124,13 +125,15 @@ struct Ring {
 };
 
 // The pages of the matvec instructions of one SM queue, in the order the consumers take them.
+// With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes.
 struct PageWalk {
   const int32_t* queue;
   int qlen, i, p;          // instruction index (qlen: finished), page inside it
+  bool inputs;
   MatvecGeometry g;
 
-  __device__ void start(const KernelArgs& a, const int32_t* q, int n) {
-    queue = q; qlen = n; i = -1;
+  __device__ void start(const KernelArgs& a, const int32_t* q, int n, bool prefetch_inputs) {
+    queue = q; qlen = n; i = -1; inputs = prefetch_inputs;
     next_instruction(a);
   }
   __device__ bool done() const { return i >= qlen; }
@@ -138,6 +141,7 @@ struct PageWalk {
     p = 0;
     for (++i; i < qlen; ++i) {
       const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
+      if (inputs) prefetch_inputs(a, ins, threadIdx.x & 31);
       if (is_matvec(__ldg(ins + W_OPCODE))) {
         g = matvec_geometry(a, ins);
         if (g.pages() > 0) return;
@@ -158,31 +162,38 @@ struct PageWalk {
 };
 
 // Loader warp: stream the pages of every matvec instruction of this SM's queue into the
-// ring, and keep kL2PrefetchPages further pages on their way into L2, so HBM stays busy
-// while the consumers wait on counters with a full ring.
+// ring. When the ring is full and its oldest page is still unconsumed after kL2StallNs (the
+// consumers are in attention, a reduction or a counter wait), HBM would idle: the loader
+// then pulls the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later
+// fill the ring with them hit L2.
 __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
                             int qlen) {
   const int lane = threadIdx.x & 31;
   const uint64_t policy = evict_first_policy();
   const bool l2_ahead = !(a.mode & (MODE_NO_PREFETCH | MODE_NO_LOAD)) && kL2PrefetchPages > 0;
-  PageWalk load, ahead;
-  load.start(a, queue, qlen);
-  ahead.start(a, queue, qlen);
+  // The queue itself first: the walks below and the consumers read every instruction.
+  if (kInputPrefetch && lane == 0 && qlen > 0) prefetch_l2(queue, qlen * kWords * sizeof(int32_t));
+  PageWalk load, ahead;  // ahead: the next page to pull into L2 (each lane its own rows)
+  load.start(a, queue, qlen, kInputPrefetch);
+  ahead.start(a, queue, qlen, false);
   uint32_t it = 0, ahead_it = 0;
   for (; !load.done(); load.advance(a), ++it) {
     if (a.mode & MODE_NO_PREFETCH) {
       while (*ring.ready < load.i && !*ring.abort) {}
       if (*ring.abort) break;
     }
-    for (; l2_ahead && !ahead.done() && ahead_it < it + kNumPages + kL2PrefetchPages;
-         ahead.advance(a), ++ahead_it) {
-      if (ahead_it < it + kNumPages) continue;  // the ring load below covers these
-      for (int r = lane; r < ahead.rows(); r += 32) prefetch_l2(ahead.row(r), ahead.row_bytes());
-    }
+    for (; l2_ahead && !ahead.done() && ahead_it < it; ahead.advance(a), ++ahead_it) {}
     const int slot = it % kNumPages;
+    const uint64_t wait_start = l2_ahead ? globaltimer() : 0;
     bool stop = false;
     while (!mbar_try_wait(&ring.empty[slot], ((it / kNumPages) & 1) ^ 1)) {
       if (*ring.abort) { stop = true; break; }
+      if (l2_ahead && !ahead.done() && ahead_it < it + kL2PrefetchPages &&
+          globaltimer() - wait_start >= static_cast<uint64_t>(kL2StallNs)) {
+        for (int r = lane; r < ahead.rows(); r += 32) prefetch_l2(ahead.row(r), ahead.row_bytes());
+        ahead.advance(a);
+        ++ahead_it;
+      }
     }
     if (stop) break;
     if (a.mode & MODE_NO_LOAD) {

@@ -1,6 +1,5 @@
 // ATTN: flash-decoding partial of kv head g, batch row b, split s of NS over cache
-// positions [0, pos[b]]: with n = pos[b]+1 and c = ceil(n/NS) the split covers
-// [s*c, min(n, (s+1)*c)). Writes, for the G q heads of the group, o_part (normalised by the
+// positions [0, pos[b]] (attn_range: the split's positions). Writes, for the G q heads of the group, o_part (normalised by the
 // split's softmax sum) and lse (log of that sum of exp(scaled scores)); an empty split
 // writes o = 0, lse = -inf.
 //
@@ -9,6 +8,7 @@
 // group. States merge across the lanes of a warp by shuffles, then across warps in smem.
 #pragma once
 #include "../common.cuh"
+#include "../inputs.cuh"
 
 namespace mk {
 
@@ -35,8 +35,8 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem)
   const int G = a.H / a.Hkv, D = LP * 8;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int sub = lane / LP, part = lane % LP;
-  const int n = a.pos[b] + 1, chunk = (n + a.NS - 1) / a.NS;
-  const int s0 = min(n, s * chunk), s1 = min(n, s0 + chunk);
+  const AttnRange range = attn_range(a, b, s);
+  const int s0 = range.s0, s1 = range.s1;
   const float scale = rsqrtf(static_cast<float>(D));
 
   // smem: ms [warps][G], ls [warps][G], os [warps][G][D], then the scaled queries qs [G][D].
@@ -56,7 +56,7 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem)
 #pragma unroll
     for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
   }
-  const size_t base = ((static_cast<size_t>(l) * a.B + b) * a.Hkv + g) * a.S * D;
+  const size_t base = kv_offset(a, l, b, g);
   for (int t0 = s0 + warp * PW; t0 < s1; t0 += kConsumerWarps * PW) {
     const int t = t0 + sub;
     const bool valid = t < s1;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One H100 call for the overlap work of issue 6: build, the GPU decoder and attention tests,
+# the ablation grid rows named in ROWS_1B / ROWS_8B / ROWS_B8 (llama-3.2-1b batch 1,
+# llama-3.1-8b batch 1, llama-3.2-1b batch 8), and traces of llama-3.2-1b batch 1 with the
+# default build and with each flag set in TRACE_FLAGS (space separated, e.g.
+# "-DMK_INPUT_PREFETCH=0"). Logs, JSON and traces go to $OUT. Set MK_COMMIT.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=16
+SECONDS=0
+python3 -c "from megakernel.runtime import load_extension as l; l(verbose=True)" > "$OUT/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+echo "build: ${SECONDS}s"
+if [ "${TESTS:-1}" = 1 ]; then
+  SECONDS=0
+  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --maxfail=5 \
+    ${TEST_FILES:-tests/test_gpu_decoder.py tests/test_op_attn.py} > "$OUT/pytest_gpu.log" 2>&1
+  echo "gpu tests rc=$? (${SECONDS}s)"; tail -4 "$OUT/pytest_gpu.log"
+fi
+run_ablate() {  # model batch rows
+  [ -n "$3" ] || return 0
+  SECONDS=0
+  timeout "${ABLATE_TIMEOUT:-240}" python3 -m megakernel ablate --model "$1" --batch "$2" --iters 50 \
+    --rows "$3" --out "$OUT" > "$OUT/ablate_$1_b$2.log" 2>&1
+  echo "ablate $1 b$2 rc=$? (${SECONDS}s)"; grep -E "^\|" "$OUT/ablate_$1_b$2.log" | cut -c1-150 | head -30
+}
+run_ablate llama-3.2-1b 1 "${ROWS_1B:-}"
+run_ablate llama-3.1-8b 1 "${ROWS_8B:-}"
+run_ablate llama-3.2-1b 8 "${ROWS_B8:-}"
+n=0
+for flags in "" ${TRACE_FLAGS:-}; do
+  SECONDS=0
+  dir="$OUT/trace${flags:+_${flags#-D}}"
+  timeout 120 python3 -m megakernel trace --model llama-3.2-1b --batch 1 --out "$dir" \
+    ${flags:+--build-flag=$flags} > "$dir.log" 2>&1
+  echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
+  rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
+done
