@@ -14,7 +14,7 @@ echo "build: ${SECONDS}s"
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --maxfail=5 \
-    ${TEST_FILES:-tests/test_gpu_decoder.py tests/test_op_attn.py} > "$OUT/pytest_gpu.log" 2>&1
+    ${TEST_FILES:-tests/test_gpu_decoder.py tests/test_op_attn.py tests/test_op_attn_reduce.py tests/test_op_residual.py tests/test_op_qkv.py} > "$OUT/pytest_gpu.log" 2>&1
   echo "gpu tests rc=$? (${SECONDS}s)"; tail -4 "$OUT/pytest_gpu.log"
 fi
 run_ablate() {  # model batch rows
@@ -36,3 +36,6 @@ for flags in "" ${TRACE_FLAGS:-}; do
   echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
   rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
 done
+# Few files come back from a call: everything but the ablation JSON/markdown in one archive.
+(cd "$OUT" && tar czf logs.tgz --exclude='ablate_*.json' --exclude='ablate_*.md' --exclude=logs.tgz . \
+  && find . -mindepth 1 ! -name 'ablate_*.json' ! -name 'ablate_*.md' ! -name logs.tgz -delete)

@@ -14,13 +14,13 @@ namespace mk {
 #endif
 constexpr bool kInputPrefetch = MK_INPUT_PREFETCH != 0;
 
-// Cache positions [s0, s1) of ATTN split s: with n = pos[b] + 1 and c = ceil(n / NS), the
-// split covers [s*c, min(n, (s+1)*c)).
+// Cache positions [s0, s1) of ATTN split s of a sequence at position p: with n = p + 1 and
+// c = ceil(n / NS), the split covers [s*c, min(n, (s+1)*c)).
 struct AttnRange {
   int s0, s1;
 };
-__device__ __forceinline__ AttnRange attn_range(const KernelArgs& a, int b, int s) {
-  const int n = a.pos[b] + 1, chunk = (n + a.NS - 1) / a.NS;
+__device__ __forceinline__ AttnRange attn_range(const KernelArgs& a, int p, int s) {
+  const int n = p + 1, chunk = (n + a.NS - 1) / a.NS;
   const int s0 = min(n, s * chunk);
   return {s0, min(n, s0 + chunk)};
 }
@@ -68,7 +68,7 @@ __device__ void prefetch_inputs(const KernelArgs& a, const int32_t* ins, int lan
       const int b = __ldg(ins + W_ATTN_B), g = __ldg(ins + W_ATTN_KV_HEAD);
       const int p = a.pos[b];
       if (p < 0 || p >= a.S) break;
-      const AttnRange r = attn_range(a, b, __ldg(ins + W_ATTN_SPLIT));
+      const AttnRange r = attn_range(a, p, __ldg(ins + W_ATTN_SPLIT));
       const size_t off = kv_offset(a, l, b, g) + static_cast<size_t>(r.s0) * a.D;
       const size_t bytes = static_cast<size_t>(r.s1 - r.s0) * a.D * sizeof(__nv_bfloat16);
       prefetch_lines(a.k_cache + off, bytes, lane);

@@ -31,7 +31,8 @@ struct SmemLayout {
   static constexpr size_t acc = act + kActFloats * sizeof(float);
   static constexpr size_t red = acc + kAccFloats * sizeof(float);
   static constexpr size_t rstd = red + kConsumerWarps * kMaxBatch * sizeof(float);
-  static constexpr size_t flags = rstd + kMaxBatch * sizeof(float);
+  static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
+  static constexpr size_t flags = pos + kMaxBatch * sizeof(int);
   static constexpr size_t total = flags + 4 * sizeof(int);  // wait ok, error, abort, ready
 };
 // The attention op reuses act + acc as its scratch.
@@ -107,7 +108,11 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
   float* red = reinterpret_cast<float*>(smem + SmemLayout::red);
   float* rstd = reinterpret_cast<float*>(smem + SmemLayout::rstd);
   volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
+  int* pos = reinterpret_cast<int*>(smem + SmemLayout::pos);
   int64_t* timing = kTiming ? a.timing + static_cast<size_t>(blockIdx.x) * a.max_len * 3 : nullptr;
+  // Positions are fixed for the launch: one read here, not one L2 round trip per op. The
+  // bar.sync after the first instruction's wait publishes them to every consumer.
+  if (tid < a.B) pos[tid] = a.pos[tid];
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
     const int32_t* ins = queue + static_cast<size_t>(i) * kWords;  // read-only for the launch
@@ -130,26 +135,30 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       // Buckets below kTcMinBucket run on CUDA cores; the CUDA-core code of the others is
       // compiled only when MK_TC_MIN_BUCKET leaves them on CUDA cores.
       const int nt = tc_ntiles(a.B);
-      if (nt == 1) consumer_matvec_tc<1>(a, ring, ins, it, act, acc, red, rstd);
-      else if (nt == 2) consumer_matvec_tc<2>(a, ring, ins, it, act, acc, red, rstd);
-      else if (a.B == 1) consumer_matvec<1>(a, ring, ins, it, act, acc, red, rstd);
-      else if (a.B == 2) consumer_matvec<2>(a, ring, ins, it, act, acc, red, rstd);
+      const bool resid = op == OP_OPROJ || op == OP_DOWN;
+      const float* pre_src = resid && tid < ins[W_OPROJ_NROWS] * a.B
+                                 ? ResidualOp::residual_in(a, ins, tid) : nullptr;
+      float pre = 0.f;  // ResidualOp's first input of this thread
+      if (nt == 1) pre = consumer_matvec_tc<1>(a, ring, ins, it, act, acc, red, rstd, pre_src);
+      else if (nt == 2) pre = consumer_matvec_tc<2>(a, ring, ins, it, act, acc, red, rstd, pre_src);
+      else if (a.B == 1) pre = consumer_matvec<1>(a, ring, ins, it, act, acc, red, rstd, pre_src);
+      else if (a.B == 2) pre = consumer_matvec<2>(a, ring, ins, it, act, acc, red, rstd, pre_src);
       else if (kTcMinBucket > 4 && a.B <= 4)
-        consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd);
+        pre = consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd, pre_src);
       else if (kTcMinBucket > 8 && a.B <= 8)
-        consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd);
+        pre = consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd, pre_src);
       else if (kTcMinBucket > 16)
-        consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd);
+        pre = consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd, pre_src);
       switch (op) {
-        case OP_QKV: err = QkvOp::epilogue(a, ins, acc); break;
+        case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
         case OP_LMHEAD: err = LmHeadOp::epilogue(a, ins, acc, red); break;
-        default: err = ResidualOp::epilogue(a, ins, acc); break;  // OPROJ, DOWN
+        default: err = ResidualOp::epilogue(a, ins, acc, pre); break;  // OPROJ, DOWN
       }
     } else {
       switch (op) {
         case OP_EMBED: err = EmbedOp::run(a, ins); break;
-        case OP_ATTN: err = AttnOp::run(a, ins, act); break;
+        case OP_ATTN: err = AttnOp::run(a, ins, act, pos); break;
         case OP_ATTN_REDUCE: err = AttnReduceOp::run(a, ins); break;
         case OP_ARGMAX: err = ArgmaxOp::run(a, ins); break;
         case OP_RESID_SUM: err = ResidSumOp::run(a, ins); break;

@@ -350,11 +350,15 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
 }
 
 // Consumers: the whole matvec of one instruction into acc[n, B]. `it` is the ring position
-// shared with the loader's walk. BT: batch bucket (B <= BT).
+// shared with the loader's walk. BT: batch bucket (B <= BT). pre_src (or null): an epilogue
+// input of this thread, loaded together with the first activation chunk and returned, so
+// the epilogue does not spend another L2 round trip on it.
 template <int BT>
-__device__ void consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
-                                uint32_t& it, float* act, float* acc, float* red, float* rstd) {
+__device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
+                                 uint32_t& it, float* act, float* acc, float* red, float* rstd,
+                                 const float* pre_src) {
   const int tid = threadIdx.x, B = a.B;
+  float pre = 0.f;
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
   for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] = 0.f;
@@ -366,6 +370,7 @@ __device__ void consumer_matvec(const KernelArgs& a, const Ring& ring, const int
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
+    if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
     stage_chunk<BT>(in, col0, cols, B, act, sums);
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
@@ -384,6 +389,7 @@ __device__ void consumer_matvec(const KernelArgs& a, const Ring& ring, const int
     for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] *= rstd[i % B];
   }
   consumer_sync();  // acc complete
+  return pre;
 }
 
 }  // namespace mk

@@ -190,9 +190,10 @@ __device__ __forceinline__ void page_mma(const unsigned char* page, int stride, 
 // Consumers: the whole matvec of one instruction into acc[n, B] on tensor cores; the same
 // contract as consumer_matvec (matvec.cuh). NT: n-tiles, tc_ntiles(a.B).
 template <int NT>
-__device__ void consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
-                                   uint32_t& it, float* act, float* acc, float* red,
-                                   float* rstd) {
+__device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
+                                    uint32_t& it, float* act, float* acc, float* red,
+                                    float* rstd, const float* pre_src) {
+  float pre = 0.f;
   const int tid = threadIdx.x, B = a.B;
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
@@ -209,6 +210,7 @@ __device__ void consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const 
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
+    if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
     stage_chunk_tc<NT>(in, col0, cols, B, frag, sq);
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
@@ -234,6 +236,7 @@ __device__ void consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const 
     for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] *= rstd[i % B];
   }
   consumer_sync();  // acc complete
+  return pre;
 }
 
 }  // namespace mk

@@ -1,6 +1,6 @@
 // ATTN: flash-decoding partial of kv head g, batch row b, split s of NS over cache
-// positions [0, pos[b]] (attn_range: the split's positions). Writes, for the G q heads of the group, o_part (normalised by the
-// split's softmax sum) and lse (log of that sum of exp(scaled scores)); an empty split
+// positions [0, pos[b]] (attn_range: the split's positions). Writes, for the G q heads of
+// the group, o_part (normalised by the split's softmax sum) and lse (log of that sum of exp(scaled scores)); an empty split
 // writes o = 0, lse = -inf.
 //
 // Work split: LP = D/8 lanes hold one position (8 dims each, 16-byte loads), a warp holds
@@ -29,15 +29,27 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* o, float 
 }
 
 template <int LP>
-__device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem) {
+__device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem, int p) {
   constexpr int PW = 32 / LP;                       // positions per warp step
+  constexpr int kStep = kConsumerWarps * PW;        // positions per block step
   const int l = ins[W_LAYER], b = ins[W_ATTN_B], g = ins[W_ATTN_KV_HEAD], s = ins[W_ATTN_SPLIT];
   const int G = a.H / a.Hkv, D = LP * 8;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int sub = lane / LP, part = lane % LP;
-  const AttnRange range = attn_range(a, b, s);
+  const AttnRange range = attn_range(a, p, s);
   const int s0 = range.s0, s1 = range.s1;
   const float scale = rsqrtf(static_cast<float>(D));
+  const __nv_bfloat16* kcache = a.k_cache + kv_offset(a, l, b, g) + part * 8;
+  const __nv_bfloat16* vcache = a.v_cache + kv_offset(a, l, b, g) + part * 8;
+
+  // K/V of this lane's first position load while the queries are staged (they do not depend
+  // on each other), and every step loads the next step's: one L2/HBM round trip in flight
+  // ahead of the math instead of one per step.
+  uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
+  if (s0 + warp * PW + sub < s1) {
+    kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+    vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+  }
 
   // smem: ms [warps][G], ls [warps][G], os [warps][G][D], then the scaled queries qs [G][D].
   float* ms = smem;
@@ -56,17 +68,15 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem)
 #pragma unroll
     for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
   }
-  const size_t base = kv_offset(a, l, b, g);
-  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kConsumerWarps * PW) {
+  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
     const int t = t0 + sub;
     const bool valid = t < s1;
     float kf[8], vf[8];
-    if (valid) {
-      bf16x8_to_float(ldcg16(a.k_cache + base + static_cast<size_t>(t) * D + part * 8), kf);
-      bf16x8_to_float(ldcg16(a.v_cache + base + static_cast<size_t>(t) * D + part * 8), vf);
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) kf[k] = vf[k] = 0.f;
+    bf16x8_to_float(kn, kf);
+    bf16x8_to_float(vn, vf);
+    if (t + kStep < s1) {
+      kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
+      vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
     }
 #pragma unroll
     for (int h = 0; h < kMaxG; ++h) {
@@ -129,14 +139,16 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem)
 }
 
 struct AttnOp {
-  // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats.
-  __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem) {
-    const int p = a.pos[ins[W_ATTN_B]];
+  // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats; pos: the launch's
+  // positions (shared memory).
+  __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem,
+                            const int* pos) {
+    const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
     switch (a.D) {
-      case 32: attn_split<4>(a, ins, smem); break;
-      case 64: attn_split<8>(a, ins, smem); break;
-      default: attn_split<16>(a, ins, smem); break;  // 128; the runtime rejects other D
+      case 32: attn_split<4>(a, ins, smem, p); break;
+      case 64: attn_split<8>(a, ins, smem, p); break;
+      default: attn_split<16>(a, ins, smem, p); break;  // 128; the runtime rejects other D
     }
     return ERR_NONE;
   }

@@ -1,4 +1,5 @@
-// QKV epilogue: RoPE on pair-interleaved q/k rows at pos[b], q -> q[l] (fp32),
+// QKV epilogue: RoPE on pair-interleaved q/k rows at pos[b] (pos: the launch's positions,
+// staged in shared memory), q -> q[l] (fp32),
 // k/v -> the caches at pos[b] (bf16). The matvec (with RMSNorm) ran before.
 // acc: [n, B] fp32 for packed rows row0 .. row0+n-1 (row0 and n even).
 #pragma once
@@ -6,7 +7,8 @@
 
 namespace mk {
 struct QkvOp {
-  __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc) {
+  __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc,
+                                 const int* pos) {
     const int l = ins[W_LAYER], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
     const int B = a.B, D = a.D, G = a.H / a.Hkv, half = D / 2, group_rows = (G + 2) * D;
     int err = ERR_NONE;
@@ -14,7 +16,7 @@ struct QkvOp {
       const int pr = i / B, b = i - pr * B, r = 2 * pr;   // local row pair (r, r + 1)
       const int packed = row0 + r, g = packed / group_rows, j = packed - g * group_rows;
       const float x0 = acc[r * B + b], x1 = acc[(r + 1) * B + b];
-      const int p = a.pos[b];
+      const int p = pos[b];
       if (p < 0 || p >= a.S) { err = ERR_BAD_POSITION; continue; }
       const size_t kv = ((static_cast<size_t>(l) * B + b) * a.Hkv + g) * a.S + p;
       if (j < (G + 1) * D) {  // q or k head: (x0, x1) = dims (jj/2, jj/2 + D/2)

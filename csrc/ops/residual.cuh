@@ -18,7 +18,19 @@ __device__ __forceinline__ int end_peer(const KernelArgs& a) {
 }
 
 struct ResidualOp {
-  __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc) {
+  // The residual entry that element i (row i / B, batch row i % B) of the epilogue adds to;
+  // null for an all-rank instruction (partials carry no residual).
+  __device__ static float* residual_in(const KernelArgs& a, const int32_t* ins, int i) {
+    if (ins[W_ALL_RANKS]) return nullptr;
+    const int l = ins[W_LAYER], row0 = ins[W_OPROJ_ROW0];
+    const int src = ins[W_OPCODE] == OP_OPROJ ? 2 * l : 2 * l + 1;
+    const int r = i / a.B, b = i - r * a.B;
+    return a.resid + (static_cast<size_t>(src) * a.B + b) * a.d + row0 + r;
+  }
+
+  // pre: this thread's first element's residual entry, loaded before the matvec.
+  __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc,
+                                 float pre) {
     const int l = ins[W_LAYER], row0 = ins[W_OPROJ_ROW0], n = ins[W_OPROJ_NROWS];
     const int src = ins[W_OPCODE] == OP_OPROJ ? 2 * l : 2 * l + 1;
     const size_t Bd = static_cast<size_t>(a.B) * a.d;
@@ -34,12 +46,9 @@ struct ResidualOp {
       }
       return ERR_NONE;
     }
-    const float* in = a.resid + src * Bd;
-    float* out = a.resid + (src + 1) * Bd;
     for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
-      const int r = i / a.B, b = i - r * a.B;
-      const size_t o = static_cast<size_t>(b) * a.d + row0 + r;
-      out[o] = ldcg(in + o) + acc[i];
+      float* in = residual_in(a, ins, i);
+      in[Bd] = (i == threadIdx.x ? pre : ldcg(in)) + acc[i];  // resid[src + 1], same entry
     }
     return ERR_NONE;
   }
