@@ -64,11 +64,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_NUM_PAGES", 5, "deeper shared-memory ring: 5 pages"),
         flag("MK_INPUT_PREFETCH", 0, "no L2 prefetch of the small inputs (queue, wait "
              "targets, norm weights, RoPE rows, KV cache): the consumers miss on demand"),
-        flag("MK_L2_PREFETCH_PAGES", 4, "L2 prefetch of the next 4 pages once the ring "
-             "has stalled 2 us"),
+        flag("MK_PREFETCH_KV", 0, "the input prefetch leaves out the KV cache"),
         flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of the next 8 pages once the ring "
-             "has stalled 2 us"),
-        flag("MK_L2_PREFETCH_PAGES", 16, "L2 prefetch of the next 16 pages once the ring "
              "has stalled 2 us"),
         flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of the next 8 pages whenever the "
              "loader waits for a slot", "-DMK_L2_STALL_NS=0"),

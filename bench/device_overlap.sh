@@ -37,5 +37,5 @@ for flags in "" ${TRACE_FLAGS:-}; do
   rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
 done
 # Few files come back from a call: everything but the ablation JSON/markdown in one archive.
-(cd "$OUT" && tar czf logs.tgz --exclude='ablate_*.json' --exclude='ablate_*.md' --exclude=logs.tgz . \
-  && find . -mindepth 1 ! -name 'ablate_*.json' ! -name 'ablate_*.md' ! -name logs.tgz -delete)
+(cd "$OUT" && tar czf /tmp/logs.tgz --exclude='ablate_*.json' --exclude='ablate_*.md' . \
+  && find . -mindepth 1 ! -name 'ablate_*.json' ! -name 'ablate_*.md' -delete && mv /tmp/logs.tgz .)

@@ -12,7 +12,11 @@ namespace mk {
 #ifndef MK_INPUT_PREFETCH
 #define MK_INPUT_PREFETCH 1  // 0: the consumers fetch these inputs on demand
 #endif
+#ifndef MK_PREFETCH_KV
+#define MK_PREFETCH_KV 1     // 0: not the KV cache ranges (ATTN pipelines its own loads)
+#endif
 constexpr bool kInputPrefetch = MK_INPUT_PREFETCH != 0;
+constexpr bool kPrefetchKv = MK_PREFETCH_KV != 0;
 
 // Cache positions [s0, s1) of ATTN split s of a sequence at position p: with n = p + 1 and
 // c = ceil(n / NS), the split covers [s*c, min(n, (s+1)*c)).
@@ -65,6 +69,7 @@ __device__ void prefetch_inputs(const KernelArgs& a, const int32_t* ins, int lan
       prefetch_lines(a.final_norm, dbytes, lane);
       break;
     case OP_ATTN: {
+      if (!kPrefetchKv) break;
       const int b = __ldg(ins + W_ATTN_B), g = __ldg(ins + W_ATTN_KV_HEAD);
       const int p = a.pos[b];
       if (p < 0 || p >= a.S) break;

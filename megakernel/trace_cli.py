@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build-flag", action="append", default=[], metavar="-DMK_...=N",
                         help="kernel build flag (repeat), e.g. -DMK_INPUT_PREFETCH=0 for a "
                         "trace with one mechanism off")
+    parser.add_argument("--ablate", action="append", default=[], metavar="SWITCH",
+                        help="runtime switch (repeat): no_prefetch, or the diagnostics "
+                        "no_compute / no_load (wrong results, timing only)")
     parser.add_argument("--calibrate", action="store_true",
                         help="fit the cost model to the trace and save it for this GPU")
     parser.add_argument("--calibration-dir", type=Path, default=CALIBRATION_DIR)
@@ -122,7 +125,7 @@ class Traced:
         a = self.args
         dec, step, before = megakernel(self.cfg, self.w, a.batch, a.pos, *self.inputs,
                                        program=program, timing=timing,
-                                       build_flags=tuple(a.build_flag))
+                                       build_flags=tuple(a.build_flag), ablate=tuple(a.ablate))
         ms = self.harness.time_steps(step, a.iters, a.warmup,
                                      before=lambda: (self.flush(), before()))
         dec.runtime.check()
@@ -137,7 +140,7 @@ class Traced:
         a = self.args
         meta = dict(model=a.model, batch=a.batch, pos=a.pos, policy=a.policy,
                     granularity=a.granularity, num_sms=self.num_sms,
-                    build_flags=list(a.build_flag), gpu_spec=program.gpu.to_dict(), device=self.name, ms_timing_off=off,
+                    build_flags=list(a.build_flag), ablate=list(a.ablate), gpu_spec=program.gpu.to_dict(), device=self.name, ms_timing_off=off,
                     ms_timing_on=on, commit=self.harness.git_commit(),
                     date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         if gpu is None:
