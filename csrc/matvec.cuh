@@ -219,19 +219,24 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
 __device__ __forceinline__ float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
 
-// Rows per warp tile: at larger batch a tile shares each activation load among RB rows
-// (shared-memory traffic per weight byte falls by RB).
-template <int BT> constexpr int kRowTile = BT >= 4 ? 2 : 1;
+// Rows per warp tile: a tile shares each activation load among RB rows (shared-memory
+// traffic per weight byte falls by RB; at batch 1 activations are 2x the weight bytes).
+template <int BT> constexpr int kRowTile = 2;
 
-// s[j][b] += dot(weights of row j (8 bf16 in w), act[b][8 columns at x])
+// Activation chunk layout of the CUDA-core path: batch row b's cols columns as two planes,
+// columns 8v..8v+3 at act[b*cols + 4v] and 8v+4..8v+7 at act[b*cols + cols/2 + 4v], so the
+// 32 lanes of a warp reading vector v, v+1, ... each load one contiguous 512-byte run per
+// plane (4 wavefronts) instead of two 1-KB runs at a 32-byte stride (8 each).
+// s[j][b] += dot(weights of row j (8 bf16 in w), act[b][the 8 columns of vector v]);
+// x: act + 4v, half: cols / 2.
 template <int BT, int RB>
 __device__ __forceinline__ void fma_vec(float (&s)[RB][BT], const uint4 (&w)[RB], const float* x,
-                                        int cols, int B) {
+                                        int cols, int half, int B) {
 #pragma unroll
   for (int b = 0; b < BT; ++b) {
     if (BT > 1 && b >= B) break;
     const float4 x0 = *reinterpret_cast<const float4*>(x + b * cols);
-    const float4 x1 = *reinterpret_cast<const float4*>(x + b * cols + 4);
+    const float4 x1 = *reinterpret_cast<const float4*>(x + b * cols + half);
 #pragma unroll
     for (int j = 0; j < RB; ++j) {
       float t0 = bf16_lo(w[j].x) * x0.x, t1 = bf16_hi(w[j].x) * x0.y;
@@ -272,14 +277,14 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
         w0[j] = wv[r * vecs + v];
         w1[j] = wv[r * vecs + v + vstep];
       }
-      fma_vec<BT, RB>(s, w0, act + v * 8, cols, B);
-      fma_vec<BT, RB>(s, w1, act + (v + vstep) * 8, cols, B);
+      fma_vec<BT, RB>(s, w0, act + v * 4, cols, cols >> 1, B);
+      fma_vec<BT, RB>(s, w1, act + (v + vstep) * 4, cols, cols >> 1, B);
     }
     if (v < vecs) {
       uint4 w0[RB];
 #pragma unroll
       for (int j = 0; j < RB; ++j) w0[j] = wv[min(r0 + j, rows - 1) * vecs + v];
-      fma_vec<BT, RB>(s, w0, act + v * 8, cols, B);
+      fma_vec<BT, RB>(s, w0, act + v * 4, cols, cols >> 1, B);
     }
 #pragma unroll
     for (int j = 0; j < RB; ++j) {
@@ -296,8 +301,9 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
   }
 }
 
-// Consumers: x[b, col0 : col0+cols] into act[b, 0:cols] with 16-byte loads; with a norm
-// weight, x * weight is stored and this thread's sum of x^2 per batch row added to sums[b].
+// Consumers: x[b, col0 : col0+cols] into act[b] (the two-plane layout above) with 16-byte
+// loads; with a norm weight, x * weight is stored and this thread's sum of x^2 per batch row
+// added to sums[b].
 template <int BT>
 __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, float* act,
                             float (&sums)[BT]) {
@@ -306,7 +312,7 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
   for (int b = 0; b < BT; ++b) {
     if (b >= B) break;
     const float4* src = reinterpret_cast<const float4*>(in.x + static_cast<size_t>(b) * in.ld + col0);
-    float4* dst = reinterpret_cast<float4*>(act + b * cols);
+    float* dst = act + b * cols;
     float sq = 0.f;
 #pragma unroll 4
     for (int k = threadIdx.x; k < c4; k += kConsumerThreads) {
@@ -316,7 +322,8 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
         const uint2 nw = __ldg(reinterpret_cast<const uint2*>(in.norm + col0) + k);
         x.x *= bf16_lo(nw.x); x.y *= bf16_hi(nw.x); x.z *= bf16_lo(nw.y); x.w *= bf16_hi(nw.y);
       }
-      dst[k] = x;
+      // columns 4k..4k+3: vector k/2, plane k%2
+      *reinterpret_cast<float4*>(dst + (k & 1) * (cols >> 1) + (k >> 1) * 4) = x;
     }
     sums[b] += sq;
   }
