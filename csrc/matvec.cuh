@@ -190,7 +190,11 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       if (*ring.abort) { stop = true; break; }
       if (l2_ahead && !ahead.done() && ahead_it < it + kL2PrefetchPages &&
           globaltimer() - wait_start >= static_cast<uint64_t>(kL2StallNs)) {
+#if MK_L2_PREFETCH_BULK
         for (int r = lane; r < ahead.rows(); r += 32) prefetch_l2(ahead.row(r), ahead.row_bytes());
+#else
+        for (int r = 0; r < ahead.rows(); ++r) prefetch_lines(ahead.row(r), ahead.row_bytes(), lane);
+#endif
         ahead.advance(a);
         ++ahead_it;
       }
