@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 19 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 21 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -41,6 +41,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 32), ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
             ("build_flags", "-DMK_NUM_PAGES=5"), ("build_flags", "-DMK_PAGE_KB=16"),
+            ("build_flags", "-DMK_PAGE_KB=36"), ("build_flags", "-DMK_PAGE_KB=48"),
             ("build_flags", "-DMK_INPUT_PREFETCH=0"),
             ("build_flags", "-DMK_PREFETCH_KV=0"), ("build_flags", "-DMK_L2_PREFETCH_PAGES=8"),
             ("ablate", "no_compute"), ("ablate", "no_load")} == changes
@@ -48,10 +49,11 @@ def test_grid_rows_are_unique_decoder_kwargs():
     assert [r.name for r in rows if r.strip_waits] == ["no_waits"]
     assert {r.name for r in rows if not r.modelled} == {
         "no_prefetch", "MK_NUM_PAGES=2", "MK_NUM_PAGES=5", "MK_PAGE_KB=16+MK_NUM_PAGES=8",
+        "MK_PAGE_KB=36+MK_NUM_PAGES=4", "MK_PAGE_KB=48+MK_NUM_PAGES=3",
         "MK_INPUT_PREFETCH=0",
         "MK_PREFETCH_KV=0", "MK_L2_PREFETCH_PAGES=8", "MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0",
         "no_compute", "no_load"}
-    combined = ablate.grid(132)[15]
+    combined = ablate.grid(132)[17]
     assert combined.kwargs["build_flags"] == ("-DMK_L2_PREFETCH_PAGES=8", "-DMK_L2_STALL_NS=0")
     assert ablate.grid(114)[8].kwargs == {"num_sms": 57}
 
