@@ -190,11 +190,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       if (*ring.abort) { stop = true; break; }
       if (l2_ahead && !ahead.done() && ahead_it < it + kL2PrefetchPages &&
           globaltimer() - wait_start >= static_cast<uint64_t>(kL2StallNs)) {
-#if MK_L2_PREFETCH_BULK
-        for (int r = lane; r < ahead.rows(); r += 32) prefetch_l2(ahead.row(r), ahead.row_bytes());
-#else
         for (int r = 0; r < ahead.rows(); ++r) prefetch_lines(ahead.row(r), ahead.row_bytes(), lane);
-#endif
         ahead.advance(a);
         ++ahead_it;
       }
@@ -225,7 +221,7 @@ __device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u 
 
 // Rows per warp tile: a tile shares each activation load among RB rows (shared-memory
 // traffic per weight byte falls by RB; at batch 1 activations are 2x the weight bytes).
-template <int BT> constexpr int kRowTile = 2;
+constexpr int kRowTile = 2;
 
 // Activation chunk layout of the CUDA-core path: batch row b's cols columns as two planes,
 // columns 8v..8v+3 at act[b*cols + 4v] and 8v+4..8v+7 at act[b*cols + cols/2 + 4v], so the
@@ -258,7 +254,7 @@ __device__ __forceinline__ void fma_vec(float (&s)[RB][BT], const uint4 (&w)[RB]
 template <int BT>
 __device__ void page_matvec(const unsigned char* page, int rows, int cols, int row_base,
                             const float* act, float* acc, int B) {
-  constexpr int RB = kRowTile<BT>;
+  constexpr int RB = kRowTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const uint4* wv = reinterpret_cast<const uint4*>(page);
   const int vecs = cols >> 3;
