@@ -1,15 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build the extension, run the GPU tests, compute-sanitizer on tiny, the
 # main job, and (switches) the pip-install path, the trace overhead, a quick bench row. Logs and JSON go to $OUT (or ./out). Usage: bash bench/device_check.sh
-set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=16
-export NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/device_lib.sh"
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$OUT/env.txt" 2>&1
-SECONDS=0
-python3 -c "from megakernel.runtime import load_extension as l; l(verbose=True)" > "$OUT/build.log" 2>&1 \
-  || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
-echo "build: ${SECONDS}s"
+build_extension
 SECONDS=0
 python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} -p no:cacheprovider -rfE \
   --junitxml="$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1

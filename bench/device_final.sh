@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
 # One H100 call: build, every GPU test (tensor-core matvec, TP ranks sharing the GPU, the
 # rest) and the bench rows of issue 6 with the CUDA-graph baseline. Set MK_COMMIT.
-set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=16
-SECONDS=0
-python3 -c "from megakernel.runtime import load_extension as l; l(verbose=True)" > "$OUT/build.log" 2>&1 \
-  || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
-echo "build: ${SECONDS}s"
+source "$(dirname "$0")/device_lib.sh"
+build_extension
 SECONDS=0
 timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --maxfail=10 \
   tests/test_op_matvec_tc.py tests > "$OUT/pytest_gpu.log" 2>&1
@@ -17,5 +12,4 @@ timeout 300 python3 -m megakernel bench --model llama-3.2-1b --model llama-3.1-8
   --contenders eager,cuda_graph,megakernel --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? (${SECONDS}s)"; grep -E "ms/step|FAILED" "$OUT/bench.log" | tail -12
 # Few files come back from a call: the bench JSON/markdown/PNG, the rest in one archive.
-(cd "$OUT" && tar czf /tmp/logs.tgz --exclude='bench_*' . \
-  && find . -mindepth 1 ! -name 'bench_*' -delete && mv /tmp/logs.tgz .)
+archive_logs 'bench_*'

@@ -4,13 +4,8 @@
 # llama-3.1-8b batch 1, llama-3.2-1b batch 8), and traces of llama-3.2-1b batch 1 with the
 # default build and with each flag set in TRACE_FLAGS (space separated, e.g.
 # "-DMK_INPUT_PREFETCH=0"). Logs, JSON and traces go to $OUT. Set MK_COMMIT.
-set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=16
-SECONDS=0
-python3 -c "from megakernel.runtime import load_extension as l; l(verbose=True)" > "$OUT/build.log" 2>&1 \
-  || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
-echo "build: ${SECONDS}s"
+source "$(dirname "$0")/device_lib.sh"
+build_extension
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --maxfail=5 \
@@ -37,5 +32,4 @@ for flags in "" ${TRACE_FLAGS:-}; do
   rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
 done
 # Few files come back from a call: everything but the ablation JSON/markdown in one archive.
-(cd "$OUT" && tar czf /tmp/logs.tgz --exclude='ablate_*.json' --exclude='ablate_*.md' . \
-  && find . -mindepth 1 ! -name 'ablate_*.json' ! -name 'ablate_*.md' -delete && mv /tmp/logs.tgz .)
+archive_logs 'ablate_*.json' 'ablate_*.md'

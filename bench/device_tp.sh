@@ -3,16 +3,10 @@
 # tests, then `bench --tp $TP` for the issue's models. Logs and results go to $OUT.
 # Usage: MK_COMMIT=<hash> TP=2 MODELS="llama-3.1-8b llama-3.1-70b" bash bench/device_tp.sh
 # (TESTS=0 skips the tests, BENCH=0 the bench)
-set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache MAX_JOBS=32
-export NCCL_NVLS_ENABLE=0
+source "$(dirname "$0")/device_lib.sh"
 TP=${TP:-2}; MODELS=${MODELS:-"llama-3.1-8b llama-3.1-70b"}; BATCHES=${BATCHES:-1}
 { nvidia-smi; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version())"; } > "$OUT/env.txt" 2>&1
-SECONDS=0
-python3 -c "from megakernel.runtime import load_extension as l; l(verbose=True)" > "$OUT/build.log" 2>&1 \
-  || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
-echo "build: ${SECONDS}s"
+build_extension
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu tests/test_gpu_tp.py tests/test_tp_baseline.py \
