@@ -72,6 +72,12 @@ def grid(num_sms: int = 132) -> list[Row]:
              "has stalled 2 us"),
         flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of the next 8 pages whenever the "
              "loader waits for a slot", "-DMK_L2_STALL_NS=0"),
+        flag("MK_WARP_RELEASE", 0, "every consumer thread arrives on a ring slot's "
+             "empty barrier (256 arrivals per page instead of one per warp)"),
+        flag("MK_WARP_ACC", 0, "CUDA-core matvec: warps sharing a row tile add into one "
+             "shared accumulator with compare-and-swap loops, not their own copies"),
+        flag("MK_TC_MIN_BUCKET", 1, "tensor cores from batch 1 up (the hi/lo split "
+             "activations as an 8-column n-tile)"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},
             strip_waits=True, diagnostic=True),
         Row("no_compute", "consumers skip the math", {"ablate": ("no_compute",)},

@@ -2,8 +2,9 @@
 # One H100 call for the overlap work of issue 6: build, the GPU decoder and attention tests,
 # the ablation grid rows named in ROWS_1B / ROWS_8B / ROWS_B8 (llama-3.2-1b batch 1,
 # llama-3.1-8b batch 1, llama-3.2-1b batch 8), and traces of llama-3.2-1b batch 1 with the
-# default build and with each flag set in TRACE_FLAGS (space separated, e.g.
-# "-DMK_INPUT_PREFETCH=0"). Logs, JSON and traces go to $OUT. Set MK_COMMIT.
+# default build and with each entry of TRACE_FLAGS (space separated: a build flag such as
+# "-DMK_INPUT_PREFETCH=0", or a runtime switch such as "no_load"). Logs, JSON and traces go
+# to $OUT. Set MK_COMMIT.
 source "$(dirname "$0")/device_lib.sh"
 build_extension
 if [ "${TESTS:-1}" = 1 ]; then
@@ -22,13 +23,14 @@ run_ablate() {  # model batch rows
 run_ablate llama-3.2-1b 1 "${ROWS_1B:-}"
 run_ablate llama-3.1-8b 1 "${ROWS_8B:-}"
 run_ablate llama-3.2-1b 8 "${ROWS_B8:-}"
-n=0
 for flags in "" ${TRACE_FLAGS:-}; do
   SECONDS=0
   dir="$OUT/trace${flags:+_${flags#-D}}"
+  case "$flags" in -D*) opt=--build-flag=$flags ;; ?*) opt=--ablate=$flags ;; *) opt= ;; esac
   timeout 120 python3 -m megakernel trace --model llama-3.2-1b --batch 1 --out "$dir" \
-    ${flags:+--build-flag=$flags} > "$dir.log" 2>&1
+    $opt > "$dir.log" 2>&1
   echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
+  sed -n '/^ring pages/,/^$/p' "$dir.log"
   rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
 done
 # Few files come back from a call: everything but the ablation JSON/markdown in one archive.

@@ -126,14 +126,63 @@ def opcode_table(program, m: Measured, specs: dict) -> str:
     return "\n".join(lines)
 
 
-def save_npz(path, timing: np.ndarray, program, meta: dict) -> Path:
+def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
+    """Per matvec opcode, from the timing build's ring-page stamps (`pages` [num_sms, n, 4]
+    ns: loader issue, consumer warp 0 wait start, wait end, done; KernelArgs::page_timing):
+    pages stamped, then medians in us of warp 0's wait for a loaded page (wait end - start),
+    its time on the page (done - wait end), the loader's lead (wait end - issue: where warp
+    0 waited, the copy's latency), and the interval from one page's done to the next of the
+    same instruction (the consumers' page rate). A page belongs to the instruction whose
+    execution (timing's wait end .. end) holds its wait end."""
+    rows = {}
+    for sm, n in enumerate(program.queue_len):
+        got = pages[sm, :, 2]
+        k = np.flatnonzero(got > 0)
+        if not len(k) or not n:
+            continue
+        idx = np.searchsorted(timing[sm, :n, 1], got[k], "right") - 1
+        inside = (idx >= 0) & (got[k] <= timing[sm, np.maximum(idx, 0), 2])
+        k, idx = k[inside], idx[inside]
+        p = pages[sm, k].astype(np.float64) / 1e3
+        same = np.r_[False, idx[1:] == idx[:-1]]
+        interval = np.r_[np.nan, np.diff(p[:, 3])]
+        for op in np.unique(program.instructions[sm, idx, 0]):
+            sel = program.instructions[sm, idx, 0] == op
+            r = rows.setdefault(int(op), [[], [], [], []])
+            r[0].append(p[sel, 2] - p[sel, 1])
+            r[1].append(p[sel, 3] - p[sel, 2])
+            r[2].append(p[sel, 2] - p[sel, 0])
+            r[3].append(interval[sel & same])
+    head = (f"{'opcode':<12}{'pages':>8}{'wait us':>9}{'page us':>9}{'lead us':>9}"
+            f"{'interval us':>13}   (medians per ring page, consumer warp 0)")
+    lines = [head]
+    for op in sorted(rows):
+        w, c, lead, iv = (np.concatenate(x) for x in rows[op])
+        lines.append(f"{isa.Op(op).name:<12}{len(w):>8}{np.median(w):>9.2f}{np.median(c):>9.2f}"
+                     f"{np.median(lead):>9.2f}"
+                     f"{np.median(iv) if len(iv) else float('nan'):>13.2f}")
+    return "\n".join(lines)
+
+
+def save_npz(path, timing: np.ndarray, program, meta: dict, pages=None) -> Path:
     """Keep a traced step: the timing array, the program's queues and `meta` (JSON: what
-    re-planning the same program needs, and the measured times)."""
+    re-planning the same program needs, and the measured times); `pages`: the ring-page
+    stamps, when recorded (load_pages)."""
     path = Path(path)
+    extra = {}
+    if pages is not None:
+        used = np.flatnonzero((np.asarray(pages) != 0).any(axis=(0, 2)))
+        extra["pages"] = np.asarray(pages, np.int64)[:, :used[-1] + 1 if len(used) else 0]
     np.savez_compressed(path, timing=np.asarray(timing, np.int64),
                         instructions=program.instructions, queue_len=program.queue_len,
-                        meta=np.array(json.dumps(meta)))
+                        meta=np.array(json.dumps(meta)), **extra)
     return path
+
+
+def load_pages(path) -> np.ndarray | None:
+    """The ring-page stamps of a kept trace, or None where it has none."""
+    with np.load(path) as z:
+        return z["pages"] if "pages" in z.files else None
 
 
 def load_npz(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict | None]:

@@ -26,6 +26,9 @@ class Launcher {
     a.error = ptr<int32_t>(tensors, "error", torch::kInt32);
     a.timing = tensors.contains("timing") && !tensors["timing"].is_none()
                    ? ptr<int64_t>(tensors, "timing", torch::kInt64) : nullptr;
+    a.page_timing = tensors.contains("page_timing") && !tensors["page_timing"].is_none()
+                        ? ptr<int64_t>(tensors, "page_timing", torch::kInt64) : nullptr;
+    TORCH_CHECK(!a.page_timing || a.timing, "megakernel: 'page_timing' needs 'timing'");
     a.embed = bf16(tensors, "embed");
     a.lm_head = bf16(tensors, "lm_head");
     a.final_norm = bf16(tensors, "final_norm");
@@ -54,6 +57,7 @@ class Launcher {
     a.part = tensors.contains("part") && !tensors["part"].is_none()
                  ? ptr<float>(tensors, "part", torch::kFloat32) : nullptr;
     a.max_len = size(sizes, "max_len");
+    a.page_max = a.page_timing ? size(sizes, "page_max") : 0;
     a.B = size(sizes, "B");
     a.d = size(sizes, "d");
     a.I = size(sizes, "I");

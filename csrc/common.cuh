@@ -29,6 +29,12 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_ACT_FLOATS
 #define MK_ACT_FLOATS 8192
 #endif
+#ifndef MK_WARP_RELEASE
+#define MK_WARP_RELEASE 1   // one empty-slot arrival per consumer warp (0: one per thread)
+#endif
+#ifndef MK_WARP_ACC
+#define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
+#endif
 #ifndef MK_TC_MIN_BUCKET
 #define MK_TC_MIN_BUCKET 4  // batch buckets from this one up use tensor cores; 32: none do
 #endif
@@ -42,6 +48,8 @@ constexpr int kTcMinBucket = MK_TC_MIN_BUCKET;
 constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
 constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages past the ring pulled into L2
 constexpr int kL2StallNs = MK_L2_STALL_NS;
+constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
+constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports

@@ -139,16 +139,15 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       const float* pre_src = resid && tid < ins[W_OPROJ_NROWS] * a.B
                                  ? ResidualOp::residual_in(a, ins, tid) : nullptr;
       float pre = 0.f;  // ResidualOp's first input of this thread
-      if (nt == 1) pre = consumer_matvec_tc<1>(a, ring, ins, it, act, acc, red, rstd, pre_src);
-      else if (nt == 2) pre = consumer_matvec_tc<2>(a, ring, ins, it, act, acc, red, rstd, pre_src);
-      else if (a.B == 1) pre = consumer_matvec<1>(a, ring, ins, it, act, acc, red, rstd, pre_src);
-      else if (a.B == 2) pre = consumer_matvec<2>(a, ring, ins, it, act, acc, red, rstd, pre_src);
-      else if (kTcMinBucket > 4 && a.B <= 4)
-        pre = consumer_matvec<4>(a, ring, ins, it, act, acc, red, rstd, pre_src);
-      else if (kTcMinBucket > 8 && a.B <= 8)
-        pre = consumer_matvec<8>(a, ring, ins, it, act, acc, red, rstd, pre_src);
-      else if (kTcMinBucket > 16)
-        pre = consumer_matvec<16>(a, ring, ins, it, act, acc, red, rstd, pre_src);
+#define MK_MATVEC(f, n) f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src)
+      if (nt == 1) pre = MK_MATVEC(consumer_matvec_tc, 1);
+      else if (nt == 2) pre = MK_MATVEC(consumer_matvec_tc, 2);
+      else if (a.B == 1) pre = MK_MATVEC(consumer_matvec, 1);
+      else if (a.B == 2) pre = MK_MATVEC(consumer_matvec, 2);
+      else if (kTcMinBucket > 4 && a.B <= 4) pre = MK_MATVEC(consumer_matvec, 4);
+      else if (kTcMinBucket > 8 && a.B <= 8) pre = MK_MATVEC(consumer_matvec, 8);
+      else if (kTcMinBucket > 16) pre = MK_MATVEC(consumer_matvec, 16);
+#undef MK_MATVEC
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
@@ -199,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   if (threadIdx.x == 0) {
     for (int s = 0; s < kNumPages; ++s) {
       mbar_init(&ring.full[s], 1);
-      mbar_init(&ring.empty[s], kConsumerThreads);
+      mbar_init(&ring.empty[s], kEmptyArrivals);
     }
     flags[0] = 0;
     flags[1] = ERR_NONE;
@@ -212,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   const int32_t* queue = a.instructions + static_cast<size_t>(blockIdx.x) * a.max_len * kWords;
   const int qlen = a.queue_len[blockIdx.x];
   if (threadIdx.x >= kConsumerThreads) {
-    loader_main(a, ring, queue, qlen);
+    loader_main<kTiming>(a, ring, queue, qlen);
   } else {
     consumer_main<kTiming>(a, ring, queue, qlen, epoch, smem);
   }

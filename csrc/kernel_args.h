@@ -35,6 +35,10 @@ struct KernelArgs {
   int64_t* timing;                 // [num_sms, max_len, 3] wait start, wait end, end (ns), or null:
                                    // null launches the instantiation built without timing code
   int max_len;
+  int64_t* page_timing;            // [num_sms, page_max, 4] per ring page (ns): loader issue,
+                                   // consumer warp 0 wait start, wait end, page done; null
+                                   // unless timing
+  int page_max;
 
   // Packed weights (bf16)
   const __nv_bfloat16* embed;      // [V, d]

@@ -119,10 +119,35 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
 struct Ring {
   unsigned char* pages;    // kNumPages * kSlotBytes
   uint64_t* full;          // [kNumPages] loader -> consumers (tx bytes)
-  uint64_t* empty;         // [kNumPages] consumers -> loader (one arrival per consumer thread)
+  uint64_t* empty;         // [kNumPages] consumers -> loader (kEmptyArrivals per page)
   volatile int* abort;     // set by consumers when the block stops early
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
 };
+
+// Arrivals that free a ring slot: one per consumer warp, or one per consumer thread.
+constexpr int kEmptyArrivals = kWarpRelease ? kConsumerWarps : kConsumerThreads;
+
+// Consumers: this thread is done reading ring slot `slot`. An mbarrier arrive orders only
+// the arriving thread's accesses, so either every thread arrives, or (kWarpRelease) the
+// __syncwarp orders the warp's reads before its lane 0 arrives: 8 arrivals on the slot's
+// barrier instead of 256.
+__device__ __forceinline__ void release_slot(const Ring& ring, int slot) {
+  if (kWarpRelease) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(&ring.empty[slot]);
+  } else {
+    mbar_arrive(&ring.empty[slot]);
+  }
+}
+
+// Timing build: stamp k of ring page `it` (the launch's page count on this SM), see
+// KernelArgs::page_timing. Compiled out of the kernel without timing.
+template <bool kTiming>
+__device__ __forceinline__ void page_stamp(const KernelArgs& a, uint32_t it, int k) {
+  if (kTiming && a.page_timing && it < static_cast<uint32_t>(a.page_max))
+    a.page_timing[(static_cast<size_t>(blockIdx.x) * a.page_max + it) * 4 + k] =
+        static_cast<int64_t>(globaltimer());
+}
 
 // The pages of the matvec instructions of one SM queue, in the order the consumers take them.
 // With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes.
@@ -166,6 +191,7 @@ struct PageWalk {
 // consumers are in attention, a reduction or a counter wait), HBM would idle: the loader
 // then pulls the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later
 // fill the ring with them hit L2.
+template <bool kTiming>
 __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
                             int qlen) {
   const int lane = threadIdx.x & 31;
@@ -196,6 +222,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       }
     }
     if (stop) break;
+    if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 0);
     if (a.mode & MODE_NO_LOAD) {
       if (lane == 0) mbar_arrive(&ring.full[slot]);
       continue;
@@ -250,10 +277,11 @@ __device__ __forceinline__ void fma_vec(float (&s)[RB][BT], const uint4 (&w)[RB]
 
 // One page: rows x cols bf16 (row-major, stride cols) times act [B, cols] -> acc[row, b].
 // Warps take tiles of RB rows; when a page has fewer tiles than warps, several warps split
-// a tile's columns and add their partial sums atomically.
+// a tile's columns. Each warp adds its sums to acc: its own accumulators, or (shared_acc)
+// ones it shares with the other warps, then atomically where a tile has several warps.
 template <int BT>
 __device__ void page_matvec(const unsigned char* page, int rows, int cols, int row_base,
-                            const float* act, float* acc, int B) {
+                            const float* act, float* acc, int B, bool shared_acc) {
   constexpr int RB = kRowTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const uint4* wv = reinterpret_cast<const uint4*>(page);
@@ -294,7 +322,7 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
         const float sum = warp_sum(s[j][b]);
         if (lane == 0 && r0 + j < rows) {
           float* out = acc + (row_base + r0 + j) * B + b;
-          if (wpt == 1) *out += sum; else atomicAdd(out, sum);
+          if (wpt == 1 || !shared_acc) *out += sum; else atomicAdd(out, sum);
         }
       }
     }
@@ -360,7 +388,10 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
 // shared with the loader's walk. BT: batch bucket (B <= BT). pre_src (or null): an epilogue
 // input of this thread, loaded together with the first activation chunk and returned, so
 // the epilogue does not spend another L2 round trip on it.
-template <int BT>
+// kWarpAcc: where 8 copies of acc fit, warp w accumulates into acc[w * n * B ...] with plain
+// adds and the copies are summed once after the pages, instead of a compare-and-swap loop
+// on a shared word per row for every page whose tiles span several warps.
+template <int BT, bool kTiming>
 __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                  uint32_t& it, float* act, float* acc, float* red, float* rstd,
                                  const float* pre_src) {
@@ -368,7 +399,10 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
   float pre = 0.f;
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
-  for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] = 0.f;
+  const int nb = g.n * B;
+  const bool own = kWarpAcc && nb * kConsumerWarps <= kAccFloats;
+  float* const warp_acc = own ? acc + (tid >> 5) * nb : acc;
+  for (int i = tid; i < (own ? nb * kConsumerWarps : nb); i += kConsumerThreads) acc[i] = 0.f;
   float sums[BT];
 #pragma unroll
   for (int b = 0; b < BT; ++b) sums[b] = 0.f;
@@ -382,18 +416,27 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
       const int slot = it % kNumPages;
+      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 1);
       while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
+      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 2);
       if (!(a.mode & MODE_NO_COMPUTE))
         page_matvec<BT>(ring.pages + static_cast<size_t>(slot) * kSlotBytes, g.group_rows(grp),
-                        cols, grp * g.rpp, act, acc, B);
-      // Every consumer thread releases its own reads of the page (an mbarrier arrive orders
-      // only the arriving thread's accesses) before the loader may overwrite the slot.
-      mbar_arrive(&ring.empty[slot]);
+                        cols, grp * g.rpp, act, warp_acc, B, !own);
+      release_slot(ring, slot);
+      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 3);
     }
   }
-  if (in.norm) {
-    finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers also complete acc
-    for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] *= rstd[i % B];
+  if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc
+  else if (own) consumer_sync();
+  if (own || in.norm) {
+    for (int i = tid; i < nb; i += kConsumerThreads) {
+      float s = acc[i];
+      if (own) {
+#pragma unroll
+        for (int w = 1; w < kConsumerWarps; ++w) s += acc[w * nb + i];
+      }
+      acc[i] = in.norm ? s * rstd[i % B] : s;  // only this thread touches acc[i] here
+    }
   }
   consumer_sync();  // acc complete
   return pre;

@@ -189,7 +189,7 @@ __device__ __forceinline__ void page_mma(const unsigned char* page, int stride, 
 
 // Consumers: the whole matvec of one instruction into acc[n, B] on tensor cores; the same
 // contract as consumer_matvec (matvec.cuh). NT: n-tiles, tc_ntiles(a.B).
-template <int NT>
+template <int NT, bool kTiming>
 __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                     uint32_t& it, float* act, float* acc, float* red,
                                     float* rstd, const float* pre_src) {
@@ -215,12 +215,15 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
       const int slot = it % kNumPages;
+      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 1);
       while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
+      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 2);
       if (!(a.mode & MODE_NO_COMPUTE))
         page_mma<NT>(ring.pages + static_cast<size_t>(slot) * kSlotBytes, g.stride(cols),
                      g.group_rows(grp), cols, grp * g.rpp, frag, acc, B, part,
                      !carry || c == g.nchunks - 1);
-      mbar_arrive(&ring.empty[slot]);  // this thread's reads of the page are done
+      release_slot(ring, slot);
+      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 3);
     }
   }
   if (in.norm) {

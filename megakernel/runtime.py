@@ -24,6 +24,7 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 MAX_GQA = 8
 MAX_BATCH = 16
 DEFAULT_WATCHDOG_MS = 2000
+PAGE_TIMING_MAX = 8192   # ring pages per SM the timing build stamps (llama-3.1-8b: ~3.8k)
 _ERRORS = {Err.WATCHDOG: "watchdog: a counter wait exceeded its budget",
            Err.BAD_OPCODE: "unknown opcode", Err.BAD_TOKEN: "token id out of range",
            Err.BAD_POSITION: "position outside the KV cache", Err.ABORTED: "aborted",
@@ -129,14 +130,19 @@ class Runtime:
             raise ValueError("timing=True is not supported under tensor parallelism (tp > 1)")
         self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 3,
                                    dtype=torch.int64, device=device) if timing else None)
+        # Per ring page: loader issue, consumer warp 0 wait start, wait end, done (ns).
+        self.page_timing = (torch.zeros(program.num_sms, PAGE_TIMING_MAX, 4, dtype=torch.int64,
+                                        device=device) if timing else None)
         watchdog_ms = watchdog_ms or float(os.environ.get("MEGAKERNEL_WATCHDOG_MS",
                                                           DEFAULT_WATCHDOG_MS))
         tensors = {**self.buffers.tensors(), **self._program_tensors,
                    "embed": packed.embed, "lm_head": packed.lm_head,
                    "final_norm": packed.final_norm, "attn_norm": packed.attn_norm,
                    "mlp_norm": packed.mlp_norm, "wqkv": packed.wqkv, "wo": packed.wo,
-                   "wgu": packed.wgu, "wdown": packed.wdown, "timing": self.timing}
-        sizes = dict(max_len=int(program.instructions.shape[1]), B=program.batch, d=cfg.d, I=cfg.I,
+                   "wgu": packed.wgu, "wdown": packed.wdown, "timing": self.timing,
+                   "page_timing": self.page_timing}
+        sizes = dict(max_len=int(program.instructions.shape[1]), page_max=PAGE_TIMING_MAX,
+                     B=program.batch, d=cfg.d, I=cfg.I,
                      L=cfg.L, H=cfg.H, Hkv=cfg.Hkv, D=cfg.D, V=cfg.V, S=max_seq,
                      NS=program.attn_splits, NLM=program.lm_slices,
                      num_counters=max(1, program.num_counters), eps=float(cfg.rms_norm_eps),

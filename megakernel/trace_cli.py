@@ -47,13 +47,15 @@ def main(args) -> int:
     try:
         if args.from_npz is not None:
             program, timing, meta = offline(args.from_npz, args)
-            gpu = None
+            from megakernel.bench.trace import load_pages
+            pages, gpu = load_pages(args.from_npz), None
         else:
             from megakernel.bench.harness import require_gpu
             gpu = Traced(args, require_gpu("python -m megakernel trace"))
             program, timing, meta = gpu.trace_planned()
+            pages = gpu.pages
         args.out.mkdir(parents=True, exist_ok=True)
-        report(program, timing, meta, args, gpu)
+        report(program, timing, meta, args, gpu, pages)
     except (ValueError, RuntimeError) as e:
         print(f"trace: {e}", file=sys.stderr)
         return 2
@@ -99,6 +101,7 @@ class Traced:
         self.flush = harness.L2Flush(device)
         self.name = torch.cuda.get_device_name(device)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.pages = None   # ring-page stamps of the last traced replay
 
     def plan(self, gpu=None):
         from megakernel.profiling import nvtx_range
@@ -129,6 +132,8 @@ class Traced:
         ms = self.harness.time_steps(step, a.iters, a.warmup,
                                      before=lambda: (self.flush(), before()))
         dec.runtime.check()
+        if timing:
+            self.pages = dec.runtime.page_timing.cpu().numpy()
         return ms, (dec.runtime.timing.cpu().numpy() if timing else None)
 
     def trace_planned(self, gpu=None):
@@ -145,11 +150,11 @@ class Traced:
                     date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         if gpu is None:
             a.out.mkdir(parents=True, exist_ok=True)
-            print(f"kept {save_npz(a.out / 'trace.npz', stamps, program, meta)}")
+            print(f"kept {save_npz(a.out / 'trace.npz', stamps, program, meta, self.pages)}")
         return program, stamps, meta
 
 
-def report(program, timing, meta, args, gpu) -> None:
+def report(program, timing, meta, args, gpu, pages=None) -> None:
     from megakernel.bench import trace
     from megakernel.scheduler import calibration, simulate
     m = calibration.measure(program, timing)
@@ -178,6 +183,8 @@ def report(program, timing, meta, args, gpu) -> None:
         specs["calibrated"] = cal.spec
     print(f"\nper opcode (predicted = cost model, mean us per instruction):\n"
           f"{trace.opcode_table(program, m, specs)}\n")
+    if pages is not None:
+        print(f"ring pages (timing build):\n{trace.page_table(program, timing, pages)}\n")
     replay = f" (graph replay, timing off: {1e3 * off:.1f} us with launch)" if off else ""
     print(f"step: measured {m.span_us:.1f} us from the first instruction to the last{replay}")
     for label, spec in specs.items():

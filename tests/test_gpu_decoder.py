@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megakernel import Decoder, ModelConfig, ReferenceModel, Weights, plan
+from megakernel.scheduler.isa import Op
 
 pytestmark = pytest.mark.gpu
 
@@ -183,3 +184,23 @@ def test_timing_records_every_instruction():
         assert (stamps > 0).all(), f"SM {sm}: unwritten stamps"
         assert (np.diff(stamps) >= 0).all(), f"SM {sm}: stamps out of order"
         assert (t[sm, n:] == -1).all(), f"SM {sm}: stamps past the queue"
+
+
+def test_timing_stamps_every_ring_page():
+    cfg = ModelConfig.preset("tiny")
+    w = Weights.random(cfg, seed=6, dtype=torch.bfloat16, device="cuda")
+    dec = Decoder(cfg, w, batch=1, max_seq=16, num_sms=16, timing=True)
+    dec.runtime.timing.fill_(-1)
+    dec.runtime.page_timing.fill_(-1)       # poison: stamped pages must be overwritten
+    dec.step(torch.tensor([3], device="cuda"))
+    t, p = dec.runtime.timing.cpu().numpy(), dec.runtime.page_timing.cpu().numpy()
+    matvec = np.isin(dec.program.instructions[..., 0],
+                     [int(o) for o in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)])
+    for sm, n in enumerate(dec.program.queue_len):
+        k = int((p[sm, :, 0] != -1).sum())
+        assert (p[sm, :k] > 0).all() and (p[sm, k:] == -1).all(), f"SM {sm}: not a prefix"
+        assert (k > 0) == bool(matvec[sm, :n].any()), f"SM {sm}: {k} pages stamped"
+        issue, start, got, done = p[sm, :k].T
+        assert (got >= start).all() and (got >= issue).all() and (done >= got).all()
+        win = [(t[sm, i, 1], t[sm, i, 2]) for i in range(n) if matvec[sm, i]]
+        assert all(any(a <= g <= b for a, b in win) for g in got), f"SM {sm}: page outside"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from megakernel.bench import trace
-from megakernel.scheduler import GpuSpec, calibration, plan, simulate
+from megakernel.scheduler import GpuSpec, calibration, isa, plan, simulate
 from megakernel.scheduler.cost import instruction_us
 
 TRUE = dict(instr_latency_us=2.5, hbm_bytes_per_s=1.6e12, counter_latency_us=1.7)
@@ -78,6 +78,45 @@ def test_per_opcode_table_sums(traced):
     assert float(rows["all"][3]) == pytest.approx(m.occupancy_us().sum(), rel=1e-3)
     assert float(rows["QKV"][4]) == pytest.approx(float(rows["QKV"][6]), rel=1e-3)  # = true
     assert "TB/s" in text.splitlines()[-1]
+
+
+def synthetic_pages(prog, timing, wait=0.25, page=0.75, lead=1.5, per=4):
+    """Ring-page stamps [num_sms, n, 4] ns: `per` pages in each matvec instruction's
+    execution, every one waited `wait` us, held `page` us, issued `lead` us before wait end."""
+    out = np.zeros((prog.num_sms, 4096, 4), np.int64)
+    matvec = {int(o) for o in (isa.Op.QKV, isa.Op.OPROJ, isa.Op.GATEUP, isa.Op.DOWN,
+                               isa.Op.LMHEAD)}
+    for sm, n in enumerate(prog.queue_len):
+        k = 0
+        for i in range(n):
+            if int(prog.instructions[sm, i, 0]) not in matvec:
+                continue
+            t0, t1 = timing[sm, i, 1], timing[sm, i, 2]
+            step = (t1 - t0) // (per + 1)
+            for j in range(per):
+                got = t0 + step * (j + 1)
+                out[sm, k] = [got - lead * 1e3, got - wait * 1e3, got, got + page * 1e3]
+                k += 1
+    return out
+
+
+def test_page_table_recovers_the_stamped_times(traced, tmp_path):
+    prog, _, timing = traced
+    pages = synthetic_pages(prog, timing)
+    rows = {line.split()[0]: line.split() for line in
+            trace.page_table(prog, timing, pages).splitlines()[1:]}
+    assert set(rows) == {"QKV", "OPROJ", "GATEUP", "DOWN", "LMHEAD"}
+    per_op = {op.name: 4 * int((prog.instructions[..., 0][
+        np.arange(prog.max_len)[None] < prog.queue_len[:, None]] == op).sum())
+        for op in (isa.Op.QKV, isa.Op.GATEUP)}
+    for name, r in rows.items():
+        assert [float(x) for x in r[2:5]] == pytest.approx([0.25, 0.75, 1.5], abs=2e-3), name
+    assert int(rows["QKV"][1]) == per_op["QKV"] and int(rows["GATEUP"][1]) == per_op["GATEUP"]
+    kept = trace.save_npz(tmp_path / "t.npz", timing, prog, {"x": 1}, pages)
+    back = trace.load_pages(kept)
+    assert back.shape[1] < pages.shape[1] and (back == pages[:, :back.shape[1]]).all()
+    assert (pages[:, back.shape[1]:] == 0).all()
+    assert trace.load_pages(trace.save_npz(tmp_path / "u.npz", timing, prog, {})) is None
 
 
 @pytest.mark.parametrize("name, batch, num_sms", [("tiny", 2, 8), ("llama-3.2-1b", 1, 132),
