@@ -164,6 +164,19 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def release_line(program, timing: np.ndarray) -> str | None:
+    """Per opcode, the median us from an instruction's outputs written (its last bar.sync)
+    to its end (after the release add that publishes them): the release's own cost. None for
+    a 3-stamp timing array (kept before the stamp existed)."""
+    if timing.shape[2] < 4:
+        return None
+    t = program.table()
+    s = timing[t.sm, t.index].astype(np.int64)
+    cells = [f"{isa.Op(op).name} {np.median(s[t.op == op, 2] - s[t.op == op, 3]) / 1e3:.2f}"
+             for op in isa.Op if (t.op == op).any()]
+    return "release (end - outputs written), median us: " + ", ".join(cells)
+
+
 def save_npz(path, timing: np.ndarray, program, meta: dict, pages=None) -> Path:
     """Keep a traced step: the timing array, the program's queues and `meta` (JSON: what
     re-planning the same program needs, and the measured times); `pages`: the ring-page

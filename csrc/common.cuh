@@ -35,6 +35,12 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
+#ifndef MK_RECORD_SMEM
+#define MK_RECORD_SMEM 1    // instruction records read from a shared-memory copy (0: from L2)
+#endif
+#ifndef MK_RELEASE_QUIET
+#define MK_RELEASE_QUIET 0  // 1: the loader issues no copies between a matvec's last page and
+#endif                      // its release (experiment: do in-flight copies slow the release?)
 #ifndef MK_TC_MIN_BUCKET
 #define MK_TC_MIN_BUCKET 4  // batch buckets from this one up use tensor cores; 32: none do
 #endif
@@ -50,6 +56,8 @@ constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages past the ring p
 constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
+constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
+constexpr bool kReleaseQuiet = MK_RELEASE_QUIET != 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports

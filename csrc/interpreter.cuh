@@ -32,8 +32,9 @@ struct SmemLayout {
   static constexpr size_t red = acc + kAccFloats * sizeof(float);
   static constexpr size_t rstd = red + kConsumerWarps * kMaxBatch * sizeof(float);
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
-  static constexpr size_t flags = pos + kMaxBatch * sizeof(int);
-  static constexpr size_t total = flags + 4 * sizeof(int);  // wait ok, error, abort, ready
+  static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
+  static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
+  static constexpr size_t total = flags + 5 * sizeof(int);  // wait ok, error, abort, ready, quiet
 };
 // The attention op reuses act + acc as its scratch.
 static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
@@ -97,7 +98,8 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
   return true;
 }
 
-// kTiming: record (wait start, wait end, end) %globaltimer stamps of every instruction; a
+// kTiming: record (wait start, wait end, end, outputs written) %globaltimer stamps of every
+// instruction (end: after the release add; written: before it, after the last bar.sync); a
 // compile-time switch, so the kernel without it carries no timing code at all.
 template <bool kTiming>
 __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
@@ -109,20 +111,32 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
   float* rstd = reinterpret_cast<float*>(smem + SmemLayout::rstd);
   volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
   int* pos = reinterpret_cast<int*>(smem + SmemLayout::pos);
-  int64_t* timing = kTiming ? a.timing + static_cast<size_t>(blockIdx.x) * a.max_len * 3 : nullptr;
+  int64_t* timing = kTiming ? a.timing + static_cast<size_t>(blockIdx.x) * a.max_len * 4 : nullptr;
   // Positions are fixed for the launch: one read here, not one L2 round trip per op. The
   // bar.sync after the first instruction's wait publishes them to every consumer.
   if (tid < a.B) pos[tid] = a.pos[tid];
+  // kRecordSmem: instruction i's record is read from a shared-memory copy, rec[i % 2], which
+  // warp 0 fills while it waits on instruction i-1's counters: no L2 round trip for the
+  // record at the head of every instruction. The queue is read-only for the launch.
+  int32_t* rec = reinterpret_cast<int32_t*>(smem + SmemLayout::rec);
+  if (kRecordSmem && tid < kWords && qlen > 0) rec[tid] = queue[tid];
+  __syncwarp();
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
-    const int32_t* ins = queue + static_cast<size_t>(i) * kWords;  // read-only for the launch
+    const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
+                                     : queue + static_cast<size_t>(i) * kWords;
     if (tid < 32) {
+      const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
+      const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
       const uint64_t t0 = kTiming ? globaltimer() : 0;
       const bool ok = wait_counters(a, ins, i, epoch);
       if (tid == 0) {
         flags[0] = ok ? 1 : 0;
-        if (kTiming) { timing[3 * i] = t0; timing[3 * i + 1] = globaltimer(); }
+        if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
       }
+      // The other copy held instruction i-1's record: every read of it is behind the
+      // bar.syncs that ended instruction i-1; this one publishes the next at its end.
+      if (more) rec[((i + 1) & 1) * kWords + tid] = next;
     }
     consumer_sync();
     if (!flags[0]) break;
@@ -171,6 +185,7 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       break;
     }
     if (tid == 0) {
+      if (kTiming) timing[4 * i + 3] = globaltimer();
       const int sig = ins[W_SIGNAL];
       // The bar.sync above ordered every consumer's writes before this thread; the release
       // add publishes them (cumulativity) to whoever acquires the counter.
@@ -179,7 +194,8 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       } else if (sig >= 0) {
         red_release_add(a.counters + sig, 1);
       }
-      if (kTiming) timing[3 * i + 2] = globaltimer();
+      if (kTiming) timing[4 * i + 2] = globaltimer();
+      if (kReleaseQuiet) *ring.quiet = 0;
     }
   }
   if (tid == 0) ring.abort[0] = 1;  // harmless after a full run: the loader has finished
@@ -195,6 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
   ring.abort = flags + 2;
   ring.ready = flags + 3;
+  ring.quiet = flags + 4;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kNumPages; ++s) {
       mbar_init(&ring.full[s], 1);
@@ -204,6 +221,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[1] = ERR_NONE;
     flags[2] = 0;
     flags[3] = -1;
+    flags[4] = 0;
     fence_mbar_init();
   }
   __syncthreads();

@@ -32,7 +32,8 @@ struct KernelArgs {
   int32_t* epoch;                  // [1] steps completed since reset
   int32_t* done;                   // [1] blocks finished, monotonic
   int32_t* error;                  // [8] code, sm, queue index, uid, counter, value, target, opcode
-  int64_t* timing;                 // [num_sms, max_len, 3] wait start, wait end, end (ns), or null:
+  int64_t* timing;                 // [num_sms, max_len, 4] wait start, wait end, end, outputs
+                                   // written (before the release add) (ns), or null:
                                    // null launches the instantiation built without timing code
   int max_len;
   int64_t* page_timing;            // [num_sms, page_max, 4] per ring page (ns): loader issue,

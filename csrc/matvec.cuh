@@ -122,6 +122,7 @@ struct Ring {
   uint64_t* empty;         // [kNumPages] consumers -> loader (kEmptyArrivals per page)
   volatile int* abort;     // set by consumers when the block stops early
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
+  volatile int* quiet;     // kReleaseQuiet: consumers are between a last page and its release
 };
 
 // Arrivals that free a ring slot: one per consumer warp, or one per consumer thread.
@@ -222,6 +223,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       }
     }
     if (stop) break;
+    while (kReleaseQuiet && *ring.quiet && !*ring.abort) {}
     if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 0);
     if (a.mode & MODE_NO_LOAD) {
       if (lane == 0) mbar_arrive(&ring.full[slot]);
@@ -426,6 +428,7 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
       if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 3);
     }
   }
+  if (kReleaseQuiet && tid == 0) *ring.quiet = 1;  // cleared after the release
   if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc
   else if (own) consumer_sync();
   if (own || in.norm) {

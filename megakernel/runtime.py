@@ -128,7 +128,8 @@ class Runtime:
             self.buffers.counters = torch.zeros(1, dtype=torch.int32, device=device)
         if timing and program.tp > 1:
             raise ValueError("timing=True is not supported under tensor parallelism (tp > 1)")
-        self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 3,
+        # Per instruction: wait start, wait end, end, outputs written (before the release).
+        self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 4,
                                    dtype=torch.int64, device=device) if timing else None)
         # Per ring page: loader issue, consumer warp 0 wait start, wait end, done (ns).
         self.page_timing = (torch.zeros(program.num_sms, PAGE_TIMING_MAX, 4, dtype=torch.int64,

@@ -183,6 +183,9 @@ def report(program, timing, meta, args, gpu, pages=None) -> None:
         specs["calibrated"] = cal.spec
     print(f"\nper opcode (predicted = cost model, mean us per instruction):\n"
           f"{trace.opcode_table(program, m, specs)}\n")
+    release = trace.release_line(program, timing)
+    if release:
+        print(release)
     if pages is not None:
         print(f"ring pages (timing build):\n{trace.page_table(program, timing, pages)}\n")
     replay = f" (graph replay, timing off: {1e3 * off:.1f} us with launch)" if off else ""

@@ -1,9 +1,10 @@
 """Calibration: fit the cost model's constants (cost.py GpuSpec) to a measured megakernel
 trace, save them per GPU, and hand them to plan() (`resolve`, the hook).
 
-A trace is the kernel's timing array int64 [num_sms, max_len, 3]: %globaltimer ns of every
-queued instruction's (wait start, wait end = compute start, end); entries past an SM's
-queue_len are 0. The simulator (simulate.py) models an instruction as: it starts when its
+A trace is the kernel's timing array int64 [num_sms, max_len, 4]: %globaltimer ns of every
+queued instruction's (wait start, wait end = compute start, end, and outputs written, the
+moment before its release add, which the fit does not use); entries past an SM's queue_len
+are 0. The simulator (simulate.py) models an instruction as: it starts when its
 SM is free and its counters are complete + counter_latency_us, then holds the SM for
 instruction_us = instr_latency_us + bytes / sm_bandwidth. The fit measures those quantities:
     occupancy_i = end_i - (wait end_i if it waited longer than wait_eps_us, else the end of
@@ -75,13 +76,14 @@ class Measured:
 
 
 def measure(program, timing) -> Measured:
-    """timing: int64 [num_sms, max_len, 3] (numpy) of one step of `program`."""
+    """timing: int64 [num_sms, max_len, 3 or 4] (numpy) of one step of `program`: wait start,
+    wait end, end (and outputs written, unused here)."""
     timing = np.asarray(timing)
-    want = (program.num_sms, program.max_len, 3)
-    if timing.shape != want:
-        raise ValueError(f"timing has shape {timing.shape}, the program needs {want}")
+    want = (program.num_sms, program.max_len)
+    if timing.shape[:2] != want or timing.ndim != 3 or timing.shape[2] not in (3, 4):
+        raise ValueError(f"timing has shape {timing.shape}, the program needs {want + (4,)}")
     t = program.table()
-    stamps = timing[t.sm, t.index].astype(np.int64)                     # [N, 3]
+    stamps = timing[t.sm, t.index, :3].astype(np.int64)                 # [N, 3]
     bad = (stamps[:, 0] <= 0) | (np.diff(stamps, axis=1) < 0).any(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])

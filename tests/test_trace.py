@@ -119,6 +119,16 @@ def test_page_table_recovers_the_stamped_times(traced, tmp_path):
     assert trace.load_pages(trace.save_npz(tmp_path / "u.npz", timing, prog, {})) is None
 
 
+def test_release_line_reads_the_written_stamp(traced):
+    prog, _, timing = traced
+    assert trace.release_line(prog, timing) is None            # 3 stamps: none to read
+    four = np.concatenate([timing, timing[..., 2:3] - 300], axis=2)
+    line = trace.release_line(prog, four)
+    assert "QKV 0.30" in line and "ATTN_REDUCE 0.30" in line and "ARGMAX 0.30" in line
+    m3, m4 = calibration.measure(prog, timing), calibration.measure(prog, four)
+    assert m3.span_us == m4.span_us
+
+
 @pytest.mark.parametrize("name, batch, num_sms", [("tiny", 2, 8), ("llama-3.2-1b", 1, 132),
                                                   ("llama-3.2-1b", 8, 132)])
 def test_fit_recovers_known_constants(name, batch, num_sms):
