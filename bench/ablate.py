@@ -78,8 +78,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "shared accumulator with compare-and-swap loops, not their own copies"),
         flag("MK_RECORD_SMEM", 0, "every instruction reads its record from L2, not from "
              "the shared-memory copy warp 0 fills during the previous wait"),
-        flag("MK_RELEASE_QUIET", 1, "the loader issues no copies between a matvec's last "
-             "page and its release (do in-flight copies slow the release fence?)"),
+        flag("MK_RELEASE_QUIET", 0, "the loader keeps issuing copies between a matvec's "
+             "last page and its release, whose fence then waits for them"),
         flag("MK_TC_MIN_BUCKET", 1, "tensor cores from batch 1 up (the hi/lo split "
              "activations as an 8-column n-tile)"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},

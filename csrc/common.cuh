@@ -39,8 +39,8 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #define MK_RECORD_SMEM 1    // instruction records read from a shared-memory copy (0: from L2)
 #endif
 #ifndef MK_RELEASE_QUIET
-#define MK_RELEASE_QUIET 0  // 1: the loader issues no copies between a matvec's last page and
-#endif                      // its release (experiment: do in-flight copies slow the release?)
+#define MK_RELEASE_QUIET 1  // the loader issues no copies between a matvec's last page and its
+#endif                      // release, whose fence waits for every memory op the SM has in flight
 #ifndef MK_TC_MIN_BUCKET
 #define MK_TC_MIN_BUCKET 4  // batch buckets from this one up use tensor cores; 32: none do
 #endif
