@@ -80,6 +80,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "the shared-memory copy warp 0 fills during the previous wait"),
         flag("MK_RELEASE_QUIET", 0, "the loader keeps issuing copies between a matvec's "
              "last page and its release, whose fence then waits for them"),
+        flag("MK_RELEASE_QUIET", 2, "the loader pauses only from an instruction's outputs "
+             "written to its release (not from a matvec's last page)"),
         flag("MK_TC_MIN_BUCKET", 1, "tensor cores from batch 1 up (the hi/lo split "
              "activations as an 8-column n-tile)"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},

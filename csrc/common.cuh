@@ -39,8 +39,8 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #define MK_RECORD_SMEM 1    // instruction records read from a shared-memory copy (0: from L2)
 #endif
 #ifndef MK_RELEASE_QUIET
-#define MK_RELEASE_QUIET 1  // the loader issues no copies between a matvec's last page and its
-#endif                      // release, whose fence waits for every memory op the SM has in flight
+#define MK_RELEASE_QUIET 1  // the loader issues nothing while a release fence waits for the SM's
+#endif                      // memory ops: 1 from a matvec's last page, 2 from the outputs; 0 never
 #ifndef MK_TC_MIN_BUCKET
 #define MK_TC_MIN_BUCKET 4  // batch buckets from this one up use tensor cores; 32: none do
 #endif
@@ -58,6 +58,7 @@ constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kReleaseQuiet = MK_RELEASE_QUIET != 0;
+constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports

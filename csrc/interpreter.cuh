@@ -179,6 +179,7 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       }
     }
     if (err != ERR_NONE) { flags[1] = err; }
+    if (kReleaseQuiet && tid == 0) *ring.quiet = 1;  // the loader waits until the release
     consumer_sync();  // every output of the instruction is written
     if (flags[1] != ERR_NONE) {
       if (tid == 0) report_error(a, flags[1], i, ins, -1, 0, 0);

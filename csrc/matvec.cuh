@@ -122,7 +122,7 @@ struct Ring {
   uint64_t* empty;         // [kNumPages] consumers -> loader (kEmptyArrivals per page)
   volatile int* abort;     // set by consumers when the block stops early
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
-  volatile int* quiet;     // kReleaseQuiet: consumers are between a last page and its release
+  volatile int* quiet;     // kReleaseQuiet: the consumers' release is near, issue nothing
 };
 
 // Arrivals that free a ring slot: one per consumer warp, or one per consumer thread.
@@ -188,10 +188,10 @@ struct PageWalk {
 };
 
 // Loader warp: stream the pages of every matvec instruction of this SM's queue into the
-// ring. kReleaseQuiet: it issues nothing while the consumers are between a matvec's last
-// page and its release add: that release's fence waits for every memory operation the SM
-// has in flight, bulk copies and prefetches included (measured: 2-3 us per release with
-// the ring streaming, 0.5 us quiet). When the ring is full and its oldest page is still unconsumed after kL2StallNs (the
+// ring. kReleaseQuiet: it issues nothing from the moment an instruction's outputs are
+// written (with MK_RELEASE_QUIET=1, for a matvec, from its last page) until its release add
+// is done: that release's fence waited for the memory operations the loader kept issuing
+// (measured: 1.4-3.1 us per matvec release with the ring streaming, 0.5 us quiet). When the ring is full and its oldest page is still unconsumed after kL2StallNs (the
 // consumers are in attention, a reduction or a counter wait), HBM would idle: the loader
 // then pulls the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later
 // fill the ring with them hit L2.
@@ -432,7 +432,7 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
       if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 3);
     }
   }
-  if (kReleaseQuiet && tid == 0) *ring.quiet = 1;  // cleared after the release
+  if (kQuietFromLastPage && tid == 0) *ring.quiet = 1;  // cleared after the release
   if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc
   else if (own) consumer_sync();
   if (own || in.norm) {
