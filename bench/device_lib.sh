@@ -20,3 +20,30 @@ archive_logs() {
   (cd "$OUT" && tar czf /tmp/logs.tgz "${ex[@]}" . \
     && find . -mindepth 1 "${keep[@]}" -delete && mv /tmp/logs.tgz .)
 }
+
+# `ablate` of one model/batch over the comma-separated grid rows (all: the whole grid);
+# log $OUT/ablate_<model>_b<batch>.log, the table printed. Nothing when rows is empty.
+run_ablate() {  # model batch rows
+  [ -n "$3" ] || return 0
+  local rows=(--rows "$3"); [ "$3" = all ] && rows=()
+  SECONDS=0
+  timeout "${ABLATE_TIMEOUT:-240}" python3 -m megakernel ablate --model "$1" --batch "$2" --iters 50 \
+    "${rows[@]}" --out "$OUT" > "$OUT/ablate_$1_b$2.log" 2>&1
+  echo "ablate $1 b$2 rc=$? (${SECONDS}s)"; grep -E "^\|" "$OUT/ablate_$1_b$2.log" | cut -c1-150 | head -40
+}
+
+# Traces of llama-3.2-1b batch 1: the default build, then one per argument (a build flag
+# such as -DMK_RELEASE_QUIET=0, or a runtime switch such as no_load); $OUT/trace*/.
+run_traces() {
+  local flags dir opt
+  for flags in "" "$@"; do
+    SECONDS=0
+    dir="$OUT/trace${flags:+_${flags#-D}}"
+    case "$flags" in -D*) opt=--build-flag=$flags ;; ?*) opt=--ablate=$flags ;; *) opt= ;; esac
+    timeout 120 python3 -m megakernel trace --model llama-3.2-1b --batch 1 --out "$dir" \
+      $opt > "$dir.log" 2>&1
+    echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
+    sed -n '/^release/p; /^ring pages/,/^$/p' "$dir.log"
+    rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
+  done
+}
