@@ -35,6 +35,12 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
+#ifndef MK_MV_VEC4
+#define MK_MV_VEC4 1        // CUDA-core matvec: 4 vectors' loads in flight per lane (0: 2)
+#endif
+#ifndef MK_MV_SCATTER
+#define MK_MV_SCATTER 1     // CUDA-core matvec: reduce-scatter of a tile's sums (0: 5 shuffles each)
+#endif
 #ifndef MK_RECORD_SMEM
 #define MK_RECORD_SMEM 1    // instruction records read from a shared-memory copy (0: from L2)
 #endif
@@ -57,6 +63,8 @@ constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
+constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
+constexpr bool kMvScatter = MK_MV_SCATTER != 0;
 constexpr bool kReleaseQuiet = MK_RELEASE_QUIET != 0;
 constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32

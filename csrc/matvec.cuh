@@ -303,6 +303,18 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
 #pragma unroll
       for (int b = 0; b < BT; ++b) s[j][b] = 0.f;
     int v = (warp % wpt) * 32 + lane;
+    // A full 32 KB page gives every lane exactly 4 vectors per row: with kMvVec4, all their
+    // loads are issued before the first FMA (one shared-memory latency per page, not two).
+    for (; kMvVec4 && BT <= 2 && v + 3 * vstep < vecs; v += 4 * vstep) {
+      uint4 w[4][RB];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < RB; ++j) w[u][j] = wv[min(r0 + j, rows - 1) * vecs + v + u * vstep];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        fma_vec<BT, RB>(s, w[u], act + (v + u * vstep) * 4, cols, cols >> 1, B);
+    }
     for (; v + vstep < vecs; v += 2 * vstep) {  // two vectors in flight per lane
       uint4 w0[RB], w1[RB];
 #pragma unroll
@@ -320,15 +332,43 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
       for (int j = 0; j < RB; ++j) w0[j] = wv[min(r0 + j, rows - 1) * vecs + v];
       fma_vec<BT, RB>(s, w0, act + v * 4, cols, cols >> 1, B);
     }
+    if (kMvScatter && BT <= 2) {
+      // Reduce-scatter: RB*BT sums in log2(RB*BT) halving steps, then a plain butterfly:
+      // (RB*BT - 1) + (5 - log2(RB*BT)) shuffles instead of 5 per sum. Lane l ends with
+      // the warp's total of sum e = l / (32 / (RB*BT)).
+      constexpr int E = RB * BT;
+      static_assert((E & (E - 1)) == 0 && E <= 32, "sums per tile: a power of 2");
+      float t[E];
 #pragma unroll
-    for (int j = 0; j < RB; ++j) {
+      for (int e = 0; e < E; ++e) t[e] = s[e / BT][e % BT];
 #pragma unroll
-      for (int b = 0; b < BT; ++b) {
-        if (BT > 1 && b >= B) break;
-        const float sum = warp_sum(s[j][b]);
-        if (lane == 0 && r0 + j < rows) {
-          float* out = acc + (row_base + r0 + j) * B + b;
-          if (wpt == 1 || !shared_acc) *out += sum; else atomicAdd(out, sum);
+      for (int n = E, o = 16; n > 1; n >>= 1, o >>= 1) {
+        const bool hi = lane & o;
+#pragma unroll
+        for (int k = 0; k < n / 2; ++k) {
+          const float keep = hi ? t[k + n / 2] : t[k], give = hi ? t[k] : t[k + n / 2];
+          t[k] = keep + __shfl_xor_sync(0xffffffffu, give, o);
+        }
+      }
+      float sum = t[0];
+#pragma unroll
+      for (int o = 16 / E; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      const int e = lane / (32 / E), j = e / BT, b = e % BT;
+      if (lane % (32 / E) == 0 && b < B && r0 + j < rows) {
+        float* out = acc + (row_base + r0 + j) * B + b;
+        if (wpt == 1 || !shared_acc) *out += sum; else atomicAdd(out, sum);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < RB; ++j) {
+#pragma unroll
+        for (int b = 0; b < BT; ++b) {
+          if (BT > 1 && b >= B) break;
+          const float sum = warp_sum(s[j][b]);
+          if (lane == 0 && r0 + j < rows) {
+            float* out = acc + (row_base + r0 + j) * B + b;
+            if (wpt == 1 || !shared_acc) *out += sum; else atomicAdd(out, sum);
+          }
         }
       }
     }
