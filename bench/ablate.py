@@ -76,8 +76,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "empty barrier (256 arrivals per page instead of one per warp)"),
         flag("MK_WARP_ACC", 0, "CUDA-core matvec: warps sharing a row tile add into one "
              "shared accumulator with compare-and-swap loops, not their own copies"),
-        flag("MK_MV_VEC4", 0, "CUDA-core matvec: two vectors' loads in flight per lane, not "
-             "four (two shared-memory latencies per page)"),
+        flag("MK_MV_VEC4", 1, "CUDA-core matvec: four vectors' loads in flight per lane, not "
+             "two (one shared-memory latency per page)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "
              "5 shuffles, not one reduce-scatter"),
         flag("MK_RECORD_SMEM", 0, "every instruction reads its record from L2, not from "

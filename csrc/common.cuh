@@ -36,7 +36,7 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
 #ifndef MK_MV_VEC4
-#define MK_MV_VEC4 1        // CUDA-core matvec: 4 vectors' loads in flight per lane (0: 2)
+#define MK_MV_VEC4 0        // CUDA-core matvec: 4 vectors' loads in flight per lane (0: 2)
 #endif
 #ifndef MK_MV_SCATTER
 #define MK_MV_SCATTER 1     // CUDA-core matvec: reduce-scatter of a tile's sums (0: 5 shuffles each)
