@@ -72,8 +72,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "has stalled 2 us"),
         flag("MK_L2_PREFETCH_PAGES", 8, "L2 prefetch of the next 8 pages whenever the "
              "loader waits for a slot", "-DMK_L2_STALL_NS=0"),
-        flag("MK_WARP_RELEASE", 0, "every consumer thread arrives on a ring slot's "
-             "empty barrier (256 arrivals per page instead of one per warp)"),
+        flag("MK_WARP_RELEASE", 1, "one arrival per consumer warp on a ring slot's empty "
+             "barrier after a __syncwarp (8 per page instead of 256)"),
         flag("MK_WARP_ACC", 0, "CUDA-core matvec: warps sharing a row tile add into one "
              "shared accumulator with compare-and-swap loops, not their own copies"),
         flag("MK_MV_VEC4", 1, "CUDA-core matvec: four vectors' loads in flight per lane, not "

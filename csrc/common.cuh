@@ -30,7 +30,7 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #define MK_ACT_FLOATS 8192
 #endif
 #ifndef MK_WARP_RELEASE
-#define MK_WARP_RELEASE 1   // one empty-slot arrival per consumer warp (0: one per thread)
+#define MK_WARP_RELEASE 0   // 1: one empty-slot arrival per consumer warp (default: per thread)
 #endif
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
@@ -156,6 +156,15 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 // Hint: pull `bytes` (multiple of 16, 16-byte aligned) from HBM into L2, asynchronously.
 __device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(bytes) : "memory");
+}
+
+// A flag one role polls while another sets it (no barrier between them): shared-memory
+// atomics, so neither the hardware nor compute-sanitizer racecheck sees a plain data race.
+__device__ __forceinline__ void set_flag(volatile int* f, int v) {
+  atomicExch(const_cast<int*>(f), v);
+}
+__device__ __forceinline__ int get_flag(volatile int* f) {
+  return atomicOr(const_cast<int*>(f), 0);
 }
 
 // Named barrier over the consumer warps only (the loader warp never joins it).

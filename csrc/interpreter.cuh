@@ -134,8 +134,10 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
         flags[0] = ok ? 1 : 0;
         if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
       }
-      // The other copy held instruction i-1's record: every read of it is behind the
-      // bar.syncs that ended instruction i-1; this one publishes the next at its end.
+      // The other copy held instruction i-1's record: thread 0 read it last, at i-1's
+      // release (the __syncwarp orders that before these stores); the bar.syncs of
+      // instruction i publish the new record to every consumer.
+      __syncwarp();
       if (more) rec[((i + 1) & 1) * kWords + tid] = next;
     }
     consumer_sync();
@@ -179,7 +181,7 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       }
     }
     if (err != ERR_NONE) { flags[1] = err; }
-    if (kReleaseQuiet && tid == 0) *ring.quiet = 1;  // the loader waits until the release
+    if (kReleaseQuiet && tid == 0) set_flag(ring.quiet, 1);  // no loads until the release
     consumer_sync();  // every output of the instruction is written
     if (flags[1] != ERR_NONE) {
       if (tid == 0) report_error(a, flags[1], i, ins, -1, 0, 0);
@@ -196,7 +198,7 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
         red_release_add(a.counters + sig, 1);
       }
       if (kTiming) timing[4 * i + 2] = globaltimer();
-      if (kReleaseQuiet) *ring.quiet = 0;
+      if (kReleaseQuiet) set_flag(ring.quiet, 0);
     }
   }
   if (tid == 0) ring.abort[0] = 1;  // harmless after a full run: the loader has finished

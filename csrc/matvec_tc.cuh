@@ -226,7 +226,7 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
       if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 3);
     }
   }
-  if (kQuietFromLastPage && tid == 0) *ring.quiet = 1;  // cleared after the release
+  if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release
   if (in.norm) {
     // Lanes 4i..4i+3 of a warp hold batch row 8 (warp % NT) + i.
     const int warp = tid >> 5, lane = tid & 31, b = 8 * (warp % NT) + (lane >> 2);

@@ -44,7 +44,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("build_flags", "-DMK_PAGE_KB=36"), ("build_flags", "-DMK_PAGE_KB=48"),
             ("build_flags", "-DMK_INPUT_PREFETCH=0"),
             ("build_flags", "-DMK_PREFETCH_KV=0"), ("build_flags", "-DMK_L2_PREFETCH_PAGES=8"),
-            ("build_flags", "-DMK_WARP_RELEASE=0"), ("build_flags", "-DMK_WARP_ACC=0"),
+            ("build_flags", "-DMK_WARP_RELEASE=1"), ("build_flags", "-DMK_WARP_ACC=0"),
             ("build_flags", "-DMK_TC_MIN_BUCKET=1"), ("build_flags", "-DMK_RECORD_SMEM=0"),
             ("build_flags", "-DMK_RELEASE_QUIET=0"), ("build_flags", "-DMK_RELEASE_QUIET=2"),
             ("build_flags", "-DMK_MV_VEC4=1"), ("build_flags", "-DMK_MV_SCATTER=0"),
@@ -56,7 +56,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_PAGE_KB=36+MK_NUM_PAGES=4", "MK_PAGE_KB=48+MK_NUM_PAGES=3",
         "MK_INPUT_PREFETCH=0",
         "MK_PREFETCH_KV=0", "MK_L2_PREFETCH_PAGES=8", "MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0",
-        "MK_WARP_RELEASE=0", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
+        "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
         "MK_RELEASE_QUIET=0", "MK_RELEASE_QUIET=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0",
         "no_compute", "no_load"}
     combined = ablate.grid(132)[17]
