@@ -74,13 +74,15 @@ def markdown(run: dict) -> str:
     checks = [r for r in run["records"] if r.get("check")]
     if checks:
         out += ["", "## Megakernel correctness (one step, max |logit error| / max |fp32 logit|)",
-                "", "| model | batch | megakernel | bf16 eager | within 2x bf16 + 2e-3 | note |",
-                "|---|---|---|---|---|---|"]
+                "", "| model | batch | contender | its error | bf16 eager | "
+                "within 2x bf16 + 2e-3 | note |", "|---|---|---|---|---|---|---|"]
         for r in checks:
             c = r["check"]
             ok = {True: "yes", False: "NO", None: "-"}[c.get("ok")]
-            out.append(f"| {r['model']} | {r['batch']} | {_f(c.get('megakernel'), '.2e')} | "
-                       f"{_f(c.get('bf16_eager'), '.2e')} | {ok} | {c.get('note', '')} |")
+            tp = f" tp={r['tp']}" if r.get("tp", 1) > 1 else ""
+            out.append(f"| {r['model']}{tp} | {r['batch']} | {r['contender']} | "
+                       f"{_f(c.get('megakernel'), '.2e')} | {_f(c.get('bf16_eager'), '.2e')} | "
+                       f"{ok} | {c.get('note', '')} |")
     out += ["", "## Method", ""] + [f"- {line}" for line in run["method"]]
     if run["notes"]:
         out += ["", "## Notes", ""] + [f"- {line}" for line in run["notes"]]
