@@ -76,6 +76,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "barrier after a __syncwarp (8 per page instead of 256)"),
         flag("MK_WARP_ACC", 0, "CUDA-core matvec: warps sharing a row tile add into one "
              "shared accumulator with compare-and-swap loops, not their own copies"),
+        flag("MK_COPY_KB", 64, "a page row in one bulk copy (up to 16 KB), not in 4 KB "
+             "pieces"),
         flag("MK_MV_VEC4", 1, "CUDA-core matvec: four vectors' loads in flight per lane, not "
              "two (one shared-memory latency per page)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "

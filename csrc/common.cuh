@@ -35,6 +35,9 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
+#ifndef MK_COPY_KB
+#define MK_COPY_KB 4        // largest bulk copy of a page row, KB (a row cut into pieces)
+#endif
 #ifndef MK_MV_VEC4
 #define MK_MV_VEC4 0        // CUDA-core matvec: 4 vectors' loads in flight per lane (0: 2)
 #endif
@@ -52,6 +55,8 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #endif
 constexpr int kPageBytes = MK_PAGE_KB * 1024;
 constexpr int kPageElems = kPageBytes / 2;        // bf16 elements per page
+constexpr uint32_t kCopyBytes = MK_COPY_KB * 1024u;
+static_assert(MK_COPY_KB >= 1, "bulk copies of at least 1 KB");
 // A ring slot holds one page plus 16 bytes for each of 16 rows: tensor-core pages pad their
 // rows to an odd multiple of 16 bytes (conflict-free ldmatrix), and the batch-8 page of
 // 16 rows x 1024 columns keeps its 16 rows. More would not fit 5 pages in 227 KB.

@@ -239,8 +239,14 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
     if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
     __syncwarp();
     unsigned char* dst = ring.pages + static_cast<size_t>(slot) * kSlotBytes;
-    for (int r = lane; r < rows; r += 32)
-      bulk_load(dst + r * stride, load.row(r), row_bytes, &ring.full[slot], policy);
+    // Rows go as copies of at most kCopyBytes (a 16 KB row as 4): a release's fence waits
+    // for the copies in flight, and a short copy is done sooner.
+    const uint32_t pieces = (row_bytes + kCopyBytes - 1) / kCopyBytes;
+    for (uint32_t q = lane; q < rows * pieces; q += 32) {
+      const uint32_t r = q / pieces, off = (q % pieces) * kCopyBytes;
+      bulk_load(dst + r * stride + off, reinterpret_cast<const unsigned char*>(load.row(r)) + off,
+                min(kCopyBytes, row_bytes - off), &ring.full[slot], policy);
+    }
   }
   // Never leave the block with copies in flight: wait for the last fill of every slot.
   for (int s = 0; s < kNumPages && s < static_cast<int>(it); ++s) {
