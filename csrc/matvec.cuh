@@ -151,6 +151,23 @@ __device__ __forceinline__ void page_stamp(const KernelArgs& a, uint32_t it, int
         static_cast<int64_t>(globaltimer());
 }
 
+// Consumers: take ring page `it` (wait for its copy to land), run use(page) on it unless
+// MODE_NO_COMPUTE, give the slot back to the loader and advance `it`. The timing build
+// stamps the wait's start and end and the page's release (thread 0).
+template <bool kTiming, typename F>
+__device__ __forceinline__ void consume_page(const KernelArgs& a, const Ring& ring, uint32_t& it,
+                                             F&& use) {
+  const int slot = it % kNumPages;
+  const bool stamp = kTiming && threadIdx.x == 0;
+  if (stamp) page_stamp<kTiming>(a, it, 1);
+  while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
+  if (stamp) page_stamp<kTiming>(a, it, 2);
+  if (!(a.mode & MODE_NO_COMPUTE)) use(ring.pages + static_cast<size_t>(slot) * kSlotBytes);
+  release_slot(ring, slot);
+  if (stamp) page_stamp<kTiming>(a, it, 3);
+  ++it;
+}
+
 // The pages of the matvec instructions of one SM queue, in the order the consumers take them.
 // With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes.
 struct PageWalk {
@@ -468,17 +485,10 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
     stage_chunk<BT>(in, col0, cols, B, act, sums);
     consumer_sync();
-    for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
-      const int slot = it % kNumPages;
-      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 1);
-      while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
-      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 2);
-      if (!(a.mode & MODE_NO_COMPUTE))
-        page_matvec<BT>(ring.pages + static_cast<size_t>(slot) * kSlotBytes, g.group_rows(grp),
-                        cols, grp * g.rpp, act, warp_acc, B, !own);
-      release_slot(ring, slot);
-      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 3);
-    }
+    for (int grp = 0; grp < g.ngroups; ++grp)
+      consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {
+        page_matvec<BT>(page, g.group_rows(grp), cols, grp * g.rpp, act, warp_acc, B, !own);
+      });
   }
   if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release
   if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc

@@ -213,18 +213,11 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
     stage_chunk_tc<NT>(in, col0, cols, B, frag, sq);
     consumer_sync();
-    for (int grp = 0; grp < g.ngroups; ++grp, ++it) {
-      const int slot = it % kNumPages;
-      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 1);
-      while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
-      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 2);
-      if (!(a.mode & MODE_NO_COMPUTE))
-        page_mma<NT>(ring.pages + static_cast<size_t>(slot) * kSlotBytes, g.stride(cols),
-                     g.group_rows(grp), cols, grp * g.rpp, frag, acc, B, part,
-                     !carry || c == g.nchunks - 1);
-      release_slot(ring, slot);
-      if (kTiming && tid == 0) page_stamp<kTiming>(a, it, 3);
-    }
+    for (int grp = 0; grp < g.ngroups; ++grp)
+      consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {
+        page_mma<NT>(page, g.stride(cols), g.group_rows(grp), cols, grp * g.rpp, frag, acc, B,
+                     part, !carry || c == g.nchunks - 1);
+      });
   }
   if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release
   if (in.norm) {
