@@ -22,6 +22,10 @@ TP_CONFIGS = [
                 num_layers=3, num_heads=8, num_kv_heads=4, head_dim=64,
                 tie_word_embeddings=True),
 ]
+# Eight kv heads, so tp=8 has one per rank.
+TP8_CONFIG = ModelConfig("tp-d64g8", vocab_size=4099, hidden_size=1024,
+                         intermediate_size=3072, num_layers=2, num_heads=16, num_kv_heads=8,
+                         head_dim=64)
 
 
 def two_gpus():
@@ -78,6 +82,21 @@ def test_two_gpus_match_fp32(batch, comm):
     cfg = TP_CONFIGS[0]
     err_mk, err_bf = errors(cfg, batch, 2, ["cuda:0", "cuda:1"], comm=comm)
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} tp=2 (two GPUs, {comm}) B={batch}")
+
+
+def test_eight_ranks_on_one_gpu_match_fp32():
+    err_mk, err_bf = errors(TP8_CONFIG, 2, 8, ["cuda:0"] * 8)
+    assert_within_bf16(err_mk, err_bf, f"{TP8_CONFIG.name} tp=8 (one GPU) B=2")
+
+
+@pytest.mark.parametrize("tp", [4, 8])
+@pytest.mark.parametrize("comm", ["peer", "nccl"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_four_and_eight_gpus_match_fp32(tp, comm, batch):
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    err_mk, err_bf = errors(TP8_CONFIG, batch, tp, [f"cuda:{r}" for r in range(tp)], comm=comm)
+    assert_within_bf16(err_mk, err_bf, f"{TP8_CONFIG.name} tp={tp} ({tp} GPUs, {comm}) B={batch}")
 
 
 def greedy_and_graph(devices, comm="peer"):
