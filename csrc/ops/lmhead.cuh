@@ -29,12 +29,11 @@ struct LmHeadOp {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const bool all = ins[W_ALL_RANKS] != 0;
     const int p0 = all ? first_peer(a) : a.rank, p1 = all ? end_peer(a) : a.rank + 1;
-    for (int p = p0; p < p1; ++p) {
-      float* logits = a.tp > 1 ? a.peers[p].logits : a.logits;
-      for (int i = tid; i < n * a.B; i += kConsumerThreads) {
-        const int r = i / a.B, b = i - r * a.B;
-        logits[static_cast<size_t>(b) * a.V + row0 + r] = acc[i];
-      }
+    for (int i = tid; i < n * a.B; i += kConsumerThreads) {
+      const int b = i / n, r = i - b * n;  // batch-major, as ResidualOp's peer stores
+      const float v = acc[r * a.B + b];
+      const size_t o = static_cast<size_t>(b) * a.V + row0 + r;
+      for (int p = p0; p < p1; ++p) (a.tp > 1 ? a.peers[p].logits : a.logits)[o] = v;
     }
     int* red_i = reinterpret_cast<int*>(red + kConsumerWarps);
     for (int b = 0; b < a.B; ++b) {

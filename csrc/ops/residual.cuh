@@ -3,7 +3,9 @@
 //   OPROJ: resid[2l] -> resid[2l+1]; DOWN: resid[2l+1] -> resid[2l+2].
 // tp > 1 (all_ranks): this rank's partial acc goes to part[level][rank][:, row0+i] on every
 //   rank (peer stores over NVLink; the interpreter's system-scope signal publishes them), and
-//   RESID_SUM later folds the partials of all ranks into the residual.
+//   RESID_SUM later folds the partials of all ranks into the residual. Peer stores walk the
+//   elements batch-major, so a warp's 32 stores to a peer are one contiguous 128-B run
+//   (row-major order split them into B runs of 128/B bytes, each its own NVLink write).
 #pragma once
 #include "../common.cuh"
 
@@ -37,12 +39,11 @@ struct ResidualOp {
     if (ins[W_ALL_RANKS]) {
       if (a.tp < 2) return ERR_BAD_INSTRUCTION;
       const size_t off = (static_cast<size_t>(src) * a.tp + a.rank) * Bd;
-      for (int r = first_peer(a); r < end_peer(a); ++r) {
-        float* out = a.peers[r].part + off;
-        for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
-          const int j = i / a.B, b = i - j * a.B;
-          out[static_cast<size_t>(b) * a.d + row0 + j] = acc[i];
-        }
+      for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
+        const int b = i / n, j = i - b * n;  // batch-major: one warp store, one peer segment
+        const float v = acc[j * a.B + b];
+        const size_t o = off + static_cast<size_t>(b) * a.d + row0 + j;
+        for (int r = first_peer(a); r < end_peer(a); ++r) a.peers[r].part[o] = v;
       }
       return ERR_NONE;
     }
