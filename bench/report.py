@@ -19,7 +19,8 @@ RECORD_FIELDS = ("model", "batch", "tp", "contender", "ms_per_step", "tokens_per
                  "note")
 RUN_FIELDS = ("schema", "gpu", "num_sms", "torch", "cuda", "commit", "date", "position",
               "iters", "warmup", "copy_TBps", "read_TBps", "method", "notes", "records")
-CONTENDER_ORDER = ("eager", "cuda_graph", "compile", "megakernel", "megakernel_nccl")
+CONTENDER_ORDER = ("eager", "cuda_graph", "compile", "megakernel", "megakernel_nccl",
+                   "megakernel_resid_sum")
 
 
 def derive(run: dict) -> dict:
@@ -60,11 +61,16 @@ def markdown(run: dict) -> str:
            f"{run['iters']} CUDA-event-timed steps after {run['warmup']} warm-up.", "",
            "| model | batch | contender | ms/step | tokens/s | TB/s | of copy BW | speedup vs "
            "eager | speedup vs CUDA graph | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r["batch"], r.get("tp", 1), r["contender"]): r["ms_per_step"]
+            for r in run["records"]}
     for r in _sorted(run["records"]):
         tp = f" tp={r['tp']}" if r.get("tp", 1) > 1 else ""
         vs = r.get("speedup_vs_megakernel_nccl")
+        fold = base.get((r["model"], r["batch"], r.get("tp", 1), "megakernel_resid_sum"))
         note = (f"{_f(vs, '.2f')}x vs NCCL between launches; " if vs and
-                r["contender"] == "megakernel" else "") + r["note"]
+                r["contender"] == "megakernel" else "") + (
+                f"{fold / r['ms_per_step']:.2f}x vs RESID_SUM stages; " if fold and
+                r["ms_per_step"] and r["contender"] == "megakernel" else "") + r["note"]
         out.append(f"| {r['model']}{tp} | {r['batch']} | {r['contender']} | "
                    f"{_f(r['ms_per_step'], '.3f')} | {_f(r['tokens_per_s'], ',.0f')} | "
                    f"{_f(r['achieved_TBps'], '.2f')} | "

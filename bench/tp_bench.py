@@ -13,6 +13,8 @@ seeded KV history:
     megakernel_nccl  the ablation: the same rank Programs cut into 2L + 2 launches with NCCL
                      collectives between them (scheduler/phases.py), replayed from CUDA graphs
                      (or launched eagerly, with a note, if the capture fails)
+    megakernel_resid_sum  the ablation of folding: megakernel planned with fold=False, so
+                     RESID_SUM stages sum the partials (lowering.py)
 Correctness: one step of each megakernel variant against the fp32 TP reference (the same
 shards upcast a layer at a time: TpTorchModel(compute_dtype=float32)), next to bf16 eager's
 error, as the single-GPU bench does.
@@ -28,7 +30,7 @@ import time
 
 import torch
 
-VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl")
+VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl", "megakernel_resid_sum")
 CAPTURE_MODES = ("relaxed", "global")   # relaxed: the only mode that captures 2 GPUs at once
 
 
@@ -185,13 +187,15 @@ def bench_shape(cfg, shards, batch, tp, devices, args, flush, log, keep_shards):
                   for r, s in enumerate(shards)]
         shards = None
         gc.collect()
-    for name, comm_kind in (("megakernel", "peer"), ("megakernel_nccl", "nccl")):
+    for name, comm_kind, fold in (("megakernel", "peer", True), ("megakernel_nccl", "nccl", True),
+                                  ("megakernel_resid_sum", "peer", False)):
         if name not in args.variants:
             continue
 
-        def mk(comm_kind=comm_kind):
+        def mk(comm_kind=comm_kind, fold=fold):
             t0 = time.perf_counter()
-            dec = Decoder(cfg, packed, batch=batch, max_seq=pos + 1, tp=tp, comm=comm_kind)
+            dec = Decoder(cfg, packed, batch=batch, max_seq=pos + 1, tp=tp, comm=comm_kind,
+                          fold=fold)
             dec.seed_kv(k, v)
             dec.set_position(pos)
             dec.launch_step(tokens)
@@ -250,7 +254,9 @@ def method(args, tp) -> list[str]:
         "eager / cuda_graph: the Megatron-TP PyTorch step with torch.cuda.nccl all-reduces "
         "(NVLink multicast off), eager and replayed from one CUDA graph per GPU. megakernel: "
         "in-kernel peer stores + system-scope counters, graph-replayed. megakernel_nccl: "
-        "the same Programs as 2L + 2 launches with NCCL all-gathers between them.",
+        "the same Programs as 2L + 2 launches with NCCL all-gathers between them. "
+        "megakernel_resid_sum: megakernel planned with fold=False (RESID_SUM stages sum the "
+        "partials instead of the residual's readers).",
         "Correctness: one step of each megakernel variant vs the fp32 TP reference (the same "
         "bf16 shards upcast per layer), beside bf16 eager's error.",
     ]

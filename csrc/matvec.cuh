@@ -43,12 +43,38 @@ struct MatvecGeometry {
   __device__ int stride(int cols) const { return nt ? ((cols >> 3) | 1) << 4 : cols * 2; }
 };
 
-// Input of a matvec op: activation rows `x` (stride `ld`), optional RMSNorm weight.
+// Input of a matvec op: activation rows `x` (stride `ld`), optional RMSNorm weight. A
+// folding reader (isa.py fold, tp > 1) adds the nparts partials at parts + r * ld * B to
+// every element, in rank order, and stores the sums of columns [w0, w1) to `out`.
 struct MatvecInput {
   const float* x;
   int ld;
   const __nv_bfloat16* norm;  // null: no RMSNorm
+  const float* parts = nullptr;
+  int nparts = 0;
+  float* out = nullptr;
+  int w0 = 0, w1 = 0;
 };
+
+__device__ __forceinline__ float4 operator+(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+__device__ __forceinline__ float2 operator+(float2 a, float2 b) {
+  return make_float2(a.x + b.x, a.y + b.y);
+}
+
+// The input vector V (float4 or float2) at element offset `off` of x, column `col`.
+template <typename V>
+__device__ __forceinline__ V load_input(const MatvecInput& in, int B, size_t off, int col) {
+  V x = __ldcg(reinterpret_cast<const V*>(in.x + off));
+  if (in.nparts) {
+    const size_t stride = static_cast<size_t>(in.ld) * B;
+    for (int r = 0; r < in.nparts; ++r)
+      x = x + __ldcg(reinterpret_cast<const V*>(in.parts + r * stride + off));
+    if (col >= in.w0 && col < in.w1) *reinterpret_cast<V*>(in.out + off) = x;
+  }
+  return x;
+}
 
 __device__ __forceinline__ MatvecGeometry make_geometry(const __nv_bfloat16* matrix, int K,
                                                        int row0, int n, int B) {
@@ -102,16 +128,35 @@ __device__ __forceinline__ bool matvec_valid(const KernelArgs& a, const int32_t*
          (!paired || (row0 % 2 == 0 && n % 2 == 0));
 }
 
+// resid[level] as a matvec input; folded (isa.py) when the record's fold word (at
+// word `fold`, followed by sum_col0, sum_ncols) is set.
+__device__ __forceinline__ MatvecInput resid_input(const KernelArgs& a, const int32_t* ins,
+                                                   int level, int fold,
+                                                   const __nv_bfloat16* norm) {
+  const size_t Bd = static_cast<size_t>(a.B) * a.d;
+  MatvecInput in{a.resid + level * Bd, a.d, norm};
+  if (ins[fold] && level > 0 && a.part) {
+    in.x -= Bd;
+    in.parts = a.part + (level - 1) * a.tp * Bd;
+    in.nparts = a.tp;
+    in.out = a.resid + level * Bd;
+    in.w0 = ins[fold + 1];
+    in.w1 = in.w0 + ins[fold + 2];
+  }
+  return in;
+}
+
 __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const int32_t* ins) {
   const int op = ins[W_OPCODE], l = ins[W_LAYER];
-  const size_t Bd = static_cast<size_t>(a.B) * a.d;
   switch (op) {
-    case OP_QKV: return {a.resid + 2 * l * Bd, a.d, a.attn_norm + static_cast<size_t>(l) * a.d};
+    case OP_QKV:
+      return resid_input(a, ins, 2 * l, W_QKV_FOLD, a.attn_norm + static_cast<size_t>(l) * a.d);
     case OP_OPROJ: return {a.attn + static_cast<size_t>(l) * a.B * a.H * a.D, a.H * a.D, nullptr};
     case OP_GATEUP:
-      return {a.resid + (2 * l + 1) * Bd, a.d, a.mlp_norm + static_cast<size_t>(l) * a.d};
+      return resid_input(a, ins, 2 * l + 1, W_GATEUP_FOLD,
+                         a.mlp_norm + static_cast<size_t>(l) * a.d);
     case OP_DOWN: return {a.act + static_cast<size_t>(l) * a.B * a.I, a.I, nullptr};
-    default: return {a.resid + 2 * static_cast<size_t>(a.L) * Bd, a.d, a.final_norm};
+    default: return resid_input(a, ins, 2 * a.L, W_LMHEAD_FOLD, a.final_norm);
   }
 }
 
@@ -410,12 +455,12 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
 #pragma unroll
   for (int b = 0; b < BT; ++b) {
     if (b >= B) break;
-    const float4* src = reinterpret_cast<const float4*>(in.x + static_cast<size_t>(b) * in.ld + col0);
+    const size_t row = static_cast<size_t>(b) * in.ld + col0;
     float* dst = act + b * cols;
     float sq = 0.f;
 #pragma unroll 4
     for (int k = threadIdx.x; k < c4; k += kConsumerThreads) {
-      float4 x = __ldcg(src + k);
+      float4 x = load_input<float4>(in, B, row + 4 * k, col0 + 4 * k);
       if (in.norm) {
         sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
         const uint2 nw = __ldg(reinterpret_cast<const uint2*>(in.norm + col0) + k);

@@ -52,15 +52,15 @@ __device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
                                float& sq) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = 8 * (warp % NT) + (lane >> 2), ksteps = (cols + 15) >> 4;
-  const float* x = in.x + static_cast<size_t>(min(b, B - 1)) * in.ld + col0;
+  const size_t row = static_cast<size_t>(min(b, B - 1)) * in.ld + col0;
 #pragma unroll 4
   for (int s = warp / NT; s < ksteps; s += kConsumerWarps / NT) {
     const int k = 16 * s + 2 * (lane & 3);
     const bool upper = k + 8 < cols;  // false only in a k-step cut to 8 columns
     float2 v0 = make_float2(0.f, 0.f), v1 = v0;   // columns (k, k+1) and (k+8, k+9)
     if (b < B) {
-      v0 = __ldcg(reinterpret_cast<const float2*>(x + k));
-      if (upper) v1 = __ldcg(reinterpret_cast<const float2*>(x + k + 8));
+      v0 = load_input<float2>(in, B, row + k, col0 + k);
+      if (upper) v1 = load_input<float2>(in, B, row + k + 8, col0 + k + 8);
       if (in.norm) {
         sq += v0.x * v0.x + v0.y * v0.y + v1.x * v1.x + v1.y * v1.y;
         const unsigned* nw = reinterpret_cast<const unsigned*>(in.norm + col0 + k);

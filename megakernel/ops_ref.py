@@ -41,9 +41,23 @@ def embed(rec, w, buf, prog):
     buf.resid[0, :, c0:c0 + n] = w.embed[buf.tokens, c0:c0 + n].float()
 
 
+def matvec_input(rec, buf, level: int) -> torch.Tensor:
+    """resid[level] [B, d], or under fold (isa.py) resid[level-1] plus the tp partials of
+    level-1, summed in rank order; the record's column range of it is written to
+    resid[level]."""
+    if not rec.get("fold", 0):
+        return buf.resid[level]
+    x = buf.resid[level - 1]
+    for src in range(buf.part.shape[1]):                                  # fixed order
+        x = x + buf.part[level - 1, src]
+    c0, n = rec["sum_col0"], rec["sum_ncols"]
+    buf.resid[level, :, c0:c0 + n] = x[:, c0:c0 + n]
+    return x
+
+
 def qkv(rec, w, buf, prog):
     cfg, l, r0, n = w.config, rec["layer"], rec["row0"], rec["nrows"]
-    x = rmsnorm(buf.resid[2 * l], w.attn_norm[l], cfg.rms_norm_eps)        # [B, d]
+    x = rmsnorm(matvec_input(rec, buf, 2 * l), w.attn_norm[l], cfg.rms_norm_eps)  # [B, d]
     y = x @ w.wqkv[l, r0:r0 + n].float().T                                 # [B, n]
     which, head, dim = (t[r0:r0 + n] for t in qkv_row_targets(cfg))
     pos = buf.pos.long()                                                   # [B]
@@ -127,7 +141,7 @@ def resid_sum(rec, w, buf, prog):
 
 def gateup(rec, w, buf, prog):
     cfg, l, r0, n = w.config, rec["layer"], rec["row0"], rec["nrows"]
-    x = rmsnorm(buf.resid[2 * l + 1], w.mlp_norm[l], cfg.rms_norm_eps)    # [B, d]
+    x = rmsnorm(matvec_input(rec, buf, 2 * l + 1), w.mlp_norm[l], cfg.rms_norm_eps)
     y = x @ w.wgu[l, r0:r0 + n].float().T                                  # [B, n]
     buf.act[l, :, r0 // 2:(r0 + n) // 2] = F.silu(y[:, 0::2]) * y[:, 1::2]
 
@@ -140,7 +154,7 @@ def down(rec, w, buf, prog):
 
 def lmhead(rec, w, buf, prog, peers=None):
     cfg, r0, n, slot = w.config, rec["row0"], rec["nrows"], rec["slot"]
-    x = rmsnorm(buf.resid[2 * cfg.L], w.final_norm, cfg.rms_norm_eps)     # [B, d]
+    x = rmsnorm(matvec_input(rec, buf, 2 * cfg.L), w.final_norm, cfg.rms_norm_eps)
     logits = x @ w.lm_head[r0 - w.vocab0:r0 - w.vocab0 + n].float().T      # [B, n]
     best = logits.argmax(-1)                                               # first max on ties
     for out in peers or [buf]:

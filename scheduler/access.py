@@ -24,6 +24,7 @@ import numpy as np
 
 from megakernel.config import ModelConfig
 
+from . import isa
 from .isa import Op
 from .table import Instrs
 
@@ -70,11 +71,12 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     L, d, I, H, Hkv, G, D = cfg.L, cfg.d, cfg.I, cfg.H, cfg.Hkv, cfg.G, cfg.D
     parts = []
 
-    def emit(name, write, inst, start, length):
+    def emit(name, write, inst, start, length, local=False):
+        """local: a write into the rank's own copy even where the instruction is all_ranks."""
         start = np.asarray(start, np.int64) + np.zeros(len(inst), np.int64)
         parts.append((inst, np.full(len(inst), BUFFERS.index(name)), start,
                       start + length, np.full(len(inst), write),
-                      np.full(len(inst), write) & (t.all_ranks[inst] != 0)))
+                      np.full(len(inst), write and not local) & (t.all_ranks[inst] != 0)))
 
     def part_cols(level, src, col0):     # start of part[level][src][:, col0]
         return ((level * tp + src) * d + col0) * B
@@ -89,11 +91,22 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     def resid_cols(level, col0):          # start of resid[level][:, col0]
         return (level * d + col0) * B
 
+    def read_input(op, i, level):         # a matvec's resid[level], folded or not (isa.py)
+        a = t.args[i].astype(np.int64)
+        k = isa.word_index(op, "fold") - len(isa.HEADER)
+        f = a[:, k] != 0
+        emit("resid", False, i[~f], resid_cols(level[~f], 0), d * B)
+        i, level, c0, n = i[f], level[f], a[f, k + 1], a[f, k + 2]
+        emit("resid", False, i, resid_cols(level - 1, 0), d * B)
+        for s in range(tp):
+            emit("part", False, i, part_cols(level - 1, s, 0), d * B)
+        emit("resid", True, i, resid_cols(level, c0), n * B, local=True)
+
     i, _, c0, n, _ = rows(Op.EMBED)
     emit("resid", True, i, resid_cols(0, c0), n * B)
 
     i, l, r0, n, _ = rows(Op.QKV)
-    emit("resid", False, i, resid_cols(2 * l, 0), d * B)
+    read_input(Op.QKV, i, 2 * l)
     R, r1 = (G + 2) * D, r0 + n
     g0, g1 = r0 // R, (r1 - 1) // R
     o0, o1 = r0 - g0 * R, r1 - g1 * R           # offsets of the ends inside their groups
@@ -130,7 +143,7 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     add_to_resid(i, 2 * l, r0, n)
 
     i, l, r0, n, _ = rows(Op.GATEUP)
-    emit("resid", False, i, resid_cols(2 * l + 1, 0), d * B)
+    read_input(Op.GATEUP, i, 2 * l + 1)
     emit("act", True, i, (l * I + r0 // 2) * B, n // 2 * B)
 
     i, l, r0, n, _ = rows(Op.DOWN)
@@ -145,7 +158,7 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     emit("resid", True, i, resid_cols(level + 1, r0), n * B)
 
     i, _, r0, n, slot = rows(Op.LMHEAD)
-    emit("resid", False, i, resid_cols(2 * L, 0), d * B)
+    read_input(Op.LMHEAD, i, np.full(len(i), 2 * L, np.int64))
     emit("logits", True, i, r0 * B, n * B)
     emit("amax_val", True, i, slot * B, B)
     emit("amax_idx", True, i, slot * B, B)

@@ -20,6 +20,7 @@ import numpy as np
 
 from megakernel.config import ModelConfig
 
+from . import isa
 from .isa import Op
 from .table import Instrs
 
@@ -110,6 +111,11 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     put(Op.ATTN_REDUCE, attn_splits * G * (D + 1) * ab + G * D * ab)
     put(Op.ARGMAX, 2 * B * lm_slices * ab + B * 8)
     put(Op.RESID_SUM, (tp + 2) * B * rows * ab, (tp + 1.0) * B * rows)
+    for fold_op in isa.FOLD_OPS:   # + the tp partials staged, + the residual slice written
+        k = isa.word_index(fold_op, "fold") - len(isa.HEADER)
+        m = (op == fold_op) & (a[:, k] != 0)
+        nbytes[m] += tp * B * d * ab + B * a[m, k + 2] * ab
+        flops[m] += tp * B * d
     return nbytes, flops
 
 

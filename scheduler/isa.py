@@ -50,7 +50,14 @@ shard row i is vocab row v0_r + i. Under tp > 1 OPROJ, DOWN and LMHEAD carry all
     OPROJ       part[2l][rank][:, r0:r0+n] = attn[l] @ wo[l][r0:r0+n].T   on every rank
     DOWN        part[2l+1][rank][:, r0:r0+n] = act[l] @ wdown[l][r0:r0+n].T   on every rank
     LMHEAD      as below, its logits rows and amax slot written on every rank
-and RESID_SUM folds the partials into this rank's residual. Counters live in each rank's own
+and RESID_SUM folds the partials into this rank's residual, or (fold, the default) the
+readers of that residual fold them themselves. With fold = 1 a QKV (layer >= 1), GATEUP or
+LMHEAD instruction whose input level is m (2l, 2l+1, 2L) does not find resid[m] written:
+    x = resid[m-1] + part[m-1][0] + ... + part[m-1][TP-1]   (that order, as RESID_SUM)
+is its input, and it writes x[:, sum_col0 : sum_col0+sum_ncols] to resid[m]; the stage's
+ranges cover [0, d) once, at multiples of 4 columns (the kernel's vector width). Every
+instruction of the stage computes the same bits, so resid[m] is what RESID_SUM would have
+written, without the stage and its counter hop. Counters live in each rank's own
 array; a counter signalled with all_ranks counts the signals of every rank (its target is
 the number of signalers on all ranks), and its index is the same on every rank. Peer
 stores are visible on the target before the signal's bump there (system-scope release). A
@@ -142,18 +149,20 @@ HEADER = ("opcode", "layer", "uid", "wait0_first", "wait0_count", "wait1_first",
 ARGS: dict[Op, tuple[str, ...]] = {
     Op.NOP: (),
     Op.EMBED: ("col0", "ncols"),
-    Op.QKV: ("row0", "nrows"),
+    Op.QKV: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
     Op.ATTN: ("b", "kv_head", "split"),
     Op.ATTN_REDUCE: ("b", "kv_head"),
     Op.OPROJ: ("row0", "nrows"),
-    Op.GATEUP: ("row0", "nrows"),
+    Op.GATEUP: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
     Op.DOWN: ("row0", "nrows"),
-    Op.LMHEAD: ("row0", "nrows", "slot"),
+    Op.LMHEAD: ("row0", "nrows", "slot", "fold", "sum_col0", "sum_ncols"),
     Op.ARGMAX: (),
     Op.RESID_SUM: ("row0", "nrows", "after_mlp"),
 }
 ALL_RANKS_WORD = WORDS - 1
 MATVEC_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
+FOLD_OPS = (Op.QKV, Op.GATEUP, Op.LMHEAD)   # the readers of a residual level (fold, below)
+OPTIONAL_FIELDS = ("fold", "sum_col0", "sum_ncols")   # encode() fills in 0
 NUM_WAITS = 2
 
 assert len(HEADER) + max(len(a) for a in ARGS.values()) <= ALL_RANKS_WORD
@@ -178,7 +187,7 @@ def encode(op: Op, layer: int = -1, uid: int = 0, waits=(), signal: int = -1, al
     op = Op(op)
     if len(waits) > NUM_WAITS:
         raise ValueError(f"{op.name}: {len(waits)} wait ranges, at most {NUM_WAITS}")
-    missing = set(ARGS[op]) - set(fields)
+    missing = set(ARGS[op]) - set(fields) - set(OPTIONAL_FIELDS)
     extra = set(fields) - set(ARGS[op])
     if missing or extra:
         raise ValueError(f"{op.name}: missing fields {sorted(missing)}, unknown {sorted(extra)}")

@@ -18,8 +18,13 @@ ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of thei
 
 Tensor parallelism (`shard` given, isa.py): the rank lowers its shard config; OPROJ, DOWN
 and LMHEAD are all-rank stages (peer stores, one counter bumped by every rank, its target
-tp times the rank's own signalers); after OPROJ and DOWN a RESID_SUM stage (EMBED's
-slicing) folds the partials into the residual; LMHEAD takes global vocab rows and slots.
+tp times the rank's own signalers); LMHEAD takes global vocab rows and slots. The partials
+reach the residual either through the next reader (fold, isa.py: QKV of layer l >= 1,
+GATEUP and LMHEAD sum them while staging their input, instruction k of a stage of n
+writing column range k of fold_ranges(d, n)), or (fold=False) through a RESID_SUM stage
+(EMBED's slicing) after OPROJ and DOWN, one more stage and counter hop each. A folding
+reader waits on the all-rank counter itself; its read of resid[m-1] (written by the
+previous folding stage) is ordered transitively, through the partials' producers.
 Every rank's lowering has the same stages, counters and waits: only LMHEAD's fields differ.
 """
 from __future__ import annotations
@@ -100,9 +105,21 @@ def _all(cids: np.ndarray, n: int) -> np.ndarray:
     return _span(cids, np.zeros(n, np.int64), np.full(n, len(cids)))
 
 
+def fold_ranges(d: int, n: int) -> np.ndarray:
+    """[n, 2] (col0, ncols): [0, d) cut at multiples of 4 into n ranges, some maybe empty."""
+    bounds = np.minimum(d, 4 * (np.arange(n + 1) * -(-d // 4) // n))
+    return np.stack([bounds[:-1], np.diff(bounds)], axis=1)
+
+
+def _folding(args: np.ndarray, d: int) -> np.ndarray:
+    """args + (fold = 1, sum_col0, sum_ncols) columns."""
+    return np.column_stack([args, np.ones(len(args), np.int64), fold_ranges(d, len(args))])
+
+
 def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
-          slices: dict, shard: Shard | None = None) -> Lowered:
-    """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp."""
+          slices: dict, shard: Shard | None = None, fold: bool = True) -> Lowered:
+    """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp.
+    fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages)."""
     B, L, d, I, V = batch, cfg.L, cfg.d, cfg.I, cfg.V
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
@@ -115,6 +132,7 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     down = np.array(even_split(d, slices["down"], 1, max_rows))
     lm = _lm_rows(V, slices["lmhead"], max_rows, shard)
     peers = 0 if shard is None else shard.tp          # all_ranks of OPROJ, DOWN and LMHEAD
+    fold = fold and peers > 0
 
     # QKV slices [g_i0[g], g_i1[g]) hold kv group g's rows.
     groups = np.arange(Hkv)
@@ -133,19 +151,22 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     b = _Builder()
     prev = b.stage(Op.EMBED, -1, embed, None, zeros[len(embed)])
     for layer in range(L):
-        c = b.stage(Op.QKV, layer, qkv, _all(prev, len(qkv)), qkv_buckets)
+        args = _folding(qkv, d) if fold and layer > 0 else qkv
+        c = b.stage(Op.QKV, layer, args, _all(prev, len(qkv)), qkv_buckets)
         c = b.stage(Op.ATTN, layer, attn, _span(c, g_i0[attn[:, 1]], g_i1[attn[:, 1]]),
                     attn_buckets)
         c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
                     zeros[len(reduce)])
         for op, rows in ((Op.OPROJ, oproj), (Op.GATEUP, gateup), (Op.DOWN, down)):
             remote = 0 if op == Op.GATEUP else peers
-            c = b.stage(op, layer, rows, _all(c, len(rows)), zeros[len(rows)], remote)
-            if remote:
+            args = _folding(rows, d) if fold and op == Op.GATEUP else rows
+            c = b.stage(op, layer, args, _all(c, len(rows)), zeros[len(rows)], remote)
+            if remote and not fold:
                 sums = np.column_stack([embed, np.full(len(embed), int(op == Op.DOWN))])
                 c = b.stage(Op.RESID_SUM, layer, sums, _all(c, len(sums)), zeros[len(embed)])
         prev = c
-    c = b.stage(Op.LMHEAD, -1, lm, _all(prev, len(lm)), zeros[len(lm)], peers)
+    c = b.stage(Op.LMHEAD, -1, _folding(lm, d) if fold else lm, _all(prev, len(lm)),
+                zeros[len(lm)], peers)
     b.stage(Op.ARGMAX, -1, np.zeros((1, 0)), _all(c, 1), None)
     instrs, stage, targets = b.build()
     return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=max(peers, 1) * len(lm))

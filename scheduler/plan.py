@@ -12,6 +12,8 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     batch rows, so a target can be exceeded at large batch
     embed_slices    EMBED column slices (default min(slices, d // 256), at least 1)
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
+    fold            tp > 1: the residual's readers sum the tp partials (True), or RESID_SUM
+                    stages do (False; lowering.py)
     validate        run validate() on the plan (True); off only to time planning itself
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .sharding import check_tp, shard_config, vocab_rows
 from .simulate import simulate
 from .validate import validate
 
-OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "validate")
+OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "fold", "validate")
 
 
 def _int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -63,9 +65,10 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
-    out["validate"] = options.get("validate", True)
-    if not isinstance(out["validate"], bool):
-        raise ValueError(f"validate must be True or False, got {out['validate']!r}")
+    for key in ("fold", "validate"):
+        out[key] = options.get(key, True)
+        if not isinstance(out[key], bool):
+            raise ValueError(f"{key} must be True or False, got {out[key]!r}")
     return out
 
 
@@ -96,7 +99,7 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
 
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]
-    lows = [lower(cfg, batch, granularity, attn_splits, slices, s) for s in shards]
+    lows = [lower(cfg, batch, granularity, attn_splits, slices, s, opts["fold"]) for s in shards]
     cost = instruction_us(lows[0].instrs, cfg, batch, attn_splits, lows[0].lm_slices, spec,
                           num_sms, opts["kv_position"], tp)
     order, sm = assign(lows[0], cost, policy, num_sms, spec.counter_latency_us)

@@ -104,7 +104,7 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
     no_layer = np.isin(t.op, [Op.EMBED, Op.LMHEAD, Op.ARGMAX])
     _first(t, np.where(no_layer, t.layer != -1, (t.layer < 0) | (t.layer >= cfg.L)),
            lambda i: f"layer must be -1 for EMBED/LMHEAD/ARGMAX, else in 0..{cfg.L - 1}")
-    a0, a1, a2 = (t.args[:, k].astype(np.int64) for k in range(NUM_ARGS))
+    a0, a1, a2 = (t.args[:, k].astype(np.int64) for k in range(3))
     rows = {Op.EMBED: (cfg.d, 1), Op.QKV: ((cfg.G + 2) * cfg.Hkv * cfg.D, 2),
             Op.OPROJ: (cfg.d, 1), Op.GATEUP: (2 * cfg.I, 2), Op.DOWN: (cfg.d, 1),
             Op.LMHEAD: (cfg.V, 1), Op.RESID_SUM: (cfg.d, 1)}
@@ -116,6 +116,17 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
         _first(t, m & bad, lambda i, total=total, align=align: (
             f"rows/cols [{a0[i]}, {a0[i] + a1[i]}) must lie in [0, {total}), be a multiple "
             f"of {align} and (matvec) hold at most {max_rows} rows at batch {B}"))
+    for op in isa.FOLD_OPS:
+        k = isa.word_index(op, "fold") - len(isa.HEADER)
+        f, c0, n = (t.args[:, k + j].astype(np.int64) for j in range(3))
+        first = (op == Op.QKV) & (t.layer == 0)
+        bad = np.where(f == 0, (c0 != 0) | (n != 0),
+                       (f != 1) | (tp == 1) | first | (c0 < 0) | (n < 0) | (c0 + n > cfg.d)
+                       | (c0 % 4 != 0) | ((n % 4 != 0) & (c0 + n != cfg.d)))
+        _first(t, (t.op == op) & bad, lambda i, op=op: (
+            f"{op.name} fold fields (fold, sum_col0, sum_ncols) = {tuple(t.args[i, k:k + 3])}: "
+            f"fold 0 with zero range, or 1 (tp > 1, not layer 0's QKV) with a range of whole "
+            f"4-column vectors inside [0, {cfg.d})"))
     NS, NLM = p.attn_splits, p.lm_slices
     for op, limits in ((Op.ATTN, (B, cfg.Hkv, NS)), (Op.ATTN_REDUCE, (B, cfg.Hkv)),
                        (Op.LMHEAD, (None, None, NLM))):

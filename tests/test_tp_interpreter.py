@@ -23,30 +23,34 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("policy", ["rr", "lpt", "dag"])
-def test_wide_matches_reference(tp, policy):
+def test_wide_matches_reference(tp, policy, fold):
+    """fold: the residual's readers sum the partials, or RESID_SUM stages do (lowering.py)."""
     for seed, batch, granularity in ((0, 1, "chunk"), (1, 3, "head"), (2, 2, "layer")):
         prog = mk.plan(WIDE, batch=batch, num_sms=5, policy=policy, tp=tp,
-                       granularity=granularity)
+                       granularity=granularity, fold=fold)
+        assert any(r["op"] == Op.RESID_SUM for _, _, r in prog.ranks[0].records()) != fold
         assert compare(WIDE, prog, steps=3, seed=seed) <= REL_TOL
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("policy", ["rr", "dag"])
-def test_nccl_between_phases_matches_reference(tp, policy):
+def test_nccl_between_phases_matches_reference(tp, policy, fold):
     """The NCCL-between-launches ablation: 2L + 2 phase Programs per rank, all-rank traffic
     kept local, the collectives simulated between phases."""
     for seed, batch, granularity in ((0, 1, "chunk"), (1, 3, "head")):
         prog = mk.plan(WIDE, batch=batch, num_sms=5, policy=policy, tp=tp,
-                       granularity=granularity)
+                       granularity=granularity, fold=fold)
         assert compare(WIDE, prog, steps=3, seed=seed, comm="nccl") <= REL_TOL
 
 
 def test_phase_split_rejects_a_wait_on_its_own_phase():
     from megakernel.scheduler.isa import word_index
     from megakernel.scheduler.phases import num_phases, split_phases
-    prog = mk.plan(WIDE, batch=1, num_sms=3, tp=2)
+    prog = mk.plan(WIDE, batch=1, num_sms=3, tp=2, fold=False)
     phases = split_phases(prog)
     assert len(phases) == 2 and len(phases[0]) == num_phases(WIDE.L)
     assert sum(p.num_instructions for p in phases[1]) == prog.ranks[1].num_instructions
@@ -133,7 +137,7 @@ def test_missing_peer_signal_is_a_deadlock_naming_the_rank():
         p.counter_targets[c] += 1                         # a signal no rank sends
     w = mk.Weights.random(WIDE, seed=0, dtype=torch.float32, device="cpu")
     cpu = CpuInterpreter(WIDE, w, prog, max_seq=8)
-    with pytest.raises(RuntimeError, match=f"(?s)deadlock.*rank [01] SM .*RESID_SUM waits on "
-                                           f"counter {c}"):
+    with pytest.raises(RuntimeError, match=f"(?s)deadlock.*rank [01] SM .*QKV waits on "
+                                           f"counter {c}"):   # layer 1's QKV folds DOWN's
         cpu.step(torch.tensor([1]))
     assert any(int(b.error[0]) == 1 for b in cpu.rank_buffers)

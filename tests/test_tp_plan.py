@@ -64,14 +64,20 @@ def tp2():
     return plan(WIDE, batch=2, num_sms=4, policy="dag", tp=2)
 
 
+@pytest.fixture(scope="module")
+def tp2_sums():
+    """RESID_SUM stages instead of folding readers."""
+    return plan(WIDE, batch=2, num_sms=4, policy="dag", tp=2, fold=False)
+
+
 def at(prog, op, nth=0, rank=0):
     t = prog.ranks[rank].table()
     i = np.flatnonzero(t.op == op)[nth]
     return int(t.sm[i]), int(t.index[i])
 
 
-def test_missing_cross_rank_wait_is_caught(tp2):
-    p = copy.deepcopy(tp2)
+def test_missing_cross_rank_wait_is_caught(tp2_sums):
+    p = copy.deepcopy(tp2_sums)
     reduce = int(p.ranks[1].instructions[at(p, Op.ATTN_REDUCE, rank=1)][7])
     rec = p.ranks[1].instructions[at(p, Op.RESID_SUM, rank=1)]
     rec[3:5] = (reduce, 1)      # its own attention is done, the peers' partials may not be
@@ -99,10 +105,41 @@ def test_rank_local_signal_on_an_all_rank_counter_is_caught(tp2):
         validate(p)
 
 
-def test_wait_on_a_later_all_rank_counter_is_caught(tp2):
-    p = copy.deepcopy(tp2)
+def test_wait_on_a_later_all_rank_counter_is_caught(tp2_sums):
+    p = copy.deepcopy(tp2_sums)
     down = int(p.ranks[0].instructions[at(p, Op.DOWN)][7])
     p.ranks[1].instructions[at(p, Op.RESID_SUM, rank=1)][3:5] = (down, 1)
     with pytest.raises(ValueError, match=f"rank 1 uid .* RESID_SUM .*waits on all-rank counter "
                                          f"{down}, signalled by rank .* DOWN.*can deadlock"):
+        validate(p)
+
+
+def test_folding_reader_without_its_cross_rank_wait_is_caught(tp2):
+    p = copy.deepcopy(tp2)
+    reduce = int(p.ranks[1].instructions[at(p, Op.ATTN_REDUCE, rank=1)][7])
+    rec = p.ranks[1].instructions[at(p, Op.GATEUP, rank=1)]
+    rec[3:5] = (reduce, 1)      # its own attention is done, the peers' partials may not be
+    with pytest.raises(ValueError, match=r"rank 1 uid \d+ GATEUP.*reads part\[.*of rank 1, "
+                                         r"written by rank \d .*OPROJ.*does not happen before"):
+        validate(p)
+
+
+@pytest.mark.parametrize("what, match", [
+    ("overlap", "every element must have one writer"),
+    ("gap", r"reads resid\[level=3"),
+    ("misaligned", "fold fields"),
+    ("layer 0", "fold fields"),
+])
+def test_bad_fold_ranges_are_caught(tp2, what, match):
+    p = copy.deepcopy(tp2)
+    k = isa.word_index(Op.GATEUP, "sum_col0")
+    if what == "layer 0":      # QKV of layer 0 reads the embedding: nothing to fold
+        rec = p.ranks[0].instructions[at(p, Op.QKV)]
+        rec[k - 1:k + 2] = (1, 0, 4)
+    else:
+        rec = p.ranks[0].instructions[at(p, Op.GATEUP, nth=1)]
+        c0, n = int(rec[k]), int(rec[k + 1])
+        rec[k:k + 2] = {"overlap": (c0 - 4, n + 4), "gap": (c0 + 4, n - 4),
+                        "misaligned": (c0 + 2, n - 2)}[what]
+    with pytest.raises(ValueError, match=match):
         validate(p)

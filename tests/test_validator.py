@@ -205,7 +205,7 @@ def test_qkv_accesses_match_a_row_by_row_mapping():
     t = p.table()
     acc = accesses(t, cfg, 3, p.attn_splits, p.lm_slices)
     for i in np.flatnonzero(t.op == Op.QKV):
-        l, (r0, n, _) = int(t.layer[i]), t.args[i]
+        l, (r0, n) = int(t.layer[i]), t.args[i, :2]
         expect = {"q": set(), "k_new": set(), "v_new": set()}
         for row in range(r0, r0 + n):
             g, o = divmod(row, R)

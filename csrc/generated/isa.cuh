@@ -56,6 +56,9 @@ constexpr int W_EMBED_NCOLS = 9;
 // QKV fields.
 constexpr int W_QKV_ROW0 = 8;
 constexpr int W_QKV_NROWS = 9;
+constexpr int W_QKV_FOLD = 10;
+constexpr int W_QKV_SUM_COL0 = 11;
+constexpr int W_QKV_SUM_NCOLS = 12;
 // ATTN fields.
 constexpr int W_ATTN_B = 8;
 constexpr int W_ATTN_KV_HEAD = 9;
@@ -69,6 +72,9 @@ constexpr int W_OPROJ_NROWS = 9;
 // GATEUP fields.
 constexpr int W_GATEUP_ROW0 = 8;
 constexpr int W_GATEUP_NROWS = 9;
+constexpr int W_GATEUP_FOLD = 10;
+constexpr int W_GATEUP_SUM_COL0 = 11;
+constexpr int W_GATEUP_SUM_NCOLS = 12;
 // DOWN fields.
 constexpr int W_DOWN_ROW0 = 8;
 constexpr int W_DOWN_NROWS = 9;
@@ -76,6 +82,9 @@ constexpr int W_DOWN_NROWS = 9;
 constexpr int W_LMHEAD_ROW0 = 8;
 constexpr int W_LMHEAD_NROWS = 9;
 constexpr int W_LMHEAD_SLOT = 10;
+constexpr int W_LMHEAD_FOLD = 11;
+constexpr int W_LMHEAD_SUM_COL0 = 12;
+constexpr int W_LMHEAD_SUM_NCOLS = 13;
 // RESID_SUM fields.
 constexpr int W_RESID_SUM_ROW0 = 8;
 constexpr int W_RESID_SUM_NROWS = 9;
