@@ -64,10 +64,11 @@ __device__ __forceinline__ float2 operator+(float2 a, float2 b) {
 }
 
 // The input vector V (float4 or float2) at element offset `off` of x, column `col`.
-template <typename V>
+// kFold: in.nparts > 0 (a separate instantiation keeps the plain staging loop as it was).
+template <typename V, bool kFold>
 __device__ __forceinline__ V load_input(const MatvecInput& in, int B, size_t off, int col) {
   V x = __ldcg(reinterpret_cast<const V*>(in.x + off));
-  if (in.nparts) {
+  if (kFold) {
     const size_t stride = static_cast<size_t>(in.ld) * B;
     for (int r = 0; r < in.nparts; ++r)
       x = x + __ldcg(reinterpret_cast<const V*>(in.parts + r * stride + off));
@@ -124,8 +125,11 @@ __device__ __forceinline__ bool matvec_valid(const KernelArgs& a, const int32_t*
   const int op = ins[W_OPCODE], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
   const bool paired = op == OP_QKV || op == OP_GATEUP;
   const int first = op == OP_LMHEAD ? row0 - a.vocab0 : row0;
+  const int fold = op == OP_QKV ? ins[W_QKV_FOLD] : op == OP_GATEUP ? ins[W_GATEUP_FOLD]
+                   : op == OP_LMHEAD ? ins[W_LMHEAD_FOLD] : 0;
   return n > 0 && first >= 0 && n * a.B <= kAccFloats &&
-         (!paired || (row0 % 2 == 0 && n % 2 == 0));
+         (!paired || (row0 % 2 == 0 && n % 2 == 0)) &&
+         (fold == 0 || (a.part != nullptr && (op != OP_QKV || ins[W_LAYER] > 0)));
 }
 
 // resid[level] as a matvec input; folded (isa.py) when the record's fold word (at
@@ -135,7 +139,7 @@ __device__ __forceinline__ MatvecInput resid_input(const KernelArgs& a, const in
                                                    const __nv_bfloat16* norm) {
   const size_t Bd = static_cast<size_t>(a.B) * a.d;
   MatvecInput in{a.resid + level * Bd, a.d, norm};
-  if (ins[fold] && level > 0 && a.part) {
+  if (ins[fold]) {  // matvec_valid checked level > 0 and a.part
     in.x -= Bd;
     in.parts = a.part + (level - 1) * a.tp * Bd;
     in.nparts = a.tp;
@@ -448,7 +452,7 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
 // Consumers: x[b, col0 : col0+cols] into act[b] (the two-plane layout above) with 16-byte
 // loads; with a norm weight, x * weight is stored and this thread's sum of x^2 per batch row
 // added to sums[b].
-template <int BT>
+template <int BT, bool kFold>
 __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, float* act,
                             float (&sums)[BT]) {
   const int c4 = cols >> 2;
@@ -460,7 +464,7 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
     float sq = 0.f;
 #pragma unroll 4
     for (int k = threadIdx.x; k < c4; k += kConsumerThreads) {
-      float4 x = load_input<float4>(in, B, row + 4 * k, col0 + 4 * k);
+      float4 x = load_input<float4, kFold>(in, B, row + 4 * k, col0 + 4 * k);
       if (in.norm) {
         sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
         const uint2 nw = __ldg(reinterpret_cast<const uint2*>(in.norm + col0) + k);
@@ -528,7 +532,8 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
-    stage_chunk<BT>(in, col0, cols, B, act, sums);
+    if (in.nparts) stage_chunk<BT, true>(in, col0, cols, B, act, sums);
+    else stage_chunk<BT, false>(in, col0, cols, B, act, sums);
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {

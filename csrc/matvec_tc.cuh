@@ -47,7 +47,7 @@ __device__ __forceinline__ void split_bf16(float2 x, uint32_t& hi, uint32_t& lo)
 
 // Consumers: x[:, col0 : col0+cols] (times the norm weight) into `frag`. Thread t always
 // holds batch row 8 (warp % NT) + lane/4, so its sum of x^2 is the one float `sq`.
-template <int NT>
+template <int NT, bool kFold>
 __device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B, uint4* frag,
                                float& sq) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -59,8 +59,8 @@ __device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
     const bool upper = k + 8 < cols;  // false only in a k-step cut to 8 columns
     float2 v0 = make_float2(0.f, 0.f), v1 = v0;   // columns (k, k+1) and (k+8, k+9)
     if (b < B) {
-      v0 = load_input<float2>(in, B, row + k, col0 + k);
-      if (upper) v1 = load_input<float2>(in, B, row + k + 8, col0 + k + 8);
+      v0 = load_input<float2, kFold>(in, B, row + k, col0 + k);
+      if (upper) v1 = load_input<float2, kFold>(in, B, row + k + 8, col0 + k + 8);
       if (in.norm) {
         sq += v0.x * v0.x + v0.y * v0.y + v1.x * v1.x + v1.y * v1.y;
         const unsigned* nw = reinterpret_cast<const unsigned*>(in.norm + col0 + k);
@@ -211,7 +211,8 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
-    stage_chunk_tc<NT>(in, col0, cols, B, frag, sq);
+    if (in.nparts) stage_chunk_tc<NT, true>(in, col0, cols, B, frag, sq);
+    else stage_chunk_tc<NT, false>(in, col0, cols, B, frag, sq);
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {

@@ -100,7 +100,8 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
         emit("resid", False, i, resid_cols(level - 1, 0), d * B)
         for s in range(tp):
             emit("part", False, i, part_cols(level - 1, s, 0), d * B)
-        emit("resid", True, i, resid_cols(level, c0), n * B, local=True)
+        m = n > 0                         # a stage may have more readers than ranges
+        emit("resid", True, i[m], resid_cols(level[m], c0[m]), n[m] * B, local=True)
 
     i, _, c0, n, _ = rows(Op.EMBED)
     emit("resid", True, i, resid_cols(0, c0), n * B)
