@@ -20,7 +20,7 @@ RECORD_FIELDS = ("model", "batch", "tp", "contender", "ms_per_step", "tokens_per
 RUN_FIELDS = ("schema", "gpu", "num_sms", "torch", "cuda", "commit", "date", "position",
               "iters", "warmup", "copy_TBps", "read_TBps", "method", "notes", "records")
 CONTENDER_ORDER = ("eager", "cuda_graph", "compile", "megakernel", "megakernel_nccl",
-                   "megakernel_other_fold")
+                   "megakernel_fold")
 
 
 def derive(run: dict) -> dict:
@@ -66,12 +66,11 @@ def markdown(run: dict) -> str:
     for r in _sorted(run["records"]):
         tp = f" tp={r['tp']}" if r.get("tp", 1) > 1 else ""
         vs = r.get("speedup_vs_megakernel_nccl")
-        other = base.get((r["model"], r["batch"], r.get("tp", 1), "megakernel_other_fold"))
+        fold = base.get((r["model"], r["batch"], r.get("tp", 1), "megakernel_fold"))
         note = (f"{_f(vs, '.2f')}x vs NCCL between launches; " if vs and
                 r["contender"] == "megakernel" else "") + (
-                f"fold={r['fold']}, {other / r['ms_per_step']:.2f}x vs fold={not r['fold']}; "
-                if other and r["ms_per_step"] and r["contender"] == "megakernel" else "") + (
-                f"fold={r['fold']}; " if r["contender"] == "megakernel_other_fold" else "") + r["note"]
+                f"{fold / r['ms_per_step']:.2f}x vs fold=True; " if fold and
+                r["ms_per_step"] and r["contender"] == "megakernel" else "") + r["note"]
         out.append(f"| {r['model']}{tp} | {r['batch']} | {r['contender']} | "
                    f"{_f(r['ms_per_step'], '.3f')} | {_f(r['tokens_per_s'], ',.0f')} | "
                    f"{_f(r['achieved_TBps'], '.2f')} | "

@@ -13,9 +13,8 @@ seeded KV history:
     megakernel_nccl  the ablation: the same rank Programs cut into 2L + 2 launches with NCCL
                      collectives between them (scheduler/phases.py), replayed from CUDA graphs
                      (or launched eagerly, with a note, if the capture fails)
-    megakernel_other_fold  the ablation of folding: megakernel planned with the other
-                     `fold` than plan()'s default for the shape (folding readers vs RESID_SUM
-                     stages, lowering.py)
+    megakernel_fold  the ablation of folding: megakernel planned with fold=True (the
+                     residual's readers sum the tp partials, no RESID_SUM stages; lowering.py)
 Correctness: one step of each megakernel variant against the fp32 TP reference (the same
 shards upcast a layer at a time: TpTorchModel(compute_dtype=float32)), next to bf16 eager's
 error, as the single-GPU bench does.
@@ -31,7 +30,7 @@ import time
 
 import torch
 
-VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl", "megakernel_other_fold")
+VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl", "megakernel_fold")
 CAPTURE_MODES = ("relaxed", "global")   # relaxed: the only mode that captures 2 GPUs at once
 
 
@@ -121,7 +120,6 @@ def bench_shape(cfg, shards, batch, tp, devices, args, flush, log, keep_shards):
     """-> (records of every variant for one (model, batch), the shards or None)."""
     from megakernel import Decoder
     from megakernel.bench import harness
-    from megakernel.scheduler.plan import default_fold
     from megakernel.bench.tp_baseline import NcclComm, TpTorchModel
     from megakernel.packing import pack_shard
     pos = args.pos
@@ -189,17 +187,15 @@ def bench_shape(cfg, shards, batch, tp, devices, args, flush, log, keep_shards):
                   for r, s in enumerate(shards)]
         shards = None
         gc.collect()
-    for name, comm_kind, other_fold in (("megakernel", "peer", False),
-                                        ("megakernel_nccl", "nccl", False),
-                                        ("megakernel_other_fold", "peer", True)):
+    for name, comm_kind, fold in (("megakernel", "peer", False), ("megakernel_nccl", "nccl", False),
+                                  ("megakernel_fold", "peer", True)):
         if name not in args.variants:
             continue
 
-        def mk(comm_kind=comm_kind, other_fold=other_fold):
+        def mk(comm_kind=comm_kind, fold=fold):
             t0 = time.perf_counter()
-            fold = {"fold": not default_fold(cfg, tp, batch)} if other_fold else {}
             dec = Decoder(cfg, packed, batch=batch, max_seq=pos + 1, tp=tp, comm=comm_kind,
-                          **fold)
+                          fold=fold)
             dec.seed_kv(k, v)
             dec.set_position(pos)
             dec.launch_step(tokens)
@@ -260,8 +256,8 @@ def method(args, tp) -> list[str]:
         "(NVLink multicast off), eager and replayed from one CUDA graph per GPU. megakernel: "
         "in-kernel peer stores + system-scope counters, graph-replayed. megakernel_nccl: "
         "the same Programs as 2L + 2 launches with NCCL all-gathers between them. "
-        "megakernel_other_fold: megakernel planned with the other fold than the default "
-        "(fold: the residual's readers sum the tp partials; else RESID_SUM stages do).",
+        "megakernel_fold: megakernel planned with fold=True (the residual's readers sum the "
+        "tp partials instead of RESID_SUM stages; kernel built with -DMK_FOLD=1).",
         "Correctness: one step of each megakernel variant vs the fp32 TP reference (the same "
         "bf16 shards upcast per layer), beside bf16 eager's error.",
     ]

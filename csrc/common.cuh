@@ -35,6 +35,11 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
+// 1: the staging of plan(fold=True) records (Decoder adds it). Off by default: folding was
+// no faster on any shape measured, and its code cost the plain path ~1% at batch 8.
+#ifndef MK_FOLD
+#define MK_FOLD 0
+#endif
 #ifndef MK_COPY_KB
 #define MK_COPY_KB 4        // largest bulk copy of a page row, KB (a row cut into pieces)
 #endif

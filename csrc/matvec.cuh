@@ -46,14 +46,17 @@ struct MatvecGeometry {
 // Input of a matvec op: activation rows `x` (stride `ld`), optional RMSNorm weight. A
 // folding reader (isa.py fold, tp > 1) adds the nparts partials at parts + r * ld * B to
 // every element, in rank order, and stores the sums of columns [w0, w1) to `out`.
+// Only the -DMK_FOLD=1 build has these (Runtime refuses a folding Program without it).
 struct MatvecInput {
   const float* x;
   int ld;
   const __nv_bfloat16* norm;  // null: no RMSNorm
+#if MK_FOLD
   const float* parts = nullptr;
   int nparts = 0;
   float* out = nullptr;
   int w0 = 0, w1 = 0;
+#endif
 };
 
 __device__ __forceinline__ float4 operator+(float4 a, float4 b) {
@@ -63,17 +66,16 @@ __device__ __forceinline__ float2 operator+(float2 a, float2 b) {
   return make_float2(a.x + b.x, a.y + b.y);
 }
 
-// The input vector V (float4 or float2) at element offset `off` of x, column `col`.
-// kFold: in.nparts > 0 (a separate instantiation keeps the plain staging loop as it was).
-template <typename V, bool kFold>
-__device__ __forceinline__ V load_input(const MatvecInput& in, int B, size_t off, int col) {
-  V x = __ldcg(reinterpret_cast<const V*>(in.x + off));
-  if (kFold) {
-    const size_t stride = static_cast<size_t>(in.ld) * B;
-    for (int r = 0; r < in.nparts; ++r)
-      x = x + __ldcg(reinterpret_cast<const V*>(in.parts + r * stride + off));
-    if (col >= in.w0 && col < in.w1) *reinterpret_cast<V*>(in.out + off) = x;
-  }
+// A folding reader's input vector V (float4 or float2): x, loaded from element offset `off`
+// (column `col`), plus the partials there, in rank order; stored to `out` where designated.
+template <typename V>
+__device__ __forceinline__ V fold_input(const MatvecInput& in, int B, size_t off, int col, V x) {
+#if MK_FOLD
+  const size_t stride = static_cast<size_t>(in.ld) * B;
+  for (int r = 0; r < in.nparts; ++r)
+    x = x + __ldcg(reinterpret_cast<const V*>(in.parts + r * stride + off));
+  if (col >= in.w0 && col < in.w1) *reinterpret_cast<V*>(in.out + off) = x;
+#endif
   return x;
 }
 
@@ -125,11 +127,13 @@ __device__ __forceinline__ bool matvec_valid(const KernelArgs& a, const int32_t*
   const int op = ins[W_OPCODE], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
   const bool paired = op == OP_QKV || op == OP_GATEUP;
   const int first = op == OP_LMHEAD ? row0 - a.vocab0 : row0;
+#if MK_FOLD
   const int fold = op == OP_QKV ? ins[W_QKV_FOLD] : op == OP_GATEUP ? ins[W_GATEUP_FOLD]
                    : op == OP_LMHEAD ? ins[W_LMHEAD_FOLD] : 0;
+  if (fold != 0 && (a.part == nullptr || (op == OP_QKV && ins[W_LAYER] == 0))) return false;
+#endif
   return n > 0 && first >= 0 && n * a.B <= kAccFloats &&
-         (!paired || (row0 % 2 == 0 && n % 2 == 0)) &&
-         (fold == 0 || (a.part != nullptr && (op != OP_QKV || ins[W_LAYER] > 0)));
+         (!paired || (row0 % 2 == 0 && n % 2 == 0));
 }
 
 // resid[level] as a matvec input; folded (isa.py) when the record's fold word (at
@@ -139,6 +143,7 @@ __device__ __forceinline__ MatvecInput resid_input(const KernelArgs& a, const in
                                                    const __nv_bfloat16* norm) {
   const size_t Bd = static_cast<size_t>(a.B) * a.d;
   MatvecInput in{a.resid + level * Bd, a.d, norm};
+#if MK_FOLD
   if (ins[fold]) {  // matvec_valid checked level > 0 and a.part
     in.x -= Bd;
     in.parts = a.part + (level - 1) * a.tp * Bd;
@@ -147,6 +152,7 @@ __device__ __forceinline__ MatvecInput resid_input(const KernelArgs& a, const in
     in.w0 = ins[fold + 1];
     in.w1 = in.w0 + ins[fold + 2];
   }
+#endif
   return in;
 }
 
@@ -459,12 +465,13 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
 #pragma unroll
   for (int b = 0; b < BT; ++b) {
     if (b >= B) break;
-    const size_t row = static_cast<size_t>(b) * in.ld + col0;
+    const float4* src = reinterpret_cast<const float4*>(in.x + static_cast<size_t>(b) * in.ld + col0);
     float* dst = act + b * cols;
     float sq = 0.f;
 #pragma unroll 4
     for (int k = threadIdx.x; k < c4; k += kConsumerThreads) {
-      float4 x = load_input<float4, kFold>(in, B, row + 4 * k, col0 + 4 * k);
+      float4 x = __ldcg(src + k);
+      if (kFold) x = fold_input(in, B, static_cast<size_t>(b) * in.ld + col0 + 4 * k, col0 + 4 * k, x);
       if (in.norm) {
         sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
         const uint2 nw = __ldg(reinterpret_cast<const uint2*>(in.norm + col0) + k);
@@ -532,8 +539,11 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
+#if MK_FOLD
     if (in.nparts) stage_chunk<BT, true>(in, col0, cols, B, act, sums);
-    else stage_chunk<BT, false>(in, col0, cols, B, act, sums);
+    else
+#endif
+      stage_chunk<BT, false>(in, col0, cols, B, act, sums);
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {

@@ -53,14 +53,19 @@ __device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = 8 * (warp % NT) + (lane >> 2), ksteps = (cols + 15) >> 4;
   const size_t row = static_cast<size_t>(min(b, B - 1)) * in.ld + col0;
+  const float* x = in.x + row;
 #pragma unroll 4
   for (int s = warp / NT; s < ksteps; s += kConsumerWarps / NT) {
     const int k = 16 * s + 2 * (lane & 3);
     const bool upper = k + 8 < cols;  // false only in a k-step cut to 8 columns
     float2 v0 = make_float2(0.f, 0.f), v1 = v0;   // columns (k, k+1) and (k+8, k+9)
     if (b < B) {
-      v0 = load_input<float2, kFold>(in, B, row + k, col0 + k);
-      if (upper) v1 = load_input<float2, kFold>(in, B, row + k + 8, col0 + k + 8);
+      v0 = __ldcg(reinterpret_cast<const float2*>(x + k));
+      if (upper) v1 = __ldcg(reinterpret_cast<const float2*>(x + k + 8));
+      if (kFold) {
+        v0 = fold_input(in, B, row + k, col0 + k, v0);
+        if (upper) v1 = fold_input(in, B, row + k + 8, col0 + k + 8, v1);
+      }
       if (in.norm) {
         sq += v0.x * v0.x + v0.y * v0.y + v1.x * v1.x + v1.y * v1.y;
         const unsigned* nw = reinterpret_cast<const unsigned*>(in.norm + col0 + k);
@@ -211,8 +216,11 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
+#if MK_FOLD
     if (in.nparts) stage_chunk_tc<NT, true>(in, col0, cols, B, frag, sq);
-    else stage_chunk_tc<NT, false>(in, col0, cols, B, frag, sq);
+    else
+#endif
+      stage_chunk_tc<NT, false>(in, col0, cols, B, frag, sq);
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "GPUs (bench/tp_bench.py: NCCL PyTorch eager and CUDA graph, the "
                         "megakernel, and the NCCL-between-launches and fold ablations)")
     parser.add_argument("--variants",
-                        default="eager,cuda_graph,megakernel,megakernel_nccl,megakernel_other_fold",
+                        default="eager,cuda_graph,megakernel,megakernel_nccl,megakernel_fold",
                         help="with --tp > 1: comma-separated subset of those five")
     parser.add_argument("--graph-timeout", type=float, default=180.0,
                         help="with --tp > 1: seconds for the cuda_graph child of each shape")

@@ -46,6 +46,8 @@ class Decoder(StepDecoder):
             self.program = program or plan(cfg, batch=batch, num_sms=num_sms, policy=policy,
                                            granularity=granularity, gpu=gpu, tp=tp,
                                            **plan_options)
+        if getattr(self.program, "ranks", [self.program])[0].options.get("fold"):
+            build_flags = (*build_flags, "-DMK_FOLD=1")   # its staging is compiled only then
         options = dict(watchdog_ms=watchdog_ms, ablate=ablate, build_flags=build_flags)
         with nvtx_range("megakernel.pack"):
             if tp == 1:

@@ -12,9 +12,9 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     batch rows, so a target can be exceeded at large batch
     embed_slices    EMBED column slices (default min(slices, d // 256), at least 1)
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
-    fold            tp > 1: the residual's readers sum the tp partials (True), or RESID_SUM
-                    stages do (False; lowering.py). Default (None): fold while the partials
-                    a reader stages, tp * batch * d fp32, are at most FOLD_MAX_BYTES
+    fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
+                    built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do
+                    (False, the default: folding measured no faster, bench/NOTES.md)
     validate        run validate() on the plan (True); off only to time planning itself
 """
 from __future__ import annotations
@@ -56,20 +56,7 @@ def _choice(name: str, value, allowed: tuple) -> str:
     return value
 
 
-# Every folding reader stages all tp partials of the whole residual (L2 reads); a RESID_SUM
-# stage reads them once per column instead, but costs a stage and a counter hop. Measured
-# on eight H200s, llama-3.1-70b tp=8 (256 KB of partials per reader at batch 1): folding
-# 9.57 ms vs 9.24 with RESID_SUM stages; batch 16 (4 MB): 56.8 vs 34.1.
-FOLD_MAX_BYTES = 64 * 1024
-
-
-def default_fold(cfg: ModelConfig, tp: int, batch: int) -> bool:
-    """plan()'s `fold` when not given (cfg: full or shard config, d is the same)."""
-    return tp > 1 and tp * batch * cfg.d * 4 <= FOLD_MAX_BYTES
-
-
-def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict, tp: int = 1,
-                     batch: int = 1) -> dict:
+def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown plan options {sorted(unknown)}; options: {list(OPTIONS)}")
@@ -79,11 +66,8 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict, tp: int = 1,
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
-    out["fold"] = options.get("fold")
-    if out["fold"] is None:
-        out["fold"] = default_fold(cfg, tp, batch)
-    out["validate"] = options.get("validate", True)
-    for key in ("fold", "validate"):
+    for key, default in (("fold", False), ("validate", True)):
+        out[key] = options.get(key, default)
         if not isinstance(out[key], bool):
             raise ValueError(f"{key} must be True or False, got {out[key]!r}")
     return out
@@ -112,7 +96,7 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
     attn_splits = default_attn_splits(cfg, batch, num_sms) if attn_splits is None \
         else _int("attn_splits", attn_splits, 1)
     spec = calibration.resolve(gpu)
-    opts = _resolve_options(cfg, num_sms, options, tp, batch)
+    opts = _resolve_options(cfg, num_sms, options)
 
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]

@@ -84,12 +84,12 @@ def test_two_gpus_match_fp32(batch, comm):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} tp=2 (two GPUs, {comm}) B={batch}")
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-def test_resid_sum_stages_on_one_gpu_match_fp32(batch):
-    """plan(fold=False): RESID_SUM stages sum the partials instead of the readers."""
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_folding_readers_on_one_gpu_match_fp32(batch):
+    """plan(fold=True): the residual's readers sum the partials (kernel built -DMK_FOLD=1)."""
     cfg = TP_CONFIGS[0]
-    err_mk, err_bf = errors(cfg, batch, 2, ["cuda:0"] * 2, fold=False)
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} tp=2 (one GPU, fold=False) B={batch}")
+    err_mk, err_bf = errors(cfg, batch, 2, ["cuda:0"] * 2, fold=True)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} tp=2 (one GPU, fold=True) B={batch}")
 
 
 def test_eight_ranks_on_one_gpu_match_fp32():

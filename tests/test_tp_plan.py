@@ -145,11 +145,6 @@ def test_bad_fold_ranges_are_caught(tp2, what, match):
         validate(p)
 
 
-def test_default_fold_follows_the_staged_partials():
-    """Folding readers while tp * batch * d fp32 partials fit FOLD_MAX_BYTES (plan.py)."""
-    from megakernel.scheduler.plan import default_fold
-    cfg8, cfg70 = (ModelConfig.preset(m) for m in ("llama-3.1-8b", "llama-3.1-70b"))
-    assert default_fold(cfg8, 2, 1) and default_fold(cfg70, 2, 1)
-    assert not default_fold(cfg70, 8, 1) and not default_fold(cfg70, 2, 16)
-    assert not default_fold(cfg8, 1, 1)
-    assert plan(WIDE, batch=1, num_sms=4, tp=2).ranks[0].options["fold"]
+
+def test_fold_is_off_by_default():
+    assert not plan(WIDE, batch=1, num_sms=4, tp=2).ranks[0].options["fold"]
