@@ -137,8 +137,8 @@ def test_missing_peer_signal_is_a_deadlock_naming_the_rank():
         p.counter_targets[c] += 1                         # a signal no rank sends
     w = mk.Weights.random(WIDE, seed=0, dtype=torch.float32, device="cpu")
     cpu = CpuInterpreter(WIDE, w, prog, max_seq=8)
-    with pytest.raises(RuntimeError, match=f"(?s)deadlock.*rank [01] SM .*QKV waits on "
-                                           f"counter {c}"):   # layer 1's QKV folds DOWN's
+    with pytest.raises(RuntimeError, match=f"(?s)deadlock.*rank [01] SM .*RESID_SUM waits on "
+                                           f"counter {c}"):
         cpu.step(torch.tensor([1]))
     assert any(int(b.error[0]) == 1 for b in cpu.rank_buffers)
 
