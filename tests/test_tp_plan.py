@@ -66,8 +66,14 @@ def tp2():
 
 @pytest.fixture(scope="module")
 def tp2_sums():
-    """RESID_SUM stages instead of folding readers."""
+    """RESID_SUM stages (the default, explicit here)."""
     return plan(WIDE, batch=2, num_sms=4, policy="dag", tp=2, fold=False)
+
+
+@pytest.fixture(scope="module")
+def tp2_fold():
+    """Folding readers instead of RESID_SUM stages."""
+    return plan(WIDE, batch=2, num_sms=4, policy="dag", tp=2, fold=True)
 
 
 def at(prog, op, nth=0, rank=0):
@@ -114,8 +120,8 @@ def test_wait_on_a_later_all_rank_counter_is_caught(tp2_sums):
         validate(p)
 
 
-def test_folding_reader_without_its_cross_rank_wait_is_caught(tp2):
-    p = copy.deepcopy(tp2)
+def test_folding_reader_without_its_cross_rank_wait_is_caught(tp2_fold):
+    p = copy.deepcopy(tp2_fold)
     reduce = int(p.ranks[1].instructions[at(p, Op.ATTN_REDUCE, rank=1)][7])
     rec = p.ranks[1].instructions[at(p, Op.GATEUP, rank=1)]
     rec[3:5] = (reduce, 1)      # its own attention is done, the peers' partials may not be
@@ -130,8 +136,8 @@ def test_folding_reader_without_its_cross_rank_wait_is_caught(tp2):
     ("misaligned", "fold fields"),
     ("layer 0", "fold fields"),
 ])
-def test_bad_fold_ranges_are_caught(tp2, what, match):
-    p = copy.deepcopy(tp2)
+def test_bad_fold_ranges_are_caught(tp2_fold, what, match):
+    p = copy.deepcopy(tp2_fold)
     k = isa.word_index(Op.GATEUP, "sum_col0")
     if what == "layer 0":      # QKV of layer 0 reads the embedding: nothing to fold
         rec = p.ranks[0].instructions[at(p, Op.QKV)]
