@@ -103,7 +103,7 @@ class Runtime:
         unknown = set(ablate) - set(MODES)
         if unknown:
             raise ValueError(f"unknown ablation switches {sorted(unknown)}; known: {sorted(MODES)}")
-        if program.options.get("fold") and "-DMK_FOLD=1" not in build_flags:
+        if getattr(program, "options", {}).get("fold") and "-DMK_FOLD=1" not in build_flags:
             raise ValueError("the Program was planned with fold=True: its QKV/GATEUP/LMHEAD "
                              "records sum the tp partials, which only a kernel built with "
                              "-DMK_FOLD=1 does (Decoder adds it; pass it in build_flags)")
