@@ -14,6 +14,8 @@
 // page layout: rows padded to an odd multiple of 16 bytes, activation chunks of 8-column
 // n-tiles. Buckets below it (batch 1 and 2) keep the CUDA-core layout and code here.
 #pragma once
+#include <type_traits>
+
 #include "common.cuh"
 #include "inputs.cuh"
 
@@ -77,6 +79,19 @@ __device__ __forceinline__ V fold_input(const MatvecInput& in, int B, size_t off
   if (col >= in.w0 && col < in.w1) *reinterpret_cast<V*>(in.out + off) = x;
 #endif
   return x;
+}
+
+// f(std::true_type{}) for a folding input (-DMK_FOLD=1 builds only), else
+// f(std::false_type{}): each staging loop is instantiated per case, the plain one as it was.
+template <typename F>
+__device__ __forceinline__ void with_fold(const MatvecInput& in, F&& f) {
+#if MK_FOLD
+  if (in.nparts) {
+    f(std::true_type{});
+    return;
+  }
+#endif
+  f(std::false_type{});
 }
 
 __device__ __forceinline__ MatvecGeometry make_geometry(const __nv_bfloat16* matrix, int K,
@@ -539,11 +554,9 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
-#if MK_FOLD
-    if (in.nparts) stage_chunk<BT, true>(in, col0, cols, B, act, sums);
-    else
-#endif
-      stage_chunk<BT, false>(in, col0, cols, B, act, sums);
+    with_fold(in, [&](auto fold) {
+      stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
+    });
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {

@@ -216,11 +216,9 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
-#if MK_FOLD
-    if (in.nparts) stage_chunk_tc<NT, true>(in, col0, cols, B, frag, sq);
-    else
-#endif
-      stage_chunk_tc<NT, false>(in, col0, cols, B, frag, sq);
+    with_fold(in, [&](auto fold) {
+      stage_chunk_tc<NT, decltype(fold)::value>(in, col0, cols, B, frag, sq);
+    });
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {

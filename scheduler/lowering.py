@@ -117,7 +117,7 @@ def _folding(args: np.ndarray, d: int) -> np.ndarray:
 
 
 def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
-          slices: dict, shard: Shard | None = None, fold: bool = True) -> Lowered:
+          slices: dict, shard: Shard | None = None, fold: bool = False) -> Lowered:
     """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp.
     fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages)."""
     B, L, d, I, V = batch, cfg.L, cfg.d, cfg.I, cfg.V

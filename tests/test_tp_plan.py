@@ -82,13 +82,16 @@ def at(prog, op, nth=0, rank=0):
     return int(t.sm[i]), int(t.index[i])
 
 
-def test_missing_cross_rank_wait_is_caught(tp2_sums):
-    p = copy.deepcopy(tp2_sums)
+@pytest.mark.parametrize("program, reader", [("tp2_sums", Op.RESID_SUM),
+                                             ("tp2_fold", Op.GATEUP)])
+def test_missing_cross_rank_wait_is_caught(request, program, reader):
+    """The first reader of the O-proj partials (RESID_SUM, or a folding GATEUP)."""
+    p = copy.deepcopy(request.getfixturevalue(program))
     reduce = int(p.ranks[1].instructions[at(p, Op.ATTN_REDUCE, rank=1)][7])
-    rec = p.ranks[1].instructions[at(p, Op.RESID_SUM, rank=1)]
+    rec = p.ranks[1].instructions[at(p, reader, rank=1)]
     rec[3:5] = (reduce, 1)      # its own attention is done, the peers' partials may not be
-    with pytest.raises(ValueError, match=r"rank 1 uid \d+ RESID_SUM.*reads part\[.*of rank 1, "
-                                         r"written by rank \d .*OPROJ.*does not happen before"):
+    with pytest.raises(ValueError, match=rf"rank 1 uid \d+ {reader.name}.*reads part\[.*of rank "
+                                         r"1, written by rank \d .*OPROJ.*does not happen before"):
         validate(p)
 
 
@@ -117,16 +120,6 @@ def test_wait_on_a_later_all_rank_counter_is_caught(tp2_sums):
     p.ranks[1].instructions[at(p, Op.RESID_SUM, rank=1)][3:5] = (down, 1)
     with pytest.raises(ValueError, match=f"rank 1 uid .* RESID_SUM .*waits on all-rank counter "
                                          f"{down}, signalled by rank .* DOWN.*can deadlock"):
-        validate(p)
-
-
-def test_folding_reader_without_its_cross_rank_wait_is_caught(tp2_fold):
-    p = copy.deepcopy(tp2_fold)
-    reduce = int(p.ranks[1].instructions[at(p, Op.ATTN_REDUCE, rank=1)][7])
-    rec = p.ranks[1].instructions[at(p, Op.GATEUP, rank=1)]
-    rec[3:5] = (reduce, 1)      # its own attention is done, the peers' partials may not be
-    with pytest.raises(ValueError, match=r"rank 1 uid \d+ GATEUP.*reads part\[.*of rank 1, "
-                                         r"written by rank \d .*OPROJ.*does not happen before"):
         validate(p)
 
 
