@@ -34,7 +34,8 @@ struct SmemLayout {
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  static constexpr size_t total = flags + 5 * sizeof(int);  // wait ok, error, abort, ready, quiet
+  static constexpr size_t raw = (flags + 5 * sizeof(int) + 15) & ~size_t{15};  // 5 flags
+  static constexpr size_t total = raw + kRawFloats * sizeof(float);  // tensor-core chunk copies
 };
 // The attention op reuses act + acc as its scratch.
 static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
@@ -119,6 +120,7 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
   // warp 0 fills while it waits on instruction i-1's counters: no L2 round trip for the
   // record at the head of every instruction. The queue is read-only for the launch.
   int32_t* rec = reinterpret_cast<int32_t*>(smem + SmemLayout::rec);
+  float* raw = reinterpret_cast<float*>(smem + SmemLayout::raw);
   if (kRecordSmem && tid < kWords && qlen > 0) rec[tid] = queue[tid];
   __syncwarp();
   uint32_t it = 0;
@@ -155,9 +157,9 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       const float* pre_src = resid && tid < ins[W_OPROJ_NROWS] * a.B
                                  ? ResidualOp::residual_in(a, ins, tid) : nullptr;
       float pre = 0.f;  // ResidualOp's first input of this thread
-#define MK_MATVEC(f, n) f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src)
-      if (nt == 1) pre = MK_MATVEC(consumer_matvec_tc, 1);
-      else if (nt == 2) pre = MK_MATVEC(consumer_matvec_tc, 2);
+#define MK_MATVEC(f, n, ...) f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src __VA_ARGS__)
+      if (nt == 1) pre = MK_MATVEC(consumer_matvec_tc, 1, , raw);
+      else if (nt == 2) pre = MK_MATVEC(consumer_matvec_tc, 2, , raw);
       else if (a.B == 1) pre = MK_MATVEC(consumer_matvec, 1);
       else if (a.B == 2) pre = MK_MATVEC(consumer_matvec, 2);
       else if (kTcMinBucket > 4 && a.B <= 4) pre = MK_MATVEC(consumer_matvec, 4);

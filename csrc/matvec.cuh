@@ -472,28 +472,44 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
 
 // Consumers: x[b, col0 : col0+cols] into act[b] (the two-plane layout above) with 16-byte
 // loads; with a norm weight, x * weight is stored and this thread's sum of x^2 per batch row
-// added to sums[b].
+// added to sums[b]. A thread's kStageVecs loads of a row are all issued before the first is
+// used (a branch between them had made the compiler wait for each in turn).
 template <int BT, bool kFold>
 __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, float* act,
                             float (&sums)[BT]) {
+  constexpr int kStageVecs = 8;  // 8 x 256 threads x 4 floats: a whole 8192-column row
   const int c4 = cols >> 2;
+  const uint2* nw = in.norm ? reinterpret_cast<const uint2*>(in.norm + col0) : nullptr;
 #pragma unroll
   for (int b = 0; b < BT; ++b) {
     if (b >= B) break;
-    const float4* src = reinterpret_cast<const float4*>(in.x + static_cast<size_t>(b) * in.ld + col0);
+    const size_t row = static_cast<size_t>(b) * in.ld + col0;
+    const float4* src = reinterpret_cast<const float4*>(in.x + row);
     float* dst = act + b * cols;
     float sq = 0.f;
-#pragma unroll 4
-    for (int k = threadIdx.x; k < c4; k += kConsumerThreads) {
-      float4 x = __ldcg(src + k);
-      if (kFold) x = fold_input(in, B, static_cast<size_t>(b) * in.ld + col0 + 4 * k, col0 + 4 * k, x);
-      if (in.norm) {
-        sq += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
-        const uint2 nw = __ldg(reinterpret_cast<const uint2*>(in.norm + col0) + k);
-        x.x *= bf16_lo(nw.x); x.y *= bf16_hi(nw.x); x.z *= bf16_lo(nw.y); x.w *= bf16_hi(nw.y);
+    for (int k0 = threadIdx.x; k0 < c4; k0 += kStageVecs * kConsumerThreads) {
+      float4 x[kStageVecs];
+      uint2 n[kStageVecs];
+#pragma unroll
+      for (int u = 0; u < kStageVecs; ++u) {
+        const int k = k0 + u * kConsumerThreads;
+        x[u] = k < c4 ? __ldcg(src + k) : make_float4(0.f, 0.f, 0.f, 0.f);
+        n[u] = nw && k < c4 ? __ldg(nw + k) : make_uint2(0u, 0u);
       }
-      // columns 4k..4k+3: vector k/2, plane k%2
-      *reinterpret_cast<float4*>(dst + (k & 1) * (cols >> 1) + (k >> 1) * 4) = x;
+#pragma unroll
+      for (int u = 0; u < kStageVecs; ++u) {
+        const int k = k0 + u * kConsumerThreads;
+        if (k >= c4) break;
+        float4 v = x[u];
+        if (kFold) v = fold_input(in, B, row + 4 * k, col0 + 4 * k, v);
+        if (nw) {
+          sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+          v.x *= bf16_lo(n[u].x); v.y *= bf16_hi(n[u].x);
+          v.z *= bf16_lo(n[u].y); v.w *= bf16_hi(n[u].y);
+        }
+        // columns 4k..4k+3: vector k/2, plane k%2
+        *reinterpret_cast<float4*>(dst + (k & 1) * (cols >> 1) + (k >> 1) * 4) = v;
+      }
     }
     sums[b] += sq;
   }

@@ -45,33 +45,70 @@ __device__ __forceinline__ void split_bf16(float2 x, uint32_t& hi, uint32_t& lo)
   lo = reinterpret_cast<const uint32_t&>(l);
 }
 
-// Consumers: x[:, col0 : col0+cols] (times the norm weight) into `frag`. Thread t always
-// holds batch row 8 (warp % NT) + lane/4, so its sum of x^2 is the one float `sq`.
+// Staging an activation chunk takes two steps, so that chunk c+1 is on its way while the
+// pages of chunk c compute: load_chunk_tc starts per-thread 16-byte async copies of the raw
+// fp32 rows into `raw` (coalesced: a warp copies 512 contiguous bytes, four whole L2 lines),
+// and stage_chunk_tc, once they have landed, converts them into `frag`. Loading straight
+// into the fragment layout (8 rows x 32 bytes per warp load, one load round trip after the
+// other) had made a chunk cost ~3.7 us of L2 latency at batch 8: DOWN stages 8 of them.
+// raw: [rows][kc + kRawPad] fp32; the pad puts the 8 rows a warp reads in different banks.
+constexpr int kRawPad = 8;
+constexpr int kRawFloats = kActFloats + kMaxBatch * kRawPad;  // nt * 8 rows of kActFloats / (8 nt) + pad
+// k-steps a consumer thread converts per chunk: a chunk has kActFloats / (8 nt) columns,
+// i.e. kActFloats / (128 nt) k-steps, over kConsumerWarps / nt warps.
+constexpr int kStageSteps = kActFloats / (16 * 8 * kConsumerWarps);
+static_assert(kActFloats % (16 * 8 * kConsumerWarps) == 0, "whole k-steps per consumer warp");
+
+// Consumers: start the copies of x[b, col0 : col0+cols] for b < B into raw (row stride rs),
+// and pull the chunk's norm weights into L1 for stage_chunk_tc (registers holding them
+// across the pages would spill); then cp_async_wait_all + consumer_sync before it runs.
+__device__ __forceinline__ void load_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
+                                              float* raw, int rs) {
+  const int v4 = cols >> 2;  // cols is a multiple of 8
+  for (int i = threadIdx.x; i < B * v4; i += kConsumerThreads) {
+    const int b = i / v4, v = i - b * v4;
+    cp_async16(raw + b * rs + 4 * v, in.x + static_cast<size_t>(b) * in.ld + col0 + 4 * v);
+  }
+  cp_async_commit();
+  if (in.norm && threadIdx.x * 64 < cols)  // 64 bf16 per 128-byte line
+    asm volatile("prefetch.global.L1 [%0];" :: "l"(in.norm + col0 + threadIdx.x * 64));
+}
+
+// Consumers: the chunk in raw (times the norm weight) into `frag`. Thread t always holds
+// batch row 8 (warp % NT) + lane/4, so its sum of x^2 is the one float `sq`.
 template <int NT, bool kFold>
-__device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B, uint4* frag,
-                               float& sq) {
+__device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B, const float* raw,
+                               int rs, uint4* frag, float& sq) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = 8 * (warp % NT) + (lane >> 2), ksteps = (cols + 15) >> 4;
-  const size_t row = static_cast<size_t>(min(b, B - 1)) * in.ld + col0;
-  const float* x = in.x + row;
-#pragma unroll 4
-  for (int s = warp / NT; s < ksteps; s += kConsumerWarps / NT) {
-    const int k = 16 * s + 2 * (lane & 3);
+  const bool live = b < B;
+  uint32_t nrm[kStageSteps][2];  // norm weights of (k, k+1), (k+8, k+9): all loads first
+  const unsigned* nw = in.norm ? reinterpret_cast<const unsigned*>(in.norm + col0) : nullptr;
+#pragma unroll
+  for (int u = 0; u < kStageSteps; ++u) {
+    const int s = warp / NT + u * (kConsumerWarps / NT), k = 16 * s + 2 * (lane & 3);
+    nrm[u][0] = nw && s < ksteps ? __ldg(nw + k / 2) : 0u;
+    nrm[u][1] = nw && s < ksteps && k + 8 < cols ? __ldg(nw + k / 2 + 4) : 0u;
+  }
+  const float* xr = raw + min(b, B - 1) * rs;
+  const size_t row = static_cast<size_t>(min(b, B - 1)) * in.ld + col0;  // kFold: x's offset
+#pragma unroll
+  for (int u = 0; u < kStageSteps; ++u) {
+    const int s = warp / NT + u * (kConsumerWarps / NT), k = 16 * s + 2 * (lane & 3);
+    if (s >= ksteps) break;
     const bool upper = k + 8 < cols;  // false only in a k-step cut to 8 columns
-    float2 v0 = make_float2(0.f, 0.f), v1 = v0;   // columns (k, k+1) and (k+8, k+9)
-    if (b < B) {
-      v0 = __ldcg(reinterpret_cast<const float2*>(x + k));
-      if (upper) v1 = __ldcg(reinterpret_cast<const float2*>(x + k + 8));
+    float2 v0 = make_float2(0.f, 0.f), v1 = v0;  // columns (k, k+1) and (k+8, k+9)
+    if (live) {
+      v0 = *reinterpret_cast<const float2*>(xr + k);
+      if (upper) v1 = *reinterpret_cast<const float2*>(xr + k + 8);
       if (kFold) {
         v0 = fold_input(in, B, row + k, col0 + k, v0);
         if (upper) v1 = fold_input(in, B, row + k + 8, col0 + k + 8, v1);
       }
-      if (in.norm) {
+      if (nw) {
         sq += v0.x * v0.x + v0.y * v0.y + v1.x * v1.x + v1.y * v1.y;
-        const unsigned* nw = reinterpret_cast<const unsigned*>(in.norm + col0 + k);
-        const uint32_t n0 = __ldg(nw), n1 = upper ? __ldg(nw + 4) : 0u;
-        v0.x *= bf16_lo(n0); v0.y *= bf16_hi(n0);
-        v1.x *= bf16_lo(n1); v1.y *= bf16_hi(n1);
+        v0.x *= bf16_lo(nrm[u][0]); v0.y *= bf16_hi(nrm[u][0]);
+        v1.x *= bf16_lo(nrm[u][1]); v1.y *= bf16_hi(nrm[u][1]);
       }
     }
     uint4 f;
@@ -193,11 +230,12 @@ __device__ __forceinline__ void page_mma(const unsigned char* page, int stride, 
 }
 
 // Consumers: the whole matvec of one instruction into acc[n, B] on tensor cores; the same
-// contract as consumer_matvec (matvec.cuh). NT: n-tiles, tc_ntiles(a.B).
+// contract as consumer_matvec (matvec.cuh), plus raw: kRawFloats of shared memory for the
+// chunk copies. NT: n-tiles, tc_ntiles(a.B).
 template <int NT, bool kTiming>
 __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                     uint32_t& it, float* act, float* acc, float* red,
-                                    float* rstd, const float* pre_src) {
+                                    float* rstd, const float* pre_src, float* raw) {
   float pre = 0.f;
   const int tid = threadIdx.x, B = a.B;
   const MatvecGeometry g = matvec_geometry(a, ins);
@@ -212,14 +250,18 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
   // One row group of at most one m-tile per warp: every page has the same rows and tiles.
   const bool carry = g.ngroups == 1 && g.n <= 16 * kConsumerWarps;
+  const int rs = g.kc + kRawPad;
+  load_chunk_tc(in, 0, g.chunk_cols(0), B, raw, rs);
+  if (pre_src) pre = ldcg(pre_src);  // in flight with the chunk's copies
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
-    consumer_sync();  // every warp is done with the previous chunk
-    if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
+    cp_async_wait_all();
+    consumer_sync();  // chunk c is in raw; every warp is done with frag (chunk c-1's pages)
     with_fold(in, [&](auto fold) {
-      stage_chunk_tc<NT, decltype(fold)::value>(in, col0, cols, B, frag, sq);
+      stage_chunk_tc<NT, decltype(fold)::value>(in, col0, cols, B, raw, rs, frag, sq);
     });
-    consumer_sync();
+    consumer_sync();  // frag holds chunk c; raw is free
+    if (c + 1 < g.nchunks) load_chunk_tc(in, col0 + g.kc, g.chunk_cols(c + 1), B, raw, rs);
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {
         page_mma<NT>(page, g.stride(cols), g.group_rows(grp), cols, grp * g.rpp, frag, acc, B,
