@@ -34,8 +34,10 @@ struct SmemLayout {
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  static constexpr size_t raw = (flags + 5 * sizeof(int) + 15) & ~size_t{15};  // 5 flags
-  static constexpr size_t total = raw + kRawFloats * sizeof(float);  // tensor-core chunk copies
+  // After the 5 flags (wait ok, error, abort, ready, quiet), 16-byte aligned: the
+  // tensor-core matvec's raw activation chunk (cp.async destinations).
+  static constexpr size_t raw = (flags + 5 * sizeof(int) + 15) & ~size_t{15};
+  static constexpr size_t total = raw + kRawFloats * sizeof(float);
 };
 // The attention op reuses act + acc as its scratch.
 static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
@@ -157,15 +159,18 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       const float* pre_src = resid && tid < ins[W_OPROJ_NROWS] * a.B
                                  ? ResidualOp::residual_in(a, ins, tid) : nullptr;
       float pre = 0.f;  // ResidualOp's first input of this thread
-#define MK_MATVEC(f, n, ...) f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src __VA_ARGS__)
-      if (nt == 1) pre = MK_MATVEC(consumer_matvec_tc, 1, , raw);
-      else if (nt == 2) pre = MK_MATVEC(consumer_matvec_tc, 2, , raw);
+#define MK_MATVEC(f, n) f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src)
+#define MK_MATVEC_TC(n) \
+  consumer_matvec_tc<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, raw)
+      if (nt == 1) pre = MK_MATVEC_TC(1);
+      else if (nt == 2) pre = MK_MATVEC_TC(2);
       else if (a.B == 1) pre = MK_MATVEC(consumer_matvec, 1);
       else if (a.B == 2) pre = MK_MATVEC(consumer_matvec, 2);
       else if (kTcMinBucket > 4 && a.B <= 4) pre = MK_MATVEC(consumer_matvec, 4);
       else if (kTcMinBucket > 8 && a.B <= 8) pre = MK_MATVEC(consumer_matvec, 8);
       else if (kTcMinBucket > 16) pre = MK_MATVEC(consumer_matvec, 16);
 #undef MK_MATVEC
+#undef MK_MATVEC_TC
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;

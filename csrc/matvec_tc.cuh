@@ -53,7 +53,8 @@ __device__ __forceinline__ void split_bf16(float2 x, uint32_t& hi, uint32_t& lo)
 // other) had made a chunk cost ~3.7 us of L2 latency at batch 8: DOWN stages 8 of them.
 // raw: [rows][kc + kRawPad] fp32; the pad puts the 8 rows a warp reads in different banks.
 constexpr int kRawPad = 8;
-constexpr int kRawFloats = kActFloats + kMaxBatch * kRawPad;  // nt * 8 rows of kActFloats / (8 nt) + pad
+// 8 nt rows of kActFloats / (8 nt) columns, each plus the pad:
+constexpr int kRawFloats = kActFloats + kMaxBatch * kRawPad;
 // k-steps a consumer thread converts per chunk: a chunk has kActFloats / (8 nt) columns,
 // i.e. kActFloats / (128 nt) k-steps, over kConsumerWarps / nt warps.
 constexpr int kStageSteps = kActFloats / (16 * 8 * kConsumerWarps);
