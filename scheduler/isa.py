@@ -50,9 +50,10 @@ shard row i is vocab row v0_r + i. Under tp > 1 OPROJ, DOWN and LMHEAD carry all
     OPROJ       part[2l][rank][:, r0:r0+n] = attn[l] @ wo[l][r0:r0+n].T   on every rank
     DOWN        part[2l+1][rank][:, r0:r0+n] = act[l] @ wdown[l][r0:r0+n].T   on every rank
     LMHEAD      as below, its logits rows and amax slot written on every rank
-and RESID_SUM folds the partials into this rank's residual, or (fold, the default) the
-readers of that residual fold them themselves. With fold = 1 a QKV (layer >= 1), GATEUP or
-LMHEAD instruction whose input level is m (2l, 2l+1, 2L) does not find resid[m] written:
+and RESID_SUM folds the partials into this rank's residual, or (plan option fold, off by
+default) the readers of that residual fold them themselves. With fold = 1 a QKV (layer
+>= 1), GATEUP or LMHEAD instruction whose input level is m (2l, 2l+1, 2L) does not find
+resid[m] written:
     x = resid[m-1] + part[m-1][0] + ... + part[m-1][TP-1]   (that order, as RESID_SUM)
 is its input, and it writes x[:, sum_col0 : sum_col0+sum_ncols] to resid[m]; the stage's
 ranges cover [0, d) once, at multiples of 4 columns (the kernel's vector width). Every
