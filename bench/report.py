@@ -20,7 +20,7 @@ RECORD_FIELDS = ("model", "batch", "tp", "contender", "ms_per_step", "tokens_per
 RUN_FIELDS = ("schema", "gpu", "num_sms", "torch", "cuda", "commit", "date", "position",
               "iters", "warmup", "copy_TBps", "read_TBps", "method", "notes", "records")
 CONTENDER_ORDER = ("eager", "cuda_graph", "compile", "megakernel", "megakernel_nccl",
-                   "megakernel_fold")
+                   "megakernel_fold", "megakernel_reduce1")
 
 
 def derive(run: dict) -> dict:

@@ -15,6 +15,8 @@ seeded KV history:
                      (or launched eagerly, with a note, if the capture fails)
     megakernel_fold  the ablation of folding: megakernel planned with fold=True (the
                      residual's readers sum the tp partials, no RESID_SUM stages; lowering.py)
+    megakernel_reduce1  the ablation of the split reduce: megakernel planned with
+                     reduce_slices=1 (one ATTN_REDUCE per kv group, as before the split)
 Correctness: one step of each megakernel variant against the fp32 TP reference (the same
 shards upcast a layer at a time: TpTorchModel(compute_dtype=float32)), next to bf16 eager's
 error, as the single-GPU bench does.
@@ -30,7 +32,12 @@ import time
 
 import torch
 
-VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl", "megakernel_fold")
+VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl", "megakernel_fold",
+            "megakernel_reduce1")
+# megakernel variants: name -> (comm, plan options)
+MK_VARIANTS = {"megakernel": ("peer", {}), "megakernel_nccl": ("nccl", {}),
+               "megakernel_fold": ("peer", {"fold": True}),
+               "megakernel_reduce1": ("peer", {"reduce_slices": 1})}
 CAPTURE_MODES = ("relaxed", "global")   # relaxed: the only mode that captures 2 GPUs at once
 
 
@@ -187,15 +194,14 @@ def bench_shape(cfg, shards, batch, tp, devices, args, flush, log, keep_shards):
                   for r, s in enumerate(shards)]
         shards = None
         gc.collect()
-    for name, comm_kind, fold in (("megakernel", "peer", False), ("megakernel_nccl", "nccl", False),
-                                  ("megakernel_fold", "peer", True)):
+    for name, (comm_kind, options) in MK_VARIANTS.items():
         if name not in args.variants:
             continue
 
-        def mk(comm_kind=comm_kind, fold=fold):
+        def mk(comm_kind=comm_kind, options=options):
             t0 = time.perf_counter()
             dec = Decoder(cfg, packed, batch=batch, max_seq=pos + 1, tp=tp, comm=comm_kind,
-                          fold=fold)
+                          **options)
             dec.seed_kv(k, v)
             dec.set_position(pos)
             dec.launch_step(tokens)
@@ -257,7 +263,9 @@ def method(args, tp) -> list[str]:
         "in-kernel peer stores + system-scope counters, graph-replayed. megakernel_nccl: "
         "the same Programs as 2L + 2 launches with NCCL all-gathers between them. "
         "megakernel_fold: megakernel planned with fold=True (the residual's readers sum the "
-        "tp partials instead of RESID_SUM stages; kernel built with -DMK_FOLD=1).",
+        "tp partials instead of RESID_SUM stages; kernel built with -DMK_FOLD=1). "
+        "megakernel_reduce1: megakernel planned with reduce_slices=1 (one ATTN_REDUCE "
+        "per kv group instead of one per q head).",
         "Correctness: one step of each megakernel variant vs the fp32 TP reference (the same "
         "bf16 shards upcast per layer), beside bf16 eager's error.",
     ]

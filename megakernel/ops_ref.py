@@ -104,15 +104,16 @@ def attn(rec, w, buf, prog):
 
 
 def attn_reduce(rec, w, buf, prog):
-    cfg, l, b, g = w.config, rec["layer"], rec["b"], rec["kv_head"]
-    heads = slice(g * cfg.G, (g + 1) * cfg.G)
-    lse = buf.lse[l, b, heads]                                             # [G, NS]
-    o = buf.o_part[l, b, heads]                                            # [G, NS, D]
+    cfg, l, b = w.config, rec["layer"], rec["b"]
+    h0 = rec["kv_head"] * cfg.G + rec["head0"]
+    heads = slice(h0, h0 + rec["nheads"])
+    lse = buf.lse[l, b, heads]                                             # [nh, NS]
+    o = buf.o_part[l, b, heads]                                            # [nh, NS, D]
     top = lse.max(-1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     weight = torch.exp(lse - top)                                          # empty split -> 0
-    merged = (weight[..., None] * o).sum(1) / weight.sum(-1, keepdim=True)  # [G, D]
-    buf.attn[l, b, g * cfg.G * cfg.D:(g + 1) * cfg.G * cfg.D] = merged.reshape(-1)
+    merged = (weight[..., None] * o).sum(1) / weight.sum(-1, keepdim=True)  # [nh, D]
+    buf.attn[l, b, heads.start * cfg.D:heads.stop * cfg.D] = merged.reshape(-1)
 
 
 def oproj(rec, w, buf, prog):

@@ -6,7 +6,7 @@ an order chosen so that each access is one range (or one per batch row). Each or
 bijection of the real layout, so overlaps and coverage, all the validator asks about, do
 not depend on it. Orders (outer to inner, see buffer_dims):
     resid [level, col, b]          q [layer, b, head, dim*]      k_new, v_new [layer, b, g, dim*]
-    o_part [layer, b, g, split, head in group, dim]   lse [layer, b, g, split, head in group]
+    o_part [layer, b, head, split, dim]   lse [layer, b, head, split]   (the kernel's layout)
     attn [layer, b, head, dim]     act [layer, col, b]           logits [row, b]
     amax_val, amax_idx [slot, b]   out_tokens [b]   part [level, src, col, b] (tp > 1)
 Under tp > 1 coordinates are the rank's own (shard config); `remote` marks the writes that
@@ -42,8 +42,8 @@ def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1) -> dic
         "q": lb + (("head", H), ("dim", D)),
         "k_new": lb + (("kv_head", Hkv), ("dim", D)),
         "v_new": lb + (("kv_head", Hkv), ("dim", D)),
-        "o_part": lb + (("kv_head", Hkv), ("split", NS), ("head_in_group", G), ("dim", D)),
-        "lse": lb + (("kv_head", Hkv), ("split", NS), ("head_in_group", G)),
+        "o_part": lb + (("head", H), ("split", NS), ("dim", D)),
+        "lse": lb + (("head", H), ("split", NS)),
         "attn": lb + (("head", H), ("dim", D)),
         "act": (("layer", L), ("col", cfg.I), ("b", B)),
         "logits": (("row", cfg.V), ("b", B)),
@@ -123,14 +123,16 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     emit("q", False, i, lbg * G * D, G * D)
     emit("k_new", False, i, lbg * D, D)
     emit("v_new", False, i, lbg * D, D)
-    emit("o_part", True, i, (lbg * NS + s) * G * D, G * D)
-    emit("lse", True, i, (lbg * NS + s) * G, G)
+    for j in range(G):                          # split s of each q head of the group
+        emit("o_part", True, i, ((lbg * G + j) * NS + s) * D, D)
+        emit("lse", True, i, (lbg * G + j) * NS + s, 1)
 
     i, l, b, g, _ = rows(Op.ATTN_REDUCE)
-    lbg = (l * B + b) * Hkv + g
-    emit("o_part", False, i, lbg * NS * G * D, NS * G * D)
-    emit("lse", False, i, lbg * NS * G, NS * G)
-    emit("attn", True, i, lbg * G * D, G * D)
+    h0, nh = (t.args[i, k].astype(np.int64) for k in (2, 3))
+    lh = (l * B + b) * H + g * G + h0           # first q head, as (layer, b, head)
+    emit("o_part", False, i, lh * NS * D, nh * NS * D)
+    emit("lse", False, i, lh * NS, nh * NS)
+    emit("attn", True, i, lh * D, nh * D)
 
     def add_to_resid(i, level, r0, n):      # OPROJ / DOWN: resid[level + 1] or a partial
         m = t.all_ranks[i] != 0

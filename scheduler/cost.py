@@ -108,7 +108,8 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     put(Op.LMHEAD, rows * d * wb + B * d * ab + d * wb + B * rows * ab, 2.0 * B * rows * d)
     positions = -(-(kv_position + 1) // attn_splits)
     put(Op.ATTN, 2 * positions * D * kb + 2 * G * D * ab, 4.0 * G * D * positions)
-    put(Op.ATTN_REDUCE, attn_splits * G * (D + 1) * ab + G * D * ab)
+    heads = a[:, 3]   # ATTN_REDUCE's nheads
+    put(Op.ATTN_REDUCE, attn_splits * heads * (D + 1) * ab + heads * D * ab)
     put(Op.ARGMAX, 2 * B * lm_slices * ab + B * 8)
     put(Op.RESID_SUM, (tp + 2) * B * rows * ab, (tp + 1.0) * B * rows)
     for fold_op in isa.FOLD_OPS:   # + the tp partials staged, + the residual slice written

@@ -90,7 +90,8 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
                 0..pos[b] of layer l. With n = pos[b]+1 and c = ceil(n / NS) the split covers
                 [s*c, min(n, (s+1)*c)); it writes o_part/lse of the G q heads of group g
                 (o = 0, lse = -inf when the range is empty). Scale 1/sqrt(D).
-    ATTN_REDUCE merges the NS partials of the G heads of group g, batch row b, into attn[l, b]
+    ATTN_REDUCE merges the NS partials of q heads g*G + head0 .. g*G + head0 + nheads - 1
+                (inside kv group g), batch row b, into their columns of attn[l, b]
     OPROJ       resid[2l+1][:, r0:r0+n] = resid[2l][:, r0:r0+n] + attn[l] @ wo[l][r0:r0+n].T
     GATEUP      x = rmsnorm(resid[2l+1], mlp_norm[l]); y = x @ wgu[l][r0:r0+n].T;
                 act[l][:, r0/2 : (r0+n)/2] = silu(y[:, 0::2]) * y[:, 1::2]
@@ -152,7 +153,7 @@ ARGS: dict[Op, tuple[str, ...]] = {
     Op.EMBED: ("col0", "ncols"),
     Op.QKV: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
     Op.ATTN: ("b", "kv_head", "split"),
-    Op.ATTN_REDUCE: ("b", "kv_head"),
+    Op.ATTN_REDUCE: ("b", "kv_head", "head0", "nheads"),
     Op.OPROJ: ("row0", "nrows"),
     Op.GATEUP: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
     Op.DOWN: ("row0", "nrows"),

@@ -12,6 +12,9 @@ are grouped into buckets, one counter per bucket, by the granularity:
     chunk   QKV: one per slice; ATTN by (b, kv_head) (one per split would not help: every
             ATTN_REDUCE waits on all NS splits of its group)
 Every other stage is read whole by its consumers, so it is one bucket at any granularity.
+ATTN_REDUCE cuts each (b, kv_head)'s G q heads into min(G, slices["reduce"] // (B * Hkv))
+instructions (at least 1): one per group puts a whole group's NS * G * D partials on one
+SM, a serial chain of L2 round trips on the critical path at large G * D (70B: 8 x 128).
 A consumer waits on the contiguous counter range of the buckets holding the producers
 whose outputs it reads directly (isa.py says what each opcode reads); reads that are
 ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of their own.
@@ -41,7 +44,7 @@ from .slicing import even_split, qkv_split
 from .table import NUM_ARGS, Instrs
 
 GRANULARITIES = ("layer", "head", "chunk")
-SLICED_OPS = ("embed", "qkv", "oproj", "gateup", "down", "lmhead")
+SLICED_OPS = ("embed", "qkv", "oproj", "gateup", "down", "lmhead", "reduce")
 
 
 @dataclasses.dataclass
@@ -140,8 +143,10 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     g_i1 = np.searchsorted(qkv[:, 0], (groups + 1) * group_rows, "left")
     attn = np.stack(np.meshgrid(np.arange(B), groups, np.arange(NS), indexing="ij"), -1)
     attn = attn.reshape(-1, 3)                                       # (b, kv_head, split)
-    reduce = attn[::NS, :2]                                          # (b, kv_head)
-    bg = np.arange(B * Hkv)
+    pieces = np.array(even_split(G, max(1, slices["reduce"] // (B * Hkv))))   # (head0, n)
+    reduce = np.column_stack([np.repeat(attn[::NS, :2], len(pieces), axis=0),
+                              np.tile(pieces, (B * Hkv, 1))])      # (b, kv_head, head0, nheads)
+    bg = reduce[:, 0] * Hkv + reduce[:, 1]
     zeros = {n: np.zeros(n, np.int64) for n in {len(embed), len(qkv), len(attn), len(reduce),
                                                 len(oproj), len(gateup), len(down), len(lm)}}
     qkv_buckets = {"layer": zeros[len(qkv)], "head": qkv[:, 0] // group_rows,

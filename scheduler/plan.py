@@ -11,6 +11,9 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     (default `slices`); a matvec slice never exceeds MAX_ROWS_TIMES_BATCH //
                     batch rows, so a target can be exceeded at large batch
     embed_slices    EMBED column slices (default min(slices, d // 256), at least 1)
+    reduce_slices   target ATTN_REDUCE instructions (default `slices`): each (b, kv_head)
+                    gets min(G, reduce_slices // (batch * Hkv)) of them, at least 1 (1: one
+                    per kv group, the layout before the split)
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
                     built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do

@@ -128,6 +128,10 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
             f"fold 0 with zero range, or 1 (tp > 1, not layer 0's QKV) with a range of whole "
             f"4-column vectors inside [0, {cfg.d})"))
     NS, NLM = p.attn_splits, p.lm_slices
+    h0, nh = (t.args[:, k].astype(np.int64) for k in (2, 3))
+    _first(t, (t.op == Op.ATTN_REDUCE) & ((h0 < 0) | (nh < 1) | (h0 + nh > cfg.G)), lambda i: (
+        f"q heads [{h0[i]}, {h0[i] + nh[i]}) (head0, nheads) must lie in the group's "
+        f"[0, {cfg.G})"))
     for op, limits in ((Op.ATTN, (B, cfg.Hkv, NS)), (Op.ATTN_REDUCE, (B, cfg.Hkv)),
                        (Op.LMHEAD, (None, None, NLM))):
         for k, (v, lim) in enumerate(zip((a0, a1, a2), limits)):

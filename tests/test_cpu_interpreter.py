@@ -38,7 +38,7 @@ def staged_program(cfg, batch, num_sms=3, splits=2, lm_slices=3, pieces=3):
             [(Op.QKV, l, dict(row0=r, nrows=n))
              for r, n in chunks(cfg.Hkv * (cfg.G + 2) * cfg.D, pieces, 2)],
             [(Op.ATTN, l, dict(b=b, kv_head=g, split=s)) for b, g in heads for s in range(splits)],
-            [(Op.ATTN_REDUCE, l, dict(b=b, kv_head=g)) for b, g in heads],
+            [(Op.ATTN_REDUCE, l, dict(b=b, kv_head=g, head0=0, nheads=cfg.G)) for b, g in heads],
             [(Op.OPROJ, l, dict(row0=r, nrows=n)) for r, n in chunks(cfg.d, pieces)],
             [(Op.GATEUP, l, dict(row0=r, nrows=n)) for r, n in chunks(2 * cfg.I, pieces, 2)],
             [(Op.DOWN, l, dict(row0=r, nrows=n)) for r, n in chunks(cfg.d, pieces)]]

@@ -137,9 +137,10 @@ def test_attn_partials_and_reduce(cfg, splits, q_scale):
             torch.testing.assert_close(buf.o_part[l, b, :, s], expected, rtol=1e-5, atol=tol)
             torch.testing.assert_close(buf.lse[l, b, :, s], scores.logsumexp(-1), rtol=1e-5,
                                        atol=tol)
-    for b in range(B):
+    for b in range(B):   # the group's q heads in two reduces where G > 1
         for g in range(cfg.Hkv):
-            run(Op.ATTN_REDUCE, buf, pw, prog, layer=l, b=b, kv_head=g)
+            for h0, nh in ((0, cfg.G),) if cfg.G == 1 else ((0, 1), (1, cfg.G - 1)):
+                run(Op.ATTN_REDUCE, buf, pw, prog, layer=l, b=b, kv_head=g, head0=h0, nheads=nh)
     for b, p in enumerate(POS.tolist()):
         k = buf.k_cache[l, b, :, :p + 1].repeat_interleave(cfg.G, 0)
         v = buf.v_cache[l, b, :, :p + 1].repeat_interleave(cfg.G, 0)

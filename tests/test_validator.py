@@ -156,6 +156,8 @@ def test_waited_counter_without_signalers_is_caught(base):
     (Op.OPROJ, "nrows", 10_000, "at most"),
     (Op.ATTN, "split", 99, "split = 99 outside"),
     (Op.ATTN_REDUCE, "b", 2, "b = 2 outside"),
+    (Op.ATTN_REDUCE, "nheads", 0, r"q heads \[.*\) \(head0, nheads\) must lie"),
+    (Op.ATTN_REDUCE, "head0", 99, r"q heads \[99, .*must lie"),
     (Op.LMHEAD, "slot", -1, "slot = -1 outside"),
     (Op.GATEUP, "layer", 7, "layer must be"),
     (Op.EMBED, "layer", 0, "layer must be -1"),
@@ -186,7 +188,7 @@ def test_bad_encoding_is_caught(base):
     p.instructions[find(p, Op.OPROJ)][isa.ALL_RANKS_WORD] = 1
     caught(p, "all_ranks = 1, must be 0")
     p = copy.deepcopy(base)
-    p.instructions[find(p, Op.ATTN_REDUCE)][len(isa.HEADER) + 2] = 1
+    p.instructions[find(p, Op.ATTN_REDUCE)][len(isa.HEADER) + 4] = 1
     caught(p, "words past the opcode's fields must be 0")
     p = copy.deepcopy(base)
     p.queue_len[0] = p.max_len

@@ -66,6 +66,8 @@ constexpr int W_ATTN_SPLIT = 10;
 // ATTN_REDUCE fields.
 constexpr int W_ATTN_REDUCE_B = 8;
 constexpr int W_ATTN_REDUCE_KV_HEAD = 9;
+constexpr int W_ATTN_REDUCE_HEAD0 = 10;
+constexpr int W_ATTN_REDUCE_NHEADS = 11;
 // OPROJ fields.
 constexpr int W_OPROJ_ROW0 = 8;
 constexpr int W_OPROJ_NROWS = 9;

@@ -1,7 +1,11 @@
-// ATTN_REDUCE: merge the NS flash-decoding partials of the G q heads of kv head g, batch
-// row b: attn[l, b, h*D + i] = sum_s exp(lse_s - LSE) o_s[i], LSE = logsumexp_s lse_s.
-// Online over groups of kGroup splits whose loads are all issued before any is used: one
-// L2 round trip per group, not one per split.
+// ATTN_REDUCE: merge the NS flash-decoding partials of q heads h0 .. h0+nh-1 of kv group g
+// (h0 = g*G + head0), batch row b: attn[l, b, h*D + i] = sum_s exp(lse_s - LSE) o_s[i],
+// LSE = logsumexp_s lse_s.
+// Each output vector of 4 dims gets P threads (P a power of 2, at most 32: adjacent lanes),
+// thread p taking splits p, p+P, ...; a thread's loads of up to kGroup splits are issued
+// before any is used, and the P running (max, weight sum, weighted o) triples merge by
+// shuffles. A reduce of 128 dims x 32 splits is one L2 round trip per thread, where a
+// thread per element walking the splits in order took NS / 8 of them per element.
 #pragma once
 #include "../common.cuh"
 
@@ -9,40 +13,79 @@ namespace mk {
 struct AttnReduceOp {
   static constexpr int kGroup = 8;
 
+  // Two running softmax states merged: (m, w, o) += (m2, w2, o2), m the largest lse seen.
+  __device__ static void merge(float& m, float& w, float4& o, float m2, float w2, float4 o2) {
+    const float mn = fmaxf(m, m2);
+    if (mn == -INFINITY) return;  // both empty
+    const float c = expf(m - mn), c2 = expf(m2 - mn);  // -inf - mn: weight 0
+    w = w * c + w2 * c2;
+    o = make_float4(o.x * c + o2.x * c2, o.y * c + o2.y * c2, o.z * c + o2.z * c2,
+                    o.w * c + o2.w * c2);
+    m = mn;
+  }
+
   __device__ static int run(const KernelArgs& a, const int32_t* ins) {
     const int l = ins[W_LAYER], b = ins[W_ATTN_REDUCE_B], g = ins[W_ATTN_REDUCE_KV_HEAD];
+    const int head0 = ins[W_ATTN_REDUCE_HEAD0], nh = ins[W_ATTN_REDUCE_NHEADS];
     const int G = a.H / a.Hkv, D = a.D, NS = a.NS;
-    for (int i = threadIdx.x; i < G * D; i += kConsumerThreads) {
-      const int h = g * G + i / D, dim = i % D;
-      const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + h;
-      const float* lse = a.lse + head * NS;
-      const float* op = a.o_part + head * NS * D + dim;
-      float m = -INFINITY, wsum = 0.f, o = 0.f;  // running max, sum of weights, weighted o
-      for (int s0 = 0; s0 < NS; s0 += kGroup) {
-        float ls[kGroup], os[kGroup];
+    if (b < 0 || b >= a.B || g < 0 || g >= a.Hkv || head0 < 0 || nh < 1 || head0 + nh > G)
+      return ERR_BAD_INSTRUCTION;
+    const int nvec = nh * D / 4;  // D is a multiple of 4
+    int P = 1;
+    while (P < 32 && P < NS && 2 * P * nvec <= kConsumerThreads) P *= 2;
+    const int tid = threadIdx.x, p = tid % P;
+    const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + g * G + head0;  // first
+    // Every thread runs every pass (the shuffles need whole warps); v >= nvec idles.
+    for (int v0 = 0; v0 < nvec; v0 += kConsumerThreads / P) {
+      const int v = v0 + tid / P;
+      const bool valid = v < nvec;
+      const int hv = valid ? v * 4 / D : 0, dim = valid ? v * 4 % D : 0;
+      const float* lse = a.lse + (head + hv) * NS;
+      const float* op = a.o_part + (head + hv) * NS * D + dim;
+      float m = -INFINITY, w = 0.f;
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s0 = p; valid && s0 < NS; s0 += kGroup * P) {
+        float ls[kGroup];
+        float4 os[kGroup];
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          const bool in = s0 + j < NS;
-          ls[j] = in ? ldcg(lse + s0 + j) : -INFINITY;
-          os[j] = in ? ldcg(op + static_cast<size_t>(s0 + j) * D) : 0.f;
+          const int s = s0 + j * P;
+          ls[j] = s < NS ? ldcg(lse + s) : -INFINITY;
+          os[j] = s < NS ? __ldcg(reinterpret_cast<const float4*>(op + static_cast<size_t>(s) * D))
+                         : make_float4(0.f, 0.f, 0.f, 0.f);
         }
         float mg = m;
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) mg = fmaxf(mg, ls[j]);
         if (mg == -INFINITY) continue;  // every split so far empty
-        const float c = expf(m - mg);   // m == -inf: 0, and wsum, o are 0
-        wsum *= c;
-        o *= c;
+        const float c = expf(m - mg);   // m == -inf: 0, and w, o are 0
+        w *= c;
+        o = make_float4(o.x * c, o.y * c, o.z * c, o.w * c);
 #pragma unroll
         for (int j = 0; j < kGroup; ++j) {
-          const float w = expf(ls[j] - mg);  // empty split: lse -inf, weight 0
-          wsum += w;
-          o += w * os[j];
+          const float e = expf(ls[j] - mg);  // empty split: lse -inf, weight 0
+          w += e;
+          o = make_float4(o.x + e * os[j].x, o.y + e * os[j].y, o.z + e * os[j].z,
+                          o.w + e * os[j].w);
         }
         m = mg;
       }
-      a.attn[(static_cast<size_t>(l) * a.B + b) * a.H * D + static_cast<size_t>(h) * D + dim] =
-          m == -INFINITY ? 0.f : o / wsum;
+      for (int off = 1; off < P; off <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+        const float w2 = __shfl_xor_sync(0xffffffffu, w, off);
+        float4 o2;
+        o2.x = __shfl_xor_sync(0xffffffffu, o.x, off);
+        o2.y = __shfl_xor_sync(0xffffffffu, o.y, off);
+        o2.z = __shfl_xor_sync(0xffffffffu, o.z, off);
+        o2.w = __shfl_xor_sync(0xffffffffu, o.w, off);
+        merge(m, w, o, m2, w2, o2);
+      }
+      if (valid && p == 0) {
+        const float r = m == -INFINITY ? 0.f : 1.f / w;
+        float* out = a.attn + (static_cast<size_t>(l) * a.B + b) * a.H * D +
+                     static_cast<size_t>(g * G + head0 + hv) * D + dim;
+        *reinterpret_cast<float4*>(out) = make_float4(o.x * r, o.y * r, o.z * r, o.w * r);
+      }
     }
     return ERR_NONE;
   }
