@@ -4,6 +4,8 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} NCCL_NVLS_ENABLE=0
+# Results carry MK_COMMIT: the device copy's .git can be stale (it answered an old commit).
+[ -n "${MK_COMMIT:-}" ] || echo "warning: MK_COMMIT unset: results will carry the device copy's git commit, which can be stale"
 
 # Build (or find in the JIT cache) the extension; log in $OUT/build.log; exit on failure.
 build_extension() {
