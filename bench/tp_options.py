@@ -1,8 +1,10 @@
-"""Slice granularity under tensor parallelism: the tp=N megakernel step of one model for a
-few plan options (each shard matrix cut into fewer, larger instructions), same weights and
-KV history, CUDA-graph replayed. Prints one JSON line per setting.
+"""Plan options under tensor parallelism: the tp=N megakernel step of one model for a few
+settings of plan() options (slice counts, attn_splits, reduce_slices, ...), same weights and
+KV history, CUDA-graph replayed. Prints one JSON line per setting; the first setting given
+is usually the default ("").
 
-    python -m megakernel.bench.tp_slices --model llama-3.1-8b --tp 2 --slices 132 66 44
+    python -m megakernel.bench.tp_options --model llama-3.1-8b --tp 2 \
+        --set "" --set attn_splits=16 --set slices=66,attn_splits=16
 """
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--pos", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--slices", type=int, nargs="+", default=[132, 66])
+    ap.add_argument("--set", action="append", default=None, metavar="K=V,...",
+                    help="one setting: comma-separated integer plan options (repeat)")
     args = ap.parse_args()
+    settings = [dict((k, int(v)) for k, v in (kv.split("=") for kv in s.split(",") if kv))
+                for s in (args.set or [""])]
     cfg = ModelConfig.preset(args.model)
     devices = [torch.device("cuda", r) for r in range(args.tp)]
     shards = random_shards(cfg, args.tp, seed=0, devices=devices)
@@ -33,9 +38,8 @@ def main() -> None:
     del shards
     tokens, k, v = harness.seeded_inputs(cfg, args.batch, args.pos, devices[0])
     flushes = [harness.L2Flush(d) for d in devices]
-    for n in args.slices:
-        dec = Decoder(cfg, packed, batch=args.batch, max_seq=args.pos + 1, tp=args.tp,
-                      slices=n)
+    for opts in settings:
+        dec = Decoder(cfg, packed, batch=args.batch, max_seq=args.pos + 1, tp=args.tp, **opts)
         dec.seed_kv(k, v)
         dec.set_position(args.pos)
         dec.launch_step(tokens)
@@ -46,7 +50,7 @@ def main() -> None:
                                                 dec.set_position(args.pos)))
         dec.runtime.check()
         p = dec.program.ranks[0]
-        print(json.dumps({"model": cfg.name, "tp": args.tp, "batch": args.batch, "slices": n,
+        print(json.dumps({"model": cfg.name, "tp": args.tp, "batch": args.batch, "options": opts,
                           **harness.summarize(ms), "instructions_per_rank": p.num_instructions,
                           "longest_queue": int(p.queue_len.max()),
                           "predicted_ms": dec.program.predicted_us / 1e3}), flush=True)
