@@ -10,12 +10,15 @@ SOURCES = ["csrc/binding.cpp", "csrc/megakernel.cu"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-lineinfo",
               "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
 CXX_FLAGS = ["-O3", "-std=c++17"]
+PROBES = os.path.join(CSRC, "probes")   # standalone programs, not part of the extension
 
 
 def source_hash(extra_flags=()) -> str:
-    """Hash of every file under csrc/ and the flags: the JIT cache key."""
+    """Hash of every extension file under csrc/ and the flags: the JIT cache key."""
     h = hashlib.sha256()
     for dirpath, _, files in sorted(os.walk(CSRC)):
+        if os.path.commonpath([dirpath, PROBES]) == PROBES:
+            continue
         for f in sorted(files):
             if f.endswith((".cu", ".cuh", ".cpp", ".h")):
                 p = os.path.join(dirpath, f)
