@@ -60,6 +60,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("attn_splits=32", "32 KV splits per (sequence, KV head)", {"attn_splits": 32}),
         Row("reduce_slices=1", "one ATTN_REDUCE per (sequence, KV head), not one per q head",
             {"reduce_slices": 1}),
+        Row("fuse_reduce", "no ATTN_REDUCE stage: the last ATTN split of each (sequence, KV "
+            "head) merges it", {"fuse_reduce": True}),
         Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
             {"num_sms": num_sms // 2}),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),

@@ -17,6 +17,8 @@ seeded KV history:
                      residual's readers sum the tp partials, no RESID_SUM stages; lowering.py)
     megakernel_reduce1  the ablation of the split reduce: megakernel planned with
                      reduce_slices=1 (one ATTN_REDUCE per kv group, as before the split)
+    megakernel_fused megakernel planned with fuse_reduce=True (no ATTN_REDUCE stage: the
+                     last ATTN split of each group merges it)
 Correctness: one step of each megakernel variant against the fp32 TP reference (the same
 shards upcast a layer at a time: TpTorchModel(compute_dtype=float32)), next to bf16 eager's
 error, as the single-GPU bench does.
@@ -33,11 +35,12 @@ import time
 import torch
 
 VARIANTS = ("eager", "cuda_graph", "megakernel", "megakernel_nccl", "megakernel_fold",
-            "megakernel_reduce1")
+            "megakernel_reduce1", "megakernel_fused")
 # megakernel variants: name -> (comm, plan options)
 MK_VARIANTS = {"megakernel": ("peer", {}), "megakernel_nccl": ("nccl", {}),
                "megakernel_fold": ("peer", {"fold": True}),
-               "megakernel_reduce1": ("peer", {"reduce_slices": 1})}
+               "megakernel_reduce1": ("peer", {"reduce_slices": 1}),
+               "megakernel_fused": ("peer", {"fuse_reduce": True})}
 CAPTURE_MODES = ("relaxed", "global")   # relaxed: the only mode that captures 2 GPUs at once
 
 
@@ -265,7 +268,8 @@ def method(args, tp) -> list[str]:
         "megakernel_fold: megakernel planned with fold=True (the residual's readers sum the "
         "tp partials instead of RESID_SUM stages; kernel built with -DMK_FOLD=1). "
         "megakernel_reduce1: megakernel planned with reduce_slices=1 (one ATTN_REDUCE "
-        "per kv group instead of one per q head).",
+        "per kv group instead of one per q head). megakernel_fused: planned with "
+        "fuse_reduce=True (the last ATTN split of each group merges it, no ATTN_REDUCE).",
         "Correctness: one step of each megakernel variant vs the fp32 TP reference (the same "
         "bf16 shards upcast per layer), beside bf16 eager's error.",
     ]

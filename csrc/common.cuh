@@ -95,6 +95,14 @@ __device__ __forceinline__ int32_t ld_acquire(const int32_t* p) {
 __device__ __forceinline__ void red_release_add(int32_t* p, int32_t v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
+// A ticket: add 1, releasing this thread's prior writes (and, after a bar.sync, the
+// block's) and acquiring those of every earlier taker; returns the old value.
+__device__ __forceinline__ int32_t atom_add_acq_rel(int32_t* p, int32_t v) {
+  int32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
 // System scope, for tensor parallelism: a counter another GPU bumps after storing into this
 // GPU's memory over NVLink is acquired at system scope, and the bump releases at it.
 __device__ __forceinline__ int32_t ld_acquire_sys(const int32_t* p) {

@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "megakernel, and the NCCL-between-launches and fold ablations)")
     parser.add_argument("--variants",
                         default="eager,cuda_graph,megakernel,megakernel_nccl,megakernel_fold",
-                        help="with --tp > 1: comma-separated subset of those five and "
-                        "megakernel_reduce1 (planned with reduce_slices=1)")
+                        help="with --tp > 1: comma-separated subset of those five, "
+                        "megakernel_reduce1 (planned with reduce_slices=1) and "
+                        "megakernel_fused (planned with fuse_reduce=True)")
     parser.add_argument("--graph-timeout", type=float, default=180.0,
                         help="with --tp > 1: seconds for the cuda_graph child of each shape")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

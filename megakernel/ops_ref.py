@@ -3,8 +3,8 @@ compare against.
 
 Each function is `op(rec, w, buf, prog)`: `rec` a record decoded by isa.decode, `w` the
 PackedWeights, `buf` the Buffers, `prog` the Program (its attn_splits). It reads and writes
-only the buffers isa.py names for that opcode, keeps no state, and so runs alone on a
-one-instruction Program. Arithmetic is fp32 (weights cast up); K and V are stored in the
+only the buffers isa.py names for that opcode (a merging ATTN also its ticket counter),
+keeps no other state, and so runs alone on a one-instruction Program. Arithmetic is fp32 (weights cast up); K and V are stored in the
 cache's dtype. `run` dispatches on rec["op"]; an opcode without a reference raises.
 
 Tensor parallelism: `buf` is the executing rank's Buffers, `w` its weight shard, `prog` its
@@ -85,6 +85,19 @@ def split_range(n: int, splits: int, s: int) -> tuple[int, int]:
 
 
 def attn(rec, w, buf, prog):
+    _attn_split(rec, w, buf, prog)
+    if rec.get("merge", 0):
+        # The ticket (isa.py ATTN merge): the split whose add reaches target * (epoch + 1)
+        # is the group's last and merges it.
+        t = rec["ticket"]
+        buf.counters[t] += 1
+        need = int(prog.counter_targets[t]) * (int(buf.epoch[0]) + 1)
+        if (int(buf.counters[t]) - need) % 2 ** 32 == 0:
+            g = rec["kv_head"]
+            _merge(w.config, buf, rec["layer"], rec["b"], g * w.config.G, w.config.G)
+
+
+def _attn_split(rec, w, buf, prog):
     cfg, l, b, g, s = w.config, rec["layer"], rec["b"], rec["kv_head"], rec["split"]
     heads = slice(g * cfg.G, (g + 1) * cfg.G)
     lo, hi = split_range(int(buf.pos[b]) + 1, int(prog.attn_splits), s)
@@ -104,9 +117,14 @@ def attn(rec, w, buf, prog):
 
 
 def attn_reduce(rec, w, buf, prog):
-    cfg, l, b = w.config, rec["layer"], rec["b"]
-    h0 = rec["kv_head"] * cfg.G + rec["head0"]
-    heads = slice(h0, h0 + rec["nheads"])
+    cfg = w.config
+    _merge(cfg, buf, rec["layer"], rec["b"], rec["kv_head"] * cfg.G + rec["head0"],
+           rec["nheads"])
+
+
+def _merge(cfg, buf, l: int, b: int, h0: int, nh: int):
+    """attn[l, b] of q heads h0 .. h0+nh-1 from their NS partials."""
+    heads = slice(h0, h0 + nh)
     lse = buf.lse[l, b, heads]                                             # [nh, NS]
     o = buf.o_part[l, b, heads]                                            # [nh, NS, D]
     top = lse.max(-1, keepdim=True).values

@@ -126,6 +126,10 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     for j in range(G):                          # split s of each q head of the group
         emit("o_part", True, i, ((lbg * G + j) * NS + s) * D, D)
         emit("lse", True, i, (lbg * G + j) * NS + s, 1)
+    # A merging group's attn is booked on split NS-1 (validate.py: whichever split merges,
+    # the readers follow all of them); its reads of the partials are ordered by the ticket.
+    m = (t.args[i, 3] != 0) & (s == NS - 1)
+    emit("attn", True, i[m], lbg[m] * G * D, G * D)
 
     i, l, b, g, _ = rows(Op.ATTN_REDUCE)
     h0, nh = (t.args[i, k].astype(np.int64) for k in (2, 3))

@@ -110,6 +110,8 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     put(Op.ATTN, 2 * positions * D * kb + 2 * G * D * ab, 4.0 * G * D * positions)
     heads = a[:, 3]   # ATTN_REDUCE's nheads
     put(Op.ATTN_REDUCE, attn_splits * heads * (D + 1) * ab + heads * D * ab)
+    merging = _merging(ins, attn_splits)   # + a whole group's reduce
+    nbytes[merging] += attn_splits * G * (D + 1) * ab + G * D * ab
     put(Op.ARGMAX, 2 * B * lm_slices * ab + B * 8)
     put(Op.RESID_SUM, (tp + 2) * B * rows * ab, (tp + 1.0) * B * rows)
     for fold_op in isa.FOLD_OPS:   # + the tp partials staged, + the residual slice written
@@ -120,6 +122,12 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     return nbytes, flops
 
 
+def _merging(ins: Instrs, attn_splits: int) -> np.ndarray:
+    """bool [N]: the ATTN splits priced with their group's merge (split NS-1 of a merging
+    group; at run time the last to finish merges, isa.py)."""
+    return (ins.op == Op.ATTN) & (ins.args[:, 3] != 0) & (ins.args[:, 2] == attn_splits - 1)
+
+
 def instruction_us(ins: Instrs, cfg: ModelConfig, batch: int, attn_splits: int, lm_slices: int,
                    spec: GpuSpec, active_sms: int, kv_position: int, tp: int = 1) -> np.ndarray:
     """Predicted microseconds [N] of each instruction."""
@@ -127,4 +135,6 @@ def instruction_us(ins: Instrs, cfg: ModelConfig, batch: int, attn_splits: int, 
                                             kv_position, tp)
     flop_rate = spec.fp32_flops_per_sm_cycle * spec.clock_hz
     busy = np.maximum(nbytes / spec.sm_bytes_per_s(active_sms), flops / flop_rate)
-    return spec.instr_latency_us + 1e6 * busy
+    # a merging split also waits for its ticket's atomic add, a counter round trip
+    ticket = spec.counter_latency_us * _merging(ins, attn_splits)
+    return spec.instr_latency_us + ticket + 1e6 * busy

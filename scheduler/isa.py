@@ -19,7 +19,8 @@ whose increment makes done == num_sms * (epoch + 1) advances epoch. For the
 epoch e (0 for the first step after a reset) an instruction may start once every counter c
 in its wait ranges satisfies counter[c] - target[c] * (e + 1) >= 0 (wrapping int32
 arithmetic). A producer writes its outputs, fences (release, gpu scope), then adds 1 to
-its signal counter. target[c] equals the number of instructions whose signal is c.
+its signal counter. target[c] equals the number of instructions whose signal is c, or for a
+ticket counter (ATTN merge) the number of ATTN instructions taking it.
 
 Buffers (all activations fp32 unless said; "SSA": every element is written once per step):
     tokens  [B] int64          input token ids (host/device writes before the step)
@@ -90,6 +91,12 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
                 0..pos[b] of layer l. With n = pos[b]+1 and c = ceil(n / NS) the split covers
                 [s*c, min(n, (s+1)*c)); it writes o_part/lse of the G q heads of group g
                 (o = 0, lse = -inf when the range is empty). Scale 1/sqrt(D).
+                merge = 1 (plan option fuse_reduce): then it adds 1 to counter `ticket`
+                (acq_rel, gpu scope; never waited on, its target is NS), and the split whose
+                add brings it to target * (epoch + 1) is the last of its group: it merges the
+                group's NS partials of all G q heads into attn[l, b] as ATTN_REDUCE would,
+                before its signal. Its signal counter is the whole group's, so a reader
+                waiting on it sees the merge. merge = 0: ticket 0, no merge.
     ATTN_REDUCE merges the NS partials of q heads g*G + head0 .. g*G + head0 + nheads - 1
                 (inside kv group g), batch row b, into their columns of attn[l, b]
     OPROJ       resid[2l+1][:, r0:r0+n] = resid[2l][:, r0:r0+n] + attn[l] @ wo[l][r0:r0+n].T
@@ -152,7 +159,7 @@ ARGS: dict[Op, tuple[str, ...]] = {
     Op.NOP: (),
     Op.EMBED: ("col0", "ncols"),
     Op.QKV: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
-    Op.ATTN: ("b", "kv_head", "split"),
+    Op.ATTN: ("b", "kv_head", "split", "merge", "ticket"),
     Op.ATTN_REDUCE: ("b", "kv_head", "head0", "nheads"),
     Op.OPROJ: ("row0", "nrows"),
     Op.GATEUP: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
@@ -164,7 +171,7 @@ ARGS: dict[Op, tuple[str, ...]] = {
 ALL_RANKS_WORD = WORDS - 1
 MATVEC_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
 FOLD_OPS = (Op.QKV, Op.GATEUP, Op.LMHEAD)   # the readers of a residual level (fold, below)
-OPTIONAL_FIELDS = ("fold", "sum_col0", "sum_ncols")   # encode() fills in 0
+OPTIONAL_FIELDS = ("fold", "sum_col0", "sum_ncols", "merge", "ticket")   # encode() fills in 0
 NUM_WAITS = 2
 
 assert len(HEADER) + max(len(a) for a in ARGS.values()) <= ALL_RANKS_WORD

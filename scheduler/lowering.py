@@ -15,6 +15,10 @@ Every other stage is read whole by its consumers, so it is one bucket at any gra
 ATTN_REDUCE cuts each (b, kv_head)'s G q heads into min(G, slices["reduce"] // (B * Hkv))
 instructions (at least 1): one per group puts a whole group's NS * G * D partials on one
 SM, a serial chain of L2 round trips on the critical path at large G * D (70B: 8 x 128).
+With fuse_reduce there is no ATTN_REDUCE stage: every ATTN of a (b, kv_head) takes one
+ticket counter (allocated after the stage's signal counters, target NS) and the last split
+to take it merges the group (isa.py ATTN merge); OPROJ waits on the ATTN counters, which
+then require bucketing every split of a group into one counter (true at every granularity).
 A consumer waits on the contiguous counter range of the buckets holding the producers
 whose outputs it reads directly (isa.py says what each opcode reads); reads that are
 ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of their own.
@@ -93,6 +97,14 @@ class _Builder:
                            np.full(n, len(self.parts), np.int32)))
         return signal
 
+    def tickets(self, n: int, target: int) -> np.ndarray:
+        """n counters that no instruction signals or waits on, each taken `target` times a
+        step (ATTN merge tickets)."""
+        ids = np.arange(self.num_counters, self.num_counters + n, dtype=np.int32)
+        self.targets.append(np.full(n, target, np.int32))
+        self.num_counters += n
+        return ids
+
     def build(self) -> tuple[Instrs, np.ndarray, np.ndarray]:
         cols = [np.concatenate(c) for c in zip(*self.parts)]
         return Instrs(*cols[:6]), cols[6], np.concatenate(self.targets)
@@ -120,9 +132,11 @@ def _folding(args: np.ndarray, d: int) -> np.ndarray:
 
 
 def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
-          slices: dict, shard: Shard | None = None, fold: bool = False) -> Lowered:
+          slices: dict, shard: Shard | None = None, fold: bool = False,
+          fuse_reduce: bool = False) -> Lowered:
     """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp.
-    fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages)."""
+    fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages).
+    fuse_reduce: the last ATTN split of each group merges it (no ATTN_REDUCE stage)."""
     B, L, d, I, V = batch, cfg.L, cfg.d, cfg.I, cfg.V
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
@@ -158,10 +172,15 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     for layer in range(L):
         args = _folding(qkv, d) if fold and layer > 0 else qkv
         c = b.stage(Op.QKV, layer, args, _all(prev, len(qkv)), qkv_buckets)
-        c = b.stage(Op.ATTN, layer, attn, _span(c, g_i0[attn[:, 1]], g_i1[attn[:, 1]]),
-                    attn_buckets)
-        c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
-                    zeros[len(reduce)])
+        qkv_waits = _span(c, g_i0[attn[:, 1]], g_i1[attn[:, 1]])
+        if fuse_reduce:
+            ticket = b.tickets(B * Hkv, NS)[attn[:, 0] * Hkv + attn[:, 1]]
+            merged = np.column_stack([attn, np.ones(len(attn), np.int64), ticket])
+            c = b.stage(Op.ATTN, layer, merged, qkv_waits, attn_buckets)
+        else:
+            c = b.stage(Op.ATTN, layer, attn, qkv_waits, attn_buckets)
+            c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
+                        zeros[len(reduce)])
         for op, rows in ((Op.OPROJ, oproj), (Op.GATEUP, gateup), (Op.DOWN, down)):
             remote = 0 if op == Op.GATEUP else peers
             args = _folding(rows, d) if fold and op == Op.GATEUP else rows

@@ -14,6 +14,8 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
     reduce_slices   target ATTN_REDUCE instructions (default `slices`): each (b, kv_head)
                     gets min(G, reduce_slices // (batch * Hkv)) of them, at least 1 (1: one
                     per kv group, the layout before the split)
+    fuse_reduce     no ATTN_REDUCE stage: the last ATTN split of each (b, kv_head) to finish
+                    merges the group's partials (isa.py ATTN merge; False)
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
                     built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do
@@ -37,7 +39,8 @@ from .sharding import check_tp, shard_config, vocab_rows
 from .simulate import simulate
 from .validate import validate
 
-OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "fold", "validate")
+OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "fold",
+           "fuse_reduce", "validate")
 
 
 def _int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -69,7 +72,7 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
-    for key, default in (("fold", False), ("validate", True)):
+    for key, default in (("fold", False), ("fuse_reduce", False), ("validate", True)):
         out[key] = options.get(key, default)
         if not isinstance(out[key], bool):
             raise ValueError(f"{key} must be True or False, got {out[key]!r}")
@@ -103,7 +106,8 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
 
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]
-    lows = [lower(cfg, batch, granularity, attn_splits, slices, s, opts["fold"]) for s in shards]
+    lows = [lower(cfg, batch, granularity, attn_splits, slices, s, opts["fold"],
+                  opts["fuse_reduce"]) for s in shards]
     cost = instruction_us(lows[0].instrs, cfg, batch, attn_splits, lows[0].lm_slices, spec,
                           num_sms, opts["kv_position"], tp)
     order, sm = assign(lows[0], cost, policy, num_sms, spec.counter_latency_us)

@@ -6,6 +6,11 @@ OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
   2 fields: known opcodes, layer, every opcode field in range (rows even where isa.py says,
     n * batch <= MAX_ROWS_TIMES_BATCH), waits and signal inside the counter array.
   3 counters: counter_targets[c] == number of signalers of c; every waited counter has one.
+    A merging ATTN's ticket (isa.py) is a counter nothing signals or waits on, taken by
+    exactly the NS splits of one (layer, b, kv_head), all signalling one counter; its target
+    is NS. Whichever split merges, readers of attn waiting on that counter follow it, so
+    dataflow (5) books the merge's writes on split NS-1 and skips its reads of the group's
+    partials (ordered by the ticket's acq_rel add, not by counters).
   4 order: uids are 0..N-1, each queue is sorted by uid, and every signaler of a waited
     counter has a smaller uid than the waiter. uid order is then one global topological
     order that every queue follows, so all-resident blocks cannot deadlock: the unfinished
@@ -45,7 +50,9 @@ def validate(program) -> None:
         t, targets = merge(programs, tables)
     C, p = len(targets), programs[0]
     name = counter_namer(len(programs), len(p.counter_targets))
-    _check_counters(t, targets, C, name)
+    ticket = _tickets(t, len(p.counter_targets))
+    _check_counters(t, targets, C, name, ticket)
+    _check_tickets(t, ticket, p.attn_splits, name)
     t = _check_order(t, C, name)
     check_dataflow(t, p.config, p.batch, p.attn_splits, p.lm_slices, len(programs), name)
 
@@ -129,6 +136,11 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
             f"4-column vectors inside [0, {cfg.d})"))
     NS, NLM = p.attn_splits, p.lm_slices
     h0, nh = (t.args[:, k].astype(np.int64) for k in (2, 3))
+    merge, ticket = (t.args[:, k].astype(np.int64) for k in (3, 4))
+    _first(t, (t.op == Op.ATTN) & np.where(merge == 0, ticket != 0,
+                                           (merge != 1) | (ticket < 0) | (ticket >= C)),
+           lambda i: f"(merge, ticket) = ({merge[i]}, {ticket[i]}): (0, 0), or 1 and a "
+           f"counter in 0..{C - 1}")
     _first(t, (t.op == Op.ATTN_REDUCE) & ((h0 < 0) | (nh < 1) | (h0 + nh > cfg.G)), lambda i: (
         f"q heads [{h0[i]}, {h0[i] + nh[i]}) (head0, nheads) must lie in the group's "
         f"[0, {cfg.G})"))
@@ -161,16 +173,31 @@ def _per_wait(t: Placed, per_counter: np.ndarray, fn) -> np.ndarray:
     return vals[inverse.reshape(-1)].reshape(len(t), isa.NUM_WAITS)
 
 
-def _check_counters(t: Placed, targets: np.ndarray, C: int, name) -> None:
+def _tickets(t: Placed, C: int) -> np.ndarray:
+    """int64 [N]: the counter (global id, ranks.py) each merging ATTN takes, else -1."""
+    merging = (t.op == Op.ATTN) & (t.args[:, 3] != 0)
+    rank = 0 if t.rank is None else t.rank.astype(np.int64)
+    return np.where(merging, rank * C + t.args[:, 4], -1)
+
+
+def _check_counters(t: Placed, targets: np.ndarray, C: int, name, ticket) -> None:
     nsig = np.bincount(t.signal[t.signal >= 0], minlength=C)
-    wrong = np.flatnonzero(nsig != targets)
+    taken = np.bincount(ticket[ticket >= 0], minlength=C)
+    both = np.flatnonzero((ticket >= 0) & (nsig[np.maximum(ticket, 0)] > 0))
+    if len(both):
+        _fail(t, int(both[0]), f"takes ticket {name(ticket[both[0]])}, which instructions "
+              "also signal")
+    wrong = np.flatnonzero(nsig + taken != targets)
     if len(wrong):
         c = int(wrong[0])
         sig = np.flatnonzero(t.signal == c)
         waiters = [i for i in range(len(t)) if any(f <= c < f + n for f, n in t.wait_ranges(i))]
-        i = int(sig[0]) if len(sig) else waiters[0] if waiters else None
+        takers = np.flatnonzero(ticket == c)
+        i = int(sig[0]) if len(sig) else int(takers[0]) if len(takers) else \
+            waiters[0] if waiters else None
         msg = (f"{name(c)}: counter_targets says {int(targets[c])} but {int(nsig[c])} "
-               "instructions signal it (waiters would hang or run early)")
+               f"instructions signal it and {int(taken[c])} take it as a ticket (waiters "
+               "would hang or run early, or no split would merge)")
         if i is None:
             raise ValueError(f"invalid plan: {msg}")
         _fail(t, i, msg)
@@ -178,6 +205,32 @@ def _check_counters(t: Placed, targets: np.ndarray, C: int, name) -> None:
     for i, k in np.argwhere(zero_at >= 0)[:1]:
         c = int(t.waits[i, 2 * k] + zero_at[i, k])
         _fail(t, int(i), f"waits on {name(c)}, which no instruction signals")
+
+
+def _check_tickets(t: Placed, ticket: np.ndarray, NS: int, name) -> None:
+    """Each ticket is taken by the NS splits of one group, which signal one counter."""
+    m = np.flatnonzero(ticket >= 0)
+    if not len(m):
+        return
+    rank = np.zeros(len(t), np.int64) if t.rank is None else t.rank.astype(np.int64)
+    keys = np.stack([rank[m], t.layer[m], t.args[m, 0], t.args[m, 1]], 1)
+    group = np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+    for what, key in (("ticket", ticket[m]), ("signal", t.signal[m].astype(np.int64))):
+        seen = np.zeros(group.max() + 1, np.int64)
+        seen[group] = key
+        bad = np.flatnonzero(key != seen[group])
+        if len(bad):
+            k = int(bad[0])
+            _fail(t, int(m[k]), f"{what} {name(key[k])}, another split of its (layer, b, "
+                  f"kv_head) has {name(seen[group[k]])}: a group's splits share one")
+    owner = np.zeros(int(ticket.max()) + 1, np.int64)
+    owner[ticket[m]] = group
+    counts = np.bincount(ticket[m])
+    bad = np.flatnonzero((owner[ticket[m]] != group) | (counts[ticket[m]] != NS))
+    if len(bad):
+        k = int(bad[0])
+        _fail(t, int(m[k]), f"ticket {name(ticket[m[k]])} is taken by {counts[ticket[m[k]]]} "
+              f"ATTN splits: it must be the NS = {NS} splits of one (layer, b, kv_head)")
 
 
 def _check_order(t: Placed, C: int, name) -> Placed:

@@ -24,12 +24,12 @@ OP_CONFIGS = {
 }
 
 
-def one_instruction_program(cfg, batch, rec, attn_splits=3, lm_slices=2):
+def one_instruction_program(cfg, batch, rec, attn_splits=3, lm_slices=2, counter_targets=()):
     return types.SimpleNamespace(
         config=cfg, batch=batch, num_sms=1, tp=1, rank=0, policy="test", attn_splits=attn_splits,
         lm_slices=lm_slices, instructions=np.asarray([[rec]], dtype=np.int32),
-        queue_len=np.asarray([1], dtype=np.int32), counter_targets=np.zeros(0, np.int32),
-        num_counters=0)
+        queue_len=np.asarray([1], dtype=np.int32),
+        counter_targets=np.asarray(counter_targets, np.int32), num_counters=len(counter_targets))
 
 
 def random_inputs(buf, cfg, max_seq, seed, positions=None):
@@ -49,14 +49,15 @@ def random_inputs(buf, cfg, max_seq, seed, positions=None):
 
 
 def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
-           positions=None, poison=()):
+           positions=None, poison=(), counter_targets=()):
     """Run one instruction on the GPU and through ops_ref on the CPU.
     poison: (buffer name, index) pairs set to NaN/INT_MIN on both sides first.
+    counter_targets: of the program's counters (all 0 at the launch; an ATTN ticket).
     Returns (gpu Buffers moved to the CPU, reference Buffers)."""
     w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
     packed = pack_weights(w)
     rec = isa.encode(op, layer=layer, **fields)
-    prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices)
+    prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices, counter_targets)
     rt = Runtime(packed, prog, max_seq)
     random_inputs(rt.buffers, cfg, max_seq, seed + 1, positions)
     for name, index in poison:

@@ -119,6 +119,43 @@ def test_random_configs_match_reference(D, G, draw):
         assert err <= REL_TOL, (cfg, batch, policy, prog.granularity, prog.attn_splits, err)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "head", "chunk"])
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_fused_reduce_matches_reference(G, granularity):
+    """plan(fuse_reduce=True): no ATTN_REDUCE; the last ATTN split of each group (a
+    different one in each random interleaving and step) merges it."""
+    rng = random.Random(f"fused-{G}-{granularity}")
+    cfg = random_config(rng, 64, G)
+    for seed, (batch, splits) in enumerate(((1, None), (3, 4), (2, 1))):
+        prog = mk.plan(cfg, batch=batch, num_sms=7, granularity=granularity,
+                       attn_splits=splits, fuse_reduce=True)
+        ops = prog.table().op
+        assert (ops == Op.ATTN_REDUCE).sum() == 0 and (ops == Op.ATTN).sum() > 0
+        assert compare(cfg, prog, steps=4, seed=seed) <= REL_TOL
+
+
+def test_fused_reduce_merges_once_per_group_and_step():
+    """Exactly one split of every group takes the last ticket in a step: poisoning attn
+    before the step leaves no element unmerged, and a second merge would be a second
+    writer (the counters end every step at NS * epoch)."""
+    prog = mk.plan(TINY, batch=2, num_sms=5, attn_splits=3, fuse_reduce=True)
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=16, seed=0)
+    calls = []
+    real = ops_ref._merge
+    try:
+        ops_ref._merge = lambda *a: (calls.append(a[2:]), real(*a))[1]
+        for step in range(3):
+            cpu.buffers.attn.fill_(float("nan"))
+            calls.clear()
+            cpu.step(torch.tensor([1, 2]))
+            assert torch.isfinite(cpu.buffers.attn).all()
+            assert sorted(calls) == sorted((l, b, g * TINY.G, TINY.G) for l in range(TINY.L)
+                                           for b in range(2) for g in range(TINY.Hkv))
+    finally:
+        ops_ref._merge = real
+
+
 def test_greedy_tokens_equal_over_32_steps():
     prog = mk.plan(TINY, batch=2, num_sms=8, policy="dag")
     w = mk.Weights.random(TINY, seed=3, dtype=torch.float32, device="cpu")

@@ -92,6 +92,15 @@ def test_llama_shapes_match_fp32(name, batch):
     assert_within_bf16(err_mk, err_bf, f"{name} B={batch}")
 
 
+@pytest.mark.parametrize("batch", [1, 4, 16])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_fused_reduce_matches_fp32(cfg, batch):
+    """plan(fuse_reduce=True): the last ATTN split of each group merges it (ticket)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], fuse_reduce=True)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_reduce")
+
+
 def greedy_agreement(cfg, policy, steps, batch=1, seed=0):
     """Free-running greedy tokens of the megakernel and of bf16 eager from the same prompt.
     Returns (first divergence step or None, reference top-2 margin there, logit error)."""

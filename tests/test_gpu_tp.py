@@ -92,6 +92,13 @@ def test_folding_readers_on_one_gpu_match_fp32(batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} tp=2 (one GPU, fold=True) B={batch}")
 
 
+@pytest.mark.parametrize("batch", [1, 5])
+def test_fused_reduce_on_one_gpu_match_fp32(batch):
+    cfg = TP_CONFIGS[1]
+    err_mk, err_bf = errors(cfg, batch, 2, ["cuda:0"] * 2, fuse_reduce=True)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} tp=2 (one GPU, fuse_reduce) B={batch}")
+
+
 def test_eight_ranks_on_one_gpu_match_fp32():
     err_mk, err_bf = errors(TP8_CONFIG, 2, 8, ["cuda:0"] * 8)
     assert_within_bf16(err_mk, err_bf, f"{TP8_CONFIG.name} tp=8 (one GPU) B=2")

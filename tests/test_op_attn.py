@@ -1,4 +1,5 @@
 import pytest
+import torch
 from _gpu import OP_CONFIGS, assert_close, run_op
 from megakernel.scheduler.isa import Op
 
@@ -17,3 +18,20 @@ def test_attn(name, splits, split):
                           poison=[("o_part", 1), ("lse", 1)])
         assert_close(got, ref, "o_part")
         assert_close(got, ref, "lse")
+
+
+@pytest.mark.parametrize("target", [1, 2])
+@pytest.mark.parametrize("name", list(OP_CONFIGS))
+def test_attn_merge(name, target):
+    """A merging split (fuse_reduce): its ticket add reaching the target (1) makes it the
+    group's last, and it merges the group's partials (the other splits' random) into attn;
+    below the target (2) it leaves attn alone. attn of layer 1 is poisoned first."""
+    cfg = OP_CONFIGS[name]
+    fields = dict(b=1, kv_head=cfg.Hkv - 1, split=1, merge=1, ticket=0)
+    got, ref = run_op(cfg, 2, Op.ATTN, fields, layer=1, attn_splits=3, positions=[5, 77],
+                      poison=[("attn", 1)], counter_targets=[target])
+    for buf in ("o_part", "lse", "attn"):
+        assert_close(got, ref, buf)
+    assert int(got.counters[0]) == int(ref.counters[0]) == 1
+    group = got.attn[1, 1].view(cfg.H, cfg.D)[(cfg.Hkv - 1) * (cfg.H // cfg.Hkv):]  # last G
+    assert (torch.isfinite(group).all() if target == 1 else torch.isnan(group).all())

@@ -34,6 +34,8 @@ def random_plan(seed: int, **overrides):
               attn_splits=int(rng.integers(1, 6)) if seed % 2 else None)
     if seed % 4 == 1:
         kw["slices"] = int(rng.integers(1, 50))
+    if seed % 5 == 2:
+        kw["fuse_reduce"] = True
     kw.update(overrides)
     return plan(random_config(rng), **kw)
 
@@ -73,6 +75,8 @@ def run_steps(prog, seed: int, steps: int = 2) -> None:
                     assert written[b][lo:hi].all(), f"{t.where(i)} reads unwritten {b}"
             if t.signal[i] >= 0:
                 counters[t.signal[i]] += 1
+            if t.op[i] == Op.ATTN and t.args[i, 3]:    # a merging split's ticket
+                counters[t.args[i, 4]] += 1
             head[s] += 1
         assert all(w.all() for w in written.values())
         assert np.array_equal(counters, targets * (epoch + 1))
@@ -86,6 +90,12 @@ def test_random_plans_are_well_formed_and_run(seed):
     count = {op: int((t.op == op).sum()) for op in Op}
     assert count[Op.ATTN] == cfg.L * B * cfg.Hkv * NS
     pieces = min(cfg.G, max(1, prog.options["reduce_slices"] // (B * cfg.Hkv)))
+    if prog.options["fuse_reduce"]:
+        pieces = 0
+        merging = t.op == Op.ATTN
+        assert (t.args[merging, 3] == 1).all()
+        assert len(np.unique(t.args[merging, 4])) == cfg.L * B * cfg.Hkv
+        assert (prog.counter_targets[t.args[merging, 4]] == NS).all()
     assert count[Op.ATTN_REDUCE] == cfg.L * B * cfg.Hkv * pieces
     assert count[Op.ARGMAX] == 1 and count[Op.LMHEAD] == prog.lm_slices
     assert sorted(t.args[t.op == Op.LMHEAD, 2]) == list(range(prog.lm_slices))

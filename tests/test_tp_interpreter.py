@@ -35,6 +35,17 @@ def test_wide_matches_reference(tp, policy, fold):
         assert compare(WIDE, prog, steps=3, seed=seed) <= REL_TOL
 
 
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_fused_reduce_matches_reference(tp):
+    """plan(fuse_reduce=True) under tp: each rank's ATTN splits merge their own groups."""
+    for seed, batch, granularity in ((0, 1, "chunk"), (1, 3, "layer")):
+        prog = mk.plan(WIDE, batch=batch, num_sms=5, tp=tp, granularity=granularity,
+                       attn_splits=3, fuse_reduce=True)
+        assert not any(r["op"] == Op.ATTN_REDUCE for _, _, r in prog.ranks[0].records())
+        assert compare(WIDE, prog, steps=3, seed=seed) <= REL_TOL
+        assert compare(WIDE, prog, steps=2, seed=seed, comm="nccl") <= REL_TOL
+
+
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("policy", ["rr", "dag"])

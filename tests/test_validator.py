@@ -199,6 +199,67 @@ def test_bad_encoding_is_caught(base):
     caught(p, "must be int32")
 
 
+@pytest.fixture(scope="module")
+def fused():
+    return plan("tiny", batch=2, num_sms=6, granularity="chunk", attn_splits=3,
+                fuse_reduce=True)
+
+
+def _ticket(p, **fields):
+    sm, k = find(p, Op.ATTN, **fields)
+    return isa.decode(p.instructions[sm, k])["ticket"]
+
+
+def test_fused_reduce_plan_passes(fused):
+    validate(fused)
+    assert not any(r["op"] == Op.ATTN_REDUCE for _, _, r in fused.records())
+
+
+def test_splits_swapping_tickets_across_groups_are_caught(fused):
+    """Every ticket still taken 3 times, but by splits of two groups: neither would know
+    when its own group is complete."""
+    p = copy.deepcopy(fused)
+    t0, t1 = _ticket(p, b=0, kv_head=0), _ticket(p, b=1, kv_head=0)
+    put(p, find(p, Op.ATTN, b=0, kv_head=0, split=1), "ticket", t1)
+    put(p, find(p, Op.ATTN, b=1, kv_head=0, split=1), "ticket", t0)
+    msg = caught(p, "a group's splits share one")
+    assert re.search(WHERE.format(op="ATTN"), msg)
+
+
+def test_wrong_ticket_target_is_caught(fused):
+    p = copy.deepcopy(fused)
+    p.counter_targets[_ticket(p, b=0, kv_head=0)] += 1
+    caught(p, "take it as a ticket")
+
+
+def test_split_without_merge_in_a_merging_group_is_caught(fused):
+    """Its ticket add is gone: the group would never merge (the target is 3)."""
+    p = copy.deepcopy(fused)
+    at = find(p, Op.ATTN, b=1, kv_head=0, split=0)
+    put(p, at, "merge", 0)
+    put(p, at, "ticket", 0)
+    caught(p, "take it as a ticket")
+
+
+def test_ticket_that_is_also_a_signal_or_waited_is_caught(fused):
+    p = copy.deepcopy(fused)
+    at = find(p, Op.OPROJ)
+    sm, k = at
+    put(p, at, "signal", _ticket(p, b=0, kv_head=0))
+    caught(p, "which instructions also signal")
+    p = copy.deepcopy(fused)
+    at = find(p, Op.OPROJ)
+    put(p, at, "wait1_first", _ticket(p, b=0, kv_head=0))
+    put(p, at, "wait1_count", 1)
+    caught(p, "which no instruction signals")
+
+
+def test_bad_merge_field_is_caught(fused):
+    p = copy.deepcopy(fused)
+    put(p, find(p, Op.ATTN), "merge", 2)
+    caught(p, r"\(merge, ticket\) = \(2")
+
+
 def test_qkv_accesses_match_a_row_by_row_mapping():
     """Validator coordinates of a QKV slice equal the isa.py packed-row semantics."""
     cfg = ModelConfig("g", 100, 192, 64, 2, 8, 2, head_dim=64)       # G = 4

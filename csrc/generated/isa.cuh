@@ -63,6 +63,8 @@ constexpr int W_QKV_SUM_NCOLS = 12;
 constexpr int W_ATTN_B = 8;
 constexpr int W_ATTN_KV_HEAD = 9;
 constexpr int W_ATTN_SPLIT = 10;
+constexpr int W_ATTN_MERGE = 11;
+constexpr int W_ATTN_TICKET = 12;
 // ATTN_REDUCE fields.
 constexpr int W_ATTN_REDUCE_B = 8;
 constexpr int W_ATTN_REDUCE_KV_HEAD = 9;

@@ -9,6 +9,7 @@
 #pragma once
 #include "../common.cuh"
 #include "../inputs.cuh"
+#include "attn_reduce.cuh"
 
 namespace mk {
 
@@ -142,7 +143,7 @@ struct AttnOp {
   // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats; pos: the launch's
   // positions (shared memory).
   __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem,
-                            const int* pos) {
+                            const int* pos, int epoch) {
     const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
     switch (a.D) {
@@ -150,7 +151,27 @@ struct AttnOp {
       case 64: attn_split<8>(a, ins, smem, p); break;
       default: attn_split<16>(a, ins, smem, p); break;  // 128; the runtime rejects other D
     }
+    if (ins[W_ATTN_MERGE]) merge_if_last(a, ins, reinterpret_cast<volatile int*>(smem), epoch);
     return ERR_NONE;
+  }
+
+  // isa.py ATTN merge: after the bar.sync every partial of this split is written; thread
+  // 0's acq_rel ticket add releases them and acquires the earlier splits'; the split that
+  // brings the ticket to its target merges the group, the other threads ordered after that
+  // acquire by the second bar.sync (as after a counter wait).
+  __device__ static void merge_if_last(const KernelArgs& a, const int32_t* ins,
+                                       volatile int* last, int epoch) {
+    consumer_sync();  // partials written, the attention scratch (smem) free
+    if (threadIdx.x == 0) {
+      const int t = ins[W_ATTN_TICKET];
+      const uint32_t need = static_cast<uint32_t>(__ldg(a.counter_targets + t)) * (epoch + 1);
+      *last = static_cast<uint32_t>(atom_add_acq_rel(a.counters + t, 1)) + 1u == need;
+    }
+    consumer_sync();
+    if (*last) {
+      AttnReduceOp::merge_heads(a, ins[W_LAYER], ins[W_ATTN_B], ins[W_ATTN_KV_HEAD], 0,
+                                a.H / a.Hkv);
+    }
   }
 };
 }  // namespace mk

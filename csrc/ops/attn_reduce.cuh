@@ -27,9 +27,18 @@ struct AttnReduceOp {
   __device__ static int run(const KernelArgs& a, const int32_t* ins) {
     const int l = ins[W_LAYER], b = ins[W_ATTN_REDUCE_B], g = ins[W_ATTN_REDUCE_KV_HEAD];
     const int head0 = ins[W_ATTN_REDUCE_HEAD0], nh = ins[W_ATTN_REDUCE_NHEADS];
-    const int G = a.H / a.Hkv, D = a.D, NS = a.NS;
-    if (b < 0 || b >= a.B || g < 0 || g >= a.Hkv || head0 < 0 || nh < 1 || head0 + nh > G)
+    if (b < 0 || b >= a.B || g < 0 || g >= a.Hkv || head0 < 0 || nh < 1 ||
+        head0 + nh > a.H / a.Hkv)
       return ERR_BAD_INSTRUCTION;
+    merge_heads(a, l, b, g, head0, nh);
+    return ERR_NONE;
+  }
+
+  // attn[l, b] of q heads head0 .. head0+nh-1 of kv group g from their NS partials (also
+  // the merge of a merging ATTN's last split, attn.cuh). Fields checked by the caller.
+  __device__ static void merge_heads(const KernelArgs& a, int l, int b, int g, int head0,
+                                     int nh) {
+    const int G = a.H / a.Hkv, D = a.D, NS = a.NS;
     const int nvec = nh * D / 4;  // D is a multiple of 4
     int P = 1;
     while (P < 32 && P < NS && 2 * P * nvec <= kConsumerThreads) P *= 2;
@@ -87,7 +96,6 @@ struct AttnReduceOp {
         *reinterpret_cast<float4*>(out) = make_float4(o.x * r, o.y * r, o.z * r, o.w * r);
       }
     }
-    return ERR_NONE;
   }
 };
 }  // namespace mk
