@@ -7,12 +7,12 @@ import sys
 import torch
 
 from megakernel import Decoder, ModelConfig, ReferenceModel, Weights
+from megakernel.scheduler.plan import parse_options
 
 cfg = ModelConfig.preset("tiny")
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 w = Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
-options = {k: int(v) for k, v in (a.split("=") for a in sys.argv[3:])}
-options = {k: bool(v) if k == "fuse_reduce" else v for k, v in options.items()}
+options = parse_options(",".join(sys.argv[3:]))
 dec = Decoder(cfg, w, batch=B, max_seq=32, num_sms=int(sys.argv[1]) if len(sys.argv) > 1 else 16,
               **options)
 ref = ReferenceModel(cfg, w, batch=B, max_seq=32, dtype=torch.float32)

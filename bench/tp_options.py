@@ -19,6 +19,7 @@ def main() -> None:
     from megakernel.bench import harness
     from megakernel.bench.tp_baseline import random_shards
     from megakernel.packing import pack_shard
+    from megakernel.scheduler.plan import parse_options
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--tp", type=int, default=2)
@@ -26,10 +27,9 @@ def main() -> None:
     ap.add_argument("--pos", type=int, default=512)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--set", action="append", default=None, metavar="K=V,...",
-                    help="one setting: comma-separated integer plan options (repeat)")
+                    help="one setting: comma-separated plan options k=v (repeat)")
     args = ap.parse_args()
-    settings = [dict((k, int(v)) for k, v in (kv.split("=") for kv in s.split(",") if kv))
-                for s in (args.set or [""])]
+    settings = [parse_options(s) for s in (args.set or [""])]
     cfg = ModelConfig.preset(args.model)
     devices = [torch.device("cuda", r) for r in range(args.tp)]
     shards = random_shards(cfg, args.tp, seed=0, devices=devices)

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build-flag", action="append", default=[], metavar="-DMK_...=N",
                         help="kernel build flag (repeat), e.g. -DMK_INPUT_PREFETCH=0 for a "
                         "trace with one mechanism off")
+    parser.add_argument("--set", default="", metavar="K=V,...",
+                        help="plan options of the traced program, e.g. fuse_reduce=1")
     parser.add_argument("--ablate", action="append", default=[], metavar="SWITCH",
                         help="runtime switch (repeat): no_prefetch, or the diagnostics "
                         "no_compute / no_load (wrong results, timing only)")
@@ -69,15 +71,16 @@ def offline(path: Path, args):
 
     from megakernel.bench.trace import load_npz
     from megakernel.scheduler import plan
+    from megakernel.scheduler.plan import parse_options
     timing, instructions, queue_len, meta = load_npz(path)
     if meta is None:
         meta = dict(model=args.model, batch=args.batch, pos=args.pos, policy=args.policy,
                     granularity=args.granularity, num_sms=int(timing.shape[0]), gpu_spec=None,
                     device=args.device, ms_timing_off=None, ms_timing_on=None,
-                    commit="unknown", date="unknown")
+                    commit="unknown", date="unknown", options=parse_options(args.set))
     program = plan(meta["model"], batch=meta["batch"], num_sms=meta["num_sms"],
                    policy=meta["policy"], granularity=meta["granularity"],
-                   gpu=meta["gpu_spec"], kv_position=meta["pos"])
+                   gpu=meta["gpu_spec"], kv_position=meta["pos"], **meta.get("options", {}))
     if not (np.array_equal(program.instructions, instructions)
             and np.array_equal(program.queue_len, queue_len)):
         raise ValueError(f"{path}: planning {meta['model']} batch {meta['batch']} now gives "
@@ -106,10 +109,12 @@ class Traced:
     def plan(self, gpu=None):
         from megakernel.profiling import nvtx_range
         from megakernel.scheduler import plan
+        from megakernel.scheduler.plan import parse_options
         a = self.args
         with nvtx_range("megakernel.plan"):
             return plan(self.cfg, batch=a.batch, num_sms=self.num_sms, policy=a.policy,
-                        granularity=a.granularity, gpu=gpu, kv_position=a.pos)
+                        granularity=a.granularity, gpu=gpu, kv_position=a.pos,
+                        **parse_options(a.set))
 
     def run(self, program, timing: bool):
         """-> (median graph-replay ms, timing array of the last replay or None)."""
@@ -145,7 +150,9 @@ class Traced:
         a = self.args
         meta = dict(model=a.model, batch=a.batch, pos=a.pos, policy=a.policy,
                     granularity=a.granularity, num_sms=self.num_sms,
-                    build_flags=list(a.build_flag), ablate=list(a.ablate), gpu_spec=program.gpu.to_dict(), device=self.name, ms_timing_off=off,
+                    build_flags=list(a.build_flag), ablate=list(a.ablate),
+                    options=parse_options(a.set), gpu_spec=program.gpu.to_dict(),
+                    device=self.name, ms_timing_off=off,
                     ms_timing_on=on, commit=self.harness.git_commit(),
                     date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         if gpu is None:
@@ -159,7 +166,8 @@ def report(program, timing, meta, args, gpu, pages=None) -> None:
     from megakernel.scheduler import calibration, simulate
     m = calibration.measure(program, timing)
     title = (f"{meta['model']} batch {meta['batch']} pos {meta['pos']} on {meta['device']} "
-             f"({meta['policy']}/{meta['granularity']}, {meta['num_sms']} SMs)")
+             f"({meta['policy']}/{meta['granularity']}, {meta['num_sms']} SMs"
+             + "".join(f", {k}={v}" for k, v in meta.get("options", {}).items()) + ")")
     print(f"trace: {trace.write_chrome_trace(args.out / 'trace.json', m, title)}")
     try:
         print(f"gantt: {trace.gantt(args.out / 'gantt.png', m, title)}")

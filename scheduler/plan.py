@@ -43,6 +43,33 @@ OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "fol
            "fuse_reduce", "validate")
 
 
+BOOL_OPTIONS = ("fold", "fuse_reduce", "validate")
+
+
+def parse_options(text: str) -> dict:
+    """plan() keywords from "k=v,k2=v2" (command lines): the options above, attn_splits,
+    num_sms, policy and granularity; True/False options take 1/0 or true/false."""
+    words, ints = ("policy", "granularity"), ("attn_splits", "num_sms")
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in OPTIONS + words + ints:
+            raise ValueError(f"plan option {item!r}: expected k=v with k one of "
+                             f"{list(OPTIONS + words + ints)}")
+        if key in words:
+            out[key] = value
+        elif key in BOOL_OPTIONS:
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"plan option {key} takes 0/1 or true/false, got {value!r}")
+            out[key] = value.lower() in ("1", "true")
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise ValueError(f"plan option {key} takes an integer, got {value!r}") from None
+    return out
+
+
 def _int(name: str, value, lo: int, hi: int | None = None) -> int:
     try:
         if isinstance(value, bool):
@@ -72,7 +99,8 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
-    for key, default in (("fold", False), ("fuse_reduce", False), ("validate", True)):
+    for key in BOOL_OPTIONS:
+        default = key == "validate"
         out[key] = options.get(key, default)
         if not isinstance(out[key], bool):
             raise ValueError(f"{key} must be True or False, got {out[key]!r}")

@@ -270,3 +270,16 @@ def test_dump_cli_prints_summaries_and_writes_a_trace(tmp_path, capsys):
     assert dump.main(parser.parse_args(["--model", "tiny", "--tp", "3"])) == 2
     assert dump.main(parser.parse_args(["--model", "tiny", "--tp", "2", "--num-sms", "4"])) == 0
     assert "tp=3 must divide" in capsys.readouterr().err
+
+
+def test_parse_options_types_and_rejects():
+    from megakernel.scheduler.plan import parse_options
+    assert parse_options("attn_splits=16,fuse_reduce=1,policy=rr,fold=false") == dict(
+        attn_splits=16, fuse_reduce=True, policy="rr", fold=False)
+    assert parse_options("") == {}
+    for bad, match in (("nope=1", "expected k=v"), ("fuse_reduce=2", "0/1"),
+                       ("slices=x", "integer"), ("slices", "expected k=v")):
+        with pytest.raises(ValueError, match=match):
+            parse_options(bad)
+    prog = plan("tiny", num_sms=5, **parse_options("fuse_reduce=1,attn_splits=2"))
+    assert prog.options["fuse_reduce"] and prog.attn_splits == 2
