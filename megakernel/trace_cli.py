@@ -144,6 +144,7 @@ class Traced:
     def trace_planned(self, gpu=None):
         """Plan, time timing off and on, keep <out>/trace.npz -> (program, timing, meta)."""
         from megakernel.bench.trace import save_npz
+        from megakernel.scheduler.plan import parse_options
         program = self.plan(gpu)
         off, _ = self.run(program, timing=False)
         on, stamps = self.run(program, timing=True)
