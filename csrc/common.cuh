@@ -40,6 +40,11 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_FOLD
 #define MK_FOLD 0
 #endif
+// 1: ATTN records with merge set (plan(fuse_reduce=True); Decoder adds it). Off by
+// default: compiled in, the merge path cost the plain path 1-2% at batch 8 (same-call A/B).
+#ifndef MK_FUSE_REDUCE
+#define MK_FUSE_REDUCE 0
+#endif
 #ifndef MK_COPY_KB
 #define MK_COPY_KB 4        // largest bulk copy of a page row, KB (a row cut into pieces)
 #endif
@@ -76,6 +81,7 @@ constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;
 constexpr bool kReleaseQuiet = MK_RELEASE_QUIET != 0;
+constexpr bool kFuseReduce = MK_FUSE_REDUCE != 0;
 constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32

@@ -18,7 +18,7 @@ import torch
 from .decoding import StepDecoder
 from .packing import PackedWeights, pack_shard, pack_weights
 from .profiling import nvtx_range
-from .runtime import Runtime, check_supported
+from .runtime import Runtime, check_supported, option_build_flags
 from .scheduler import calibration, plan
 
 
@@ -46,8 +46,7 @@ class Decoder(StepDecoder):
             self.program = program or plan(cfg, batch=batch, num_sms=num_sms, policy=policy,
                                            granularity=granularity, gpu=gpu, tp=tp,
                                            **plan_options)
-        if getattr(self.program, "ranks", [self.program])[0].options.get("fold"):
-            build_flags = (*build_flags, "-DMK_FOLD=1")   # its staging is compiled only then
+        build_flags = (*build_flags, *option_build_flags(self.program))
         options = dict(watchdog_ms=watchdog_ms, ablate=ablate, build_flags=build_flags)
         with nvtx_range("megakernel.pack"):
             if tp == 1:

@@ -49,6 +49,19 @@ def check_supported(cfg, batch: int) -> None:
 
 
 MODES = {"no_prefetch": 1, "no_compute": 2, "no_load": 4}   # csrc/kernel_args.h Mode
+# Plan options whose records only a kernel built with a flag executes (the default build
+# leaves their code out: each cost the plain path ~1% when compiled in).
+OPTION_FLAGS = {
+    "fold": ("-DMK_FOLD=1", "its QKV/GATEUP/LMHEAD records sum the tp partials"),
+    "fuse_reduce": ("-DMK_FUSE_REDUCE=1", "its ATTN records merge their groups"),
+}
+
+
+def option_build_flags(program) -> tuple[str, ...]:
+    """The build flags `program`'s plan options need (OPTION_FLAGS); a TpProgram's ranks
+    share their options."""
+    options = getattr(program, "ranks", [program])[0].options
+    return tuple(flag for option, (flag, _) in OPTION_FLAGS.items() if options.get(option))
 MODE_LOCAL_COMM = 8                                           # set by connect(phases=...)
 
 
@@ -103,10 +116,11 @@ class Runtime:
         unknown = set(ablate) - set(MODES)
         if unknown:
             raise ValueError(f"unknown ablation switches {sorted(unknown)}; known: {sorted(MODES)}")
-        if getattr(program, "options", {}).get("fold") and "-DMK_FOLD=1" not in build_flags:
-            raise ValueError("the Program was planned with fold=True: its QKV/GATEUP/LMHEAD "
-                             "records sum the tp partials, which only a kernel built with "
-                             "-DMK_FOLD=1 does (Decoder adds it; pass it in build_flags)")
+        for option, (flag, what) in OPTION_FLAGS.items():
+            if getattr(program, "options", {}).get(option) and flag not in build_flags:
+                raise ValueError(f"the Program was planned with {option}=True: {what}, which "
+                                 f"only a kernel built with {flag} does (Decoder adds it; pass "
+                                 "it in build_flags)")
         self.ext = load_extension(build_flags=tuple(build_flags))
         if self.ext.max_blocks_per_sm() < 1:
             raise RuntimeError("the interpreter block does not fit on one SM "

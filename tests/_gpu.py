@@ -49,16 +49,17 @@ def random_inputs(buf, cfg, max_seq, seed, positions=None):
 
 
 def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
-           positions=None, poison=(), counter_targets=()):
+           positions=None, poison=(), counter_targets=(), build_flags=()):
     """Run one instruction on the GPU and through ops_ref on the CPU.
     poison: (buffer name, index) pairs set to NaN/INT_MIN on both sides first.
-    counter_targets: of the program's counters (all 0 at the launch; an ATTN ticket).
+    counter_targets: of the program's counters (all 0 at the launch; an ATTN ticket);
+    build_flags: of the kernel (e.g. -DMK_FUSE_REDUCE=1 for an ATTN merge).
     Returns (gpu Buffers moved to the CPU, reference Buffers)."""
     w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
     packed = pack_weights(w)
     rec = isa.encode(op, layer=layer, **fields)
     prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices, counter_targets)
-    rt = Runtime(packed, prog, max_seq)
+    rt = Runtime(packed, prog, max_seq, build_flags=build_flags)
     random_inputs(rt.buffers, cfg, max_seq, seed + 1, positions)
     for name, index in poison:
         t = getattr(rt.buffers, name)

@@ -101,6 +101,16 @@ def test_fused_reduce_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_reduce")
 
 
+def test_fused_plan_needs_the_fused_build():
+    """A merging ATTN record is refused by a default build's Runtime, not run unmerged."""
+    from megakernel.packing import pack_weights
+    from megakernel.runtime import Runtime
+    cfg = ModelConfig.preset("tiny")
+    packed = pack_weights(Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(ValueError, match="MK_FUSE_REDUCE"):
+        Runtime(packed, plan(cfg, num_sms=8, fuse_reduce=True), 16)
+
+
 def greedy_agreement(cfg, policy, steps, batch=1, seed=0):
     """Free-running greedy tokens of the megakernel and of bf16 eager from the same prompt.
     Returns (first divergence step or None, reference top-2 margin there, logit error)."""

@@ -29,7 +29,8 @@ def test_attn_merge(name, target):
     cfg = OP_CONFIGS[name]
     fields = dict(b=1, kv_head=cfg.Hkv - 1, split=1, merge=1, ticket=0)
     got, ref = run_op(cfg, 2, Op.ATTN, fields, layer=1, attn_splits=3, positions=[5, 77],
-                      poison=[("attn", 1)], counter_targets=[target])
+                      poison=[("attn", 1)], counter_targets=[target],
+                      build_flags=("-DMK_FUSE_REDUCE=1",))
     for buf in ("o_part", "lse", "attn"):
         assert_close(got, ref, buf)
     assert int(got.counters[0]) == int(ref.counters[0]) == 1

@@ -151,7 +151,10 @@ struct AttnOp {
       case 64: attn_split<8>(a, ins, smem, p); break;
       default: attn_split<16>(a, ins, smem, p); break;  // 128; the runtime rejects other D
     }
-    if (ins[W_ATTN_MERGE]) merge_if_last(a, ins, reinterpret_cast<volatile int*>(smem), epoch);
+    if (ins[W_ATTN_MERGE]) {
+      if (!kFuseReduce) return ERR_BAD_INSTRUCTION;  // Runtime refuses such a Program first
+      if constexpr (kFuseReduce) merge_if_last(a, ins, reinterpret_cast<volatile int*>(smem), epoch);
+    }
     return ERR_NONE;
   }
 
