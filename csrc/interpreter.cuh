@@ -180,7 +180,16 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
     } else {
       switch (op) {
         case OP_EMBED: err = EmbedOp::run(a, ins); break;
-        case OP_ATTN: err = AttnOp::run(a, ins, act, pos, epoch); break;
+        case OP_ATTN:
+          err = AttnOp::run(a, ins, act, pos);
+          if (ins[W_ATTN_MERGE] && err == ERR_NONE) {  // Runtime refuses these without the flag
+            if constexpr (kFuseReduce) {
+              AttnOp::merge_if_last(a, ins, reinterpret_cast<volatile int*>(act), epoch);
+            } else {
+              err = ERR_BAD_INSTRUCTION;
+            }
+          }
+          break;
         case OP_ATTN_REDUCE: err = AttnReduceOp::run(a, ins); break;
         case OP_ARGMAX: err = ArgmaxOp::run(a, ins); break;
         case OP_RESID_SUM: err = ResidSumOp::run(a, ins); break;

@@ -143,7 +143,7 @@ struct AttnOp {
   // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats; pos: the launch's
   // positions (shared memory).
   __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem,
-                            const int* pos, int epoch) {
+                            const int* pos) {
     const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
     switch (a.D) {
@@ -151,14 +151,11 @@ struct AttnOp {
       case 64: attn_split<8>(a, ins, smem, p); break;
       default: attn_split<16>(a, ins, smem, p); break;  // 128; the runtime rejects other D
     }
-    if (ins[W_ATTN_MERGE]) {
-      if (!kFuseReduce) return ERR_BAD_INSTRUCTION;  // Runtime refuses such a Program first
-      if constexpr (kFuseReduce) merge_if_last(a, ins, reinterpret_cast<volatile int*>(smem), epoch);
-    }
     return ERR_NONE;
   }
 
-  // isa.py ATTN merge: after the bar.sync every partial of this split is written; thread
+  // isa.py ATTN merge (the -DMK_FUSE_REDUCE=1 build; the interpreter calls it after run):
+  // after the bar.sync every partial of this split is written; thread
   // 0's acq_rel ticket add releases them and acquires the earlier splits'; the split that
   // brings the ticket to its target merges the group, the other threads ordered after that
   // acquire by the second bar.sync (as after a counter wait).
