@@ -15,6 +15,27 @@ build_extension() {
   echo "build: ${SECONDS}s"
 }
 
+# Every GPU test (the tensor-core op file first); $OUT/pytest_gpu.log, its last $1 lines.
+run_gpu_tests() {
+  SECONDS=0
+  timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --maxfail=10 \
+    tests/test_op_matvec_tc.py tests > "$OUT/pytest_gpu.log" 2>&1
+  echo "gpu tests rc=$? (${SECONDS}s)"; tail -"${1:-12}" "$OUT/pytest_gpu.log"
+}
+
+# compute-sanitizer <tool> over a few tiny steps at <batch> (bench/sanitize_tiny.py), with
+# optional plan options k=v; log $OUT/sanitize_<tool>_b<batch>[_<options>].log.
+run_sanitize() {  # tool batch [options]
+  local san log
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  [ -n "$san" ] || { echo "compute-sanitizer not found"; return 0; }
+  log="$OUT/sanitize_$1_b$2${3:+_${3//[=,]/-}}.log"
+  SECONDS=0
+  timeout 150 "$san" --tool "$1" --error-exitcode 3 python3 bench/sanitize_tiny.py 16 "$2" ${3:-} \
+    > "$log" 2>&1
+  echo "$1 batch $2 ${3:-} rc=$? (${SECONDS}s)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^tiny" "$log"
+}
+
 # Everything in $OUT except the files matching the given name patterns -> $OUT/logs.tgz.
 archive_logs() {
   local ex=() keep=() p

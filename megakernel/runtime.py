@@ -49,6 +49,7 @@ def check_supported(cfg, batch: int) -> None:
 
 
 MODES = {"no_prefetch": 1, "no_compute": 2, "no_load": 4}   # csrc/kernel_args.h Mode
+MODE_LOCAL_COMM = 8                                           # set by connect(phases=...)
 # Plan options whose records only a kernel built with a flag executes (the default build
 # leaves their code out: each cost the plain path ~1% when compiled in).
 OPTION_FLAGS = {
@@ -62,7 +63,6 @@ def option_build_flags(program) -> tuple[str, ...]:
     share their options."""
     options = getattr(program, "ranks", [program])[0].options
     return tuple(flag for option, (flag, _) in OPTION_FLAGS.items() if options.get(option))
-MODE_LOCAL_COMM = 8                                           # set by connect(phases=...)
 
 
 def load_extension(verbose: bool = False, build_flags: tuple[str, ...] = ()):

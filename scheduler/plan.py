@@ -41,9 +41,7 @@ from .validate import validate
 
 OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "fold",
            "fuse_reduce", "validate")
-
-
-BOOL_OPTIONS = ("fold", "fuse_reduce", "validate")
+BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "validate": True}   # and their defaults
 
 
 def parse_options(text: str) -> dict:
@@ -99,8 +97,7 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
-    for key in BOOL_OPTIONS:
-        default = key == "validate"
+    for key, default in BOOL_OPTIONS.items():
         out[key] = options.get(key, default)
         if not isinstance(out[key], bool):
             raise ValueError(f"{key} must be True or False, got {out[key]!r}")

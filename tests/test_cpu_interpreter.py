@@ -134,7 +134,7 @@ def test_fused_reduce_matches_reference(G, granularity):
         assert compare(cfg, prog, steps=4, seed=seed) <= REL_TOL
 
 
-def test_fused_reduce_merges_once_per_group_and_step():
+def test_fused_reduce_merges_once_per_group_and_step(monkeypatch):
     """Exactly one split of every group takes the last ticket in a step: poisoning attn
     before the step leaves no element unmerged, and a second merge would be a second
     writer (the counters end every step at NS * epoch)."""
@@ -143,17 +143,14 @@ def test_fused_reduce_merges_once_per_group_and_step():
     cpu = CpuInterpreter(TINY, w, prog, max_seq=16, seed=0)
     calls = []
     real = ops_ref._merge
-    try:
-        ops_ref._merge = lambda *a: (calls.append(a[2:]), real(*a))[1]
-        for step in range(3):
-            cpu.buffers.attn.fill_(float("nan"))
-            calls.clear()
-            cpu.step(torch.tensor([1, 2]))
-            assert torch.isfinite(cpu.buffers.attn).all()
-            assert sorted(calls) == sorted((l, b, g * TINY.G, TINY.G) for l in range(TINY.L)
-                                           for b in range(2) for g in range(TINY.Hkv))
-    finally:
-        ops_ref._merge = real
+    monkeypatch.setattr(ops_ref, "_merge", lambda *a: (calls.append(a[2:]), real(*a))[1])
+    for step in range(3):
+        cpu.buffers.attn.fill_(float("nan"))
+        calls.clear()
+        cpu.step(torch.tensor([1, 2]))
+        assert torch.isfinite(cpu.buffers.attn).all()
+        assert sorted(calls) == sorted((l, b, g * TINY.G, TINY.G) for l in range(TINY.L)
+                                       for b in range(2) for g in range(TINY.Hkv))
 
 
 def test_greedy_tokens_equal_over_32_steps():
