@@ -65,10 +65,9 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
             {"num_sms": num_sms // 2}),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
-        flag("MK_NUM_PAGES", 5, "deeper shared-memory ring: 5 pages"),
+        flag("MK_RAW_SLOT", 0, "batches on CUDA cores leave the tensor-core staging area "
+             "idle: a 4-slot ring, not 5"),
         flag("MK_PAGE_KB", 16, "the same ring bytes in 8 pages of 16 KB", "-DMK_NUM_PAGES=8"),
-        flag("MK_PAGE_KB", 36, "4 pages of 36 KB", "-DMK_NUM_PAGES=4"),
-        flag("MK_PAGE_KB", 48, "3 pages of 48 KB", "-DMK_NUM_PAGES=3"),
         flag("MK_INPUT_PREFETCH", 0, "no L2 prefetch of the small inputs (queue, wait "
              "targets, norm weights, RoPE rows, KV cache): the consumers miss on demand"),
         flag("MK_PREFETCH_KV", 0, "the input prefetch leaves out the KV cache"),

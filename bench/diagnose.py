@@ -47,7 +47,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
     ap.add_argument("--pos", type=int, default=512)
-    ap.add_argument("--ring", action="store_true", help="also time a 5-page ring build")
+    ap.add_argument("--ring", action="store_true", help="also time the 4-slot ring build (MK_RAW_SLOT=0)")
     ap.add_argument("--sweep", action="store_true", help="only the plan-option sweep")
     args = ap.parse_args()
     res = {}
@@ -69,7 +69,7 @@ def main() -> int:
         res[f"1b_b1_nowait_{tag}"] = ms(seeded(cfg, w, 1, args.pos, program=nowait,
                                                ablate=ablate))
     res["1b_b1_no_prefetch"] = ms(seeded(cfg, w, 1, args.pos, ablate=("no_prefetch",)))
-    for flags in ([("-DMK_NUM_PAGES=5",)] if args.ring else []):
+    for flags in ([("-DMK_RAW_SLOT=0",)] if args.ring else []):
         tag = " ".join(f[5:] for f in flags)
         res[f"1b_b1 {tag}"] = ms(seeded(cfg, w, 1, args.pos, build_flags=flags))
     for B in (8, 16):

@@ -60,6 +60,9 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_RELEASE_QUIET
 #define MK_RELEASE_QUIET 1  // the loader issues nothing while a release fence waits for the SM's
 #endif                      // memory ops: 1 from a matvec's last page, 2 from the outputs; 0 never
+#ifndef MK_RAW_SLOT
+#define MK_RAW_SLOT 1       // batches on CUDA cores: the tensor-core staging area is one more ring slot
+#endif
 #ifndef MK_TC_MIN_BUCKET
 #define MK_TC_MIN_BUCKET 4  // batch buckets from this one up use tensor cores; 32: none do
 #endif
@@ -73,6 +76,11 @@ static_assert(MK_COPY_KB >= 1, "bulk copies of at least 1 KB");
 constexpr int kSlotBytes = kPageBytes + 16 * 16;
 constexpr int kTcMinBucket = MK_TC_MIN_BUCKET;
 constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
+// kRawSlot: where no tensor-core matvec runs (batch buckets below kTcMinBucket), the raw
+// activation area of matvec_tc.cuh (33 KB, otherwise idle) is ring slot kNumPages: one more
+// page of prefetch where the ring is what runs dry (a stage boundary, the attention block).
+constexpr bool kRawSlot = MK_RAW_SLOT != 0;
+constexpr int kMaxSlots = kNumPages + (kRawSlot ? 1 : 0);
 constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages past the ring pulled into L2
 constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;

@@ -25,24 +25,26 @@ namespace mk {
 
 struct SmemLayout {
   static constexpr size_t pages = 0;
-  static constexpr size_t full = pages + static_cast<size_t>(kNumPages) * kSlotBytes;
-  static constexpr size_t empty = full + kNumPages * sizeof(uint64_t);
-  static constexpr size_t act = empty + kNumPages * sizeof(uint64_t);
+  // The tensor-core matvec's raw activation chunk (cp.async destinations) right after the
+  // ring's slots: with kRawSlot, batches on CUDA cores use it as slot kNumPages.
+  static constexpr size_t raw = pages + static_cast<size_t>(kNumPages) * kSlotBytes;
+  static constexpr size_t full = raw + ((kRawFloats * sizeof(float) + 127) & ~size_t{127});
+  static constexpr size_t empty = full + kMaxSlots * sizeof(uint64_t);
+  static constexpr size_t act = empty + kMaxSlots * sizeof(uint64_t);
   static constexpr size_t acc = act + kActFloats * sizeof(float);
   static constexpr size_t red = acc + kAccFloats * sizeof(float);
   static constexpr size_t rstd = red + kConsumerWarps * kMaxBatch * sizeof(float);
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  // After the 5 flags (wait ok, error, abort, ready, quiet), 16-byte aligned: the
-  // tensor-core matvec's raw activation chunk (cp.async destinations).
-  static constexpr size_t raw = (flags + 5 * sizeof(int) + 15) & ~size_t{15};
-  static constexpr size_t total = raw + kRawFloats * sizeof(float);
+  // 5 flags: wait ok, error, abort, ready, quiet.
+  static constexpr size_t total = flags + 5 * sizeof(int);
 };
 // The attention op reuses act + acc as its scratch.
 static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
               "attention scratch must fit in the activation + accumulator space");
 static_assert(SmemLayout::total <= 227 * 1024, "shared memory budget of one H100 block");
+static_assert(!kRawSlot || kRawFloats * sizeof(float) >= kSlotBytes, "the raw area holds a ring slot");
 
 // Stop the whole grid (every rank's under tp): first error wins the record.
 __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t* ins,
@@ -225,6 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   extern __shared__ __align__(128) unsigned char smem[];
   Ring ring;
   ring.pages = smem + SmemLayout::pages;
+  ring.slots = tc_ntiles(a.B) ? kRingSlots<true> : kRingSlots<false>;
   ring.full = reinterpret_cast<uint64_t*>(smem + SmemLayout::full);
   ring.empty = reinterpret_cast<uint64_t*>(smem + SmemLayout::empty);
   volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
@@ -232,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   ring.ready = flags + 3;
   ring.quiet = flags + 4;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kNumPages; ++s) {
+    for (int s = 0; s < kMaxSlots; ++s) {
       mbar_init(&ring.full[s], 1);
       mbar_init(&ring.empty[s], kEmptyArrivals);
     }

@@ -5,7 +5,8 @@
 // columns in chunks of kc (sized so a [B, kc] activation chunk fits kActFloats), rows in
 // groups of rpp, pages ordered chunk-major. The LOADER warp streams pages into a ring of
 // kNumPages shared-memory slots with bulk copies, running ahead across instruction
-// boundaries without looking at counters (weights never depend on activations). The
+// boundaries without looking at counters (weights never depend on activations). The ring
+// has kNumPages slots, or one more (kRawSlot) when the batch runs on CUDA cores. The
 // CONSUMER warps wait on counters, stage each activation chunk in shared memory (times the
 // RMSNorm weight; 1/rms, a per-row constant, scales the sums afterwards), accumulate [n, B]
 // fp32 partial sums, then run the op's epilogue.
@@ -187,12 +188,25 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
 
 // ---- shared-memory ring ------------------------------------------------------------------
 struct Ring {
-  unsigned char* pages;    // kNumPages * kSlotBytes
-  uint64_t* full;          // [kNumPages] loader -> consumers (tx bytes)
-  uint64_t* empty;         // [kNumPages] consumers -> loader (kEmptyArrivals per page)
+  unsigned char* pages;    // slots * kSlotBytes (slot kNumPages: the raw area, kRawSlot)
+  int slots;               // kNumPages or kNumPages + 1; loader and consumers agree
+  uint64_t* full;          // [slots] loader -> consumers (tx bytes)
+  uint64_t* empty;         // [slots] consumers -> loader (kEmptyArrivals per page)
   volatile int* abort;     // set by consumers when the block stops early
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
   volatile int* quiet;     // kReleaseQuiet: the consumers' release is near, issue nothing
+  __device__ unsigned char* slot_bytes(int s) const {
+    return pages + static_cast<size_t>(s) * kSlotBytes;
+  }
+  // Ring page `it` (this SM's count of pages so far) lives in slot it % slots, filled for
+  // the (it / slots)-th time: the parity its mbarriers are at. The consumers know `slots`
+  // at compile time (kRingSlots of their matvec path), the loader at run time.
+  __device__ int slot_of(uint32_t it) const {
+    return static_cast<int>(slots == kNumPages ? it % kNumPages : it % kMaxSlots);
+  }
+  __device__ uint32_t phase_of(uint32_t it) const {
+    return (slots == kNumPages ? it / kNumPages : it / kMaxSlots) & 1;
+  }
 };
 
 // Arrivals that free a ring slot: one per consumer warp, or one per consumer thread.
@@ -221,18 +235,24 @@ __device__ __forceinline__ void page_stamp(const KernelArgs& a, uint32_t it, int
         static_cast<int64_t>(globaltimer());
 }
 
+// Ring slots of a launch whose matvecs run on tensor cores (kTc) or on CUDA cores: the
+// megakernel sets Ring::slots to the same value.
+template <bool kTc>
+constexpr int kRingSlots = kTc ? kNumPages : kMaxSlots;
+
 // Consumers: take ring page `it` (wait for its copy to land), run use(page) on it unless
 // MODE_NO_COMPUTE, give the slot back to the loader and advance `it`. The timing build
-// stamps the wait's start and end and the page's release (thread 0).
-template <bool kTiming, typename F>
+// stamps the wait's start and end and the page's release (thread 0). kSlots: the ring's
+// slots (kRingSlots of the caller's path).
+template <bool kTiming, int kSlots, typename F>
 __device__ __forceinline__ void consume_page(const KernelArgs& a, const Ring& ring, uint32_t& it,
                                              F&& use) {
-  const int slot = it % kNumPages;
+  const int slot = static_cast<int>(it % kSlots);
   const bool stamp = kTiming && threadIdx.x == 0;
   if (stamp) page_stamp<kTiming>(a, it, 1);
-  while (!mbar_try_wait(&ring.full[slot], (it / kNumPages) & 1)) {}
+  while (!mbar_try_wait(&ring.full[slot], (it / kSlots) & 1)) {}
   if (stamp) page_stamp<kTiming>(a, it, 2);
-  if (!(a.mode & MODE_NO_COMPUTE)) use(ring.pages + static_cast<size_t>(slot) * kSlotBytes);
+  if (!(a.mode & MODE_NO_COMPUTE)) use(ring.slot_bytes(slot));
   release_slot(ring, slot);
   if (stamp) page_stamp<kTiming>(a, it, 3);
   ++it;
@@ -301,10 +321,10 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       if (*ring.abort) break;
     }
     for (; l2_ahead && !ahead.done() && ahead_it < it; ahead.advance(a), ++ahead_it) {}
-    const int slot = it % kNumPages;
+    const int slot = ring.slot_of(it);
     const uint64_t wait_start = l2_ahead ? globaltimer() : 0;
     bool stop = false;
-    while (!mbar_try_wait(&ring.empty[slot], ((it / kNumPages) & 1) ^ 1)) {
+    while (!mbar_try_wait(&ring.empty[slot], ring.phase_of(it) ^ 1)) {
       if (*ring.abort) { stop = true; break; }
       if (l2_ahead && !(kReleaseQuiet && get_flag(ring.quiet)) && !ahead.done() &&
           ahead_it < it + kL2PrefetchPages &&
@@ -325,7 +345,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
     const uint32_t row_bytes = load.row_bytes(), stride = load.row_stride();
     if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
     __syncwarp();
-    unsigned char* dst = ring.pages + static_cast<size_t>(slot) * kSlotBytes;
+    unsigned char* dst = ring.slot_bytes(slot);
     // Rows go as copies of at most kCopyBytes (a 16 KB row as 4): a release's fence waits
     // for the copies in flight, and a short copy is done sooner.
     const uint32_t pieces = (row_bytes + kCopyBytes - 1) / kCopyBytes;
@@ -336,9 +356,9 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
     }
   }
   // Never leave the block with copies in flight: wait for the last fill of every slot.
-  for (int s = 0; s < kNumPages && s < static_cast<int>(it); ++s) {
-    const uint32_t last = it - 1 - ((it - 1 - s) % kNumPages);
-    while (!mbar_try_wait(&ring.full[s], (last / kNumPages) & 1)) {}
+  for (int s = 0; s < ring.slots && s < static_cast<int>(it); ++s) {
+    const uint32_t last = it - 1 - ((it - 1 - s) % ring.slots);
+    while (!mbar_try_wait(&ring.full[s], ring.phase_of(last))) {}
   }
 }
 
@@ -575,7 +595,7 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     });
     consumer_sync();
     for (int grp = 0; grp < g.ngroups; ++grp)
-      consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {
+      consume_page<kTiming, kRingSlots<false>>(a, ring, it, [&](const unsigned char* page) {
         page_matvec<BT>(page, g.group_rows(grp), cols, grp * g.rpp, act, warp_acc, B, !own);
       });
   }

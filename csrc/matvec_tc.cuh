@@ -264,7 +264,7 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     consumer_sync();  // frag holds chunk c; raw is free
     if (c + 1 < g.nchunks) load_chunk_tc(in, col0 + g.kc, g.chunk_cols(c + 1), B, raw, rs);
     for (int grp = 0; grp < g.ngroups; ++grp)
-      consume_page<kTiming>(a, ring, it, [&](const unsigned char* page) {
+      consume_page<kTiming, kRingSlots<true>>(a, ring, it, [&](const unsigned char* page) {
         page_mma<NT>(page, g.stride(cols), g.group_rows(grp), cols, grp * g.rpp, frag, acc, B,
                      part, !carry || c == g.nchunks - 1);
       });

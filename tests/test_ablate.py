@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 32 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 30 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -40,8 +40,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
     assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
-            ("build_flags", "-DMK_NUM_PAGES=5"), ("build_flags", "-DMK_PAGE_KB=16"),
-            ("build_flags", "-DMK_PAGE_KB=36"), ("build_flags", "-DMK_PAGE_KB=48"),
+            ("build_flags", "-DMK_RAW_SLOT=0"), ("build_flags", "-DMK_PAGE_KB=16"),
             ("build_flags", "-DMK_INPUT_PREFETCH=0"),
             ("build_flags", "-DMK_PREFETCH_KV=0"), ("build_flags", "-DMK_L2_PREFETCH_PAGES=8"),
             ("build_flags", "-DMK_WARP_RELEASE=1"), ("build_flags", "-DMK_WARP_ACC=0"),
@@ -52,8 +51,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
     assert {r.name for r in rows if r.diagnostic} == {"no_waits", "no_compute", "no_load"}
     assert [r.name for r in rows if r.strip_waits] == ["no_waits"]
     assert {r.name for r in rows if not r.modelled} == {
-        "no_prefetch", "MK_NUM_PAGES=2", "MK_NUM_PAGES=5", "MK_PAGE_KB=16+MK_NUM_PAGES=8",
-        "MK_PAGE_KB=36+MK_NUM_PAGES=4", "MK_PAGE_KB=48+MK_NUM_PAGES=3",
+        "no_prefetch", "MK_NUM_PAGES=2", "MK_RAW_SLOT=0", "MK_PAGE_KB=16+MK_NUM_PAGES=8",
         "MK_INPUT_PREFETCH=0",
         "MK_PREFETCH_KV=0", "MK_L2_PREFETCH_PAGES=8", "MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0",
         "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
@@ -89,8 +87,8 @@ def test_every_row_plans_with_a_prediction():
 def test_rows_subset():
     rows = ablate.grid()
     assert [r.name for r in ablate.select(rows, None)] == [r.name for r in rows]
-    got = ablate.select(rows, "no_load, policy=rr,MK_NUM_PAGES=5")
-    assert [r.name for r in got] == ["default", "policy=rr", "MK_NUM_PAGES=5", "no_load"]
+    got = ablate.select(rows, "no_load, policy=rr,MK_RAW_SLOT=0")
+    assert [r.name for r in got] == ["default", "policy=rr", "MK_RAW_SLOT=0", "no_load"]
     assert [r.name for r in ablate.select(rows, "default")] == ["default"]
     for bad in ("policy=xx", "", " , "):
         with pytest.raises(ValueError, match="rows: default,no_prefetch"):
@@ -186,9 +184,9 @@ def _run_rows(monkeypatch, names, fail="", build_code=None, timeout=None):
 
 def test_row_loop_skips_failed_builds_and_goes_on(monkeypatch):
     code = "import sys; sys.exit('nvcc: boom') if '-DMK_NUM_PAGES=2' in sys.argv else None"
-    recs, fake, lines = _run_rows(monkeypatch, "policy=rr,MK_NUM_PAGES=2,MK_NUM_PAGES=5,"
+    recs, fake, lines = _run_rows(monkeypatch, "policy=rr,MK_NUM_PAGES=2,MK_RAW_SLOT=0,"
                                   "no_waits", fail="policy=rr", build_code=code)
-    assert list(recs) == ["default", "policy=rr", "MK_NUM_PAGES=2", "MK_NUM_PAGES=5",
+    assert list(recs) == ["default", "policy=rr", "MK_NUM_PAGES=2", "MK_RAW_SLOT=0",
                           "no_waits"]
     assert recs["default"]["ms_per_step"] == 2.0 and recs["default"]["predicted_ms"] > 0
     assert "logits" not in recs["default"]
@@ -197,18 +195,18 @@ def test_row_loop_skips_failed_builds_and_goes_on(monkeypatch):
                                          "counter wait exceeded its budget")
     assert recs["MK_NUM_PAGES=2"]["note"] == "skipped: build failed (exit 1): nvcc: boom"
     assert "MK_NUM_PAGES=2" not in fake.seen and recs["MK_NUM_PAGES=2"]["predicted_ms"] > 0
-    assert recs["MK_NUM_PAGES=5"]["ms_per_step"] is not None
+    assert recs["MK_RAW_SLOT=0"]["ms_per_step"] is not None
     assert fake.seen["default"] is None
-    assert fake.seen["MK_NUM_PAGES=5"] == fake.seen["no_waits"] == "logits of default"
+    assert fake.seen["MK_RAW_SLOT=0"] == fake.seen["no_waits"] == "logits of default"
     assert any("row 5/5 no_waits" in line for line in lines)
-    assert sum("build (" in line for line in lines) == 3       # (), pages 2, pages 5
+    assert sum("build (" in line for line in lines) == 3       # (), pages 2, raw slot 0
 
 
 def test_a_hung_build_is_killed(monkeypatch):
-    recs, fake, lines = _run_rows(monkeypatch, "MK_NUM_PAGES=5", timeout=2, build_code=(
+    recs, fake, lines = _run_rows(monkeypatch, "MK_RAW_SLOT=0", timeout=2, build_code=(
         "import sys, time; time.sleep(60) if len(sys.argv) > 1 else None"))
     assert recs["default"]["ms_per_step"] is not None
-    assert recs["MK_NUM_PAGES=5"]["note"] == "skipped: build not done within 2 s (killed)"
+    assert recs["MK_RAW_SLOT=0"]["note"] == "skipped: build not done within 2 s (killed)"
 
 
 def test_exit_status_follows_the_default_row(monkeypatch, tmp_path):
