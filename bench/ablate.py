@@ -91,6 +91,10 @@ def grid(num_sms: int = 132) -> list[Row]:
              "last page and its release, whose fence then waits for them"),
         flag("MK_RELEASE_QUIET", 2, "the loader pauses only from an instruction's outputs "
              "written to its release (not from a matvec's last page)"),
+        flag("MK_QUIET_INPUTS", 1, "the loader issues nothing while ATTN / ATTN_REDUCE "
+             "execute (their L2 loads do not queue behind landing pages)"),
+        flag("MK_QUIET_INPUTS", 2, "as MK_QUIET_INPUTS=1, and during a CUDA-core matvec's "
+             "activation staging too"),
         flag("MK_TC_MIN_BUCKET", 1, "tensor cores from batch 1 up (the hi/lo split "
              "activations as an 8-column n-tile)"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},

@@ -60,6 +60,9 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_RELEASE_QUIET
 #define MK_RELEASE_QUIET 1  // the loader issues nothing while a release fence waits for the SM's
 #endif                      // memory ops: 1 from a matvec's last page, 2 from the outputs; 0 never
+#ifndef MK_QUIET_INPUTS     // the loader issues nothing while the consumers wait for inputs from L2:
+#define MK_QUIET_INPUTS 0   // 1 through ATTN / ATTN_REDUCE, 2 also a CUDA-core matvec's staging
+#endif
 #ifndef MK_RAW_SLOT
 #define MK_RAW_SLOT 1       // batches on CUDA cores: the tensor-core staging area is one more ring slot
 #endif
@@ -91,6 +94,9 @@ constexpr bool kMvScatter = MK_MV_SCATTER != 0;
 constexpr bool kReleaseQuiet = MK_RELEASE_QUIET != 0;
 constexpr bool kFuseReduce = MK_FUSE_REDUCE != 0;
 constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
+// Bulk copies landing in this SM share its L2 return path with the consumers' loads: a
+// load on the critical path queues behind up to a ring's worth of pages (~1 us).
+constexpr int kQuietInputs = kReleaseQuiet ? MK_QUIET_INPUTS : 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports

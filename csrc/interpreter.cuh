@@ -151,6 +151,8 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
     if (tid == 0) flags[3] = i;  // waits of instruction i hold (the NO_PREFETCH loader waits for it)
     int err = ERR_NONE;
     const int op = ins[W_OPCODE];
+    if (kQuietInputs && tid == 0 && (op == OP_ATTN || op == OP_ATTN_REDUCE))
+      set_flag(ring.quiet, 1);  // cleared after the release
     if (is_matvec(op) && !matvec_valid(a, ins)) {
       err = ERR_BAD_INSTRUCTION;
     } else if (is_matvec(op)) {

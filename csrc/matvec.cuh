@@ -589,11 +589,13 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
+    if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
     with_fold(in, [&](auto fold) {
       stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
     });
     consumer_sync();
+    if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming, kRingSlots<false>>(a, ring, it, [&](const unsigned char* page) {
         page_matvec<BT>(page, g.group_rows(grp), cols, grp * g.rpp, act, warp_acc, B, !own);
