@@ -15,5 +15,8 @@ if [ "${SANITIZE:-0}" = 1 ]; then
     run_sanitize $run
   done
 fi
+# TRACES="flag ...": traces of llama-3.2-1b batch 1, the default build and one per build flag
+# (-DMK_...) or runtime switch (run_traces).
+[ -z "${TRACES:-}" ] || run_traces $TRACES
 # Few files come back from a call: the bench JSON/markdown/PNG, the rest in one archive.
 archive_logs 'bench_*'
