@@ -67,7 +67,6 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
         flag("MK_RAW_SLOT", 0, "batches on CUDA cores leave the tensor-core staging area "
              "idle: a 4-slot ring, not 5"),
-        flag("MK_PAGE_KB", 16, "the same ring bytes in 8 pages of 16 KB", "-DMK_NUM_PAGES=8"),
         flag("MK_INPUT_PREFETCH", 0, "no L2 prefetch of the small inputs (queue, wait "
              "targets, norm weights, RoPE rows, KV cache): the consumers miss on demand"),
         flag("MK_PREFETCH_KV", 0, "the input prefetch leaves out the KV cache"),
