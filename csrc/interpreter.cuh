@@ -10,6 +10,7 @@
 // aborts the others (their records say ABORTED and name the rank that failed).
 #pragma once
 #include "common.cuh"
+#include "loader.cuh"
 #include "matvec.cuh"
 #include "matvec_tc.cuh"
 #include "ops/argmax.cuh"

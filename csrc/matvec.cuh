@@ -3,13 +3,11 @@
 // An instruction multiplies rows [row0, row0+n) of one bf16 weight matrix [N, K] by a
 // [B, K] fp32 activation. Its weights are cut into pages of at most kPageBytes:
 // columns in chunks of kc (sized so a [B, kc] activation chunk fits kActFloats), rows in
-// groups of rpp, pages ordered chunk-major. The LOADER warp streams pages into a ring of
-// kNumPages shared-memory slots with bulk copies, running ahead across instruction
-// boundaries without looking at counters (weights never depend on activations). The ring
-// has kNumPages slots, or one more (kRawSlot) when the batch runs on CUDA cores. The
-// CONSUMER warps wait on counters, stage each activation chunk in shared memory (times the
-// RMSNorm weight; 1/rms, a per-row constant, scales the sums afterwards), accumulate [n, B]
-// fp32 partial sums, then run the op's epilogue.
+// groups of rpp, pages ordered chunk-major. The LOADER warp (loader.cuh) streams pages into
+// the shared-memory ring (ring.cuh). The CONSUMER warps wait on counters, stage each
+// activation chunk in shared memory (times the RMSNorm weight; 1/rms, a per-row constant,
+// scales the sums afterwards), accumulate [n, B] fp32 partial sums, then run the op's
+// epilogue.
 // Both sides walk the same page sequence, derived from `matvec_geometry` alone.
 // Batch buckets from kTcMinBucket up compute on tensor cores (matvec_tc.cuh) and change the
 // page layout: rows padded to an odd multiple of 16 bytes, activation chunks of 8-column
@@ -18,7 +16,7 @@
 #include <type_traits>
 
 #include "common.cuh"
-#include "inputs.cuh"
+#include "ring.cuh"
 
 namespace mk {
 
@@ -183,182 +181,6 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
                          a.mlp_norm + static_cast<size_t>(l) * a.d);
     case OP_DOWN: return {a.act + static_cast<size_t>(l) * a.B * a.I, a.I, nullptr};
     default: return resid_input(a, ins, 2 * a.L, W_LMHEAD_FOLD, a.final_norm);
-  }
-}
-
-// ---- shared-memory ring ------------------------------------------------------------------
-struct Ring {
-  unsigned char* pages;    // slots * kSlotBytes (slot kNumPages: the raw area, kRawSlot)
-  int slots;               // kNumPages or kNumPages + 1; loader and consumers agree
-  uint64_t* full;          // [slots] loader -> consumers (tx bytes)
-  uint64_t* empty;         // [slots] consumers -> loader (kEmptyArrivals per page)
-  volatile int* abort;     // set by consumers when the block stops early
-  volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
-  volatile int* quiet;     // kReleaseQuiet: the consumers' release is near, issue nothing
-  __device__ unsigned char* slot_bytes(int s) const {
-    return pages + static_cast<size_t>(s) * kSlotBytes;
-  }
-  // Ring page `it` (this SM's count of pages so far) lives in slot it % slots, filled for
-  // the (it / slots)-th time: the parity its mbarriers are at. The consumers know `slots`
-  // at compile time (kRingSlots of their matvec path), the loader at run time.
-  __device__ int slot_of(uint32_t it) const {
-    return static_cast<int>(slots == kNumPages ? it % kNumPages : it % kMaxSlots);
-  }
-  __device__ uint32_t phase_of(uint32_t it) const {
-    return (slots == kNumPages ? it / kNumPages : it / kMaxSlots) & 1;
-  }
-};
-
-// Arrivals that free a ring slot: one per consumer warp, or one per consumer thread.
-constexpr int kEmptyArrivals = kWarpRelease ? kConsumerWarps : kConsumerThreads;
-
-// Consumers: this thread is done reading ring slot `slot`. An mbarrier arrive orders only
-// the arriving thread's accesses, so every thread arrives; or (kWarpRelease) the __syncwarp
-// orders the warp's reads before its lane 0 arrives: 8 arrivals instead of 256. Off by
-// default: it measured no faster, and racecheck cannot see the __syncwarp's ordering (it
-// reports each page's reads as racing with the next bulk copy into the slot).
-__device__ __forceinline__ void release_slot(const Ring& ring, int slot) {
-  if (kWarpRelease) {
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0) mbar_arrive(&ring.empty[slot]);
-  } else {
-    mbar_arrive(&ring.empty[slot]);
-  }
-}
-
-// Timing build: stamp k of ring page `it` (the launch's page count on this SM), see
-// KernelArgs::page_timing. Compiled out of the kernel without timing.
-template <bool kTiming>
-__device__ __forceinline__ void page_stamp(const KernelArgs& a, uint32_t it, int k) {
-  if (kTiming && a.page_timing && it < static_cast<uint32_t>(a.page_max))
-    a.page_timing[(static_cast<size_t>(blockIdx.x) * a.page_max + it) * 4 + k] =
-        static_cast<int64_t>(globaltimer());
-}
-
-// Ring slots of a launch whose matvecs run on tensor cores (kTc) or on CUDA cores: the
-// megakernel sets Ring::slots to the same value.
-template <bool kTc>
-constexpr int kRingSlots = kTc ? kNumPages : kMaxSlots;
-
-// Consumers: take ring page `it` (wait for its copy to land), run use(page) on it unless
-// MODE_NO_COMPUTE, give the slot back to the loader and advance `it`. The timing build
-// stamps the wait's start and end and the page's release (thread 0). kSlots: the ring's
-// slots (kRingSlots of the caller's path).
-template <bool kTiming, int kSlots, typename F>
-__device__ __forceinline__ void consume_page(const KernelArgs& a, const Ring& ring, uint32_t& it,
-                                             F&& use) {
-  const int slot = static_cast<int>(it % kSlots);
-  const bool stamp = kTiming && threadIdx.x == 0;
-  if (stamp) page_stamp<kTiming>(a, it, 1);
-  while (!mbar_try_wait(&ring.full[slot], (it / kSlots) & 1)) {}
-  if (stamp) page_stamp<kTiming>(a, it, 2);
-  if (!(a.mode & MODE_NO_COMPUTE)) use(ring.slot_bytes(slot));
-  release_slot(ring, slot);
-  if (stamp) page_stamp<kTiming>(a, it, 3);
-  ++it;
-}
-
-// The pages of the matvec instructions of one SM queue, in the order the consumers take them.
-// With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes.
-struct PageWalk {
-  const int32_t* queue;
-  int qlen, i, p;          // instruction index (qlen: finished), page inside it
-  bool inputs;
-  MatvecGeometry g;
-
-  __device__ void start(const KernelArgs& a, const int32_t* q, int n, bool prefetch_inputs) {
-    queue = q; qlen = n; i = -1; inputs = prefetch_inputs;
-    next_instruction(a);
-  }
-  __device__ bool done() const { return i >= qlen; }
-  __device__ void next_instruction(const KernelArgs& a) {
-    p = 0;
-    for (++i; i < qlen; ++i) {
-      const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
-      if (inputs) prefetch_inputs(a, ins, threadIdx.x & 31);
-      if (is_matvec(__ldg(ins + W_OPCODE))) {
-        g = matvec_geometry(a, ins);
-        if (g.pages() > 0) return;
-      }
-    }
-  }
-  __device__ void advance(const KernelArgs& a) {
-    if (++p >= g.pages()) next_instruction(a);
-  }
-  // Row segments of the current page: rows, bytes per row, first element of row 0.
-  __device__ int rows() const { return g.group_rows(p % g.ngroups); }
-  __device__ uint32_t row_bytes() const { return g.chunk_cols(p / g.ngroups) * 2; }
-  __device__ uint32_t row_stride() const { return g.stride(g.chunk_cols(p / g.ngroups)); }
-  __device__ const __nv_bfloat16* row(int r) const {
-    const int c = p / g.ngroups, grp = p % g.ngroups;
-    return g.w + static_cast<size_t>(grp * g.rpp + r) * g.K + static_cast<size_t>(c) * g.kc;
-  }
-};
-
-// Loader warp: stream the pages of every matvec instruction of this SM's queue into the
-// ring. kReleaseQuiet: it issues nothing from the moment an instruction's outputs are
-// written (with MK_RELEASE_QUIET=1, for a matvec, from its last page) until its release add
-// is done: that release's fence waited for the memory operations the loader kept issuing
-// (measured: 1.4-3.1 us per matvec release with the ring streaming, 0.5 us quiet). When the ring is full and its oldest page is still unconsumed after kL2StallNs (the
-// consumers are in attention, a reduction or a counter wait), HBM would idle: the loader
-// then pulls the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later
-// fill the ring with them hit L2.
-template <bool kTiming>
-__device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
-                            int qlen) {
-  const int lane = threadIdx.x & 31;
-  const uint64_t policy = evict_first_policy();
-  const bool l2_ahead = !(a.mode & (MODE_NO_PREFETCH | MODE_NO_LOAD)) && kL2PrefetchPages > 0;
-  // The queue itself first: the walks below and the consumers read every instruction.
-  if (kInputPrefetch && lane == 0 && qlen > 0) prefetch_l2(queue, qlen * kWords * sizeof(int32_t));
-  PageWalk load, ahead;  // ahead: the next page to pull into L2 (each lane its own rows)
-  load.start(a, queue, qlen, kInputPrefetch);
-  ahead.start(a, queue, qlen, false);
-  uint32_t it = 0, ahead_it = 0;
-  for (; !load.done(); load.advance(a), ++it) {
-    if (a.mode & MODE_NO_PREFETCH) {
-      while (*ring.ready < load.i && !*ring.abort) {}
-      if (*ring.abort) break;
-    }
-    for (; l2_ahead && !ahead.done() && ahead_it < it; ahead.advance(a), ++ahead_it) {}
-    const int slot = ring.slot_of(it);
-    const uint64_t wait_start = l2_ahead ? globaltimer() : 0;
-    bool stop = false;
-    while (!mbar_try_wait(&ring.empty[slot], ring.phase_of(it) ^ 1)) {
-      if (*ring.abort) { stop = true; break; }
-      if (l2_ahead && !(kReleaseQuiet && get_flag(ring.quiet)) && !ahead.done() &&
-          ahead_it < it + kL2PrefetchPages &&
-          globaltimer() - wait_start >= static_cast<uint64_t>(kL2StallNs)) {
-        for (int r = 0; r < ahead.rows(); ++r) prefetch_lines(ahead.row(r), ahead.row_bytes(), lane);
-        ahead.advance(a);
-        ++ahead_it;
-      }
-    }
-    if (stop) break;
-    while (kReleaseQuiet && get_flag(ring.quiet) && !*ring.abort) __nanosleep(64);
-    if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 0);
-    if (a.mode & MODE_NO_LOAD) {
-      if (lane == 0) mbar_arrive(&ring.full[slot]);
-      continue;
-    }
-    const int rows = load.rows();
-    const uint32_t row_bytes = load.row_bytes(), stride = load.row_stride();
-    if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
-    __syncwarp();
-    unsigned char* dst = ring.slot_bytes(slot);
-    // Rows go as copies of at most kCopyBytes (a 16 KB row as 4): a release's fence waits
-    // for the copies in flight, and a short copy is done sooner.
-    const uint32_t pieces = (row_bytes + kCopyBytes - 1) / kCopyBytes;
-    for (uint32_t q = lane; q < rows * pieces; q += 32) {
-      const uint32_t r = q / pieces, off = (q % pieces) * kCopyBytes;
-      bulk_load(dst + r * stride + off, reinterpret_cast<const unsigned char*>(load.row(r)) + off,
-                min(kCopyBytes, row_bytes - off), &ring.full[slot], policy);
-    }
-  }
-  // Never leave the block with copies in flight: wait for the last fill of every slot.
-  for (int s = 0; s < ring.slots && s < static_cast<int>(it); ++s) {
-    const uint32_t last = it - 1 - ((it - 1 - s) % ring.slots);
-    while (!mbar_try_wait(&ring.full[s], ring.phase_of(last))) {}
   }
 }
 

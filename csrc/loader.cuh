@@ -1,0 +1,117 @@
+// The loader warp: streams the weight pages of every matvec instruction of its SM's queue
+// into the ring (ring.cuh) with bulk copies, running ahead across instruction boundaries
+// without looking at counters (weights never depend on activations), and prefetches the
+// small inputs of the instructions it passes into L2 (inputs.cuh). It walks the same page
+// sequence as the consumers (matvec.cuh), derived from `matvec_geometry` alone.
+#pragma once
+#include "inputs.cuh"
+#include "matvec.cuh"
+#include "ring.cuh"
+
+namespace mk {
+
+// The pages of the matvec instructions of one SM queue, in the order the consumers take them.
+// With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes.
+struct PageWalk {
+  const int32_t* queue;
+  int qlen, i, p;          // instruction index (qlen: finished), page inside it
+  bool inputs;
+  MatvecGeometry g;
+
+  __device__ void start(const KernelArgs& a, const int32_t* q, int n, bool prefetch_inputs) {
+    queue = q; qlen = n; i = -1; inputs = prefetch_inputs;
+    next_instruction(a);
+  }
+  __device__ bool done() const { return i >= qlen; }
+  __device__ void next_instruction(const KernelArgs& a) {
+    p = 0;
+    for (++i; i < qlen; ++i) {
+      const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
+      if (inputs) prefetch_inputs(a, ins, threadIdx.x & 31);
+      if (is_matvec(__ldg(ins + W_OPCODE))) {
+        g = matvec_geometry(a, ins);
+        if (g.pages() > 0) return;
+      }
+    }
+  }
+  __device__ void advance(const KernelArgs& a) {
+    if (++p >= g.pages()) next_instruction(a);
+  }
+  // Row segments of the current page: rows, bytes per row, first element of row 0.
+  __device__ int rows() const { return g.group_rows(p % g.ngroups); }
+  __device__ uint32_t row_bytes() const { return g.chunk_cols(p / g.ngroups) * 2; }
+  __device__ uint32_t row_stride() const { return g.stride(g.chunk_cols(p / g.ngroups)); }
+  __device__ const __nv_bfloat16* row(int r) const {
+    const int c = p / g.ngroups, grp = p % g.ngroups;
+    return g.w + static_cast<size_t>(grp * g.rpp + r) * g.K + static_cast<size_t>(c) * g.kc;
+  }
+};
+
+// Loader warp: stream the pages of every matvec instruction of this SM's queue into the
+// ring. kReleaseQuiet: it issues nothing from the moment an instruction's outputs are
+// written (with MK_RELEASE_QUIET=1, for a matvec, from its last page) until its release add
+// is done: that release's fence waited for the memory operations the loader kept issuing
+// (measured: 1.4-3.1 us per matvec release with the ring streaming, 0.5 us quiet). When the ring is full and its oldest page is still unconsumed after kL2StallNs (the
+// consumers are in attention, a reduction or a counter wait), HBM would idle: the loader
+// then pulls the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later
+// fill the ring with them hit L2.
+template <bool kTiming>
+__device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
+                            int qlen) {
+  const int lane = threadIdx.x & 31;
+  const uint64_t policy = evict_first_policy();
+  const bool l2_ahead = !(a.mode & (MODE_NO_PREFETCH | MODE_NO_LOAD)) && kL2PrefetchPages > 0;
+  // The queue itself first: the walks below and the consumers read every instruction.
+  if (kInputPrefetch && lane == 0 && qlen > 0) prefetch_l2(queue, qlen * kWords * sizeof(int32_t));
+  PageWalk load, ahead;  // ahead: the next page to pull into L2 (each lane its own rows)
+  load.start(a, queue, qlen, kInputPrefetch);
+  ahead.start(a, queue, qlen, false);
+  uint32_t it = 0, ahead_it = 0;
+  for (; !load.done(); load.advance(a), ++it) {
+    if (a.mode & MODE_NO_PREFETCH) {
+      while (*ring.ready < load.i && !*ring.abort) {}
+      if (*ring.abort) break;
+    }
+    for (; l2_ahead && !ahead.done() && ahead_it < it; ahead.advance(a), ++ahead_it) {}
+    const int slot = ring.slot_of(it);
+    const uint64_t wait_start = l2_ahead ? globaltimer() : 0;
+    bool stop = false;
+    while (!mbar_try_wait(&ring.empty[slot], ring.phase_of(it) ^ 1)) {
+      if (*ring.abort) { stop = true; break; }
+      if (l2_ahead && !(kReleaseQuiet && get_flag(ring.quiet)) && !ahead.done() &&
+          ahead_it < it + kL2PrefetchPages &&
+          globaltimer() - wait_start >= static_cast<uint64_t>(kL2StallNs)) {
+        for (int r = 0; r < ahead.rows(); ++r) prefetch_lines(ahead.row(r), ahead.row_bytes(), lane);
+        ahead.advance(a);
+        ++ahead_it;
+      }
+    }
+    if (stop) break;
+    while (kReleaseQuiet && get_flag(ring.quiet) && !*ring.abort) __nanosleep(64);
+    if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 0);
+    if (a.mode & MODE_NO_LOAD) {
+      if (lane == 0) mbar_arrive(&ring.full[slot]);
+      continue;
+    }
+    const int rows = load.rows();
+    const uint32_t row_bytes = load.row_bytes(), stride = load.row_stride();
+    if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
+    __syncwarp();
+    unsigned char* dst = ring.slot_bytes(slot);
+    // Rows go as copies of at most kCopyBytes (a 16 KB row as 4): a release's fence waits
+    // for the copies in flight, and a short copy is done sooner.
+    const uint32_t pieces = (row_bytes + kCopyBytes - 1) / kCopyBytes;
+    for (uint32_t q = lane; q < rows * pieces; q += 32) {
+      const uint32_t r = q / pieces, off = (q % pieces) * kCopyBytes;
+      bulk_load(dst + r * stride + off, reinterpret_cast<const unsigned char*>(load.row(r)) + off,
+                min(kCopyBytes, row_bytes - off), &ring.full[slot], policy);
+    }
+  }
+  // Never leave the block with copies in flight: wait for the last fill of every slot.
+  for (int s = 0; s < ring.slots && s < static_cast<int>(it); ++s) {
+    const uint32_t last = it - 1 - ((it - 1 - s) % ring.slots);
+    while (!mbar_try_wait(&ring.full[s], ring.phase_of(last))) {}
+  }
+}
+
+}  // namespace mk
