@@ -15,36 +15,14 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/hbm_stream.cu \
 //        -o /tmp/hbmprobe && /tmp/hbmprobe [trials=15]
-#include <cuda_runtime.h>
-
 #include <algorithm>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                    \
-  do {                                                                              \
-    cudaError_t e = (x);                                                            \
-    if (e != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
+#include "probe_util.cuh"
 
 namespace {
 
-constexpr int kMaxSlots = 6;
-constexpr uint32_t kPage = 32 * 1024;
-
-__device__ __forceinline__ uint64_t now() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ uint32_t sa(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using namespace probe;
 
 // hint: 0 none, 1 evict_first, 2 evict_normal, 3 evict_last, 4 evict_unchanged
 // interleave: 0 contiguous regions, 1 pages interleaved across blocks
@@ -52,56 +30,18 @@ __global__ void __launch_bounds__(32, 1)
 stream(const unsigned char* data, uint32_t pages, int interleave, int hint, int slots,
        uint32_t piece, int64_t* out) {
   extern __shared__ __align__(128) unsigned char smem[];
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kMaxSlots * kPage);
-  const int lane = threadIdx.x;
-  if (lane == 0) {
-    for (int s = 0; s < slots; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sa(full + s)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncwarp();
   uint64_t policy = 0;
   if (hint == 1) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   if (hint == 2) asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
   if (hint == 3) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
   if (hint == 4) asm volatile("createpolicy.fractional.L2::evict_unchanged.b64 %0, 1.0;" : "=l"(policy));
   const uint64_t t1 = now();
-  for (uint32_t it = 0; it < pages + slots; ++it) {
-    if (it >= static_cast<uint32_t>(slots)) {  // wait for page it - slots: its slot is free
-      const uint32_t w = it - slots, slot = w % slots, parity = (w / slots) & 1;
-      uint32_t done = 0;
-      while (!done)
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
-            "selp.u32 %0, 1, 0, p; }"
-            : "=r"(done) : "r"(sa(full + slot)), "r"(parity) : "memory");
-    }
-    if (it >= pages) continue;
-    const uint32_t slot = it % slots;
-    unsigned char* dst = smem + slot * kPage;
+  stream_pages(smem, pages, slots, piece, hint != 0, policy, [&](uint32_t it) {
     const size_t page = interleave ? static_cast<size_t>(it) * gridDim.x + blockIdx.x
                                    : static_cast<size_t>(blockIdx.x) * pages + it;
-    const unsigned char* src = data + page * kPage;
-    if (lane == 0)
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                   :: "r"(sa(full + slot)), "r"(kPage) : "memory");
-    __syncwarp();
-    for (uint32_t q = lane; q < kPage / piece; q += 32) {
-      if (hint)
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-            " [%0], [%1], %2, [%3], %4;"
-            :: "r"(sa(dst + q * piece)), "l"(src + q * piece), "r"(piece), "r"(sa(full + slot)),
-               "l"(policy) : "memory");
-      else
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
-            " [%0], [%1], %2, [%3];"
-            :: "r"(sa(dst + q * piece)), "l"(src + q * piece), "r"(piece), "r"(sa(full + slot))
-            : "memory");
-    }
-  }
-  if (lane == 0) {
+    return data + page * kPage;
+  });
+  if (threadIdx.x == 0) {
     out[2 * blockIdx.x] = static_cast<int64_t>(t1);
     out[2 * blockIdx.x + 1] = static_cast<int64_t>(now());
   }
@@ -122,11 +62,6 @@ __global__ void read_ldg(const uint4* p, size_t n, uint32_t* sink, int64_t* out)
     out[2 * blockIdx.x] = static_cast<int64_t>(t1);
     out[2 * blockIdx.x + 1] = static_cast<int64_t>(now());
   }
-}
-
-__global__ void fill(uint32_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    p[i] = static_cast<uint32_t>(i) * 2654435761u ^ seed;
 }
 
 }  // namespace
@@ -151,7 +86,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&sink, 4));
   CHECK(cudaMalloc(&out, 2 * max_blocks * sizeof(int64_t)));
   fill<<<4 * sms, 256>>>(reinterpret_cast<uint32_t*>(data), max_bytes / 4, 7u);
-  const int smem = kMaxSlots * kPage + kMaxSlots * 8;
+  const int smem = kStreamSmem;
   CHECK(cudaFuncSetAttribute(stream, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   // kind 0: bulk stream (one warp per SM); 1: plain read kernel with `slots` blocks per SM.
   struct Row { const char* name; int kind; uint32_t kb_per_sm; int interleave, hint, slots;

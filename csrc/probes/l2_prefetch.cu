@@ -17,50 +17,21 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/l2_prefetch.cu \
 //        -o /tmp/l2probe && /tmp/l2probe [region_kb=512] [idle_us=20] [trials=15]
-#include <cuda_runtime.h>
-
 #include <algorithm>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                    \
-  do {                                                                              \
-    cudaError_t e = (x);                                                            \
-    if (e != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
+#include "probe_util.cuh"
 
 namespace {
 
-constexpr int kMaxSlots = 6;
-constexpr uint32_t kPage = 32 * 1024;
-
-__device__ __forceinline__ uint64_t now() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ uint32_t sa(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using namespace probe;
 
 __global__ void __launch_bounds__(32, 1)
 stream(const unsigned char* data, size_t region, size_t ahead, int mode, int hint,
        uint64_t idle_ns, int kSlots, uint32_t kPiece, int64_t* out) {
   extern __shared__ __align__(128) unsigned char smem[];
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kMaxSlots * kPage);
   const int lane = threadIdx.x;
   const unsigned char* src = data + blockIdx.x * region;
-  if (lane == 0) {
-    for (int s = 0; s < kSlots; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sa(full + s)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncwarp();
   const uint64_t t0 = now();
   if (mode == 1 && lane == 0) {
     for (size_t o = 0; o < ahead; o += kPage)
@@ -75,45 +46,9 @@ stream(const unsigned char* data, size_t region, size_t ahead, int mode, int hin
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   const uint64_t t1 = now();
   const uint32_t pages = static_cast<uint32_t>(region / kPage);
-  for (uint32_t it = 0; it < pages + kSlots; ++it) {
-    if (it >= kSlots) {  // wait for page it - kSlots: the slot is free again
-      const uint32_t w = it - kSlots, slot = w % kSlots, parity = (w / kSlots) & 1;
-      uint32_t done = 0;
-      while (!done)
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
-            "selp.u32 %0, 1, 0, p; }"
-            : "=r"(done) : "r"(sa(full + slot)), "r"(parity) : "memory");
-    }
-    if (it >= pages) continue;
-    const uint32_t slot = it % kSlots;
-    unsigned char* dst = smem + slot * kPage;
-    if (lane == 0)
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-                   :: "r"(sa(full + slot)), "r"(kPage) : "memory");
-    __syncwarp();
-    for (uint32_t q = lane; q < kPage / kPiece; q += 32) {  // pieces of a page
-      const unsigned char* g = src + static_cast<size_t>(it) * kPage + q * kPiece;
-      if (hint)
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-            " [%0], [%1], %2, [%3], %4;"
-            :: "r"(sa(dst + q * kPiece)), "l"(g), "r"(kPiece), "r"(sa(full + slot)), "l"(policy)
-            : "memory");
-      else
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
-            " [%0], [%1], %2, [%3];"
-            :: "r"(sa(dst + q * kPiece)), "l"(g), "r"(kPiece), "r"(sa(full + slot))
-            : "memory");
-    }
-  }
+  stream_pages(smem, pages, kSlots, kPiece, hint != 0, policy,
+               [&](uint32_t it) { return src + static_cast<size_t>(it) * kPage; });
   if (lane == 0) out[blockIdx.x] = static_cast<int64_t>(now() - t1);
-}
-
-__global__ void fill(uint32_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    p[i] = static_cast<uint32_t>(i) * 2654435761u ^ seed;
 }
 
 }  // namespace
@@ -137,7 +72,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&flush, flush_bytes));
   CHECK(cudaMalloc(&out, sms * sizeof(int64_t)));
   fill<<<4 * sms, 256>>>(reinterpret_cast<uint32_t*>(data), sms * region / 4, 7u);
-  const int smem = kMaxSlots * kPage + kMaxSlots * 8;
+  const int smem = kStreamSmem;
   CHECK(cudaFuncSetAttribute(stream, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   struct Mode { const char* name; int mode; size_t ahead; int hint; int slots; uint32_t piece; };
   constexpr uint32_t K4 = 4096, K16 = 16384, K32 = 32768;
