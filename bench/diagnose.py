@@ -47,7 +47,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
     ap.add_argument("--pos", type=int, default=512)
-    ap.add_argument("--ring", action="store_true", help="also time the 4-slot ring build (MK_RAW_SLOT=0)")
+    ap.add_argument("--ring", action="store_true",
+                    help="also time the 4-slot ring build (MK_RAW_SLOT=0)")
     ap.add_argument("--sweep", action="store_true", help="only the plan-option sweep")
     args = ap.parse_args()
     res = {}

@@ -60,11 +60,13 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_RELEASE_QUIET
 #define MK_RELEASE_QUIET 1  // the loader issues nothing while a release fence waits for the SM's
 #endif                      // memory ops: 1 from a matvec's last page, 2 from the outputs; 0 never
-#ifndef MK_QUIET_INPUTS     // the loader issues nothing while the consumers wait for inputs from L2:
-#define MK_QUIET_INPUTS 0   // 1 through ATTN / ATTN_REDUCE, 2 also a CUDA-core matvec's staging
+// The loader issues nothing while the consumers wait for inputs from L2: 1 through ATTN /
+// ATTN_REDUCE, 2 also during a CUDA-core matvec's staging; 0 (default) never.
+#ifndef MK_QUIET_INPUTS
+#define MK_QUIET_INPUTS 0
 #endif
 #ifndef MK_RAW_SLOT
-#define MK_RAW_SLOT 1       // batches on CUDA cores: the tensor-core staging area is one more ring slot
+#define MK_RAW_SLOT 1       // batches on CUDA cores: the tensor-core staging area is a ring slot
 #endif
 #ifndef MK_TC_MIN_BUCKET
 #define MK_TC_MIN_BUCKET 4  // batch buckets from this one up use tensor cores; 32: none do

@@ -45,7 +45,8 @@ struct SmemLayout {
 static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
               "attention scratch must fit in the activation + accumulator space");
 static_assert(SmemLayout::total <= 227 * 1024, "shared memory budget of one H100 block");
-static_assert(!kRawSlot || kRawFloats * sizeof(float) >= kSlotBytes, "the raw area holds a ring slot");
+static_assert(!kRawSlot || kRawFloats * sizeof(float) >= kSlotBytes,
+              "the raw area holds a ring slot");
 
 // Stop the whole grid (every rank's under tp): first error wins the record.
 __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t* ins,

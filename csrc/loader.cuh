@@ -51,10 +51,11 @@ struct PageWalk {
 // ring. kReleaseQuiet: it issues nothing from the moment an instruction's outputs are
 // written (with MK_RELEASE_QUIET=1, for a matvec, from its last page) until its release add
 // is done: that release's fence waited for the memory operations the loader kept issuing
-// (measured: 1.4-3.1 us per matvec release with the ring streaming, 0.5 us quiet). When the ring is full and its oldest page is still unconsumed after kL2StallNs (the
-// consumers are in attention, a reduction or a counter wait), HBM would idle: the loader
-// then pulls the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later
-// fill the ring with them hit L2.
+// (measured: 1.4-3.1 us per matvec release with the ring streaming, 0.5 us quiet). When
+// the ring is full and its oldest page is still unconsumed after kL2StallNs (the consumers
+// are in attention, a reduction or a counter wait), HBM would idle: the loader then pulls
+// the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later fill the
+// ring with them hit L2.
 template <bool kTiming>
 __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
                             int qlen) {

@@ -4,8 +4,8 @@ compare against.
 Each function is `op(rec, w, buf, prog)`: `rec` a record decoded by isa.decode, `w` the
 PackedWeights, `buf` the Buffers, `prog` the Program (its attn_splits). It reads and writes
 only the buffers isa.py names for that opcode (a merging ATTN also its ticket counter),
-keeps no other state, and so runs alone on a one-instruction Program. Arithmetic is fp32 (weights cast up); K and V are stored in the
-cache's dtype. `run` dispatches on rec["op"]; an opcode without a reference raises.
+keeps no other state, and so runs alone on a one-instruction Program. Arithmetic is fp32
+(weights cast up); K and V are stored in the cache's dtype. `run` dispatches on rec["op"]; an opcode without a reference raises.
 
 Tensor parallelism: `buf` is the executing rank's Buffers, `w` its weight shard, `prog` its
 Program (prog.rank); a record with all_ranks stores into every Buffers of `peers` (all

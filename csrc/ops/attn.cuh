@@ -155,10 +155,10 @@ struct AttnOp {
   }
 
   // isa.py ATTN merge (the -DMK_FUSE_REDUCE=1 build; the interpreter calls it after run):
-  // after the bar.sync every partial of this split is written; thread
-  // 0's acq_rel ticket add releases them and acquires the earlier splits'; the split that
-  // brings the ticket to its target merges the group, the other threads ordered after that
-  // acquire by the second bar.sync (as after a counter wait).
+  // after the bar.sync every partial of this split is written; thread 0's acq_rel ticket
+  // add releases them and acquires the earlier splits'; the split that brings the ticket to
+  // its target merges the group, the other threads ordered after that acquire by the
+  // second bar.sync (as after a counter wait).
   __device__ static void merge_if_last(const KernelArgs& a, const int32_t* ins,
                                        volatile int* last, int epoch) {
     consumer_sync();  // partials written, the attention scratch (smem) free
