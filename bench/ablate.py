@@ -65,6 +65,10 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
             {"num_sms": num_sms // 2}),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
+        flag("MK_INFLIGHT_PAGES", 1, "the loader keeps at most 1 page in flight (issued, "
+             "not landed), not as many as the ring has free slots"),
+        flag("MK_INFLIGHT_PAGES", 2, "at most 2 pages in flight per SM"),
+        flag("MK_INFLIGHT_PAGES", 3, "at most 3 pages in flight per SM"),
         flag("MK_RAW_SLOT", 0, "batches on CUDA cores leave the tensor-core staging area "
              "idle: a 4-slot ring, not 5"),
         flag("MK_INPUT_PREFETCH", 0, "no L2 prefetch of the small inputs (queue, wait "

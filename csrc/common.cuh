@@ -65,6 +65,12 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_QUIET_INPUTS
 #define MK_QUIET_INPUTS 0
 #endif
+// Pages the loader keeps in flight (issued, not landed) at most; 0: as many as the ring
+// has free slots. HBM saturates with a few MB in flight over all SMs; beyond that every
+// further page only lengthens the queues the consumers' L2 round trips wait in.
+#ifndef MK_INFLIGHT_PAGES
+#define MK_INFLIGHT_PAGES 0
+#endif
 #ifndef MK_RAW_SLOT
 #define MK_RAW_SLOT 1       // batches on CUDA cores: the tensor-core staging area is a ring slot
 #endif
@@ -86,6 +92,8 @@ constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
 // page of prefetch where the ring is what runs dry (a stage boundary, the attention block).
 constexpr bool kRawSlot = MK_RAW_SLOT != 0;
 constexpr int kMaxSlots = kNumPages + (kRawSlot ? 1 : 0);
+constexpr int kInflightPages = MK_INFLIGHT_PAGES;
+static_assert(kInflightPages >= 0, "MK_INFLIGHT_PAGES: 0 (no cap) or a page count");
 constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages past the ring pulled into L2
 constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
