@@ -69,6 +69,9 @@ def grid(num_sms: int = 132) -> list[Row]:
              "not landed), not as many as the ring has free slots"),
         flag("MK_INFLIGHT_PAGES", 2, "at most 2 pages in flight per SM"),
         flag("MK_INFLIGHT_PAGES", 3, "at most 3 pages in flight per SM"),
+        flag("MK_INPUT_LEAD", 3, "the loader prefetches an instruction's small inputs 3 "
+             "instructions ahead of its page walk, not as the walk passes it"),
+        flag("MK_INPUT_LEAD", 6, "the input prefetch 6 instructions (about a layer) ahead"),
         flag("MK_RAW_SLOT", 0, "batches on CUDA cores leave the tensor-core staging area "
              "idle: a 4-slot ring, not 5"),
         flag("MK_INPUT_PREFETCH", 0, "no L2 prefetch of the small inputs (queue, wait "

@@ -15,7 +15,15 @@ namespace mk {
 #ifndef MK_PREFETCH_KV
 #define MK_PREFETCH_KV 1     // 0: not the KV cache ranges (ATTN pipelines its own loads)
 #endif
+// How far ahead of the loader's page walk the prefetch runs, in instructions of the SM's
+// queue (0: as the walk passes each one). The walk is a ring's worth of pages ahead of the
+// consumers, a few microseconds, about what a miss takes behind the ring's copies.
+#ifndef MK_INPUT_LEAD
+#define MK_INPUT_LEAD 0
+#endif
 constexpr bool kInputPrefetch = MK_INPUT_PREFETCH != 0;
+constexpr int kInputLead = MK_INPUT_LEAD;
+static_assert(kInputLead >= 0, "MK_INPUT_LEAD: instructions, >= 0");
 constexpr bool kPrefetchKv = MK_PREFETCH_KV != 0;
 
 // Cache positions [s0, s1) of ATTN split s of a sequence at position p: with n = p + 1 and

@@ -11,15 +11,18 @@
 namespace mk {
 
 // The pages of the matvec instructions of one SM queue, in the order the consumers take them.
-// With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes.
+// With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes,
+// or (MK_INPUT_LEAD) of the one kInputLead instructions further on.
 struct PageWalk {
   const int32_t* queue;
   int qlen, i, p;          // instruction index (qlen: finished), page inside it
   bool inputs;
   MatvecGeometry g;
 
-  __device__ void start(const KernelArgs& a, const int32_t* q, int n, bool prefetch_inputs) {
-    queue = q; qlen = n; i = -1; inputs = prefetch_inputs;
+  __device__ void start(const KernelArgs& a, const int32_t* q, int n, bool with_inputs) {
+    queue = q; qlen = n; i = -1; inputs = with_inputs;
+    for (int j = 0; inputs && j < kInputLead && j < qlen; ++j)
+      prefetch_inputs(a, queue + static_cast<size_t>(j) * kWords, threadIdx.x & 31);
     next_instruction(a);
   }
   __device__ bool done() const { return i >= qlen; }
@@ -27,7 +30,8 @@ struct PageWalk {
     p = 0;
     for (++i; i < qlen; ++i) {
       const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
-      if (inputs) prefetch_inputs(a, ins, threadIdx.x & 31);
+      if (inputs && i + kInputLead < qlen)  // every instruction once (kInputLead: start)
+        prefetch_inputs(a, ins + kInputLead * kWords, threadIdx.x & 31);
       if (is_matvec(__ldg(ins + W_OPCODE))) {
         g = matvec_geometry(a, ins);
         if (g.pages() > 0) return;

@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
   const int smem = kStreamSmem;
   CHECK(cudaFuncSetAttribute(stream_and_chase, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   std::vector<int64_t> host(4 * sms);
-  for (int slots : {0, 1, 2, 3, 4, 6}) {
+  for (int slots : {0, 1, 2, 3, 4}) {
     std::vector<double> wall, lat;
     for (int t = 0; t < trials + 2; ++t) {
       fill<<<4 * sms, 256>>>(flush, flush_bytes / 4, t);  // evict the weights from L2
