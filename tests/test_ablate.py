@@ -40,8 +40,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
     assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
-            ("build_flags", "-DMK_RAW_SLOT=0"), ("build_flags", "-DMK_INFLIGHT_PAGES=1"),
-            ("build_flags", "-DMK_INFLIGHT_PAGES=2"), ("build_flags", "-DMK_INFLIGHT_PAGES=3"),
+            ("build_flags", "-DMK_RAW_SLOT=0"), ("build_flags", "-DMK_INFLIGHT_PAGES=0"),
+            ("build_flags", "-DMK_INFLIGHT_PAGES=1"), ("build_flags", "-DMK_INFLIGHT_PAGES=3"),
             ("build_flags", "-DMK_INPUT_LEAD=3"), ("build_flags", "-DMK_INPUT_LEAD=6"),
             ("build_flags", "-DMK_INPUT_PREFETCH=0"),
             ("build_flags", "-DMK_PREFETCH_KV=0"), ("build_flags", "-DMK_L2_PREFETCH_PAGES=8"),
@@ -54,8 +54,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
     assert {r.name for r in rows if r.diagnostic} == {"no_waits", "no_compute", "no_load"}
     assert [r.name for r in rows if r.strip_waits] == ["no_waits"]
     assert {r.name for r in rows if not r.modelled} == {
-        "no_prefetch", "MK_NUM_PAGES=2", "MK_RAW_SLOT=0", "MK_INFLIGHT_PAGES=1",
-        "MK_INFLIGHT_PAGES=2", "MK_INFLIGHT_PAGES=3", "MK_INPUT_LEAD=3", "MK_INPUT_LEAD=6",
+        "no_prefetch", "MK_NUM_PAGES=2", "MK_RAW_SLOT=0", "MK_INFLIGHT_PAGES=0",
+        "MK_INFLIGHT_PAGES=1", "MK_INFLIGHT_PAGES=3", "MK_INPUT_LEAD=3", "MK_INPUT_LEAD=6",
         "MK_INPUT_PREFETCH=0",
         "MK_PREFETCH_KV=0", "MK_L2_PREFETCH_PAGES=8", "MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0",
         "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
