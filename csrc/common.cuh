@@ -11,6 +11,8 @@
 namespace mk {
 
 constexpr int kConsumerWarps = 8;
+constexpr int kLogConsumerWarps = 3;
+static_assert(kConsumerWarps == 1 << kLogConsumerWarps, "kLogConsumerWarps = log2(kConsumerWarps)");
 constexpr int kConsumerThreads = kConsumerWarps * 32;
 constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last warp)
 // Ring geometry: build flags (-DMK_NUM_PAGES=..., ...) select it for ablations.
