@@ -70,3 +70,22 @@ run_traces() {
     rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
   done
 }
+
+# ncu warp-state and source counters of one megakernel step (a `trace` run of <model> at
+# <batch>, its third launch: timing off); $OUT/ncu_<model>_b<batch>.ncu-rep, the details
+# page as CSV and the per-SASS-instruction source page (stall samples) as .csv.gz.
+run_ncu() {  # model batch
+  local ncu rep="$OUT/ncu_$1_b$2"
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { echo "ncu not found"; return 0; }
+  SECONDS=0
+  timeout 330 "$ncu" --clock-control none --target-processes all --kernel-name regex:megakernel \
+    --launch-skip 2 --launch-count 1 --section WarpStateStats --section SourceCounters \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis -o "$rep" -f \
+    python3 -m megakernel trace --model "$1" --batch "$2" --iters 3 --warmup 1 \
+    --out /tmp/ncu_trace > "$rep.log" 2>&1
+  echo "ncu $1 b$2 rc=$? (${SECONDS}s)"
+  "$ncu" -i "$rep.ncu-rep" --page details --csv > "$rep.details.csv" 2>&1
+  "$ncu" -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.sass.csv" 2>&1
+  gzip -f "$rep.sass.csv"
+}
