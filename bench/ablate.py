@@ -57,6 +57,7 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("granularity=layer", "one counter per stage and layer", {"granularity": "layer"}),
         Row("granularity=head", "one counter per head", {"granularity": "head"}),
         Row("attn_splits=4", "4 KV splits per (sequence, KV head)", {"attn_splits": 4}),
+        Row("attn_splits=8", "8 KV splits per (sequence, KV head)", {"attn_splits": 8}),
         Row("attn_splits=32", "32 KV splits per (sequence, KV head)", {"attn_splits": 32}),
         Row("reduce_slices=1", "one ATTN_REDUCE per (sequence, KV head), not one per q head",
             {"reduce_slices": 1}),
