@@ -90,6 +90,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "pieces"),
         flag("MK_MV_VEC4", 1, "CUDA-core matvec: four vectors' loads in flight per lane, not "
              "two (one shared-memory latency per page)"),
+        flag("MK_ROW_TILE_B1", 4, "batch 1: row tiles of 4 on pages of 4+ rows (QKV, OPROJ, "
+             "GATEUP, LMHEAD), not 2: half the activation reads (spills 20 bytes)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "
              "5 shuffles, not one reduce-scatter"),
         flag("MK_RECORD_SMEM", 0, "every instruction reads its record from L2, not from "

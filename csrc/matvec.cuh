@@ -191,6 +191,12 @@ __device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u 
 // Rows per warp tile: a tile shares each activation load among RB rows (shared-memory
 // traffic per weight byte falls by RB; at batch 1 activations are 2x the weight bytes).
 constexpr int kRowTile = 2;
+// Batch 1, pages of at least this many rows (QKV, OPROJ, GATEUP, LMHEAD; DOWN's have 2):
+// tiles of MK_ROW_TILE_B1 rows, halving the activation reads again (2: as other pages).
+#ifndef MK_ROW_TILE_B1
+#define MK_ROW_TILE_B1 2
+#endif
+constexpr int kRowTileB1 = MK_ROW_TILE_B1;
 
 // Activation chunk layout of the CUDA-core path: batch row b's cols columns as two planes,
 // columns 8v..8v+3 at act[b*cols + 4v] and 8v+4..8v+7 at act[b*cols + cols/2 + 4v], so the
@@ -221,10 +227,9 @@ __device__ __forceinline__ void fma_vec(float (&s)[RB][BT], const uint4 (&w)[RB]
 // Warps take tiles of RB rows; when a page has fewer tiles than warps, several warps split
 // a tile's columns. Each warp adds its sums to acc: its own accumulators, or (shared_acc)
 // ones it shares with the other warps, then atomically where a tile has several warps.
-template <int BT>
+template <int BT, int RB>
 __device__ void page_matvec(const unsigned char* page, int rows, int cols, int row_base,
                             const float* act, float* acc, int B, bool shared_acc) {
-  constexpr int RB = kRowTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const uint4* wv = reinterpret_cast<const uint4*>(page);
   const int vecs = cols >> 3;
@@ -273,7 +278,7 @@ __device__ void page_matvec(const unsigned char* page, int rows, int cols, int r
       for (int j = 0; j < RB; ++j) w0[j] = wv[min(r0 + j, rows - 1) * vecs + v];
       fma_vec<BT, RB>(s, w0, act + v * 4, cols, cols >> 1, B);
     }
-    if (kMvScatter && BT <= 2) {
+    if constexpr (kMvScatter && BT <= 2) {
       // Reduce-scatter: RB*BT sums in log2(RB*BT) halving steps, then a plain butterfly:
       // (RB*BT - 1) + (5 - log2(RB*BT)) shuffles instead of 5 per sum. Lane l ends with
       // the warp's total of sum e = l / (32 / (RB*BT)).
@@ -424,7 +429,11 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
     for (int grp = 0; grp < g.ngroups; ++grp)
       consume_page<kTiming, kRingSlots<false>>(a, ring, it, [&](const unsigned char* page) {
-        page_matvec<BT>(page, g.group_rows(grp), cols, grp * g.rpp, act, warp_acc, B, !own);
+        const int rows = g.group_rows(grp);
+        if (BT == 1 && kRowTileB1 > kRowTile && rows >= kRowTileB1)
+          page_matvec<BT, kRowTileB1>(page, rows, cols, grp * g.rpp, act, warp_acc, B, !own);
+        else
+          page_matvec<BT, kRowTile>(page, rows, cols, grp * g.rpp, act, warp_acc, B, !own);
       });
   }
   if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release

@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 37 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 38 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -42,7 +42,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
             ("build_flags", "-DMK_RAW_SLOT=0"), ("build_flags", "-DMK_INFLIGHT_PAGES=0"),
             ("build_flags", "-DMK_INFLIGHT_PAGES=1"), ("build_flags", "-DMK_INFLIGHT_PAGES=3"),
-            ("build_flags", "-DMK_INPUT_LEAD=3"), ("build_flags", "-DMK_INPUT_LEAD=6"),
+            ("build_flags", "-DMK_INPUT_LEAD=3"), ("build_flags", "-DMK_ROW_TILE_B1=4"), ("build_flags", "-DMK_INPUT_LEAD=6"),
             ("build_flags", "-DMK_INPUT_PREFETCH=0"),
             ("build_flags", "-DMK_PREFETCH_KV=0"), ("build_flags", "-DMK_L2_PREFETCH_PAGES=8"),
             ("build_flags", "-DMK_WARP_RELEASE=1"), ("build_flags", "-DMK_WARP_ACC=0"),
@@ -55,7 +55,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
     assert [r.name for r in rows if r.strip_waits] == ["no_waits"]
     assert {r.name for r in rows if not r.modelled} == {
         "no_prefetch", "MK_NUM_PAGES=2", "MK_RAW_SLOT=0", "MK_INFLIGHT_PAGES=0",
-        "MK_INFLIGHT_PAGES=1", "MK_INFLIGHT_PAGES=3", "MK_INPUT_LEAD=3", "MK_INPUT_LEAD=6",
+        "MK_INFLIGHT_PAGES=1", "MK_INFLIGHT_PAGES=3", "MK_INPUT_LEAD=3", "MK_INPUT_LEAD=6", "MK_ROW_TILE_B1=4",
         "MK_INPUT_PREFETCH=0",
         "MK_PREFETCH_KV=0", "MK_L2_PREFETCH_PAGES=8", "MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0",
         "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
