@@ -68,12 +68,7 @@ __global__ void read_ldg(const uint4* p, size_t n, uint32_t* sink, int64_t* out)
 
 int main(int argc, char** argv) {
   const int trials = argc > 1 ? std::atoi(argv[1]) : 15;
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s: %d SMs, L2 %d MB, %d trials\n", prop.name, sms, prop.l2CacheSize >> 20,
-              trials);
+  const int sms = sms_with_banner(trials);
   const size_t max_bytes = size_t{1} << 30;  // 1 GB
   unsigned char* data;
   uint32_t* flush;

@@ -72,12 +72,7 @@ stream_and_chase(const unsigned char* data, uint32_t pages, int slots, const uin
 
 int main(int argc, char** argv) {
   const int trials = argc > 1 ? std::atoi(argv[1]) : 9;
-  int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s: %d SMs, L2 %d MB, %d trials\n", prop.name, sms, prop.l2CacheSize >> 20,
-              trials);
+  const int sms = sms_with_banner(trials);
   const uint32_t kb_per_sm = 4096;
   const size_t bytes = static_cast<size_t>(sms) * kb_per_sm * 1024;
   unsigned char* data;

@@ -1,4 +1,4 @@
-// What the probes share (l2_prefetch.cu, hbm_stream.cu): error checks, the clock, and one
+// What the probes share (l2_prefetch.cu, hbm_stream.cu, load_latency.cu): error checks, the clock, and one
 // warp streaming pages from global memory through a ring of 32 KB shared-memory slots with
 // the megakernel's bulk copies (cp.async.bulk on mbarriers), as its loader does.
 #pragma once
@@ -80,6 +80,17 @@ __device__ void stream_pages(unsigned char* smem, uint32_t pages, int slots, uin
             : "memory");
     }
   }
+}
+
+// The device's SM count, after printing its name, SM count, L2 size and the trial count.
+inline int sms_with_banner(int trials) {
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("%s: %d SMs, L2 %d MB, %d trials\n", prop.name, sms, prop.l2CacheSize >> 20,
+              trials);
+  return sms;
 }
 
 // Rewrites n words (fills a buffer, or evicts L2 between trials by writing a large one).
