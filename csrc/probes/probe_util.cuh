@@ -1,6 +1,7 @@
-// What the probes share (l2_prefetch.cu, hbm_stream.cu, load_latency.cu): error checks, the clock, and one
-// warp streaming pages from global memory through a ring of 32 KB shared-memory slots with
-// the megakernel's bulk copies (cp.async.bulk on mbarriers), as its loader does.
+// What the probes share (l2_prefetch.cu, hbm_stream.cu, load_latency.cu): error checks, the
+// clock, the device banner, and one warp streaming pages from global memory through a ring
+// of 32 KB shared-memory slots with the megakernel's bulk copies (cp.async.bulk on
+// mbarriers), as its loader does.
 #pragma once
 #include <cuda_runtime.h>
 
