@@ -17,7 +17,8 @@ namespace mk {
 #endif
 // How far ahead of the loader's page walk the prefetch runs, in instructions of the SM's
 // queue (0: as the walk passes each one). The walk is a ring's worth of pages ahead of the
-// consumers, a few microseconds, about what a miss takes behind the ring's copies.
+// consumers, a few microseconds, about what a miss takes behind the ring's copies. Measured
+// on the H100: 3 and 6 (about a layer) are 1-1.5% slower at batch 1, ATTN no shorter.
 #ifndef MK_INPUT_LEAD
 #define MK_INPUT_LEAD 0
 #endif
