@@ -132,8 +132,9 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
     pages stamped, then medians in us of warp 0's wait for a loaded page (wait end - start),
     its time on the page (done - wait end), the loader's lead (wait end - issue: where warp
     0 waited, the copy's latency), and the interval from one page's done to the next of the
-    same instruction (the consumers' page rate). A page belongs to the instruction whose
-    execution (timing's wait end .. end) holds its wait end."""
+    same instruction (the consumers' page rate); then the share of pages warp 0 waited for
+    (over 50 ns) and the median lead of those: how long a copy took when it mattered. A page
+    belongs to the instruction whose execution (timing's wait end .. end) holds its wait end."""
     rows = {}
     for sm, n in enumerate(program.queue_len):
         got = pages[sm, :, 2]
@@ -154,13 +155,17 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
             r[2].append(p[sel, 2] - p[sel, 0])
             r[3].append(interval[sel & same])
     head = (f"{'opcode':<12}{'pages':>8}{'wait us':>9}{'page us':>9}{'lead us':>9}"
-            f"{'interval us':>13}   (medians per ring page, consumer warp 0)")
+            f"{'interval us':>13}{'waited':>8}{'latency us':>12}"
+            "   (medians per ring page, consumer warp 0)")
     lines = [head]
     for op in sorted(rows):
         w, c, lead, iv = (np.concatenate(x) for x in rows[op])
+        waited = w > 0.05
         lines.append(f"{isa.Op(op).name:<12}{len(w):>8}{np.median(w):>9.2f}{np.median(c):>9.2f}"
                      f"{np.median(lead):>9.2f}"
-                     f"{np.median(iv) if len(iv) else float('nan'):>13.2f}")
+                     f"{np.median(iv) if len(iv) else float('nan'):>13.2f}"
+                     f"{waited.mean():>8.0%}"
+                     f"{np.median(lead[waited]) if waited.any() else float('nan'):>12.2f}")
     return "\n".join(lines)
 
 

@@ -111,7 +111,10 @@ def test_page_table_recovers_the_stamped_times(traced, tmp_path):
         for op in (isa.Op.QKV, isa.Op.GATEUP)}
     for name, r in rows.items():
         assert [float(x) for x in r[2:5]] == pytest.approx([0.25, 0.75, 1.5], abs=2e-3), name
+        assert r[6] == "100%" and float(r[7]) == pytest.approx(1.5, abs=2e-3), name
     assert int(rows["QKV"][1]) == per_op["QKV"] and int(rows["GATEUP"][1]) == per_op["GATEUP"]
+    ready = trace.page_table(prog, timing, synthetic_pages(prog, timing, wait=0.0)).splitlines()
+    assert all(line.split()[6:8] == ["0%", "nan"] for line in ready[1:])   # none waited
     kept = trace.save_npz(tmp_path / "t.npz", timing, prog, {"x": 1}, pages)
     back = trace.load_pages(kept)
     assert back.shape[1] < pages.shape[1] and (back == pages[:, :back.shape[1]]).all()
