@@ -17,4 +17,4 @@ for i in 1 2; do
     echo "$tree $i: $(grep -E 'megakernel: ' $OUT/ab_${tree}_$i.log | sed -E 's/.*\] (llama[^ ]*) batch ([0-9]+) megakernel: ([0-9.]+).*/\1 b\2 \3/' | tr '\n' ' ')"
   done
 done
-archive_logs ${KEEP:-}
+set -f; archive_logs ${KEEP:-}  # KEEP: name patterns, not expanded here

@@ -63,7 +63,8 @@ stream_and_chase(const unsigned char* data, uint32_t pages, int slots, const uin
       total += now() - t;
       ++runs;
     }
-    out[4 * blockIdx.x + 2] = static_cast<int64_t>(total * 1000 / (runs > 0 ? runs * kChaseSteps : 1));
+    const int64_t loads = runs > 0 ? runs * kChaseSteps : 1;
+    out[4 * blockIdx.x + 2] = static_cast<int64_t>(total * 1000 / loads);
     out[4 * blockIdx.x + 3] = i < kChaseLines ? runs : -1;  // keeps the last loads live
   }
 }
