@@ -44,7 +44,7 @@ def main(path: str, window: int = 250, top: int = 20) -> None:
     wins = sorted(((sum(samples[i:i + window]), i) for i in range(0, len(data), window)),
                   reverse=True)
     for v, i in wins[:top]:
-        kinds = collections.Counter(opcode(data[j][1].strip()) for j in range(i, min(i + window, len(data))))
+        kinds = collections.Counter(opcode(r[1].strip()) for r in data[i:i + window])
         marks = " ".join(f"{k}:{n}" for k, n in kinds.items() if k.split(".")[0] in KINDS)
         print(f"  {i:6d}-{i + window:<6d} {100 * v / total:5.1f}%  max executed "
               f"{max(executed[i:i + window]):9.0f}  {marks[:150]}")

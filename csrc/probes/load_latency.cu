@@ -121,8 +121,8 @@ int main(int argc, char** argv) {
     if (slots == 0)
       std::printf("no stream                 : L2-hit round trip %7.0f ns\n", l);
     else
-      std::printf("%d page(s) in flight per SM: %7.1f us -> %.3f TB/s, L2-hit round trip %7.0f ns\n",
-                  slots, w, bytes / (w * 1e-6) / 1e12, l);
+      std::printf("%d page(s) in flight per SM: %7.1f us -> %.3f TB/s, "
+                  "L2-hit round trip %7.0f ns\n", slots, w, bytes / (w * 1e-6) / 1e12, l);
   }
   CHECK(cudaFree(data));
   CHECK(cudaFree(flush));
