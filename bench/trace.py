@@ -169,6 +169,41 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+# What phase k (0..3) of each op marks: the phase_stamp calls in csrc (ops/attn.cuh,
+# ops/attn_reduce.cuh, matvec.cuh, matvec_tc.cuh); "-": not stamped.
+PHASES = {
+    "ATTN": ("queries staged", "warp 0 positions done", "states merged", "outputs stored"),
+    "ATTN_REDUCE": ("partials loaded", "merged+stored", "-", "-"),
+    "matvec": ("inputs staged", "first page done", "last page done", "acc complete"),
+}
+
+
+def phase_table(program, timing: np.ndarray, phases: np.ndarray) -> str:
+    """Per opcode, from the stamps ops take inside an instruction (`phases` [num_sms, len, 4]
+    ns, a -DMK_PHASE_STAMPS=1 timing build; 0: not stamped): the median us from the wait's
+    end to each phase and to the outputs written (timing column 3), over the instructions
+    that stamped it, and what each phase marks (PHASES)."""
+    t = program.table()
+    s = timing[t.sm, t.index].astype(np.int64)
+    ph = phases[t.sm, t.index].astype(np.int64)
+    lines = [f"{'opcode':<12}{'count':>7}" + "".join(f"{'phase ' + str(k):>10}" for k in range(4))
+             + f"{'written':>10}   (median us after the wait's end)"]
+    for op in isa.Op:
+        sel = (t.op == op) & (ph > 0).any(axis=1)
+        if not sel.any():
+            continue
+        cells = []
+        for k in range(4):
+            got = sel & (ph[:, k] > 0)
+            cells.append(f"{np.median(ph[got, k] - s[got, 1]) / 1e3:>10.2f}" if got.any()
+                         else f"{'-':>10}")
+        done = np.median(s[sel, 3] - s[sel, 1]) / 1e3
+        marks = PHASES.get(op.name, PHASES["matvec"] if op in isa.MATVEC_OPS else ())
+        lines.append(f"{op.name:<12}{int(sel.sum()):>7}{''.join(cells)}{done:>10.2f}   "
+                     + ", ".join(m for m in marks if m != "-"))
+    return "\n".join(lines)
+
+
 def release_line(program, timing: np.ndarray) -> str | None:
     """Per opcode, the median us from an instruction's outputs written (its last bar.sync)
     to its end (after the release add that publishes them): the release's own cost. None for
@@ -182,12 +217,15 @@ def release_line(program, timing: np.ndarray) -> str | None:
     return "release (end - outputs written), median us: " + ", ".join(cells)
 
 
-def save_npz(path, timing: np.ndarray, program, meta: dict, pages=None) -> Path:
+def save_npz(path, timing: np.ndarray, program, meta: dict, pages=None, phases=None) -> Path:
     """Keep a traced step: the timing array, the program's queues and `meta` (JSON: what
     re-planning the same program needs, and the measured times); `pages`: the ring-page
-    stamps, when recorded (load_pages)."""
+    stamps, when recorded (load_pages); `phases`: the ops' phase stamps, kept when any was
+    taken (load_phases)."""
     path = Path(path)
     extra = {}
+    if phases is not None and (np.asarray(phases) != 0).any():
+        extra["phases"] = np.asarray(phases, np.int64)
     if pages is not None:
         used = np.flatnonzero((np.asarray(pages) != 0).any(axis=(0, 2)))
         extra["pages"] = np.asarray(pages, np.int64)[:, :used[-1] + 1 if len(used) else 0]
@@ -201,6 +239,12 @@ def load_pages(path) -> np.ndarray | None:
     """The ring-page stamps of a kept trace, or None where it has none."""
     with np.load(path) as z:
         return z["pages"] if "pages" in z.files else None
+
+
+def load_phases(path) -> np.ndarray | None:
+    """The ops' phase stamps of a kept trace, or None where it has none."""
+    with np.load(path) as z:
+        return z["phases"] if "phases" in z.files else None
 
 
 def load_npz(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict | None]:

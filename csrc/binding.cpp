@@ -29,6 +29,9 @@ class Launcher {
     a.page_timing = tensors.contains("page_timing") && !tensors["page_timing"].is_none()
                         ? ptr<int64_t>(tensors, "page_timing", torch::kInt64) : nullptr;
     TORCH_CHECK(!a.page_timing || a.timing, "megakernel: 'page_timing' needs 'timing'");
+    a.phase_timing = tensors.contains("phase_timing") && !tensors["phase_timing"].is_none()
+                         ? ptr<int64_t>(tensors, "phase_timing", torch::kInt64) : nullptr;
+    TORCH_CHECK(!a.phase_timing || a.timing, "megakernel: 'phase_timing' needs 'timing'");
     a.embed = bf16(tensors, "embed");
     a.lm_head = bf16(tensors, "lm_head");
     a.final_norm = bf16(tensors, "final_norm");

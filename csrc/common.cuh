@@ -156,6 +156,23 @@ __device__ __forceinline__ uint64_t globaltimer() {
   return t;
 }
 
+// Phase stamps (a build with -DMK_PHASE_STAMPS=1, `trace --phases`): an op marks up to 4
+// points inside an instruction; the timing kernel keeps them in KernelArgs::phase_timing.
+// Without the flag the calls compile to nothing, so the default kernel is unchanged.
+#ifndef MK_PHASE_STAMPS
+#define MK_PHASE_STAMPS 0
+#endif
+#if MK_PHASE_STAMPS
+__shared__ int64_t* phase_row;  // the current instruction's row (thread 0's), or null
+#endif
+// Thread 0: stamp phase k (0..3) of the current instruction. After a consumer_sync it marks
+// the moment every consumer got there; elsewhere, warp 0's view.
+__device__ __forceinline__ void phase_stamp(int k) {
+#if MK_PHASE_STAMPS
+  if (threadIdx.x == 0 && phase_row) phase_row[k] = static_cast<int64_t>(globaltimer());
+#endif
+}
+
 // ---- L2-only loads of data produced in this launch -------------------------------------
 __device__ __forceinline__ float ldcg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ uint4 ldcg16(const void* p) {

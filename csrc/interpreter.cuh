@@ -141,6 +141,11 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       if (tid == 0) {
         flags[0] = ok ? 1 : 0;
         if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
+#if MK_PHASE_STAMPS
+        phase_row = kTiming && a.phase_timing
+                        ? a.phase_timing + (static_cast<size_t>(blockIdx.x) * a.max_len + i) * 4
+                        : nullptr;
+#endif
       }
       // The other copy held instruction i-1's record: thread 0 read it last, at i-1's
       // release (the __syncwarp orders that before these stores); the bar.syncs of

@@ -40,6 +40,9 @@ struct KernelArgs {
                                    // consumer warp 0 wait start, wait end, page done; null
                                    // unless timing
   int page_max;
+  int64_t* phase_timing;           // [num_sms, max_len, 4] stamps an op takes inside an
+                                   // instruction (ns, phase_stamp in common.cuh), or null;
+                                   // written only by a build with -DMK_PHASE_STAMPS=1
 
   // Packed weights (bf16)
   const __nv_bfloat16* embed;      // [V, d]

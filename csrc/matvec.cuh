@@ -427,8 +427,9 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
       stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
     });
     consumer_sync();
+    if (c == 0) phase_stamp(0);  // first activation chunk staged
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
-    for (int grp = 0; grp < g.ngroups; ++grp)
+    for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<false>>(a, ring, it, [&](const unsigned char* page) {
         const int rows = g.group_rows(grp);
         if (BT == 1 && kRowTileB1 > kRowTile && rows >= kRowTileB1)
@@ -436,7 +437,10 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
         else
           page_matvec<BT, kRowTile>(page, rows, cols, grp * g.rpp, act, warp_acc, B, !own);
       });
+      if (c == 0 && grp == 0) phase_stamp(1);  // warp 0 done with the first page
+    }
   }
+  phase_stamp(2);  // warp 0 done with the last page
   if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release
   if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc
   else if (own) consumer_sync();
@@ -451,6 +455,7 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     }
   }
   consumer_sync();  // acc complete
+  phase_stamp(3);
   return pre;
 }
 

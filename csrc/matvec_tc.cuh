@@ -262,13 +262,17 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
       stage_chunk_tc<NT, decltype(fold)::value>(in, col0, cols, B, raw, rs, frag, sq);
     });
     consumer_sync();  // frag holds chunk c; raw is free
+    if (c == 0) phase_stamp(0);  // first activation chunk staged (as matvec.cuh)
     if (c + 1 < g.nchunks) load_chunk_tc(in, col0 + g.kc, g.chunk_cols(c + 1), B, raw, rs);
-    for (int grp = 0; grp < g.ngroups; ++grp)
+    for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<true>>(a, ring, it, [&](const unsigned char* page) {
         page_mma<NT>(page, g.stride(cols), g.group_rows(grp), cols, grp * g.rpp, frag, acc, B,
                      part, !carry || c == g.nchunks - 1);
       });
+      if (c == 0 && grp == 0) phase_stamp(1);
+    }
   }
+  phase_stamp(2);
   if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release
   if (in.norm) {
     // Lanes 4i..4i+3 of a warp hold batch row 8 (warp % NT) + i.
@@ -283,6 +287,7 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
     for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] *= rstd[i % B];
   }
   consumer_sync();  // acc complete
+  phase_stamp(3);
   return pre;
 }
 

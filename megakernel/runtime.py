@@ -157,6 +157,9 @@ class Runtime:
         # Per ring page: loader issue, consumer warp 0 wait start, wait end, done (ns).
         self.page_timing = (torch.zeros(program.num_sms, PAGE_TIMING_MAX, 4, dtype=torch.int64,
                                         device=device) if timing else None)
+        # Per instruction: up to 4 stamps the op takes inside it (csrc/common.cuh phase_stamp;
+        # only a kernel built with -DMK_PHASE_STAMPS=1 writes them; 0: not stamped).
+        self.phase_timing = (torch.zeros_like(self.timing) if timing else None)
         watchdog_ms = watchdog_ms or float(os.environ.get("MEGAKERNEL_WATCHDOG_MS",
                                                           DEFAULT_WATCHDOG_MS))
         tensors = {**self.buffers.tensors(), **self._program_tensors,
@@ -164,7 +167,7 @@ class Runtime:
                    "final_norm": packed.final_norm, "attn_norm": packed.attn_norm,
                    "mlp_norm": packed.mlp_norm, "wqkv": packed.wqkv, "wo": packed.wo,
                    "wgu": packed.wgu, "wdown": packed.wdown, "timing": self.timing,
-                   "page_timing": self.page_timing}
+                   "page_timing": self.page_timing, "phase_timing": self.phase_timing}
         sizes = dict(max_len=int(program.instructions.shape[1]), page_max=PAGE_TIMING_MAX,
                      B=program.batch, d=cfg.d, I=cfg.I,
                      L=cfg.L, H=cfg.H, Hkv=cfg.Hkv, D=cfg.D, V=cfg.V, S=max_seq,

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 
+PHASE_FLAG = "-DMK_PHASE_STAMPS=1"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megakernel.scheduler.calibration import CALIBRATION_DIR
     parser.add_argument("--model", default="llama-3.2-1b", help="preset")
@@ -35,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablate", action="append", default=[], metavar="SWITCH",
                         help="runtime switch (repeat): no_prefetch, or the diagnostics "
                         "no_compute / no_load (wrong results, timing only)")
+    parser.add_argument("--phases", action="store_true",
+                        help="build with -DMK_PHASE_STAMPS=1: ops stamp points inside each "
+                        "instruction (staging, first/last page, ...); adds a phase table")
     parser.add_argument("--calibrate", action="store_true",
                         help="fit the cost model to the trace and save it for this GPU")
     parser.add_argument("--calibration-dir", type=Path, default=CALIBRATION_DIR)
@@ -49,15 +55,15 @@ def main(args) -> int:
     try:
         if args.from_npz is not None:
             program, timing, meta = offline(args.from_npz, args)
-            from megakernel.bench.trace import load_pages
-            pages, gpu = load_pages(args.from_npz), None
+            from megakernel.bench.trace import load_pages, load_phases
+            pages, phases, gpu = load_pages(args.from_npz), load_phases(args.from_npz), None
         else:
             from megakernel.bench.harness import require_gpu
             gpu = Traced(args, require_gpu("python -m megakernel trace"))
             program, timing, meta = gpu.trace_planned()
-            pages = gpu.pages
+            pages, phases = gpu.pages, gpu.phases
         args.out.mkdir(parents=True, exist_ok=True)
-        report(program, timing, meta, args, gpu, pages)
+        report(program, timing, meta, args, gpu, pages, phases)
     except (ValueError, RuntimeError) as e:
         print(f"trace: {e}", file=sys.stderr)
         return 2
@@ -104,7 +110,9 @@ class Traced:
         self.flush = harness.L2Flush(device)
         self.name = torch.cuda.get_device_name(device)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        self.pages = None   # ring-page stamps of the last traced replay
+        self.pages = self.phases = None   # ring-page and phase stamps of the last traced replay
+        if args.phases and PHASE_FLAG not in args.build_flag:
+            args.build_flag.append(PHASE_FLAG)
 
     def plan(self, gpu=None):
         from megakernel.profiling import nvtx_range
@@ -139,6 +147,7 @@ class Traced:
         dec.runtime.check()
         if timing:
             self.pages = dec.runtime.page_timing.cpu().numpy()
+            self.phases = dec.runtime.phase_timing.cpu().numpy()
         return ms, (dec.runtime.timing.cpu().numpy() if timing else None)
 
     def trace_planned(self, gpu=None):
@@ -158,11 +167,12 @@ class Traced:
                     date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         if gpu is None:
             a.out.mkdir(parents=True, exist_ok=True)
-            print(f"kept {save_npz(a.out / 'trace.npz', stamps, program, meta, self.pages)}")
+            kept = save_npz(a.out / 'trace.npz', stamps, program, meta, self.pages, self.phases)
+            print(f"kept {kept}")
         return program, stamps, meta
 
 
-def report(program, timing, meta, args, gpu, pages=None) -> None:
+def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
     from megakernel.bench import trace
     from megakernel.scheduler import calibration, simulate
     m = calibration.measure(program, timing)
@@ -197,6 +207,9 @@ def report(program, timing, meta, args, gpu, pages=None) -> None:
         print(release)
     if pages is not None:
         print(f"ring pages (timing build):\n{trace.page_table(program, timing, pages)}\n")
+    if phases is not None:
+        print(f"phases inside instructions ({PHASE_FLAG} build):\n"
+              f"{trace.phase_table(program, timing, phases)}\n")
     replay = f" (graph replay, timing off: {1e3 * off:.1f} us with launch)" if off else ""
     print(f"step: measured {m.span_us:.1f} us from the first instruction to the last{replay}")
     for label, spec in specs.items():

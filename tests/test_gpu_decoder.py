@@ -224,3 +224,24 @@ def test_timing_stamps_every_ring_page():
         assert (got >= start).all() and (got >= issue).all() and (done >= got).all()
         win = [(t[sm, i, 1], t[sm, i, 2]) for i in range(n) if matvec[sm, i]]
         assert all(any(a <= g <= b for a, b in win) for g in got), f"SM {sm}: page outside"
+
+
+def test_phase_stamps_only_with_their_build_flag():
+    cfg = ModelConfig.preset("tiny")
+    w = Weights.random(cfg, seed=6, dtype=torch.bfloat16, device="cuda")
+    ops = {int(o) for o in (Op.QKV, Op.ATTN, Op.ATTN_REDUCE, Op.OPROJ, Op.GATEUP, Op.DOWN,
+                            Op.LMHEAD)}
+    for flags in ((), ("-DMK_PHASE_STAMPS=1",)):
+        dec = Decoder(cfg, w, batch=1, max_seq=16, num_sms=16, timing=True, build_flags=flags)
+        dec.runtime.phase_timing.fill_(-1)  # poison
+        dec.step(torch.tensor([3], device="cuda"))
+        t, ph = dec.runtime.timing.cpu().numpy(), dec.runtime.phase_timing.cpu().numpy()
+        for sm, n in enumerate(dec.program.queue_len):
+            for i in range(n):
+                got = ph[sm, i][ph[sm, i] != -1]
+                if not flags or int(dec.program.instructions[sm, i, 0]) not in ops:
+                    assert len(got) == 0, f"SM {sm} instruction {i}: stamped {got}"
+                    continue
+                assert len(got) >= 1, f"SM {sm} instruction {i}: no phase stamped"
+                # inside the instruction: after its wait, before its outputs are written
+                assert (got >= t[sm, i, 1]).all() and (got <= t[sm, i, 3]).all()

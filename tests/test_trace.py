@@ -223,3 +223,27 @@ def test_trace_without_a_gpu_says_so(tmp_path):
         pytest.skip("this machine has a GPU")
     r = _cli("--out", tmp_path)
     assert r.returncode == 2 and "CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_phase_table_reads_the_stamps_ops_took(traced, tmp_path):
+    prog, _, timing3 = traced
+    timing = np.concatenate([timing3, timing3[..., 2:3] - 400], axis=2)   # written: end - 0.4 us
+    t = prog.table()
+    phases = np.zeros_like(timing)
+    attn, qkv = t.op == isa.Op.ATTN, t.op == isa.Op.QKV
+    wait_end = timing[t.sm, t.index, 1]
+    for k, us in enumerate((0.5, 1.25, 2.0, 2.5)):          # every ATTN stamps all four
+        phases[t.sm[attn], t.index[attn], k] = wait_end[attn] + int(us * 1e3)
+    phases[t.sm[qkv], t.index[qkv], 0] = wait_end[qkv] + 300  # QKV only its staging
+    rows = {line.split()[0]: line.split() for line in
+            trace.phase_table(prog, timing, phases).splitlines()[1:]}
+    assert set(rows) == {"ATTN", "QKV"}                     # unstamped opcodes left out
+    assert int(rows["ATTN"][1]) == int(attn.sum())
+    assert [float(x) for x in rows["ATTN"][2:6]] == [0.5, 1.25, 2.0, 2.5]
+    written = np.median(timing[t.sm[attn], t.index[attn], 3] - wait_end[attn]) / 1e3
+    assert float(rows["ATTN"][6]) == pytest.approx(written, abs=0.01)
+    assert rows["QKV"][2:6] == ["0.30", "-", "-", "-"] and rows["QKV"][7] == "inputs"
+    kept = trace.save_npz(tmp_path / "p.npz", timing, prog, {}, phases=phases)
+    assert (trace.load_phases(kept) == phases).all()
+    unstamped = trace.save_npz(tmp_path / "q.npz", timing, prog, {}, phases=0 * phases)
+    assert trace.load_phases(unstamped) is None

@@ -60,6 +60,7 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
   const float* qsrc = a.q + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * D;
   for (int i = tid; i < G * D; i += kConsumerThreads) qs[i] = scale * ldcg(qsrc + i);
   consumer_sync();
+  phase_stamp(0);  // queries staged
 
   float o[kMaxG][8], m[kMaxG], lsum[kMaxG];
 #pragma unroll
@@ -97,6 +98,7 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
       }
     }
   }
+  phase_stamp(1);  // warp 0's positions done (its K/V landed)
   // Merge the PW position groups of the warp (lanes part, part+LP, ...).
 #pragma unroll
   for (int off = LP; off < 32; off <<= 1) {
@@ -121,6 +123,7 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
     }
   }
   consumer_sync();
+  phase_stamp(2);  // every warp's states in shared memory
   for (int i = tid; i < G * D; i += kConsumerThreads) {
     const int h = i / D, dim = i % D;
     float M = -INFINITY;
@@ -137,6 +140,7 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
     a.o_part[(head * a.NS + s) * D + dim] = M == -INFINITY ? 0.f : O / L;
     if (dim == 0) a.lse[head * a.NS + s] = M == -INFINITY ? -INFINITY : M + logf(L);
   }
+  phase_stamp(3);  // thread 0's outputs stored
 }
 
 struct AttnOp {

@@ -79,6 +79,7 @@ struct AttnReduceOp {
         }
         m = mg;
       }
+      if (v0 == 0) phase_stamp(0);  // thread 0's partials loaded and weighed (first pass)
       for (int off = 1; off < P; off <<= 1) {
         const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
         const float w2 = __shfl_xor_sync(0xffffffffu, w, off);
@@ -95,6 +96,7 @@ struct AttnReduceOp {
                      static_cast<size_t>(g * G + head0 + hv) * D + dim;
         *reinterpret_cast<float4*>(out) = make_float4(o.x * r, o.y * r, o.z * r, o.w * r);
       }
+      if (v0 == 0) phase_stamp(1);  // thread 0's first pass merged and stored
     }
   }
 };
