@@ -55,18 +55,20 @@ run_ablate() {  # model batch rows
   echo "ablate $1 b$2 rc=$? (${SECONDS}s)"; grep -E "^\|" "$OUT/ablate_$1_b$2.log" | cut -c1-150 | head -40
 }
 
-# Traces of llama-3.2-1b batch 1: the default build, then one per argument (a build flag
-# such as -DMK_RELEASE_QUIET=0, or a runtime switch such as no_load); $OUT/trace*/.
+# Traces of $TRACE_MODEL (llama-3.2-1b) batch 1: the default build, then one per argument
+# (a build flag such as -DMK_RELEASE_QUIET=0, a trace option such as --phases, or a runtime
+# switch such as no_load); $OUT/trace*/.
 run_traces() {
   local flags dir opt
   for flags in "" "$@"; do
     SECONDS=0
-    dir="$OUT/trace${flags:+_${flags#-D}}"
-    case "$flags" in -D*) opt=--build-flag=$flags ;; ?*) opt=--ablate=$flags ;; *) opt= ;; esac
-    timeout 120 python3 -m megakernel trace --model llama-3.2-1b --batch 1 --out "$dir" \
-      $opt > "$dir.log" 2>&1
+    dir="$OUT/trace${flags:+_${flags#-[D-]}}"
+    case "$flags" in -D*) opt=--build-flag=$flags ;; --*) opt=$flags ;; ?*) opt=--ablate=$flags ;;
+      *) opt= ;; esac
+    timeout 120 python3 -m megakernel trace --model "${TRACE_MODEL:-llama-3.2-1b}" --batch 1 \
+      --out "$dir" $opt > "$dir.log" 2>&1
     echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
-    sed -n '/^release/p; /^ring pages/,/^$/p' "$dir.log"
+    sed -n '/^release/p; /^ring pages/,/^$/p; /^phases/,/^$/p' "$dir.log"
     rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
   done
 }
