@@ -114,6 +114,10 @@ constexpr int kQuietInputs = kReleaseQuiet ? MK_QUIET_INPUTS : 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports
+#ifndef MK_ATTN_G4
+#define MK_ATTN_G4 0  // 1: ATTN unrolled for 4 q heads per kv head where G <= 4 (D 64, 128)
+#endif
+constexpr bool kAttnG4 = MK_ATTN_G4 != 0;
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");
