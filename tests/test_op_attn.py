@@ -1,21 +1,29 @@
 import pytest
 import torch
 from _gpu import OP_CONFIGS, assert_close, run_op
+from megakernel.config import ModelConfig
 from megakernel.scheduler.isa import Op
 
 pytestmark = pytest.mark.gpu
+# G = 2 at D = 128: the other 4-head unroll of MK_ATTN_G4 (OP_CONFIGS has it at D = 64 only)
+ATTN_CONFIGS = {**OP_CONFIGS, "d256_g2_D128": ModelConfig(
+    "d256g2", vocab_size=1000, hidden_size=256, intermediate_size=200, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=128)}
 
 
+@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_G4=1",)], ids=["default", "g4"])
 @pytest.mark.parametrize("splits,split", [(1, 0), (3, 2), (5, 1), (7, 6)])
-@pytest.mark.parametrize("name", list(OP_CONFIGS))
-def test_attn(name, splits, split):
-    cfg = OP_CONFIGS[name]
+@pytest.mark.parametrize("name", list(ATTN_CONFIGS))
+def test_attn(name, splits, split, flags):
+    """flags: the default build, and MK_ATTN_G4 (4-head unroll where G <= 4 and D >= 64;
+    the other configs take the 8-head code in that build too)."""
+    cfg = ATTN_CONFIGS[name]
     batch, max_seq = 3, 4200
     positions = [0, 4095, 1234]  # split 6 of 7 over one position is empty
     for b in range(batch):
         got, ref = run_op(cfg, batch, Op.ATTN, dict(b=b, kv_head=cfg.Hkv - 1, split=split),
                           layer=1, attn_splits=splits, max_seq=max_seq, positions=positions,
-                          poison=[("o_part", 1), ("lse", 1)])
+                          poison=[("o_part", 1), ("lse", 1)], build_flags=flags)
         assert_close(got, ref, "o_part")
         assert_close(got, ref, "lse")
 
