@@ -1,0 +1,196 @@
+// Probe: what does a consumer stage's input load cost while the SM's loader streams weights?
+//
+// The phase stamps of the 1B batch-1 step (bench/NOTES.md, session 11) put every stage's
+// first dependent load -- 8 to 32 KB of activations another SM wrote microseconds before,
+// L2-resident -- at 1.25-1.6 us where few pages are in flight and 2.7-3.7 us where the ring
+// streams, against 0.3-0.5 us per dependent L2 hit in load_latency.cu. This measures the
+// kernel's own pattern: per SM, warp 0 streams 4 MB through `slots` 32 KB slots (at most
+// `slots` pages in flight, as MK_INFLIGHT_PAGES), while 8 consumer warps stage `kb` KB of
+// L2-resident floats again and again, each round timed from its first load to the bar.sync
+// after the last (thread 0's clock):
+//   ldcg   every thread loads its 16-byte vectors (ld.global.cg), all issued before the first
+//          use, and stores them to shared memory (stage_chunk in matvec.cuh)
+//   bulk   thread 0 issues one cp.async.bulk of the region into shared memory on an
+//          mbarrier that every consumer waits on
+//   fresh  as ldcg, but each round first rewrites the next SM's region (and fences), so
+//          the lines read were written by another SM one round before, as activations are
+// Per row: the stream's TB/s and the median over SMs of the mean round, median over trials.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/staging_latency.cu \
+//        -o /tmp/stageprobe && /tmp/stageprobe [trials=9]
+#include <algorithm>
+#include <vector>
+
+#include "probe_util.cuh"
+
+namespace {
+
+using namespace probe;
+
+constexpr int kConsumers = 256;        // 8 warps, as the megakernel
+constexpr int kThreads = 32 + kConsumers;
+constexpr int kIdleRounds = 100;       // timed rounds when nothing streams
+constexpr uint32_t kMaxStageBytes = 32 * 1024;
+constexpr int kSmem = kStreamSmem + kMaxStageBytes + 16;
+enum Mode { kLdcg = 0, kBulk = 1, kFresh = 2 };
+const char* const kModeNames[] = {"ldcg", "bulk", "fresh"};
+
+__device__ __forceinline__ void consumer_sync() {
+  asm volatile("bar.sync 1, %0;" :: "n"(kConsumers) : "memory");
+}
+
+// out: [block] {stream start, stream end, mean round ns x 1000, rounds}.
+__global__ void __launch_bounds__(kThreads, 1)
+stream_and_stage(const unsigned char* data, uint32_t pages, int slots, float* act,
+                 uint32_t bytes, int mode, int64_t* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ volatile int done, stop;
+  if (threadIdx.x == 0) done = stop = 0;
+  float4* stage = reinterpret_cast<float4*>(smem + kStreamSmem);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + kStreamSmem + kMaxStageBytes);
+  if (threadIdx.x == 32) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sa(bar)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp == 0) {
+    const uint64_t t1 = now();
+    if (slots > 0) {
+      uint64_t policy;
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+      stream_pages(smem, pages, slots, 4096, true, policy, [&](uint32_t it) {
+        return data + (static_cast<size_t>(it) * gridDim.x + blockIdx.x) * kPage;
+      });
+    }
+    if (lane == 0) {
+      out[4 * blockIdx.x] = static_cast<int64_t>(t1);
+      out[4 * blockIdx.x + 1] = static_cast<int64_t>(now());
+      done = 1;
+    }
+    return;
+  }
+  const int tid = threadIdx.x - 32;
+  const uint32_t vecs = bytes / 16;
+  const float4* mine = reinterpret_cast<const float4*>(act + blockIdx.x * (kMaxStageBytes / 4));
+  float4* next = reinterpret_cast<float4*>(act + ((blockIdx.x + 1) % gridDim.x) *
+                                                     (kMaxStageBytes / 4));
+  for (uint32_t v = tid; v < vecs; v += kConsumers) stage[v] = __ldcg(mine + v);  // warm L2
+  consumer_sync();
+  uint64_t total = 0;
+  int64_t rounds = 0;
+  uint32_t parity = 0;
+  float sink = 0.f;
+  while (true) {
+    if (tid == 0) stop = slots > 0 ? done : rounds >= kIdleRounds;
+    consumer_sync();
+    if (stop) break;
+    consumer_sync();  // every consumer read stop before thread 0 can rewrite it
+    if (mode == kFresh) {
+      for (uint32_t v = tid; v < vecs; v += kConsumers)
+        next[v] = make_float4(rounds, v, 1.f, 2.f);
+      __threadfence();
+      consumer_sync();
+    }
+    const uint64_t t = now();
+    if (mode == kBulk) {
+      if (tid == 0) {
+        // the consumers' earlier generic writes to stage before the async proxy's
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                     :: "r"(sa(bar)), "r"(bytes) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                     " [%0], [%1], %2, [%3];"
+                     :: "r"(sa(stage)), "l"(mine), "r"(bytes), "r"(sa(bar)) : "memory");
+      }
+      uint32_t ok = 0;
+      while (!ok)
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+                     "selp.u32 %0, 1, 0, p; }" : "=r"(ok) : "r"(sa(bar)), "r"(parity) : "memory");
+      parity ^= 1;
+      sink += stage[tid].x;
+    } else {
+      float4 x[8];  // up to 32 KB: 8 vectors per thread, all issued before the first use
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const uint32_t v = tid + u * kConsumers;
+        x[u] = v < vecs ? __ldcg(mine + v) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const uint32_t v = tid + u * kConsumers;
+        if (v < vecs) stage[v] = x[u];
+      }
+    }
+    consumer_sync();
+    total += now() - t;
+    ++rounds;
+  }
+  if (tid == 0) {
+    out[4 * blockIdx.x + 2] = static_cast<int64_t>(total * 1000 / (rounds > 0 ? rounds : 1));
+    out[4 * blockIdx.x + 3] = sink == 12345.f ? -1 : rounds;  // keeps the bulk reads live
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int trials = argc > 1 ? std::atoi(argv[1]) : 9;
+  const int sms = sms_with_banner(trials);
+  const uint32_t kb_per_sm = 4096;
+  const size_t bytes = static_cast<size_t>(sms) * kb_per_sm * 1024;
+  unsigned char* data;
+  uint32_t* flush;
+  float* act;
+  int64_t* out;
+  const size_t flush_bytes = size_t{160} << 20;
+  CHECK(cudaMalloc(&data, bytes));
+  CHECK(cudaMalloc(&flush, flush_bytes));
+  CHECK(cudaMalloc(&act, static_cast<size_t>(sms) * kMaxStageBytes));
+  CHECK(cudaMalloc(&out, 4 * sms * sizeof(int64_t)));
+  fill<<<4 * sms, 256>>>(reinterpret_cast<uint32_t*>(data), bytes / 4, 7u);
+  fill<<<sms, 256>>>(reinterpret_cast<uint32_t*>(act), sms * kMaxStageBytes / 4, 3u);
+  CHECK(cudaFuncSetAttribute(stream_and_stage, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kSmem));
+  std::vector<int64_t> host(4 * sms);
+  for (uint32_t kb : {8u, 32u}) {
+    for (int mode : {kLdcg, kBulk, kFresh}) {
+      for (int slots : {0, 1, 2, 4}) {
+        std::vector<double> wall, lat;
+        for (int t = 0; t < trials + 2; ++t) {
+          fill<<<4 * sms, 256>>>(flush, flush_bytes / 4, t);  // evict the weights from L2
+          stream_and_stage<<<sms, kThreads, kSmem>>>(data, kb_per_sm * 1024 / kPage, slots, act,
+                                                     kb * 1024, mode, out);
+          CHECK(cudaGetLastError());
+          CHECK(cudaMemcpy(host.data(), out, host.size() * sizeof(int64_t),
+                           cudaMemcpyDeviceToHost));
+          if (t < 2) continue;  // warm-up
+          int64_t first = host[0], last = host[1];
+          std::vector<double> per_sm;
+          for (int b = 0; b < sms; ++b) {
+            first = std::min(first, host[4 * b]);
+            last = std::max(last, host[4 * b + 1]);
+            per_sm.push_back(host[4 * b + 2] / 1e3);
+          }
+          std::sort(per_sm.begin(), per_sm.end());
+          wall.push_back((last - first) / 1e3);
+          lat.push_back(per_sm[per_sm.size() / 2]);
+        }
+        std::sort(wall.begin(), wall.end());
+        std::sort(lat.begin(), lat.end());
+        const double w = wall[wall.size() / 2], l = lat[lat.size() / 2];
+        if (slots == 0)
+          std::printf("%2u KB %-5s no stream           : round %7.0f ns\n", kb,
+                      kModeNames[mode], l);
+        else
+          std::printf("%2u KB %-5s %d page(s) in flight: round %7.0f ns, stream %.3f TB/s\n",
+                      kb, kModeNames[mode], slots, l, bytes / (w * 1e-6) / 1e12);
+      }
+    }
+  }
+  CHECK(cudaFree(data));
+  CHECK(cudaFree(flush));
+  CHECK(cudaFree(act));
+  CHECK(cudaFree(out));
+  return 0;
+}
