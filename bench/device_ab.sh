@@ -3,7 +3,8 @@
 # e.g. `git archive <commit> | tar -x -C abtree`, carried with carry=["abtree"]): both
 # built, the decoder and TP GPU tests of the working tree, then two alternating rounds of
 # the megakernel-only bench (llama-3.2-1b, llama-3.1-8b, batch 1 and 8). Set MK_COMMIT;
-# TESTS=0 skips the tests, TEST_FILES adds test files; TRACES="flag ..." adds traces of the working tree (run_traces).
+# TESTS=0 skips the tests, TEST_FILES adds test files; TRACES="flag ..." adds traces of the
+# working tree (run_traces).
 source bench/device_lib.sh
 build_extension
 SECONDS=0

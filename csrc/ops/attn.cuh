@@ -182,7 +182,7 @@ struct AttnOp {
     consumer_sync();
     if (*last) {
       AttnReduceOp::merge_heads(a, ins[W_LAYER], ins[W_ATTN_B], ins[W_ATTN_KV_HEAD], 0,
-                                a.H / a.Hkv);
+                                a.H / a.Hkv, false);
     }
   }
 };

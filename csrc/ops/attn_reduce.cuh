@@ -35,9 +35,10 @@ struct AttnReduceOp {
   }
 
   // attn[l, b] of q heads head0 .. head0+nh-1 of kv group g from their NS partials (also
-  // the merge of a merging ATTN's last split, attn.cuh). Fields checked by the caller.
+  // the merge of a merging ATTN's last split, attn.cuh, which passes stamp = false so its
+  // own phase stamps stand). Fields checked by the caller.
   __device__ static void merge_heads(const KernelArgs& a, int l, int b, int g, int head0,
-                                     int nh) {
+                                     int nh, bool stamp = true) {
     const int G = a.H / a.Hkv, D = a.D, NS = a.NS;
     const int nvec = nh * D / 4;  // D is a multiple of 4
     int P = 1;
@@ -79,7 +80,7 @@ struct AttnReduceOp {
         }
         m = mg;
       }
-      if (v0 == 0) phase_stamp(0);  // thread 0's partials loaded and weighed (first pass)
+      if (stamp && v0 == 0) phase_stamp(0);  // thread 0's partials loaded, weighed (1st pass)
       for (int off = 1; off < P; off <<= 1) {
         const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
         const float w2 = __shfl_xor_sync(0xffffffffu, w, off);
@@ -96,7 +97,7 @@ struct AttnReduceOp {
                      static_cast<size_t>(g * G + head0 + hv) * D + dim;
         *reinterpret_cast<float4*>(out) = make_float4(o.x * r, o.y * r, o.z * r, o.w * r);
       }
-      if (v0 == 0) phase_stamp(1);  // thread 0's first pass merged and stored
+      if (stamp && v0 == 0) phase_stamp(1);  // thread 0's first pass merged and stored
     }
   }
 };
