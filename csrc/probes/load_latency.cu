@@ -13,9 +13,6 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/load_latency.cu \
 //        -o /tmp/latprobe && /tmp/latprobe [trials=9]
-#include <algorithm>
-#include <vector>
-
 #include "probe_util.cuh"
 
 namespace {
@@ -37,19 +34,7 @@ stream_and_chase(const unsigned char* data, uint32_t pages, int slots, const uin
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (warp == 0) {
-    const uint64_t t1 = now();
-    if (slots > 0) {
-      uint64_t policy;
-      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-      stream_pages(smem, pages, slots, 4096, true, policy, [&](uint32_t it) {
-        return data + (static_cast<size_t>(it) * gridDim.x + blockIdx.x) * kPage;
-      });
-    }
-    if (lane == 0) {
-      out[4 * blockIdx.x] = static_cast<int64_t>(t1);
-      out[4 * blockIdx.x + 1] = static_cast<int64_t>(now());
-      done = 1;
-    }
+    stream_role(smem, data, pages, slots, out, done);
   } else if (lane == 0) {
     const uint32_t* base = chase + static_cast<size_t>(blockIdx.x) * kChaseLines * 32;
     uint32_t i = 0;
@@ -74,18 +59,9 @@ stream_and_chase(const unsigned char* data, uint32_t pages, int slots, const uin
 int main(int argc, char** argv) {
   const int trials = argc > 1 ? std::atoi(argv[1]) : 9;
   const int sms = sms_with_banner(trials);
-  const uint32_t kb_per_sm = 4096;
-  const size_t bytes = static_cast<size_t>(sms) * kb_per_sm * 1024;
-  unsigned char* data;
-  uint32_t* flush;
+  StreamTrials st(sms);
   uint32_t* chase;
-  int64_t* out;
-  const size_t flush_bytes = size_t{160} << 20;
-  CHECK(cudaMalloc(&data, bytes));
-  CHECK(cudaMalloc(&flush, flush_bytes));
   CHECK(cudaMalloc(&chase, static_cast<size_t>(sms) * kChaseLines * 128));
-  CHECK(cudaMalloc(&out, 4 * sms * sizeof(int64_t)));
-  fill<<<4 * sms, 256>>>(reinterpret_cast<uint32_t*>(data), bytes / 4, 7u);
   // Line k of each SM's chain points to line (k * 37 + 1) % 64: a single cycle through all
   // 64 lines (37 is odd, so x -> 37x + 1 is a full-period map mod 64).
   std::vector<uint32_t> host_chase(static_cast<size_t>(sms) * kChaseLines * 32, 0u);
@@ -95,38 +71,17 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(chase, host_chase.data(), host_chase.size() * 4, cudaMemcpyHostToDevice));
   const int smem = kStreamSmem;
   CHECK(cudaFuncSetAttribute(stream_and_chase, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  std::vector<int64_t> host(4 * sms);
   for (int slots : {0, 1, 2, 3, 4}) {
-    std::vector<double> wall, lat;
-    for (int t = 0; t < trials + 2; ++t) {
-      fill<<<4 * sms, 256>>>(flush, flush_bytes / 4, t);  // evict the weights from L2
-      stream_and_chase<<<sms, 64, smem>>>(data, kb_per_sm * 1024 / kPage, slots, chase, out);
-      CHECK(cudaGetLastError());
-      CHECK(cudaMemcpy(host.data(), out, host.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
-      if (t < 2) continue;  // warm-up
-      int64_t first = host[0], last = host[1];
-      std::vector<double> per_sm;
-      for (int b = 0; b < sms; ++b) {
-        first = std::min(first, host[4 * b]);
-        last = std::max(last, host[4 * b + 1]);
-        per_sm.push_back(host[4 * b + 2] / 1e3);
-      }
-      std::sort(per_sm.begin(), per_sm.end());
-      wall.push_back((last - first) / 1e3);
-      lat.push_back(per_sm[per_sm.size() / 2]);
-    }
-    std::sort(wall.begin(), wall.end());
-    std::sort(lat.begin(), lat.end());
-    const double w = wall[wall.size() / 2], l = lat[lat.size() / 2];
+    const StreamTrials::Result r = st.run(trials, [&] {
+      stream_and_chase<<<sms, 64, smem>>>(st.data, st.pages(), slots, chase, st.out);
+    });
     if (slots == 0)
-      std::printf("no stream                 : L2-hit round trip %7.0f ns\n", l);
+      std::printf("no stream                 : L2-hit round trip %7.0f ns\n", r.value_ns);
     else
       std::printf("%d page(s) in flight per SM: %7.1f us -> %.3f TB/s, "
-                  "L2-hit round trip %7.0f ns\n", slots, w, bytes / (w * 1e-6) / 1e12, l);
+                  "L2-hit round trip %7.0f ns\n", slots, r.wall_us, r.tbps,
+                  r.value_ns);
   }
-  CHECK(cudaFree(data));
-  CHECK(cudaFree(flush));
   CHECK(cudaFree(chase));
-  CHECK(cudaFree(out));
   return 0;
 }

@@ -1,13 +1,16 @@
-// What the probes share (l2_prefetch.cu, hbm_stream.cu, load_latency.cu): error checks, the
-// clock, the device banner, and one warp streaming pages from global memory through a ring
-// of 32 KB shared-memory slots with the megakernel's bulk copies (cp.async.bulk on
-// mbarriers), as its loader does.
+// What the probes share (l2_prefetch.cu, hbm_stream.cu, load_latency.cu,
+// staging_latency.cu): error checks, the clock, the device banner, one warp streaming pages
+// from global memory through a ring of 32 KB shared-memory slots with the megakernel's bulk
+// copies (cp.async.bulk on mbarriers), as its loader does, and for the latency probes that
+// stream as a block's warp 0 and the trial loop around it (StreamTrials).
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #define CHECK(x)                                                                    \
   do {                                                                              \
@@ -83,6 +86,93 @@ __device__ void stream_pages(unsigned char* smem, uint32_t pages, int slots, uin
   }
 }
 
+// Probes of a consumer's latency under the weight stream (load_latency.cu,
+// staging_latency.cu): each block's warp 0 streams its share of a weight buffer through
+// `slots` ring slots (none: slots 0), interleaved across blocks as the kernel's pages, while
+// the other warps time something. out[4 * block] = {stream start, stream end, measured
+// value x 1000, count}; warp 0 writes the first two and sets `done` when the stream ends.
+constexpr uint32_t kStreamKbPerSm = 4096;
+
+__device__ void stream_role(unsigned char* smem, const unsigned char* data, uint32_t pages,
+                            int slots, int64_t* out, volatile int& done) {
+  const uint64_t t1 = now();
+  if (slots > 0) {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    stream_pages(smem, pages, slots, 4096, true, policy, [&](uint32_t it) {
+      return data + (static_cast<size_t>(it) * gridDim.x + blockIdx.x) * kPage;
+    });
+  }
+  if ((threadIdx.x & 31) == 0) {
+    out[4 * blockIdx.x] = static_cast<int64_t>(t1);
+    out[4 * blockIdx.x + 1] = static_cast<int64_t>(now());
+    done = 1;
+  }
+}
+
+// Rewrites n words (fills a buffer, or evicts L2 between trials by writing a large one).
+__global__ void fill(uint32_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    p[i] = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+}
+
+// Host side of those probes: the weight buffer (kStreamKbPerSm per SM, filled), a 160 MB
+// buffer rewritten before every trial to evict it from L2, and the out array.
+struct StreamTrials {
+  int sms;
+  size_t bytes;
+  unsigned char* data = nullptr;
+  uint32_t* flush = nullptr;
+  int64_t* out = nullptr;
+  static constexpr size_t kFlushBytes = size_t{160} << 20;
+
+  explicit StreamTrials(int n) : sms(n), bytes(static_cast<size_t>(n) * kStreamKbPerSm * 1024) {
+    CHECK(cudaMalloc(&data, bytes));
+    CHECK(cudaMalloc(&flush, kFlushBytes));
+    CHECK(cudaMalloc(&out, 4 * sms * sizeof(int64_t)));
+    fill<<<4 * sms, 256>>>(reinterpret_cast<uint32_t*>(data), bytes / 4, 7u);
+  }
+  ~StreamTrials() {
+    cudaFree(data);
+    cudaFree(flush);
+    cudaFree(out);
+  }
+  uint32_t pages() const { return kStreamKbPerSm * 1024 / kPage; }
+
+  struct Result {
+    double wall_us;   // the stream's span, first block's start to last block's end
+    double tbps;      // bytes over that span
+    double value_ns;  // median over blocks of the measured value
+  };
+  // trials + 2 launches (the first two warm up), each after an L2 flush; medians over trials.
+  template <typename Launch>
+  Result run(int trials, Launch launch) {
+    std::vector<int64_t> host(4 * sms);
+    std::vector<double> wall, value;
+    for (int t = 0; t < trials + 2; ++t) {
+      fill<<<4 * sms, 256>>>(flush, kFlushBytes / 4, t);
+      launch();
+      CHECK(cudaGetLastError());
+      CHECK(cudaMemcpy(host.data(), out, host.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
+      if (t < 2) continue;
+      int64_t first = host[0], last = host[1];
+      std::vector<double> per_block;
+      for (int b = 0; b < sms; ++b) {
+        first = std::min(first, host[4 * b]);
+        last = std::max(last, host[4 * b + 1]);
+        per_block.push_back(host[4 * b + 2] / 1e3);
+      }
+      std::sort(per_block.begin(), per_block.end());
+      wall.push_back((last - first) / 1e3);
+      value.push_back(per_block[per_block.size() / 2]);
+    }
+    std::sort(wall.begin(), wall.end());
+    std::sort(value.begin(), value.end());
+    const double w = wall[wall.size() / 2];
+    return {w, bytes / (w * 1e-6) / 1e12, value[value.size() / 2]};
+  }
+};
+
 // The device's SM count, after printing its name, SM count, L2 size and the trial count.
 inline int sms_with_banner(int trials) {
   int sms = 0;
@@ -92,12 +182,6 @@ inline int sms_with_banner(int trials) {
   std::printf("%s: %d SMs, L2 %d MB, %d trials\n", prop.name, sms, prop.l2CacheSize >> 20,
               trials);
   return sms;
-}
-
-// Rewrites n words (fills a buffer, or evicts L2 between trials by writing a large one).
-__global__ void fill(uint32_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    p[i] = static_cast<uint32_t>(i) * 2654435761u ^ seed;
 }
 
 }  // namespace probe

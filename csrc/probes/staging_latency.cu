@@ -18,9 +18,6 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/staging_latency.cu \
 //        -o /tmp/stageprobe && /tmp/stageprobe [trials=9]
-#include <algorithm>
-#include <vector>
-
 #include "probe_util.cuh"
 
 namespace {
@@ -53,21 +50,8 @@ stream_and_stage(const unsigned char* data, uint32_t pages, int slots, float* ac
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp == 0) {
-    const uint64_t t1 = now();
-    if (slots > 0) {
-      uint64_t policy;
-      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-      stream_pages(smem, pages, slots, 4096, true, policy, [&](uint32_t it) {
-        return data + (static_cast<size_t>(it) * gridDim.x + blockIdx.x) * kPage;
-      });
-    }
-    if (lane == 0) {
-      out[4 * blockIdx.x] = static_cast<int64_t>(t1);
-      out[4 * blockIdx.x + 1] = static_cast<int64_t>(now());
-      done = 1;
-    }
+  if (threadIdx.x < 32) {
+    stream_role(smem, data, pages, slots, out, done);
     return;
   }
   const int tid = threadIdx.x - 32;
@@ -137,60 +121,28 @@ stream_and_stage(const unsigned char* data, uint32_t pages, int slots, float* ac
 int main(int argc, char** argv) {
   const int trials = argc > 1 ? std::atoi(argv[1]) : 9;
   const int sms = sms_with_banner(trials);
-  const uint32_t kb_per_sm = 4096;
-  const size_t bytes = static_cast<size_t>(sms) * kb_per_sm * 1024;
-  unsigned char* data;
-  uint32_t* flush;
+  StreamTrials st(sms);
   float* act;
-  int64_t* out;
-  const size_t flush_bytes = size_t{160} << 20;
-  CHECK(cudaMalloc(&data, bytes));
-  CHECK(cudaMalloc(&flush, flush_bytes));
   CHECK(cudaMalloc(&act, static_cast<size_t>(sms) * kMaxStageBytes));
-  CHECK(cudaMalloc(&out, 4 * sms * sizeof(int64_t)));
-  fill<<<4 * sms, 256>>>(reinterpret_cast<uint32_t*>(data), bytes / 4, 7u);
   fill<<<sms, 256>>>(reinterpret_cast<uint32_t*>(act), sms * kMaxStageBytes / 4, 3u);
   CHECK(cudaFuncSetAttribute(stream_and_stage, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              kSmem));
-  std::vector<int64_t> host(4 * sms);
   for (uint32_t kb : {8u, 32u}) {
     for (int mode : {kLdcg, kBulk, kFresh}) {
       for (int slots : {0, 1, 2, 4}) {
-        std::vector<double> wall, lat;
-        for (int t = 0; t < trials + 2; ++t) {
-          fill<<<4 * sms, 256>>>(flush, flush_bytes / 4, t);  // evict the weights from L2
-          stream_and_stage<<<sms, kThreads, kSmem>>>(data, kb_per_sm * 1024 / kPage, slots, act,
-                                                     kb * 1024, mode, out);
-          CHECK(cudaGetLastError());
-          CHECK(cudaMemcpy(host.data(), out, host.size() * sizeof(int64_t),
-                           cudaMemcpyDeviceToHost));
-          if (t < 2) continue;  // warm-up
-          int64_t first = host[0], last = host[1];
-          std::vector<double> per_sm;
-          for (int b = 0; b < sms; ++b) {
-            first = std::min(first, host[4 * b]);
-            last = std::max(last, host[4 * b + 1]);
-            per_sm.push_back(host[4 * b + 2] / 1e3);
-          }
-          std::sort(per_sm.begin(), per_sm.end());
-          wall.push_back((last - first) / 1e3);
-          lat.push_back(per_sm[per_sm.size() / 2]);
-        }
-        std::sort(wall.begin(), wall.end());
-        std::sort(lat.begin(), lat.end());
-        const double w = wall[wall.size() / 2], l = lat[lat.size() / 2];
+        const StreamTrials::Result r = st.run(trials, [&] {
+          stream_and_stage<<<sms, kThreads, kSmem>>>(st.data, st.pages(), slots, act, kb * 1024,
+                                                     mode, st.out);
+        });
         if (slots == 0)
           std::printf("%2u KB %-5s no stream           : round %7.0f ns\n", kb,
-                      kModeNames[mode], l);
+                      kModeNames[mode], r.value_ns);
         else
           std::printf("%2u KB %-5s %d page(s) in flight: round %7.0f ns, stream %.3f TB/s\n",
-                      kb, kModeNames[mode], slots, l, bytes / (w * 1e-6) / 1e12);
+                      kb, kModeNames[mode], slots, r.value_ns, r.tbps);
       }
     }
   }
-  CHECK(cudaFree(data));
-  CHECK(cudaFree(flush));
   CHECK(cudaFree(act));
-  CHECK(cudaFree(out));
   return 0;
 }
