@@ -57,16 +57,19 @@ run_ablate() {  # model batch rows
 
 # Traces of $TRACE_MODEL (llama-3.2-1b) batch 1: the default build, then one per argument
 # (a build flag such as -DMK_RELEASE_QUIET=0, a trace option such as --phases, or a runtime
-# switch such as no_load); $OUT/trace*/.
+# switch such as no_load; several joined by '+', e.g. --phases+-DMK_INFLIGHT_PAGES=1);
+# $OUT/trace*/.
 run_traces() {
-  local flags dir opt
+  local flags dir f opts
   for flags in "" "$@"; do
     SECONDS=0
-    dir="$OUT/trace${flags:+_${flags#-[D-]}}"
-    case "$flags" in -D*) opt=--build-flag=$flags ;; --*) opt=$flags ;; ?*) opt=--ablate=$flags ;;
-      *) opt= ;; esac
+    dir="$OUT/trace${flags:+_$(echo "$flags" | sed -E 's/(^|\+)-(-|D)/\1/g; s/\+/_/g')}"
+    opts=()
+    for f in ${flags//+/ }; do
+      case "$f" in -D*) opts+=(--build-flag=$f) ;; --*) opts+=($f) ;; *) opts+=(--ablate=$f) ;; esac
+    done
     timeout 120 python3 -m megakernel trace --model "${TRACE_MODEL:-llama-3.2-1b}" --batch 1 \
-      --out "$dir" $opt > "$dir.log" 2>&1
+      --out "$dir" "${opts[@]}" > "$dir.log" 2>&1
     echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
     sed -n '/^release/p; /^ring pages/,/^$/p; /^phases/,/^$/p' "$dir.log"
     rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
