@@ -174,6 +174,7 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
 PHASES = {
     "ATTN": ("queries staged", "warp 0 positions done", "states merged", "outputs stored"),
     "ATTN_REDUCE": ("partials loaded", "merged+stored", "-", "-"),
+    "ATTN_OPROJ": ("partials loaded", "merged", "first page done", "adds issued"),
     "matvec": ("inputs staged", "first page done", "last page done", "acc complete"),
 }
 

@@ -45,6 +45,7 @@ _LAZY = {
     "ReferenceModel": ".reference",
     "PackedWeights": ".packing",
     "pack_weights": ".packing",
+    "add_wo_t": ".packing",
     "Buffers": ".buffers",
     "CpuInterpreter": ".cpu_interpreter",
     "Decoder": ".decoder",

@@ -1,11 +1,12 @@
 """CpuInterpreter: runs a scheduler Program on the CPU, the oracle for the GPU kernel.
 
 Same buffers and counters as the kernel (megakernel.buffers), each opcode executed by its
-PyTorch reference (megakernel.ops_ref). A step executes the per-SM queues in one legal
-interleaving: at each point a seeded random.Random picks one SM whose next instruction's
-waits hold under the monotonic rule of isa.py, counter[c] - target[c] * (epoch + 1) >= 0
-(int32 wrapping), runs it, then adds 1 to its signal counter. The rng advances across steps,
-so successive steps run different interleavings.
+PyTorch reference (megakernel.ops_ref); a program with ATTN_OPROJ gets wo_t packed too
+(packing.add_wo_t), which it reads as the kernel does. A step executes the per-SM queues in
+one legal interleaving: at each point a seeded random.Random picks one SM whose next
+instruction's waits hold under the monotonic rule of isa.py, counter[c] - target[c] *
+(epoch + 1) >= 0 (int32 wrapping), runs it, then adds 1 to its signal counter. The rng
+advances across steps, so successive steps run different interleavings.
 
 Invariants checked every step: no SM is stuck before all queues finish (else RuntimeError
 naming SM, queue index, uid, opcode, counter, value and needed value); after the step the
@@ -31,7 +32,7 @@ from . import ops_ref
 from .buffers import Buffers
 from .config import ModelConfig
 from .decoding import StepDecoder
-from .packing import pack_weights
+from .packing import add_wo_t, pack_weights
 from .scheduler import phases as phases_mod
 from .scheduler.isa import NUM_WAITS, Err, Op, decode
 
@@ -55,6 +56,8 @@ class CpuInterpreter(StepDecoder):
         tp = len(self.ranks)
         self.rank_weights = [pack_weights(weights, dtype=dtype, device="cpu", tp=tp, rank=r)
                              for r in range(tp)]
+        if any((p.instructions[..., 0] == Op.ATTN_OPROJ).any() for p in self.ranks):
+            self.rank_weights = [add_wo_t(w) for w in self.rank_weights]    # ATTN_OPROJ's
         self.weights = self.rank_weights[0]
         self.rank_buffers = [Buffers.allocate(cfg if tp == 1 else p.config, p, max_seq,
                                               device="cpu", kv_dtype=self.weights.dtype)

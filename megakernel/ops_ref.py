@@ -39,6 +39,8 @@ def qkv_row_targets(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch
 def embed(rec, w, buf, prog):
     c0, n = rec["col0"], rec["ncols"]
     buf.resid[0, :, c0:c0 + n] = w.embed[buf.tokens, c0:c0 + n].float()
+    if rec.get("copy", 0):
+        buf.resid[1, :, c0:c0 + n] = buf.resid[0, :, c0:c0 + n]
 
 
 def matvec_input(rec, buf, level: int) -> torch.Tensor:
@@ -125,13 +127,27 @@ def attn_reduce(rec, w, buf, prog):
 def _merge(cfg, buf, l: int, b: int, h0: int, nh: int):
     """attn[l, b] of q heads h0 .. h0+nh-1 from their NS partials."""
     heads = slice(h0, h0 + nh)
-    lse = buf.lse[l, b, heads]                                             # [nh, NS]
-    o = buf.o_part[l, b, heads]                                            # [nh, NS, D]
+    merged = _merged(buf.lse[l, b, heads], buf.o_part[l, b, heads])        # [nh, D]
+    buf.attn[l, b, heads.start * cfg.D:heads.stop * cfg.D] = merged.reshape(-1)
+
+
+def _merged(lse: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """lse [..., NS], o [..., NS, n] partials -> [..., n] merged outputs."""
     top = lse.max(-1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     weight = torch.exp(lse - top)                                          # empty split -> 0
-    merged = (weight[..., None] * o).sum(1) / weight.sum(-1, keepdim=True)  # [nh, D]
-    buf.attn[l, b, heads.start * cfg.D:heads.stop * cfg.D] = merged.reshape(-1)
+    return (weight[..., None] * o).sum(-2) / weight.sum(-1, keepdim=True)
+
+
+def attn_oproj(rec, w, buf, prog):
+    """Merges of one q head's dim slice for every b, times the matching wo_t rows, added
+    into resid[2l+1] (onto the copy of resid[2l] that EMBED or the last DOWN stored)."""
+    if w.wo_t is None:
+        raise ValueError("ATTN_OPROJ reads wo_t, which these packed weights lack: pack them "
+                         "with megakernel.packing.add_wo_t")
+    l, h, j0, n, D = rec["layer"], rec["head"], rec["dim0"], rec["ndims"], w.config.D
+    m = _merged(buf.lse[l, :, h], buf.o_part[l, :, h, :, j0:j0 + n])       # [B, n]
+    buf.resid[2 * l + 1] += m @ w.wo_t[l, h * D + j0:h * D + j0 + n].float()
 
 
 def oproj(rec, w, buf, prog):
@@ -169,6 +185,8 @@ def down(rec, w, buf, prog):
     l, r0, n = rec["layer"], rec["row0"], rec["nrows"]
     buf.resid[2 * l + 2, :, r0:r0 + n] = (
         buf.resid[2 * l + 1, :, r0:r0 + n] + buf.act[l] @ w.wdown[l, r0:r0 + n].float().T)
+    if rec.get("copy", 0):
+        buf.resid[2 * l + 3, :, r0:r0 + n] = buf.resid[2 * l + 2, :, r0:r0 + n]
 
 
 def lmhead(rec, w, buf, prog, peers=None):
@@ -191,7 +209,7 @@ def argmax(rec, w, buf, prog):
 
 OPS = {Op.EMBED: embed, Op.QKV: qkv, Op.ATTN: attn, Op.ATTN_REDUCE: attn_reduce,
        Op.OPROJ: oproj, Op.GATEUP: gateup, Op.DOWN: down, Op.LMHEAD: lmhead, Op.ARGMAX: argmax,
-       Op.RESID_SUM: resid_sum}
+       Op.RESID_SUM: resid_sum, Op.ATTN_OPROJ: attn_oproj}
 ALL_RANK_OPS = {Op.OPROJ: partial, Op.DOWN: partial, Op.LMHEAD: lmhead}
 
 

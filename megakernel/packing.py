@@ -7,7 +7,9 @@ See scheduler/isa.py for the layout contract. In short, per layer:
     wdown [d, I]
 stacked over layers, plus the embedding, the LM head (the embedding itself when tied) and
 the three norm weights. Packing copies QKV and gate/up (they are permuted); the embedding
-is shared with the source Weights.
+is shared with the source Weights. add_wo_t adds wo_t [L, H*D, d], the O projection
+transposed, which ATTN_OPROJ reads (plan option fuse_oproj): one q head dim's weights for
+every output column are one contiguous row.
 
 pack_weights(weights, tp=N, rank=r) packs rank r's shard (isa.py "Tensor parallelism"):
 the same layout for the shard config (scheduler.sharding), cut from the source weights
@@ -59,6 +61,7 @@ class PackedWeights:
     wgu: torch.Tensor          # [L, 2I, d]
     wdown: torch.Tensor        # [L, d, I]
     vocab0: int = 0            # vocab row of lm_head's row 0 (a tensor-parallel shard's)
+    wo_t: torch.Tensor | None = None   # [L, H*D, d] wo transposed (add_wo_t), or none
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,7 +78,13 @@ class PackedWeights:
         head = emb if self.lm_head is self.embed else cv(self.lm_head)
         return PackedWeights(self.config, emb, head, cv(self.final_norm), cv(self.attn_norm),
                              cv(self.mlp_norm), cv(self.wqkv), cv(self.wo), cv(self.wgu),
-                             cv(self.wdown), self.vocab0)
+                             cv(self.wdown), self.vocab0,
+                             None if self.wo_t is None else cv(self.wo_t))
+
+
+def add_wo_t(packed: PackedWeights) -> PackedWeights:
+    """packed with wo_t, the contiguous transpose of wo that ATTN_OPROJ reads (isa.py)."""
+    return dataclasses.replace(packed, wo_t=packed.wo.transpose(1, 2).contiguous())
 
 
 def shard_tensor(cfg: ModelConfig, tp: int, rank: int, field: str, t: torch.Tensor):

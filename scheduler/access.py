@@ -15,6 +15,9 @@ dim* is the packed-row order inside a head (pair-interleaved, isa.py); every rea
 whole heads, so that permutation is invisible. k_new / v_new are the KV cache rows at this
 step's position (earlier positions were written by earlier steps). tokens, pos, the
 weights and the RoPE tables are inputs: written before the step, not tracked.
+An accumulating write (`add`, ATTN_OPROJ's atomic adds into resid[2l+1]) is a write that
+is not SSA: dataflow.py checks it against the element's one ordinary writer and readers.
+attn is not allocated (layer size 0) in a plan with ATTN_OPROJ, which writes none of it.
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ BUFFERS = ("resid", "q", "k_new", "v_new", "o_part", "lse", "attn", "act", "logi
            "amax_idx", "out_tokens", "part")
 
 
-def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1) -> dict[str, tuple]:
-    """buffer -> ((dim name, size), ...) in validator coordinates, for every name in BUFFERS."""
+def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1,
+                merged: bool = True) -> dict[str, tuple]:
+    """buffer -> ((dim name, size), ...) in validator coordinates, for every name in BUFFERS.
+    merged: the plan merges attention into attn (False: ATTN_OPROJ, attn has no layers)."""
     L, d, H, Hkv, G, D = cfg.L, cfg.d, cfg.H, cfg.Hkv, cfg.G, cfg.D
     lb = (("layer", L), ("b", B))
     return {
@@ -44,7 +49,7 @@ def buffer_dims(cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1) -> dic
         "v_new": lb + (("kv_head", Hkv), ("dim", D)),
         "o_part": lb + (("head", H), ("split", NS), ("dim", D)),
         "lse": lb + (("head", H), ("split", NS)),
-        "attn": lb + (("head", H), ("dim", D)),
+        "attn": (("layer", L if merged else 0), ("b", B), ("head", H), ("dim", D)),
         "act": (("layer", L), ("col", cfg.I), ("b", B)),
         "logits": (("row", cfg.V), ("b", B)),
         "amax_val": (("slot", NLM), ("b", B)),
@@ -62,6 +67,7 @@ class Accesses:
     stop: np.ndarray    # int64 [A] (exclusive)
     write: np.ndarray   # bool [A]
     remote: np.ndarray  # bool [A] a write into every rank's copy
+    add: np.ndarray     # bool [A] an accumulating write (atomic adds onto an initial value)
 
 
 def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1,
@@ -71,12 +77,14 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     L, d, I, H, Hkv, G, D = cfg.L, cfg.d, cfg.I, cfg.H, cfg.Hkv, cfg.G, cfg.D
     parts = []
 
-    def emit(name, write, inst, start, length, local=False):
-        """local: a write into the rank's own copy even where the instruction is all_ranks."""
+    def emit(name, write, inst, start, length, local=False, add=False):
+        """local: a write into the rank's own copy even where the instruction is all_ranks;
+        add: an accumulating write."""
         start = np.asarray(start, np.int64) + np.zeros(len(inst), np.int64)
         parts.append((inst, np.full(len(inst), BUFFERS.index(name)), start,
                       start + length, np.full(len(inst), write),
-                      np.full(len(inst), write and not local) & (t.all_ranks[inst] != 0)))
+                      np.full(len(inst), write and not local) & (t.all_ranks[inst] != 0),
+                      np.full(len(inst), add)))
 
     def part_cols(level, src, col0):     # start of part[level][src][:, col0]
         return ((level * tp + src) * d + col0) * B
@@ -103,8 +111,10 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
         m = n > 0                         # a stage may have more readers than ranges
         emit("resid", True, i[m], resid_cols(level[m], c0[m]), n[m] * B, local=True)
 
-    i, _, c0, n, _ = rows(Op.EMBED)
+    i, _, c0, n, copy = rows(Op.EMBED)
     emit("resid", True, i, resid_cols(0, c0), n * B)
+    m = copy != 0
+    emit("resid", True, i[m], resid_cols(1, c0[m]), n[m] * B)
 
     i, l, r0, n, _ = rows(Op.QKV)
     read_input(Op.QKV, i, 2 * l)
@@ -145,6 +155,14 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
         emit("resid", False, i, resid_cols(level, r0), n * B)
         emit("resid", True, i, resid_cols(level + 1, r0), n * B)
 
+    i, l, h, dim0, ndims = rows(Op.ATTN_OPROJ)
+    lh = (l[:, None] * B + np.arange(B)) * H + h[:, None]          # [n, B] (layer, b, head)
+    split = lh[:, :, None] * NS + np.arange(NS)                     # [n, B, NS] + split
+    emit("o_part", False, i.repeat(B * NS), (split * D + dim0[:, None, None]).ravel(),
+         ndims.repeat(B * NS))
+    emit("lse", False, i.repeat(B), lh.ravel() * NS, NS)
+    emit("resid", True, i, resid_cols(2 * l + 1, 0), d * B, add=True)
+
     i, l, r0, n, _ = rows(Op.OPROJ)
     emit("attn", False, i, l * B * H * D, B * H * D)
     add_to_resid(i, 2 * l, r0, n)
@@ -153,9 +171,11 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     read_input(Op.GATEUP, i, 2 * l + 1)
     emit("act", True, i, (l * I + r0 // 2) * B, n // 2 * B)
 
-    i, l, r0, n, _ = rows(Op.DOWN)
+    i, l, r0, n, copy = rows(Op.DOWN)
     emit("act", False, i, l * I * B, I * B)
     add_to_resid(i, 2 * l + 1, r0, n)
+    m = copy != 0
+    emit("resid", True, i[m], resid_cols(2 * l[m] + 3, r0[m]), n[m] * B)
 
     i, l, r0, n, after_mlp = rows(Op.RESID_SUM)
     level = 2 * l + after_mlp

@@ -2,11 +2,16 @@
 
 On the accesses of access.py (validator coordinates), for an instruction table in uid order
 whose structure validate.py has already proven:
-  - no buffer element is written by two instructions;
+  - every access lies inside its buffer (attn has no elements in a plan with ATTN_OPROJ);
+  - no buffer element is written by two instructions (accumulations aside);
   - every element an instruction reads is written by some instruction;
-  - every buffer element is written (each exactly once, with the first check);
+  - every buffer element is written (each exactly once, with the second check);
   - every writer of an element an instruction reads happens-before that reader through
     counters (happens.py), which covers reads ordered only transitively.
+Accumulating writes (ATTN_OPROJ's atomic adds) are not SSA writes. An accumulation reads
+the element's initial value: the checks of a read (written, and its writer happens-before)
+apply to it. Accumulations cover identical or disjoint ranges, and every ordinary read of
+an accumulated element happens after every accumulation of its range.
 Reads are deduplicated by (wait signature, range) before the happens-before test, so the
 work is about one test per distinct (reader signature, writer) pair.
 Under tp > 1 (a merged table, ranks.py) each rank has its own copy of every buffer: an
@@ -14,18 +19,27 @@ access of rank r lands in copy r, a remote write in every copy.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from megakernel.config import ModelConfig
 
 from . import happens
 from .access import BUFFERS, accesses, buffer_dims
+from .isa import Op
 from .table import Placed
+
+# (verb, producer) of a checked read, by kind: an ordinary read of a written value, an
+# accumulation's read of its initial value, an ordinary read after the accumulations.
+READS = (("reads", "written by"), ("accumulates into", "whose initial value is written by"),
+         ("reads", "accumulated into by"))
 
 
 def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1,
                    counter_name=None) -> None:
-    dims = buffer_dims(cfg, B, NS, NLM, tp)
+    merged = not (t.op == Op.ATTN_OPROJ).any()
+    dims = buffer_dims(cfg, B, NS, NLM, tp, merged)
     sizes = np.array([int(np.prod([n for _, n in dims[b]])) for b in BUFFERS], np.int64)
     base = np.r_[0, np.cumsum(sizes)]
     copy = int(base[-1])                                   # elements of one rank's buffers
@@ -43,18 +57,24 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: i
         raise ValueError(f"invalid plan: {t.where(i)}: {msg}")
 
     acc = accesses(t, cfg, B, NS, NLM, tp, t.rank)
+    outside = np.flatnonzero(acc.stop > sizes[acc.buf])
+    if len(outside):
+        k = int(outside[0])
+        buf = BUFFERS[acc.buf[k]]
+        fail(int(acc.inst[k]), f"accesses {buf} elements [{acc.start[k]}, {acc.stop[k]}), "
+             f"outside its {sizes[acc.buf[k]]} elements" + ("" if merged else
+                                                   " (a plan with ATTN_OPROJ has no attn)"))
     rank = np.zeros(len(acc.inst), np.int64) if t.rank is None else t.rank[acc.inst]
     if tp > 1:                       # a remote write: one access per destination rank
         reps = np.where(acc.remote, tp, 1)
         k = np.repeat(np.arange(len(reps)), reps)
         within = np.arange(len(k)) - np.repeat(np.cumsum(reps) - reps, reps)
         rank = np.where(acc.remote[k], within, rank[k])
-        acc = type(acc)(*(getattr(acc, f)[k] for f in ("inst", "buf", "start", "stop",
-                                                          "write", "remote")))
+        acc = type(acc)(*(getattr(acc, f.name)[k] for f in dataclasses.fields(acc)))
     offset = base[acc.buf] + rank * copy
     gstart, gstop = offset + acc.start, offset + acc.stop
 
-    w = np.flatnonzero(acc.write)
+    w = np.flatnonzero(acc.write & ~acc.add)
     w = w[np.argsort(gstart[w], kind="stable")]
     ws, we, wi = gstart[w], gstop[w], acc.inst[w]
     overlap = np.flatnonzero(ws[1:] < we[:-1])
@@ -63,8 +83,8 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: i
         fail(int(wi[k + 1]), f"writes {name(int(ws[k + 1]))}, also written by "
              f"{t.where(int(wi[k]))}: every element must have one writer per step")
 
-    r = np.flatnonzero(~acc.write)
-    rs, re, ri = gstart[r], gstop[r], acc.inst[r]
+    r = np.flatnonzero(~acc.write | acc.add)       # an accumulation reads its initial value
+    rs, re, ri, kind = gstart[r], gstop[r], acc.inst[r], acc.add[r].astype(np.int64)
     i0 = np.searchsorted(we, rs, "right")                 # first write ending after rs
     i1 = np.searchsorted(ws, re, "left")                  # writes starting before re: [0, i1)
     breaks = np.r_[0, np.cumsum(we[:-1] != ws[1:])]
@@ -75,8 +95,8 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: i
         written = np.zeros(int(re[k] - rs[k]), bool)
         for j in range(i0[k], i1[k]):
             written[max(ws[j], rs[k]) - rs[k]:min(we[j], re[k]) - rs[k]] = True
-        fail(int(ri[k]), f"reads {name(int(rs[k] + np.argmin(written)))}, which no "
-             "instruction writes")
+        fail(int(ri[k]), f"{READS[kind[k]][0]} {name(int(rs[k] + np.argmin(written)))}, "
+             "which no instruction writes" + (" (the initial value of its adds)" * kind[k]))
 
     gaps = np.flatnonzero(np.r_[ws[0] != 0, ws[1:] != we[:-1], we[-1] != tp * copy])
     if len(gaps):
@@ -85,14 +105,41 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: i
         raise ValueError(f"invalid plan: {name(missing)} is never written: every element of "
                          "every step buffer must be written exactly once")
 
-    _check_ordered(t, rs, re, ri, i0, i1, ws, wi, name, counter_name)
+    reads = [rs, re, ri, i0, i1, kind]
+    a = np.flatnonzero(acc.add)
+    if len(a):
+        later, As, Ai = _after_accumulations(t, a, acc, gstart, gstop, len(ws), name, fail)
+        reads = [np.r_[x, y] for x, y in zip(reads, later)]
+        ws, wi = np.r_[ws, As], np.r_[wi, Ai]
+    _check_ordered(t, *reads, ws, wi, name, counter_name)
 
 
-def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name, counter_name) -> None:
-    """Every write [i0, i1) (starts ws, writers wi) of every read (rs, re, reader ri)
-    happens-before the reader."""
+def _after_accumulations(t: Placed, a, acc, gstart, gstop, first: int, name, fail):
+    """The ordinary reads of accumulated elements, each against every accumulation of its
+    range: (reads as check_dataflow's [rs, re, ri, i0, i1, kind = 2], the accumulations'
+    starts, their instructions); i0, i1 count from `first`, where they join the writes."""
+    a = a[np.lexsort((gstop[a], gstart[a]))]
+    As, Ae, Ai = gstart[a], gstop[a], acc.inst[a]
+    bad = np.flatnonzero((As[1:] < Ae[:-1]) & ((As[1:] != As[:-1]) | (Ae[1:] != Ae[:-1])))
+    if len(bad):
+        k = int(bad[0])
+        fail(int(Ai[k + 1]), f"accumulates into {name(int(As[k + 1]))} .. "
+             f"{name(int(Ae[k + 1] - 1))}, a range overlapping that of {t.where(int(Ai[k]))} "
+             "but not equal to it: accumulations must cover identical or disjoint ranges")
+    r = np.flatnonzero(~acc.write)
+    rs, re, ri = gstart[r], gstop[r], acc.inst[r]
+    j0 = np.searchsorted(Ae, rs, "right")       # identical or disjoint: the ends are sorted
+    j1 = np.searchsorted(As, re, "left")
+    m = j1 > j0
+    return ([rs[m], re[m], ri[m], j0[m] + first, j1[m] + first, np.full(int(m.sum()), 2)],
+            As, Ai)
+
+
+def _check_ordered(t: Placed, rs, re, ri, i0, i1, kind, ws, wi, name, counter_name) -> None:
+    """Every write [i0, i1) (starts ws, writers wi) of every read (rs, re, reader ri, kind
+    an index into READS) happens-before the reader."""
     w = t.waits[ri].astype(np.int64)
-    keys = [w[:, 0] << 32 | w[:, 1], w[:, 2] << 32 | w[:, 3], rs, re]
+    keys = [w[:, 0] << 32 | w[:, 1], w[:, 2] << 32 | w[:, 3], rs, re, kind]
     by_key = np.lexsort(keys[::-1])
     new = np.zeros(len(by_key), bool)
     new[0] = True
@@ -112,10 +159,12 @@ def _check_ordered(t: Placed, rs, re, ri, i0, i1, ws, wi, name, counter_name) ->
     for k in np.flatnonzero(wpos >= prefix[sig_of[reader]]).tolist():
         u, v = int(writer[k]), int(reader[k])
         if not happens.contains(sets[sig_of[v]], int(wpos[k])):
-            elem = name(int(max(ws[write[k]], rs[first[key_of[k]]])))
+            read = first[key_of[k]]
+            elem = name(int(max(ws[write[k]], rs[read])))
             raise ValueError(
-                f"invalid plan: {t.where(v)}: reads {elem}, written by {t.where(u)}, which "
-                f"does not happen before it: no chain of counter waits leads from "
+                f"invalid plan: {t.where(v)}: {READS[kind[read]][0]} {elem}, "
+                f"{READS[kind[read]][1]} {t.where(u)}, "
+                f"which does not happen before it: no chain of counter waits leads from "
                 f"{counter_name(int(t.signal[u]))} (the writer's signal) to this instruction's "
                 f"waits "
                 f"{t.wait_ranges(v)}")

@@ -84,7 +84,8 @@ units [r*I/TP, (r+1)*I/TP) and wdown the matching columns; lm_head rows [v0_r, v
 and the norms whole.
 
 Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are even):
-    EMBED       resid[0][b, c0:c0+n] = embed[tokens[b], c0:c0+n] for every b
+    EMBED       resid[0][b, c0:c0+n] = embed[tokens[b], c0:c0+n] for every b; copy = 1: the
+                same values also into resid[1] (the initial value that ATTN_OPROJ adds to)
     QKV         x = rmsnorm(resid[2l], attn_norm[l]); y = x @ wqkv[l][r0:r0+n].T; RoPE at
                 pos[b] on q/k pairs; q -> q[l], k/v -> k_cache/v_cache[l, b, g, pos[b]]
     ATTN        decode attention of kv head g, batch row b, split s of NS, over positions
@@ -102,13 +103,23 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
     OPROJ       resid[2l+1][:, r0:r0+n] = resid[2l][:, r0:r0+n] + attn[l] @ wo[l][r0:r0+n].T
     GATEUP      x = rmsnorm(resid[2l+1], mlp_norm[l]); y = x @ wgu[l][r0:r0+n].T;
                 act[l][:, r0/2 : (r0+n)/2] = silu(y[:, 0::2]) * y[:, 1::2]
-    DOWN        resid[2l+2][:, r0:r0+n] = resid[2l+1][:, r0:r0+n] + act[l] @ wdown[l][r0:r0+n].T
+    DOWN        resid[2l+2][:, r0:r0+n] = resid[2l+1][:, r0:r0+n] + act[l] @ wdown[l][r0:r0+n].T;
+                copy = 1: the same values also into resid[2l+3] (as EMBED's copy)
     LMHEAD      x = rmsnorm(resid[2L], final_norm); logits[:, r0:r0+n] = x @ lm_head[r0:r0+n].T;
                 amax_val/idx[b, slot] = max and its lowest index over this slice
     ARGMAX      out_tokens[b] = index of the max over the NLM partials (lowest index on ties)
     RESID_SUM   (tp > 1) with m = after_mlp (0/1): resid[2l+1+m][:, r0:r0+n] =
                 resid[2l+m][:, r0:r0+n] + part[2l+m][0][:, r0:r0+n] + ... + part[2l+m][TP-1][...]
                 (summed in that order, so every rank computes the same bits)
+    ATTN_OPROJ  (plan option fuse_oproj, tp = 1: ATTN_REDUCE and OPROJ in one stage) for every
+                b: m[b, j] = the merge of the NS partials of q head `head`, dims dim0 + j
+                (0 <= j < ndims; dim0 and ndims multiples of 4, the kernel's vector), as
+                ATTN_REDUCE merges them; then
+                    resid[2l+1][b, :] += sum_j m[b, j] * wo[l][:, head*D + dim0 + j]
+                as atomic fp32 adds (order unspecified) onto the copy of resid[2l] that the
+                previous DOWN (EMBED for layer 0) stored there. The kernel reads the O
+                projection transposed, wo_t [L, H*D, d] (rows head*D + dim0 .. + ndims are
+                contiguous). attn[l] is not written.
 layer is -1 for EMBED, LMHEAD and ARGMAX.
 
 Kernel capacity (the scheduler respects these; the generated header static_asserts them):
@@ -149,6 +160,7 @@ class Op(enum.IntEnum):
     LMHEAD = 8
     ARGMAX = 9
     RESID_SUM = 10
+    ATTN_OPROJ = 11
 
 
 # Common words, in order.
@@ -157,21 +169,22 @@ HEADER = ("opcode", "layer", "uid", "wait0_first", "wait0_count", "wait1_first",
 # Each opcode's own fields, starting at word len(HEADER).
 ARGS: dict[Op, tuple[str, ...]] = {
     Op.NOP: (),
-    Op.EMBED: ("col0", "ncols"),
+    Op.EMBED: ("col0", "ncols", "copy"),
     Op.QKV: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
     Op.ATTN: ("b", "kv_head", "split", "merge", "ticket"),
     Op.ATTN_REDUCE: ("b", "kv_head", "head0", "nheads"),
     Op.OPROJ: ("row0", "nrows"),
     Op.GATEUP: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
-    Op.DOWN: ("row0", "nrows"),
+    Op.DOWN: ("row0", "nrows", "copy"),
     Op.LMHEAD: ("row0", "nrows", "slot", "fold", "sum_col0", "sum_ncols"),
     Op.ARGMAX: (),
     Op.RESID_SUM: ("row0", "nrows", "after_mlp"),
+    Op.ATTN_OPROJ: ("head", "dim0", "ndims"),
 }
 ALL_RANKS_WORD = WORDS - 1
 MATVEC_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
 FOLD_OPS = (Op.QKV, Op.GATEUP, Op.LMHEAD)   # the readers of a residual level (fold, below)
-OPTIONAL_FIELDS = ("fold", "sum_col0", "sum_ncols", "merge", "ticket")   # encode() fills in 0
+OPTIONAL_FIELDS = ("fold", "sum_col0", "sum_ncols", "merge", "ticket", "copy")   # encode() fills in 0
 NUM_WAITS = 2
 
 assert len(HEADER) + max(len(a) for a in ARGS.values()) <= ALL_RANKS_WORD

@@ -1,9 +1,10 @@
 """Lowering: one Llama decode step -> a DAG of coarse instructions joined by counters.
 
 `lower` returns the instructions in a topological order, stage by stage: EMBED; per layer
-QKV, ATTN, ATTN_REDUCE, OPROJ, GATEUP, DOWN; then LMHEAD, ARGMAX. A stage is one (layer,
-opcode); no instruction depends on another of its own stage. Each instruction has at most
-one wait range and one signal counter (ARGMAX signals none).
+QKV, ATTN, ATTN_REDUCE, OPROJ, GATEUP, DOWN (fuse_oproj: QKV, ATTN, ATTN_OPROJ, GATEUP, DOWN);
+then LMHEAD, ARGMAX. A stage is one (layer, opcode); no instruction depends on another of
+its own stage. Each instruction has at most one wait range and one signal counter (ARGMAX
+signals none).
 
 Counters are numbered stage by stage in the producers' output order. A stage's producers
 are grouped into buckets, one counter per bucket, by the granularity:
@@ -19,6 +20,15 @@ With fuse_reduce there is no ATTN_REDUCE stage: every ATTN of a (b, kv_head) tak
 ticket counter (allocated after the stage's signal counters, target NS) and the last split
 to take it merges the group (isa.py ATTN merge); OPROJ waits on the ATTN counters, which
 then require bucketing every split of a group into one counter (true at every granularity).
+With fuse_oproj (tp = 1) there is neither ATTN_REDUCE nor OPROJ: an ATTN_OPROJ stage follows
+ATTN, one instruction per (q head h, dim slice), the slices even_split(D, slices["oproj"] //
+H, 4) of every head (whole 4-dim vectors, as the kernel merges them), head-major. Each
+merges its slice of the partials of every batch row, so it waits on the ATTN buckets
+b * Hkv + h // G of every b: at granularity head/chunk the range from b = 0 to b = B-1
+(over-covering other groups' buckets when B > 1). It adds into
+resid[2l+1], whose initial value (the copy of resid[2l]) EMBED (copy = 1) or the previous
+layer's DOWN (copy = 1, every layer but the last) stores; that store is ordered before the
+adds transitively, through QKV and ATTN. The stage is one bucket; GATEUP waits on all of it.
 A consumer waits on the contiguous counter range of the buckets holding the producers
 whose outputs it reads directly (isa.py says what each opcode reads); reads that are
 ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of their own.
@@ -126,6 +136,11 @@ def fold_ranges(d: int, n: int) -> np.ndarray:
     return np.stack([bounds[:-1], np.diff(bounds)], axis=1)
 
 
+def _copying(args: np.ndarray, copy: int) -> np.ndarray:
+    """EMBED / DOWN args + the copy column (isa.py: 1 also stores into the next level)."""
+    return np.column_stack([args, np.full(len(args), copy)])
+
+
 def _folding(args: np.ndarray, d: int) -> np.ndarray:
     """args + (fold = 1, sum_col0, sum_ncols) columns."""
     return np.column_stack([args, np.ones(len(args), np.int64), fold_ranges(d, len(args))])
@@ -133,11 +148,12 @@ def _folding(args: np.ndarray, d: int) -> np.ndarray:
 
 def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
           slices: dict, shard: Shard | None = None, fold: bool = False,
-          fuse_reduce: bool = False) -> Lowered:
+          fuse_reduce: bool = False, fuse_oproj: bool = False) -> Lowered:
     """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp.
     fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages).
-    fuse_reduce: the last ATTN split of each group merges it (no ATTN_REDUCE stage)."""
-    B, L, d, I, V = batch, cfg.L, cfg.d, cfg.I, cfg.V
+    fuse_reduce: the last ATTN split of each group merges it (no ATTN_REDUCE stage).
+    fuse_oproj: ATTN_OPROJ stages instead of ATTN_REDUCE and OPROJ (tp = 1)."""
+    B, L, d, I, V, H = batch, cfg.L, cfg.d, cfg.I, cfg.V, cfg.H
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
     group_rows = (G + 2) * D
@@ -147,6 +163,12 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     oproj = np.array(even_split(d, slices["oproj"], 1, max_rows))
     gateup = np.array(even_split(2 * I, slices["gateup"], 2, max_rows))
     down = np.array(even_split(d, slices["down"], 1, max_rows))
+    dims = np.array(even_split(D, max(1, slices["oproj"] // H), 4))
+    fused = np.column_stack([np.repeat(np.arange(H), len(dims)),
+                             np.tile(dims, (H, 1))])                  # (head, dim0, ndims)
+    first_attn = (fused[:, 0] // G) * NS                        # ATTN of (b = 0, g = h // G)
+    last_attn = ((B - 1) * Hkv + fused[:, 0] // G + 1) * NS     # end of (b = B-1, g)
+    copy = int(fuse_oproj)
     lm = _lm_rows(V, slices["lmhead"], max_rows, shard)
     peers = 0 if shard is None else shard.tp          # all_ranks of OPROJ, DOWN and LMHEAD
     fold = fold and peers > 0
@@ -162,13 +184,14 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
                               np.tile(pieces, (B * Hkv, 1))])      # (b, kv_head, head0, nheads)
     bg = reduce[:, 0] * Hkv + reduce[:, 1]
     zeros = {n: np.zeros(n, np.int64) for n in {len(embed), len(qkv), len(attn), len(reduce),
-                                                len(oproj), len(gateup), len(down), len(lm)}}
+                                                len(oproj), len(gateup), len(down), len(lm),
+                                                len(fused)}}
     qkv_buckets = {"layer": zeros[len(qkv)], "head": qkv[:, 0] // group_rows,
                    "chunk": np.arange(len(qkv))}[granularity]
     attn_buckets = zeros[len(attn)] if granularity == "layer" else attn[:, 0] * Hkv + attn[:, 1]
 
     b = _Builder()
-    prev = b.stage(Op.EMBED, -1, embed, None, zeros[len(embed)])
+    prev = b.stage(Op.EMBED, -1, _copying(embed, copy), None, zeros[len(embed)])
     for layer in range(L):
         args = _folding(qkv, d) if fold and layer > 0 else qkv
         c = b.stage(Op.QKV, layer, args, _all(prev, len(qkv)), qkv_buckets)
@@ -179,9 +202,14 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
             c = b.stage(Op.ATTN, layer, merged, qkv_waits, attn_buckets)
         else:
             c = b.stage(Op.ATTN, layer, attn, qkv_waits, attn_buckets)
-            c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
-                        zeros[len(reduce)])
-        for op, rows in ((Op.OPROJ, oproj), (Op.GATEUP, gateup), (Op.DOWN, down)):
+            if fuse_oproj:
+                c = b.stage(Op.ATTN_OPROJ, layer, fused, _span(c, first_attn, last_attn),
+                            zeros[len(fused)])
+            else:
+                c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
+                            zeros[len(reduce)])
+        mlp = ((Op.GATEUP, gateup), (Op.DOWN, _copying(down, copy * (layer < L - 1))))
+        for op, rows in (mlp if fuse_oproj else ((Op.OPROJ, oproj),) + mlp):
             remote = 0 if op == Op.GATEUP else peers
             args = _folding(rows, d) if fold and op == Op.GATEUP else rows
             c = b.stage(op, layer, args, _all(c, len(rows)), zeros[len(rows)], remote)

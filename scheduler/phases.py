@@ -51,7 +51,7 @@ def phase_of(rec: np.ndarray, L: int) -> int:
     op, layer = Op(int(rec[_W["opcode"]])), int(rec[_W["layer"]])
     if op == Op.EMBED:
         return 0
-    if op in (Op.QKV, Op.ATTN, Op.ATTN_REDUCE, Op.OPROJ):
+    if op in (Op.QKV, Op.ATTN, Op.ATTN_REDUCE, Op.OPROJ, Op.ATTN_OPROJ):
         return 2 * layer
     if op in (Op.GATEUP, Op.DOWN):
         return 2 * layer + 1

@@ -16,6 +16,10 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     per kv group, the layout before the split)
     fuse_reduce     no ATTN_REDUCE stage: the last ATTN split of each (b, kv_head) to finish
                     merges the group's partials (isa.py ATTN merge; False)
+    fuse_oproj      no ATTN_REDUCE or OPROJ stage: ATTN_OPROJ instructions, oproj_slices // H
+                    (at least 1) dim slices per q head, each merge their slice's partials and
+                    add its O projection into the residual atomically (isa.py; False). tp = 1,
+                    batch <= 4, not with fuse_reduce
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
                     built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do
@@ -40,8 +44,9 @@ from .simulate import simulate
 from .validate import validate
 
 OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "fold",
-           "fuse_reduce", "validate")
-BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "validate": True}   # and their defaults
+           "fuse_reduce", "fuse_oproj", "validate")
+BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": False,
+                "validate": True}   # and their defaults
 
 
 def parse_options(text: str) -> dict:
@@ -104,6 +109,18 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
     return out
 
 
+def _check_fuse_oproj(tp: int, batch: int, opts: dict) -> None:
+    """The limits of ATTN_OPROJ: it adds into this GPU's own residual (there are no tp
+    partials to sum), for at most 4 batch rows; it merges the partials itself."""
+    if tp > 1:
+        raise ValueError(f"fuse_oproj needs tp=1, got tp={tp}")
+    if batch > 4:
+        raise ValueError(f"fuse_oproj supports batch <= 4, got batch={batch}")
+    if opts["fuse_reduce"]:
+        raise ValueError("fuse_oproj and fuse_reduce exclude each other: ATTN_OPROJ merges "
+                         "the partials itself")
+
+
 def default_attn_splits(cfg: ModelConfig, batch: int, num_sms: int) -> int:
     """NS with batch * Hkv * NS about num_sms, in 1..32."""
     return int(np.clip(round(num_sms / (batch * cfg.Hkv)), 1, 32))
@@ -128,11 +145,13 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
         else _int("attn_splits", attn_splits, 1)
     spec = calibration.resolve(gpu)
     opts = _resolve_options(cfg, num_sms, options)
+    if opts["fuse_oproj"]:
+        _check_fuse_oproj(tp, batch, opts)
 
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]
     lows = [lower(cfg, batch, granularity, attn_splits, slices, s, opts["fold"],
-                  opts["fuse_reduce"]) for s in shards]
+                  opts["fuse_reduce"], opts["fuse_oproj"]) for s in shards]
     cost = instruction_us(lows[0].instrs, cfg, batch, attn_splits, lows[0].lm_slices, spec,
                           num_sms, opts["kv_position"], tp)
     order, sm = assign(lows[0], cost, policy, num_sms, spec.counter_latency_us)

@@ -4,7 +4,9 @@ Checks, in order (the first failure raises ValueError naming the instruction as 
 OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
   1 shape: [num_sms, max_len, WORDS] int32; queue_len in range; all-zero NOP padding.
   2 fields: known opcodes, layer, every opcode field in range (rows even where isa.py says,
-    n * batch <= MAX_ROWS_TIMES_BATCH), waits and signal inside the counter array.
+    n * batch <= MAX_ROWS_TIMES_BATCH), waits and signal inside the counter array; ATTN_OPROJ
+    (dims in whole 4-dim vectors, as the kernel requires) and EMBED/DOWN copy = 1 only under
+    tp = 1, and no copy from the last layer's DOWN (there is no resid[2L+1]).
   3 counters: counter_targets[c] == number of signalers of c; every waited counter has one.
     A merging ATTN's ticket (isa.py) is a counter nothing signals or waits on, taken by
     exactly the NS splits of one (layer, b, kv_head), all signalling one counter; its target
@@ -16,7 +18,8 @@ OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
     order that every queue follows, so all-resident blocks cannot deadlock: the unfinished
     instruction with the smallest uid always heads its queue and has all inputs complete.
   5 dataflow (dataflow.py): buffers are SSA, every read is written, and every writer of a
-    read element happens-before the reader through counters.
+    read element happens-before the reader through counters; ATTN_OPROJ's accumulations
+    follow the element's initial value and precede its readers.
 A TpProgram is checked as one table of all its ranks (ranks.py): fields per rank (all_ranks
 set exactly on OPROJ, DOWN and LMHEAD), counters with global ids (an all-rank counter's
 target counts every rank's signalers), one global order (uid, rank), and dataflow over
@@ -105,6 +108,11 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
         "OPROJ/DOWN/LMHEAD under tp > 1)"))
     _first(t, (t.op == Op.RESID_SUM) & ((tp == 1) | ~np.isin(t.args[:, 2], (0, 1))),
            lambda i: "RESID_SUM needs tp > 1 and after_mlp 0 or 1")
+    _first(t, (t.op == Op.ATTN_OPROJ) & (tp > 1), lambda i: "ATTN_OPROJ needs tp = 1")
+    copy = np.where(np.isin(t.op, [Op.EMBED, Op.DOWN]), t.args[:, 2], 0)   # field 2 of both
+    _first(t, (copy != 0) & ((copy != 1) | (tp > 1) | (t.layer == cfg.L - 1)), lambda i: (
+        f"copy = {copy[i]}: 0, or 1 under tp = 1 and not on the last layer's DOWN (resid has "
+        f"no level {2 * cfg.L + 1})"))
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
     _first(t, ~np.isin(t.op, [int(o) for o in Op if o != Op.NOP]),
            lambda i: f"unknown opcode {int(t.op[i])}")
@@ -144,6 +152,11 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
     _first(t, (t.op == Op.ATTN_REDUCE) & ((h0 < 0) | (nh < 1) | (h0 + nh > cfg.G)), lambda i: (
         f"q heads [{h0[i]}, {h0[i] + nh[i]}) (head0, nheads) must lie in the group's "
         f"[0, {cfg.G})"))
+    _first(t, (t.op == Op.ATTN_OPROJ) & ((a0 < 0) | (a0 >= cfg.H) | (a1 < 0) | (a2 < 1)
+                                         | (a1 + a2 > cfg.D) | (a1 % 4 != 0) | (a2 % 4 != 0)),
+           lambda i: (f"(head, dim0, ndims) = ({a0[i]}, {a1[i]}, {a2[i]}): head in "
+                      f"0..{cfg.H - 1} and dims [dim0, dim0 + ndims) a non-empty range of "
+                      f"whole 4-dim vectors (the kernel's) inside [0, {cfg.D})"))
     for op, limits in ((Op.ATTN, (B, cfg.Hkv, NS)), (Op.ATTN_REDUCE, (B, cfg.Hkv)),
                        (Op.LMHEAD, (None, None, NLM))):
         for k, (v, lim) in enumerate(zip((a0, a1, a2), limits)):

@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 38 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 39 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -39,7 +39,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
         changes |= {(k, v if not isinstance(v, tuple) else v[0]) for k, v in r.kwargs.items()}
     assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
-            ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
+            ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", True),
+            ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
             ("build_flags", "-DMK_RAW_SLOT=0"), ("build_flags", "-DMK_INFLIGHT_PAGES=0"),
             ("build_flags", "-DMK_INFLIGHT_PAGES=1"), ("build_flags", "-DMK_INFLIGHT_PAGES=3"),
             ("build_flags", "-DMK_INPUT_LEAD=3"), ("build_flags", "-DMK_ROW_TILE_B1=4"), ("build_flags", "-DMK_INPUT_LEAD=6"),

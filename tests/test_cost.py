@@ -33,10 +33,11 @@ def _uid_table(prog):
     return t.take(np.argsort(t.uid))
 
 
-@pytest.mark.parametrize("name, batch", [("tiny", 3), ("llama-3.2-1b", 1)])
-def test_weight_bytes_add_up_to_the_model(name, batch):
+@pytest.mark.parametrize("name, batch, fuse_oproj", [("tiny", 3, False), ("llama-3.2-1b", 1, False),
+                                                     ("llama-3.2-1b", 4, True)])
+def test_weight_bytes_add_up_to_the_model(name, batch, fuse_oproj):
     cfg = ModelConfig.preset(name)
-    prog = plan(cfg, batch=batch, num_sms=64, validate=False)
+    prog = plan(cfg, batch=batch, num_sms=64, validate=False, fuse_oproj=fuse_oproj)
     t = _uid_table(prog)
     spec2 = GpuSpec.load("h100")
     spec1 = dataclasses.replace(spec2, weight_bytes=1)
@@ -113,6 +114,6 @@ def test_chrome_trace(tmp_path):
     assert names == {s: f"SM {s}" for s in range(4)}
     assert len(spans) == prog.num_instructions
     assert {e["name"] for e in spans} == {op.name for op in Op
-                                          if op not in (Op.NOP, Op.RESID_SUM)}
+                                          if op not in (Op.NOP, Op.RESID_SUM, Op.ATTN_OPROJ)}
     assert all(e["dur"] >= 0 and 0 <= e["tid"] < 4 for e in spans)
     assert max(e["ts"] + e["dur"] for e in spans) == pytest.approx(tl.total_us, abs=1e-2)

@@ -3,6 +3,7 @@ policy, granularity and several interleavings; greedy tokens; monotonic counters
 deadlock report; input checks. `staged_program` is a Program built by hand (a barrier
 counter per stage), so the interpreter is also checked independently of the scheduler."""
 import argparse
+import dataclasses
 import random
 from types import SimpleNamespace
 
@@ -151,6 +152,46 @@ def test_fused_reduce_merges_once_per_group_and_step(monkeypatch):
         assert torch.isfinite(cpu.buffers.attn).all()
         assert sorted(calls) == sorted((l, b, g * TINY.G, TINY.G) for l in range(TINY.L)
                                        for b in range(2) for g in range(TINY.Hkv))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head", "chunk"])
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_fused_oproj_matches_reference(G, granularity):
+    """plan(fuse_oproj=True): ATTN_OPROJ merges a q head's dim slice of every b and adds its
+    O projection onto the residual copies EMBED and DOWN store (in the interleaving's
+    order), from wo_t."""
+    rng = random.Random(f"oproj-{G}-{granularity}")
+    cfg = random_config(rng, 64, G).replace(num_layers=2)
+    for seed, (batch, splits, oproj_slices) in enumerate(((1, None, None), (2, 3, 8),
+                                                         (4, 1, 1), (4, 5, 1000))):
+        kw = {} if oproj_slices is None else dict(oproj_slices=oproj_slices)
+        prog = mk.plan(cfg, batch=batch, num_sms=7, granularity=granularity,
+                       attn_splits=splits, fuse_oproj=True, **kw)
+        ops = prog.table().op
+        assert not np.isin(ops, [Op.ATTN_REDUCE, Op.OPROJ]).any()
+        assert compare(cfg, prog, steps=4, seed=seed) <= REL_TOL
+
+
+@pytest.mark.parametrize("batch, splits", [(1, None), (2, 3), (4, 2)])
+def test_tiny_fused_oproj_matches_reference(batch, splits):
+    prog = mk.plan(TINY, batch=batch, num_sms=8, attn_splits=splits, fuse_oproj=True)
+    assert compare(TINY, prog, steps=6, seed=batch) <= REL_TOL
+
+
+def test_attn_oproj_needs_wo_t():
+    """The interpreter adds wo_t for a program with ATTN_OPROJ; weights without it raise."""
+    prog = mk.plan(TINY, batch=1, num_sms=4, fuse_oproj=True)
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=8)
+    assert torch.equal(cpu.weights.wo_t, cpu.weights.wo.transpose(1, 2))
+    assert cpu.weights.wo_t.is_contiguous()
+    assert CpuInterpreter(TINY, w, mk.plan(TINY, num_sms=4), max_seq=8).weights.wo_t is None
+    cpu.rank_weights = [dataclasses.replace(cpu.weights, wo_t=None)]
+    with pytest.raises(ValueError, match="ATTN_OPROJ reads wo_t.*add_wo_t"):
+        cpu.step(torch.tensor([1]))
+    moved = mk.add_wo_t(cpu.weights).to(dtype=torch.bfloat16)
+    assert moved.wo_t.dtype == torch.bfloat16 and moved.wo_t.shape == (TINY.L, TINY.H * TINY.D,
+                                                                       TINY.d)
 
 
 def test_greedy_tokens_equal_over_32_steps():

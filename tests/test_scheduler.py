@@ -36,26 +36,33 @@ def random_plan(seed: int, **overrides):
         kw["slices"] = int(rng.integers(1, 50))
     if seed % 5 == 2:
         kw["fuse_reduce"] = True
+    elif seed % 7 == 3:
+        kw.update(fuse_oproj=True, batch=min(kw["batch"], 4))
     kw.update(overrides)
     return plan(random_config(rng), **kw)
 
 
 def run_steps(prog, seed: int, steps: int = 2) -> None:
     """Execute prog's queues with monotonic counters in a random legal interleaving per step;
-    every read must find its element written this step, every element written once."""
+    every read must find its element written this step (and accumulated into by every
+    accumulation of it), every element written once, each accumulation onto a written one."""
     rng = np.random.default_rng(seed)
     t = prog.table()
     acc = accesses(t, prog.config, prog.batch, prog.attn_splits, prog.lm_slices)
-    dims = buffer_dims(prog.config, prog.batch, prog.attn_splits, prog.lm_slices)
+    dims = buffer_dims(prog.config, prog.batch, prog.attn_splits, prog.lm_slices,
+                       merged=not (t.op == Op.ATTN_OPROJ).any())
     sizes = {b: int(np.prod([n for _, n in dims[b]])) for b in BUFFERS}
+    adds = {b: np.zeros(n, int) for b, n in sizes.items()}      # accumulations per element
     per_inst = [[] for _ in range(len(t))]
-    for i, b, s, e, w in zip(acc.inst, acc.buf, acc.start, acc.stop, acc.write):
-        per_inst[i].append((BUFFERS[b], s, e, w))
+    for i, b, s, e, w, a in zip(acc.inst, acc.buf, acc.start, acc.stop, acc.write, acc.add):
+        per_inst[i].append((BUFFERS[b], s, e, w, a))
+        adds[BUFFERS[b]][s:e] += a
     row = {(int(s), int(k)): i for i, (s, k) in enumerate(zip(t.sm, t.index))}
     targets = prog.counter_targets.astype(np.int64)
     counters = np.zeros(prog.num_counters, np.int64)
     for epoch in range(steps):
         written = {b: np.zeros(n, bool) for b, n in sizes.items()}
+        added = {b: np.zeros(n, int) for b, n in sizes.items()}
         head = [0] * prog.num_sms
 
         def ready(i):
@@ -67,12 +74,17 @@ def run_steps(prog, seed: int, steps: int = 2) -> None:
             assert runnable, f"deadlock in step {epoch}: heads {head}"
             s = int(rng.choice(runnable))
             i = row[s, head[s]]
-            for b, lo, hi, w in per_inst[i]:
-                if w:
+            for b, lo, hi, w, a in per_inst[i]:
+                if a:
+                    assert written[b][lo:hi].all(), f"{t.where(i)} adds onto unwritten {b}"
+                    added[b][lo:hi] += 1
+                elif w:
                     assert not written[b][lo:hi].any(), f"{t.where(i)} rewrites {b}"
                     written[b][lo:hi] = True
                 else:
                     assert written[b][lo:hi].all(), f"{t.where(i)} reads unwritten {b}"
+                    assert (added[b][lo:hi] == adds[b][lo:hi]).all(), \
+                        f"{t.where(i)} reads {b} before all its accumulations"
             if t.signal[i] >= 0:
                 counters[t.signal[i]] += 1
             if t.op[i] == Op.ATTN and t.args[i, 3]:    # a merging split's ticket
@@ -90,6 +102,9 @@ def test_random_plans_are_well_formed_and_run(seed):
     count = {op: int((t.op == op).sum()) for op in Op}
     assert count[Op.ATTN] == cfg.L * B * cfg.Hkv * NS
     pieces = min(cfg.G, max(1, prog.options["reduce_slices"] // (B * cfg.Hkv)))
+    if prog.options["fuse_oproj"]:
+        pieces = 0
+        assert count[Op.OPROJ] == 0 and count[Op.ATTN_OPROJ] > 0
     if prog.options["fuse_reduce"]:
         pieces = 0
         merging = t.op == Op.ATTN
@@ -272,6 +287,56 @@ def test_dump_cli_prints_summaries_and_writes_a_trace(tmp_path, capsys):
     assert "tp=3 must divide" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fuse_oproj_records(granularity):
+    """fuse_oproj: per layer QKV, ATTN, ATTN_OPROJ (H heads x dim slices, head-major, each
+    waiting on its kv group's ATTN counters of every b), GATEUP (waiting on the whole
+    ATTN_OPROJ stage), DOWN; EMBED and every DOWN but the last copy into the next level."""
+    cfg = ModelConfig("g", 300, 320, 384, 3, 8, 2, head_dim=64)     # G = 4
+    for batch, oproj_slices, ndims in ((1, 132, 4), (3, 8, 64), (4, 20, 32)):
+        prog = plan(cfg, batch=batch, num_sms=9, granularity=granularity, attn_splits=3,
+                    oproj_slices=oproj_slices, fuse_oproj=True)
+        recs = sorted((r for _, _, r in prog.records()), key=lambda r: r["uid"])
+        ops = {r["op"] for r in recs}
+        assert Op.ATTN_REDUCE not in ops and Op.OPROJ not in ops
+        assert [r["copy"] for r in recs if r["op"] == Op.EMBED] == [1]
+        for layer in range(cfg.L):
+            stage = [r for r in recs if r["op"] == Op.ATTN_OPROJ and r["layer"] == layer]
+            assert len(stage) == cfg.H * (cfg.D // ndims)
+            assert sorted((r["head"], r["dim0"], r["ndims"]) for r in stage) == [
+                (h, j, ndims) for h in range(cfg.H) for j in range(0, cfg.D, ndims)]
+            attn = [r for r in recs if r["op"] == Op.ATTN and r["layer"] == layer]
+            for r in stage:
+                waited = set(range(r["wait0_first"], r["wait0_first"] + r["wait0_count"]))
+                group = {a["signal"] for a in attn if a["kv_head"] == r["head"] // cfg.G}
+                assert group <= waited <= {a["signal"] for a in attn}
+                if granularity != "layer":   # from the group's b = 0 bucket to its b = B-1
+                    assert (min(waited), max(waited)) == (min(group), max(group))
+            (signal,) = {r["signal"] for r in stage}
+            for r in (r for r in recs if r["op"] == Op.GATEUP and r["layer"] == layer):
+                assert (r["wait0_first"], r["wait0_count"]) == (signal, 1)
+            copies = {r["copy"] for r in recs if r["op"] == Op.DOWN and r["layer"] == layer}
+            assert copies == {int(layer < cfg.L - 1)}
+        run_steps(prog, seed=batch, steps=2)
+
+
+def test_plans_without_fuse_oproj_copy_nothing():
+    for kw in (dict(batch=2), dict(batch=3, fuse_reduce=True), dict(tp=2, batch=2)):
+        prog = plan("tiny", num_sms=6, **kw)
+        for p in getattr(prog, "ranks", [prog]):
+            t = p.table()
+            assert not t.args[np.isin(t.op, [Op.EMBED, Op.DOWN]), 2].any()
+            assert not (t.op == Op.ATTN_OPROJ).any()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(tp=2), "fuse_oproj needs tp=1"), (dict(batch=5), r"fuse_oproj supports batch <= 4"),
+    (dict(fuse_reduce=True), "fuse_oproj and fuse_reduce exclude each other")])
+def test_fuse_oproj_limits(kw, match):
+    with pytest.raises(ValueError, match=match):
+        plan("tiny", num_sms=4, fuse_oproj=True, **kw)
+
+
 def test_parse_options_types_and_rejects():
     from megakernel.scheduler.plan import parse_options
     assert parse_options("attn_splits=16,fuse_reduce=1,policy=rr,fold=false") == dict(
@@ -283,3 +348,6 @@ def test_parse_options_types_and_rejects():
             parse_options(bad)
     prog = plan("tiny", num_sms=5, **parse_options("fuse_reduce=1,attn_splits=2"))
     assert prog.options["fuse_reduce"] and prog.attn_splits == 2
+    assert parse_options("fuse_oproj=1") == dict(fuse_oproj=True)
+    prog = plan("tiny", num_sms=5, **parse_options("fuse_oproj=1"))
+    assert prog.options["fuse_oproj"] and not prog.options["fuse_reduce"]

@@ -260,6 +260,102 @@ def test_bad_merge_field_is_caught(fused):
     caught(p, r"\(merge, ticket\) = \(2")
 
 
+@pytest.fixture(scope="module")
+def fused_oproj():
+    return plan("tiny", batch=2, num_sms=6, granularity="chunk", attn_splits=3,
+                fuse_oproj=True)
+
+
+def test_fused_oproj_plan_passes(fused_oproj):
+    validate(fused_oproj)
+    ops = {r["op"] for _, _, r in fused_oproj.records()}
+    assert Op.ATTN_OPROJ in ops and not ops & {Op.ATTN_REDUCE, Op.OPROJ}
+
+
+def _word(p, at, field):
+    return int(p.instructions[at][isa.word_index(Op(p.instructions[at][0]), field)])
+
+
+def test_attn_oproj_not_waiting_on_its_group_is_caught(fused_oproj):
+    """Head 0's ATTN_OPROJ waits on kv group 1's ATTN counters (the range shifted by one):
+    the residual's initial value is still ordered (through QKV), group 0's partials not."""
+    p = copy.deepcopy(fused_oproj)
+    at = find(p, Op.ATTN_OPROJ, layer=1, head=0)
+    put(p, at, "wait0_first", _word(p, at, "wait0_first") + 1)
+    msg = caught(p, r"ATTN_OPROJ .*: reads (o_part|lse)\[layer=1, b=0, head=0.*written by uid "
+                 r"\d+ ATTN .*does not happen before it")
+    assert re.search(WHERE.format(op="ATTN_OPROJ"), msg)
+
+
+def test_accumulation_without_initial_value_is_caught(fused_oproj):
+    p = copy.deepcopy(fused_oproj)
+    put(p, find(p, Op.DOWN, layer=0), "copy", 0)
+    caught(p, WHERE.format(op="ATTN_OPROJ") + r": accumulates into resid\[level=3, col=\d+, "
+           r"b=0\], which no instruction writes")
+    p = copy.deepcopy(fused_oproj)
+    put(p, find(p, Op.EMBED), "copy", 0)
+    caught(p, r"ATTN_OPROJ \(layer 0\).*accumulates into resid\[level=1, col=0, b=0\], "
+           "which no instruction writes")
+
+
+def test_accumulation_before_its_initial_value_is_caught(fused_oproj):
+    p = copy.deepcopy(fused_oproj)
+    at = find(p, Op.ATTN_OPROJ, layer=1)
+    put(p, at, "wait0_first", 0)
+    put(p, at, "wait0_count", 0)
+    caught(p, r"ATTN_OPROJ .*: accumulates into resid\[level=3, .*whose initial value is "
+           r"written by uid \d+ DOWN \(layer 0\).*does not happen before it")
+
+
+def test_read_before_the_accumulations_is_caught(fused_oproj):
+    """A GATEUP waits on the ATTN counters (which follow the residual's initial value), not
+    on the ATTN_OPROJ stage: it could read the residual before the adds land."""
+    p = copy.deepcopy(fused_oproj)
+    gateup, fused = find(p, Op.GATEUP, layer=1), find(p, Op.ATTN_OPROJ, layer=1)
+    for field in ("wait0_first", "wait0_count"):
+        put(p, gateup, field, _word(p, fused, field))
+    caught(p, WHERE.format(op="GATEUP") + r": reads resid\[level=3, col=\d+, b=0\], "
+           r"accumulated into by uid \d+ ATTN_OPROJ \(layer 1\).*does not happen before it")
+
+
+@pytest.mark.parametrize("op, field, value, match", [
+    (Op.ATTN_OPROJ, "head", 4, r"\(head, dim0, ndims\) = \(4, "),
+    (Op.ATTN_OPROJ, "ndims", 0, r"\(head, dim0, ndims\) = \(\d+, \d+, 0\)"),
+    (Op.ATTN_OPROJ, "dim0", 31, r"dims \[dim0, dim0 \+ ndims\) a non-empty range"),
+    (Op.ATTN_OPROJ, "ndims", 6, r"\(head, dim0, ndims\) = \(\d+, \d+, 6\): .*whole 4-dim"),
+    (Op.ATTN_OPROJ, "layer", 2, "layer must be"),
+    (Op.EMBED, "copy", 2, "copy = 2"),
+])
+def test_bad_fused_oproj_fields_are_caught(fused_oproj, op, field, value, match):
+    p = copy.deepcopy(fused_oproj)
+    put(p, find(p, op), field, value)
+    caught(p, WHERE.format(op=op.name) + ": .*" + match)
+
+
+def test_copy_from_the_last_down_is_caught(fused_oproj):
+    p = copy.deepcopy(fused_oproj)
+    put(p, find(p, Op.DOWN, layer=1), "copy", 1)
+    caught(p, WHERE.format(op="DOWN") + r": copy = 1: .*resid has no level 5")
+
+
+def test_attn_oproj_under_tp_is_caught():
+    p = plan("tiny", batch=1, num_sms=4, tp=2)
+    rank = p.ranks[1]
+    sm, k = find(rank, Op.ATTN_REDUCE)
+    rank.instructions[sm, k, 0] = Op.ATTN_OPROJ
+    rank.instructions[sm, k, len(isa.HEADER):len(isa.HEADER) + 4] = [0, 0, 1, 0]
+    caught(p, r"ATTN_OPROJ .*: ATTN_OPROJ needs tp = 1")
+
+
+def test_reduce_in_a_fused_oproj_plan_is_caught(fused_oproj):
+    """A plan with ATTN_OPROJ has no attn buffer: an ATTN_REDUCE writing it is outside."""
+    p = copy.deepcopy(fused_oproj)
+    sm, k = find(p, Op.ATTN_OPROJ, layer=1)
+    p.instructions[sm, k, 0] = Op.ATTN_REDUCE
+    p.instructions[sm, k, len(isa.HEADER):len(isa.HEADER) + 4] = [0, 0, 0, 1]
+    caught(p, r"ATTN_REDUCE .*: accesses attn elements .*a plan with ATTN_OPROJ has no attn")
+
+
 def test_qkv_accesses_match_a_row_by_row_mapping():
     """Validator coordinates of a QKV slice equal the isa.py packed-row semantics."""
     cfg = ModelConfig("g", 100, 192, 64, 2, 8, 2, head_dim=64)       # G = 4

@@ -27,6 +27,7 @@ enum Op : int {
   OP_LMHEAD = 8,
   OP_ARGMAX = 9,
   OP_RESID_SUM = 10,
+  OP_ATTN_OPROJ = 11,
 };
 
 // Codes of the error record (scheduler/isa.py Err).
@@ -53,6 +54,7 @@ constexpr int W_ALL_RANKS = 15;
 // EMBED fields.
 constexpr int W_EMBED_COL0 = 8;
 constexpr int W_EMBED_NCOLS = 9;
+constexpr int W_EMBED_COPY = 10;
 // QKV fields.
 constexpr int W_QKV_ROW0 = 8;
 constexpr int W_QKV_NROWS = 9;
@@ -82,6 +84,7 @@ constexpr int W_GATEUP_SUM_NCOLS = 12;
 // DOWN fields.
 constexpr int W_DOWN_ROW0 = 8;
 constexpr int W_DOWN_NROWS = 9;
+constexpr int W_DOWN_COPY = 10;
 // LMHEAD fields.
 constexpr int W_LMHEAD_ROW0 = 8;
 constexpr int W_LMHEAD_NROWS = 9;
@@ -93,6 +96,10 @@ constexpr int W_LMHEAD_SUM_NCOLS = 13;
 constexpr int W_RESID_SUM_ROW0 = 8;
 constexpr int W_RESID_SUM_NROWS = 9;
 constexpr int W_RESID_SUM_AFTER_MLP = 10;
+// ATTN_OPROJ fields.
+constexpr int W_ATTN_OPROJ_HEAD = 8;
+constexpr int W_ATTN_OPROJ_DIM0 = 9;
+constexpr int W_ATTN_OPROJ_NDIMS = 10;
 
 MK_HOST_DEVICE inline const char* op_name(int op) {
   switch (op) {
@@ -107,6 +114,7 @@ MK_HOST_DEVICE inline const char* op_name(int op) {
     case OP_LMHEAD: return "LMHEAD";
     case OP_ARGMAX: return "ARGMAX";
     case OP_RESID_SUM: return "RESID_SUM";
+    case OP_ATTN_OPROJ: return "ATTN_OPROJ";
     default: return "UNKNOWN";
   }
 }
