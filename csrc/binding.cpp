@@ -41,6 +41,8 @@ class Launcher {
     a.wo = bf16(tensors, "wo");
     a.wgu = bf16(tensors, "wgu");
     a.wdown = bf16(tensors, "wdown");
+    a.wo_t = tensors.contains("wo_t") && !tensors["wo_t"].is_none() ? bf16(tensors, "wo_t")
+                                                                     : nullptr;
     a.tokens = ptr<int64_t>(tensors, "tokens", torch::kInt64);
     a.pos = ptr<int32_t>(tensors, "pos", torch::kInt32);
     a.resid = ptr<float>(tensors, "resid", torch::kFloat32);

@@ -47,6 +47,11 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_FUSE_REDUCE
 #define MK_FUSE_REDUCE 0
 #endif
+// 1: ATTN_OPROJ records and the residual copies of EMBED/DOWN (plan(fuse_oproj=True);
+// Decoder adds it). Off by default until measured.
+#ifndef MK_FUSE_OPROJ
+#define MK_FUSE_OPROJ 0
+#endif
 #ifndef MK_COPY_KB
 #define MK_COPY_KB 4        // largest bulk copy of a page row, KB (a row cut into pieces)
 #endif
@@ -107,6 +112,7 @@ constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;
 constexpr bool kReleaseQuiet = MK_RELEASE_QUIET != 0;
 constexpr bool kFuseReduce = MK_FUSE_REDUCE != 0;
+constexpr bool kFuseOproj = MK_FUSE_OPROJ != 0;
 constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
 // Bulk copies landing in this SM share its L2 return path with the consumers' loads: a
 // load on the critical path queues behind up to a ring's worth of pages (~1 us).

@@ -15,6 +15,7 @@
 #include "matvec_tc.cuh"
 #include "ops/argmax.cuh"
 #include "ops/attn.cuh"
+#include "ops/attn_oproj.cuh"
 #include "ops/attn_reduce.cuh"
 #include "ops/embed.cuh"
 #include "ops/gateup.cuh"
@@ -204,6 +205,16 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
           }
           break;
         case OP_ATTN_REDUCE: err = AttnReduceOp::run(a, ins); break;
+        case OP_ATTN_OPROJ:  // Runtime refuses these without the flag
+          if constexpr (kFuseOproj) {
+            if (!AttnOprojOp::valid(a, ins)) { err = ERR_BAD_INSTRUCTION; break; }
+            if (a.B == 1) AttnOprojOp::run<1, kTiming>(a, ring, ins, it, act);
+            else if (a.B == 2) AttnOprojOp::run<2, kTiming>(a, ring, ins, it, act);
+            else AttnOprojOp::run<4, kTiming>(a, ring, ins, it, act);
+          } else {
+            err = ERR_BAD_INSTRUCTION;
+          }
+          break;
         case OP_ARGMAX: err = ArgmaxOp::run(a, ins); break;
         case OP_RESID_SUM: err = ResidSumOp::run(a, ins); break;
         default: err = ERR_BAD_OPCODE; break;

@@ -54,6 +54,7 @@ struct KernelArgs {
   const __nv_bfloat16* wo;         // [L, d, H*D]
   const __nv_bfloat16* wgu;        // [L, 2I, d]
   const __nv_bfloat16* wdown;      // [L, d, I]
+  const __nv_bfloat16* wo_t;       // [L, H*D, d] wo transposed (ATTN_OPROJ), or null
 
   // Buffers
   const int64_t* tokens;           // [B]

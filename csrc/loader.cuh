@@ -32,7 +32,7 @@ struct PageWalk {
       const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
       if (inputs && i + kInputLead < qlen)  // every instruction once (kInputLead: start)
         prefetch_inputs(a, ins + kInputLead * kWords, threadIdx.x & 31);
-      if (is_matvec(__ldg(ins + W_OPCODE))) {
+      if (has_pages(__ldg(ins + W_OPCODE))) {
         g = matvec_geometry(a, ins);
         if (g.pages() > 0) return;
       }

@@ -128,6 +128,28 @@ __device__ __forceinline__ bool is_matvec(int op) {
   return op == OP_QKV || op == OP_OPROJ || op == OP_GATEUP || op == OP_DOWN || op == OP_LMHEAD;
 }
 
+// Ops whose weights stream through the ring: the matvecs and (-DMK_FUSE_OPROJ=1) ATTN_OPROJ.
+__device__ __forceinline__ bool has_pages(int op) {
+  return is_matvec(op) || (kFuseOproj && op == OP_ATTN_OPROJ);
+}
+
+// ATTN_OPROJ's rows of wo_t: ndims rows of d columns, in chunks of at most kAxpyCols
+// columns, each consumer thread owning 8 of a chunk's columns (ops/attn_oproj.cuh).
+constexpr int kAxpyCols = 8 * kConsumerThreads;
+__device__ __forceinline__ MatvecGeometry axpy_geometry(const __nv_bfloat16* matrix, int K,
+                                                        int row0, int n) {
+  MatvecGeometry g;
+  g.w = matrix + static_cast<size_t>(row0) * K;
+  g.K = K;
+  g.n = n;
+  g.nt = 0;  // unpadded rows
+  g.kc = min(K, kAxpyCols);
+  g.rpp = max(1, kPageElems / g.kc);
+  g.nchunks = (K + g.kc - 1) / g.kc;
+  g.ngroups = (n + g.rpp - 1) / g.rpp;
+  return g;
+}
+
 // Geometry of any matvec instruction (the loader and the consumers both call this).
 __device__ __forceinline__ MatvecGeometry matvec_geometry(const KernelArgs& a,
                                                           const int32_t* ins) {
@@ -136,6 +158,10 @@ __device__ __forceinline__ MatvecGeometry matvec_geometry(const KernelArgs& a,
   const size_t d = a.d, I = a.I, HD = static_cast<size_t>(a.H) * a.D;
   const size_t nqkv = static_cast<size_t>(a.Hkv) * (a.H / a.Hkv + 2) * a.D;
   switch (op) {
+    case OP_ATTN_OPROJ:
+      return axpy_geometry(a.wo_t + l * HD * d, a.d,
+                           ins[W_ATTN_OPROJ_HEAD] * a.D + ins[W_ATTN_OPROJ_DIM0],
+                           ins[W_ATTN_OPROJ_NDIMS]);
     case OP_QKV: return make_geometry(a.wqkv + l * nqkv * d, a.d, row0, n, a.B);
     case OP_OPROJ: return make_geometry(a.wo + l * d * HD, static_cast<int>(HD), row0, n, a.B);
     case OP_GATEUP: return make_geometry(a.wgu + l * 2 * I * d, a.d, row0, n, a.B);

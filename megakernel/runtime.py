@@ -16,7 +16,7 @@ import os
 import torch
 
 from .buffers import Buffers
-from .packing import PackedWeights
+from .packing import PackedWeights, add_wo_t
 from .profiling import nvtx_range
 from .scheduler.isa import Err, Op
 
@@ -55,6 +55,8 @@ MODE_LOCAL_COMM = 8                                           # set by connect(p
 OPTION_FLAGS = {
     "fold": ("-DMK_FOLD=1", "its QKV/GATEUP/LMHEAD records sum the tp partials"),
     "fuse_reduce": ("-DMK_FUSE_REDUCE=1", "its ATTN records merge their groups"),
+    "fuse_oproj": ("-DMK_FUSE_OPROJ=1", "its ATTN_OPROJ records merge and project the "
+                   "attention output in one stage"),
 }
 
 
@@ -137,6 +139,8 @@ class Runtime:
     def _bind(self, packed, program, max_seq, timing, watchdog_ms, ablate) -> None:
         """Allocate the buffers, upload the Program, freeze the kernel arguments."""
         cfg, device = program.config, packed.device
+        if program.options.get("fuse_oproj") and packed.wo_t is None:
+            packed = add_wo_t(packed)   # ATTN_OPROJ streams the O projection transposed
         self.buffers = Buffers.allocate(cfg, program, max_seq, device=device,
                                         kv_dtype=torch.bfloat16)
         self.buffers.poison()
@@ -166,7 +170,8 @@ class Runtime:
                    "embed": packed.embed, "lm_head": packed.lm_head,
                    "final_norm": packed.final_norm, "attn_norm": packed.attn_norm,
                    "mlp_norm": packed.mlp_norm, "wqkv": packed.wqkv, "wo": packed.wo,
-                   "wgu": packed.wgu, "wdown": packed.wdown, "timing": self.timing,
+                   "wgu": packed.wgu, "wdown": packed.wdown, "wo_t": packed.wo_t,
+                   "timing": self.timing,
                    "page_timing": self.page_timing, "phase_timing": self.phase_timing}
         sizes = dict(max_len=int(program.instructions.shape[1]), page_max=PAGE_TIMING_MAX,
                      B=program.batch, d=cfg.d, I=cfg.I,

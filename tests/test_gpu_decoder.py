@@ -101,6 +101,16 @@ def test_fused_reduce_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_reduce")
 
 
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_fused_oproj_matches_fp32(cfg, batch):
+    """plan(fuse_oproj=True): ATTN_OPROJ merges a head's dims and adds their O projection
+    to the residual with atomics, onto the copy the previous DOWN stored."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], fuse_oproj=True)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj")
+
+
 def test_fused_plan_needs_the_fused_build():
     """A merging ATTN record is refused by a default build's Runtime, not run unmerged."""
     from megakernel.packing import pack_weights
@@ -109,6 +119,8 @@ def test_fused_plan_needs_the_fused_build():
     packed = pack_weights(Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda"))
     with pytest.raises(ValueError, match="MK_FUSE_REDUCE"):
         Runtime(packed, plan(cfg, num_sms=8, fuse_reduce=True), 16)
+    with pytest.raises(ValueError, match="MK_FUSE_OPROJ"):
+        Runtime(packed, plan(cfg, num_sms=8, fuse_oproj=True), 16)
 
 
 def greedy_agreement(cfg, policy, steps, batch=1, seed=0):

@@ -39,19 +39,38 @@ struct AttnReduceOp {
   // own phase stamps stand). Fields checked by the caller.
   __device__ static void merge_heads(const KernelArgs& a, int l, int b, int g, int head0,
                                      int nh, bool stamp = true) {
-    const int G = a.H / a.Hkv, D = a.D, NS = a.NS;
-    const int nvec = nh * D / 4;  // D is a multiple of 4
+    const int G = a.H / a.Hkv, D = a.D;
+    const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + g * G + head0;  // first
+    float* out = a.attn + (static_cast<size_t>(l) * a.B + b) * a.H * D +
+                 static_cast<size_t>(g * G + head0) * D;
+    merge_vectors(a, nh * D / 4, [&](int v) {  // D is a multiple of 4
+      return MergeSource{head + v * 4 / D, v * 4 % D};
+    }, [&](int v, float4 o) { *reinterpret_cast<float4*>(out + v * 4) = o; }, stamp);
+  }
+
+  // Vector v (4 dims) of a merge: partials of flat head `head` ((l * B + b) * H + h), dims
+  // dim .. dim+3.
+  struct MergeSource {
+    size_t head;
+    int dim;
+  };
+
+  // Every consumer thread: the merges of nvec 4-dim vectors, src(v) -> MergeSource, each
+  // merged vector handed to out(v, float4) by one thread.
+  template <typename Src, typename Out>
+  __device__ static void merge_vectors(const KernelArgs& a, int nvec, Src&& src, Out&& out,
+                                       bool stamp) {
+    const int D = a.D, NS = a.NS;
     int P = 1;
     while (P < 32 && P < NS && 2 * P * nvec <= kConsumerThreads) P *= 2;
     const int tid = threadIdx.x, p = tid % P;
-    const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + g * G + head0;  // first
     // Every thread runs every pass (the shuffles need whole warps); v >= nvec idles.
     for (int v0 = 0; v0 < nvec; v0 += kConsumerThreads / P) {
       const int v = v0 + tid / P;
       const bool valid = v < nvec;
-      const int hv = valid ? v * 4 / D : 0, dim = valid ? v * 4 % D : 0;
-      const float* lse = a.lse + (head + hv) * NS;
-      const float* op = a.o_part + (head + hv) * NS * D + dim;
+      const MergeSource at = valid ? src(v) : MergeSource{0, 0};
+      const float* lse = a.lse + at.head * NS;
+      const float* op = a.o_part + at.head * NS * D + at.dim;
       float m = -INFINITY, w = 0.f;
       float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
       for (int s0 = p; valid && s0 < NS; s0 += kGroup * P) {
@@ -93,9 +112,7 @@ struct AttnReduceOp {
       }
       if (valid && p == 0) {
         const float r = m == -INFINITY ? 0.f : 1.f / w;
-        float* out = a.attn + (static_cast<size_t>(l) * a.B + b) * a.H * D +
-                     static_cast<size_t>(g * G + head0 + hv) * D + dim;
-        *reinterpret_cast<float4*>(out) = make_float4(o.x * r, o.y * r, o.z * r, o.w * r);
+        out(v, make_float4(o.x * r, o.y * r, o.z * r, o.w * r));
       }
       if (stamp && v0 == 0) phase_stamp(1);  // thread 0's first pass merged and stored
     }

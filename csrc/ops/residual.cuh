@@ -47,9 +47,14 @@ struct ResidualOp {
       }
       return ERR_NONE;
     }
+    // DOWN with copy: also into resid[src + 2], the value ATTN_OPROJ adds to (isa.py). Only
+    // the -DMK_FUSE_OPROJ=1 build has it (Runtime refuses a fuse_oproj Program without it).
+    const bool copy = kFuseOproj && ins[W_OPCODE] == OP_DOWN && ins[W_DOWN_COPY] != 0;
     for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
       float* in = residual_in(a, ins, i);
-      in[Bd] = (i == threadIdx.x ? pre : ldcg(in)) + acc[i];  // resid[src + 1], same entry
+      const float x = (i == threadIdx.x ? pre : ldcg(in)) + acc[i];
+      in[Bd] = x;  // resid[src + 1], same entry
+      if (copy) in[2 * Bd] = x;
     }
     return ERR_NONE;
   }
