@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One H100 call for an A/B of ablate grid rows: build, the GPU tests (TESTS=0: none), the
+# One H100 call for an A/B of ablate grid rows: build, the GPU tests (TESTS=0: none;
+# TEST_ARGS: pytest arguments instead of every GPU test), the
 # rows $ROWS (default: default,fuse_reduce; same process, same build) for each "model batch"
 # of $MODELS (default: llama-3.2-1b 1 and 8, llama-3.1-8b 1), $ROUNDS times, and
 # compute-sanitizer runs $SANITIZE (tool:batch ...) of tiny with the plan options
