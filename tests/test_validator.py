@@ -150,7 +150,7 @@ def test_waited_counter_without_signalers_is_caught(base):
     caught(p, rf"ARGMAX .*waits on counter {c}, which no instruction signals")
 
 
-@pytest.mark.parametrize("op, field, value, match", [
+@pytest.mark.parametrize("plan, op, field, value, match", [("base", *c) for c in [
     (Op.QKV, "nrows", 3, "multiple of 2"),
     (Op.QKV, "row0", 1, "multiple of 2"),
     (Op.OPROJ, "nrows", 10_000, "at most"),
@@ -163,9 +163,17 @@ def test_waited_counter_without_signalers_is_caught(base):
     (Op.EMBED, "layer", 0, "layer must be -1"),
     (Op.DOWN, "signal", 10_000, "signal 10000 outside"),
     (Op.OPROJ, "wait0_first", 10_000, "wait ranges"),
-])
-def test_bad_fields_are_caught(base, op, field, value, match):
-    p = copy.deepcopy(base)
+]] + [("fused_oproj", *c) for c in [
+    (Op.ATTN_OPROJ, "head", 4, r"\(head, dim0, ndims\) = \(4, "),
+    (Op.ATTN_OPROJ, "ndims", 0, r"\(head, dim0, ndims\) = \(\d+, \d+, 0\)"),
+    (Op.ATTN_OPROJ, "dim0", 31, r"dims \[dim0, dim0 \+ ndims\) a non-empty range"),
+    (Op.ATTN_OPROJ, "ndims", 6, r"\(head, dim0, ndims\) = \(\d+, \d+, 6\): .*whole 4-dim"),
+    (Op.ATTN_OPROJ, "layer", 2, "layer must be"),
+    (Op.EMBED, "copy", 2, "copy = 2"),
+]])
+def test_bad_fields_are_caught(request, plan, op, field, value, match):
+    """plan: the fixture whose program is broken (the default plan, or a fuse_oproj one)."""
+    p = copy.deepcopy(request.getfixturevalue(plan))
     put(p, find(p, op), field, value)
     caught(p, WHERE.format(op=op.name) + ": .*" + match)
 
@@ -316,20 +324,6 @@ def test_read_before_the_accumulations_is_caught(fused_oproj):
         put(p, gateup, field, _word(p, fused, field))
     caught(p, WHERE.format(op="GATEUP") + r": reads resid\[level=3, col=\d+, b=0\], "
            r"accumulated into by uid \d+ ATTN_OPROJ \(layer 1\).*does not happen before it")
-
-
-@pytest.mark.parametrize("op, field, value, match", [
-    (Op.ATTN_OPROJ, "head", 4, r"\(head, dim0, ndims\) = \(4, "),
-    (Op.ATTN_OPROJ, "ndims", 0, r"\(head, dim0, ndims\) = \(\d+, \d+, 0\)"),
-    (Op.ATTN_OPROJ, "dim0", 31, r"dims \[dim0, dim0 \+ ndims\) a non-empty range"),
-    (Op.ATTN_OPROJ, "ndims", 6, r"\(head, dim0, ndims\) = \(\d+, \d+, 6\): .*whole 4-dim"),
-    (Op.ATTN_OPROJ, "layer", 2, "layer must be"),
-    (Op.EMBED, "copy", 2, "copy = 2"),
-])
-def test_bad_fused_oproj_fields_are_caught(fused_oproj, op, field, value, match):
-    p = copy.deepcopy(fused_oproj)
-    put(p, find(p, op), field, value)
-    caught(p, WHERE.format(op=op.name) + ": .*" + match)
 
 
 def test_copy_from_the_last_down_is_caught(fused_oproj):
