@@ -31,8 +31,8 @@ struct AttnOprojOp {
   // Consumers, batch bucket BT (B <= BT). Fields checked by valid(). Not inlined: the
   // interpreter's registers stay allocated as in a build without this op.
   template <int BT, bool kTiming>
-  __device__ __noinline__ static void run(const KernelArgs& a, const Ring& ring, const int32_t* ins,
-                             uint32_t& it, float* coef) {
+  __device__ __noinline__ static void run(const KernelArgs& a, const Ring& ring,
+                                          const int32_t* ins, uint32_t& it, float* coef) {
     const int l = ins[W_LAYER], h = ins[W_ATTN_OPROJ_HEAD], dim0 = ins[W_ATTN_OPROJ_DIM0];
     const int nd = ins[W_ATTN_OPROJ_NDIMS], B = a.B, tid = threadIdx.x;
     const int nv = nd / 4;  // vectors per batch row
