@@ -139,7 +139,7 @@ class Runtime:
     def _bind(self, packed, program, max_seq, timing, watchdog_ms, ablate) -> None:
         """Allocate the buffers, upload the Program, freeze the kernel arguments."""
         cfg, device = program.config, packed.device
-        if program.options.get("fuse_oproj") and packed.wo_t is None:
+        if getattr(program, "options", {}).get("fuse_oproj") and packed.wo_t is None:
             packed = add_wo_t(packed)   # ATTN_OPROJ streams the O projection transposed
         self.buffers = Buffers.allocate(cfg, program, max_seq, device=device,
                                         kv_dtype=torch.bfloat16)
