@@ -167,10 +167,12 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       // Buckets below kTcMinBucket run on CUDA cores; the CUDA-core code of the others is
       // compiled only when MK_TC_MIN_BUCKET leaves them on CUDA cores.
       const int nt = tc_ntiles(a.B);
-      const bool resid = op == OP_OPROJ || op == OP_DOWN;
-      const float* pre_src = resid && tid < ins[W_OPROJ_NROWS] * a.B
-                                 ? ResidualOp::residual_in(a, ins, tid) : nullptr;
-      float pre = 0.f;  // ResidualOp's first input of this thread
+      PreLoad pre_src;  // epilogue inputs loaded with the first chunk (PreLoad)
+      if ((op == OP_OPROJ || op == OP_DOWN) && tid < ins[W_OPROJ_NROWS] * a.B)
+        pre_src.x = ResidualOp::residual_in(a, ins, tid);
+      else if (op == OP_QKV)
+        pre_src = QkvOp::rope_src(a, ins, pos);
+      float2 pre = make_float2(0.f, 0.f);
 #define MK_MATVEC(f, n) f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src)
 #define MK_MATVEC_TC(n) \
   consumer_matvec_tc<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, raw)
@@ -184,10 +186,10 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
 #undef MK_MATVEC
 #undef MK_MATVEC_TC
       switch (op) {
-        case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos); break;
+        case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos, pre); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
         case OP_LMHEAD: err = LmHeadOp::epilogue(a, ins, acc, red); break;
-        default: err = ResidualOp::epilogue(a, ins, acc, pre); break;  // OPROJ, DOWN
+        default: err = ResidualOp::epilogue(a, ins, acc, pre.x); break;  // OPROJ, DOWN
       }
     } else {
       switch (op) {

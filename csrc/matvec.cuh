@@ -48,6 +48,15 @@ struct MatvecGeometry {
 // folding reader (isa.py fold, tp > 1) adds the nparts partials at parts + r * ld * B to
 // every element, in rank order, and stores the sums of columns [w0, w1) to `out`.
 // Only the -DMK_FOLD=1 build has these (Runtime refuses a folding Program without it).
+// Epilogue inputs of this thread that do not depend on the matvec, loaded with the first
+// activation chunk so the epilogue spends no L2 round trip on them: OPROJ and DOWN's residual
+// entry (x); QKV's RoPE cos (x) and sin (y) of its first row pair. Null: none.
+struct PreLoad {
+  const float* x = nullptr;
+  const float* y = nullptr;
+  __device__ float2 load() const { return make_float2(x ? ldcg(x) : 0.f, y ? ldcg(y) : 0.f); }
+};
+
 struct MatvecInput {
   const float* x;
   int ld;
@@ -421,18 +430,17 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
 }
 
 // Consumers: the whole matvec of one instruction into acc[n, B]. `it` is the ring position
-// shared with the loader's walk. BT: batch bucket (B <= BT). pre_src (or null): an epilogue
-// input of this thread, loaded together with the first activation chunk and returned, so
-// the epilogue does not spend another L2 round trip on it.
+// shared with the loader's walk. BT: batch bucket (B <= BT). pre_src: this thread's
+// epilogue inputs (PreLoad), loaded together with the first activation chunk and returned.
 // kWarpAcc: where 8 copies of acc fit, warp w accumulates into acc[w * n * B ...] with plain
 // adds and the copies are summed once after the pages, instead of a compare-and-swap loop
 // on a shared word per row for every page whose tiles span several warps.
 template <int BT, bool kTiming>
-__device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
+__device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                  uint32_t& it, float* act, float* acc, float* red, float* rstd,
-                                 const float* pre_src) {
+                                  const PreLoad& pre_src) {
   const int tid = threadIdx.x, B = a.B;
-  float pre = 0.f;
+  float2 pre = make_float2(0.f, 0.f);
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
   const int nb = g.n * B;
@@ -448,7 +456,7 @@ __device__ float consumer_matvec(const KernelArgs& a, const Ring& ring, const in
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     consumer_sync();  // every warp is done with the previous chunk
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
-    if (c == 0 && pre_src) pre = ldcg(pre_src);  // in flight with the chunk's loads
+    if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     with_fold(in, [&](auto fold) {
       stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
     });

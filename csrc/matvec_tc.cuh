@@ -234,10 +234,10 @@ __device__ __forceinline__ void page_mma(const unsigned char* page, int stride, 
 // contract as consumer_matvec (matvec.cuh), plus raw: kRawFloats of shared memory for the
 // chunk copies. NT: n-tiles, tc_ntiles(a.B).
 template <int NT, bool kTiming>
-__device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
+__device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                     uint32_t& it, float* act, float* acc, float* red,
-                                    float* rstd, const float* pre_src, float* raw) {
-  float pre = 0.f;
+                                    float* rstd, const PreLoad& pre_src, float* raw) {
+  float2 pre = make_float2(0.f, 0.f);
   const int tid = threadIdx.x, B = a.B;
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
@@ -253,7 +253,7 @@ __device__ float consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const
   const bool carry = g.ngroups == 1 && g.n <= 16 * kConsumerWarps;
   const int rs = g.kc + kRawPad;
   load_chunk_tc(in, 0, g.chunk_cols(0), B, raw, rs);
-  if (pre_src) pre = ldcg(pre_src);  // in flight with the chunk's copies
+  pre = pre_src.load();  // in flight with the chunk's copies
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     cp_async_wait_all();

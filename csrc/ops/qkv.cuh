@@ -7,8 +7,25 @@
 
 namespace mk {
 struct QkvOp {
+  // RoPE cos and sin of this thread's first row pair (epilogue i = threadIdx.x), loaded
+  // before the matvec (PreLoad); none for a v pair or a position the epilogue rejects.
+  __device__ static PreLoad rope_src(const KernelArgs& a, const int32_t* ins, const int* pos) {
+    const int i = threadIdx.x, row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS], B = a.B;
+    const int D = a.D, G = a.H / a.Hkv, half = D / 2, group_rows = (G + 2) * D;
+    PreLoad r;
+    if (i >= (n / 2) * B) return r;
+    const int pr = i / B, b = i - pr * B, packed = row0 + 2 * pr;
+    const int j = packed % group_rows, p = pos[b];
+    if (j >= (G + 1) * D || p < 0 || p >= a.S) return r;
+    const size_t at = static_cast<size_t>(p) * half + (j % D) / 2;
+    r.x = a.rope_cos + at;
+    r.y = a.rope_sin + at;
+    return r;
+  }
+
+  // rope: rope_src's values, loaded (thread i's first pair, when it had them).
   __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc,
-                                 const int* pos) {
+                                 const int* pos, float2 rope) {
     const int l = ins[W_LAYER], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
     const int B = a.B, D = a.D, G = a.H / a.Hkv, half = D / 2, group_rows = (G + 2) * D;
     int err = ERR_NONE;
@@ -21,8 +38,9 @@ struct QkvOp {
       const size_t kv = ((static_cast<size_t>(l) * B + b) * a.Hkv + g) * a.S + p;
       if (j < (G + 1) * D) {  // q or k head: (x0, x1) = dims (jj/2, jj/2 + D/2)
         const int jj = j % D, d0 = jj / 2;
-        const float c = a.rope_cos[static_cast<size_t>(p) * half + d0];
-        const float s = a.rope_sin[static_cast<size_t>(p) * half + d0];
+        const bool first = i == static_cast<int>(threadIdx.x);  // rope_src loaded these
+        const float c = first ? rope.x : a.rope_cos[static_cast<size_t>(p) * half + d0];
+        const float s = first ? rope.y : a.rope_sin[static_cast<size_t>(p) * half + d0];
         const float y0 = x0 * c - x1 * s, y1 = x1 * c + x0 * s;
         if (j < G * D) {
           const int h = g * G + j / D;
