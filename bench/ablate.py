@@ -63,8 +63,12 @@ def grid(num_sms: int = 132) -> list[Row]:
             {"reduce_slices": 1}),
         Row("fuse_reduce", "no ATTN_REDUCE stage: the last ATTN split of each (sequence, KV "
             "head) merges it", {"fuse_reduce": True}),
-        Row("fuse_oproj", "no ATTN_REDUCE or OPROJ stage: ATTN_OPROJ merges a q head's dim "
-            "slice and adds its O projection into the residual atomically", {"fuse_oproj": True}),
+        Row("fuse_oproj", "no ATTN_REDUCE or OPROJ stage: ATTN_OPROJ merges a q head's dims "
+            "and adds its O projection of a column slice into the residual atomically",
+            {"fuse_oproj": True}),
+        Row("fuse_oproj_rows", "fuse_oproj with whole rows (oproj_col_slices=1): each "
+            "instruction a dim slice, 4x the atomic adds per residual element",
+            {"fuse_oproj": True, "oproj_col_slices": 1}),
         Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
             {"num_sms": num_sms // 2}),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),

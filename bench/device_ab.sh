@@ -7,7 +7,7 @@
 # working tree (run_traces). ROWS=row,row: instead of the bench, those ablate grid rows of
 # each "model batch" in MODELS (default: llama-3.2-1b 1), both trees alternating, with every
 # build both trees need (BUILD_FLAGS: one flag per extra build) started at once; the old
-# tree's results in $OUT/old, carrying OLD_COMMIT.
+# tree's results in $OUT/old, carrying OLD_COMMIT; OLD_ROWS: its rows, if not ROWS.
 source bench/device_lib.sh
 build_old() {  # the abtree build with the given flags, logged in $OUT/build_old<flags>.log
   (cd abtree && PYTHONPATH=$PWD MEGAKERNEL_CACHE_DIR=/tmp/mkcache_old python3 -c \
@@ -30,7 +30,7 @@ if [ -n "${ROWS:-}" ]; then
     for mb in "${models[@]}"; do
       run_ablate $mb "$ROWS"; mv "$OUT/ablate_${mb// /_b}.log" "$OUT/ablate_${mb// /_b}_new_$i.log"
       (cd abtree && export PYTHONPATH=$PWD MEGAKERNEL_CACHE_DIR=/tmp/mkcache_old \
-         MK_COMMIT=${OLD_COMMIT:-abtree} OUT=$OUT/old && mkdir -p "$OUT" && run_ablate $mb "$ROWS" \
+         MK_COMMIT=${OLD_COMMIT:-abtree} OUT=$OUT/old && mkdir -p "$OUT" && run_ablate $mb "${OLD_ROWS:-$ROWS}" \
          && mv "$OUT/ablate_${mb// /_b}.log" "$OUT/ablate_${mb// /_b}_$i.log")
     done
   done

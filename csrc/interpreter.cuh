@@ -208,9 +208,9 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
         case OP_ATTN_OPROJ:  // Runtime refuses these without the flag
           if constexpr (kFuseOproj) {
             if (!AttnOprojOp::valid(a, ins)) { err = ERR_BAD_INSTRUCTION; break; }
-            if (a.B == 1) AttnOprojOp::run<1, kTiming>(a, ring, ins, it, act);
-            else if (a.B == 2) AttnOprojOp::run<2, kTiming>(a, ring, ins, it, act);
-            else AttnOprojOp::run<4, kTiming>(a, ring, ins, it, act);
+            if (a.B == 1) AttnOprojOp::run<1, kTiming>(a, ring, ins, it, acc, act);
+            else if (a.B == 2) AttnOprojOp::run<2, kTiming>(a, ring, ins, it, acc, act);
+            else AttnOprojOp::run<4, kTiming>(a, ring, ins, it, acc, act);
           } else {
             err = ERR_BAD_INSTRUCTION;
           }

@@ -47,7 +47,7 @@ struct PageWalk {
   __device__ uint32_t row_stride() const { return g.stride(g.chunk_cols(p / g.ngroups)); }
   __device__ const __nv_bfloat16* row(int r) const {
     const int c = p / g.ngroups, grp = p % g.ngroups;
-    return g.w + static_cast<size_t>(grp * g.rpp + r) * g.K + static_cast<size_t>(c) * g.kc;
+    return g.w + static_cast<size_t>(grp * g.rpp + r) * g.ld + static_cast<size_t>(c) * g.kc;
   }
 };
 

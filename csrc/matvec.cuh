@@ -32,6 +32,7 @@ __host__ __device__ constexpr int tc_ntiles(int B) {
 struct MatvecGeometry {
   const __nv_bfloat16* w;  // row row0 of the matrix
   int K, n;                // in features; rows of this instruction
+  int ld;                  // elements from one row of the matrix to the next (K but in axpy)
   int kc, rpp;             // columns per chunk; rows per page
   int nchunks, ngroups;
   int nt;                  // tc_ntiles(B)
@@ -106,7 +107,7 @@ __device__ __forceinline__ MatvecGeometry make_geometry(const __nv_bfloat16* mat
                                                        int row0, int n, int B) {
   MatvecGeometry g;
   g.w = matrix + static_cast<size_t>(row0) * K;
-  g.K = K;
+  g.K = g.ld = K;
   g.n = n;
   g.nt = tc_ntiles(B);
   if (g.nt) {
@@ -133,14 +134,16 @@ __device__ __forceinline__ bool has_pages(int op) {
   return is_matvec(op) || (kFuseOproj && op == OP_ATTN_OPROJ);
 }
 
-// ATTN_OPROJ's rows of wo_t: ndims rows of d columns, in chunks of at most kAxpyCols
-// columns, each consumer thread owning 8 of a chunk's columns (ops/attn_oproj.cuh).
+// ATTN_OPROJ's block of wo_t ([.., ld]): n rows from row0, K columns from col0, in chunks
+// of at most kAxpyCols columns, each consumer thread owning 8 of a chunk's columns
+// (ops/attn_oproj.cuh).
 constexpr int kAxpyCols = 8 * kConsumerThreads;
-__device__ __forceinline__ MatvecGeometry axpy_geometry(const __nv_bfloat16* matrix, int K,
-                                                        int row0, int n) {
+__device__ __forceinline__ MatvecGeometry axpy_geometry(const __nv_bfloat16* matrix, int ld,
+                                                        int row0, int n, int col0, int K) {
   MatvecGeometry g;
-  g.w = matrix + static_cast<size_t>(row0) * K;
+  g.w = matrix + static_cast<size_t>(row0) * ld + col0;
   g.K = K;
+  g.ld = ld;
   g.n = n;
   g.nt = 0;  // unpadded rows
   g.kc = min(K, kAxpyCols);
@@ -161,7 +164,8 @@ __device__ __forceinline__ MatvecGeometry matvec_geometry(const KernelArgs& a,
     case OP_ATTN_OPROJ:
       return axpy_geometry(a.wo_t + l * HD * d, a.d,
                            ins[W_ATTN_OPROJ_HEAD] * a.D + ins[W_ATTN_OPROJ_DIM0],
-                           ins[W_ATTN_OPROJ_NDIMS]);
+                           ins[W_ATTN_OPROJ_NDIMS], ins[W_ATTN_OPROJ_COL0],
+                           ins[W_ATTN_OPROJ_NCOLS]);
     case OP_QKV: return make_geometry(a.wqkv + l * nqkv * d, a.d, row0, n, a.B);
     case OP_OPROJ: return make_geometry(a.wo + l * d * HD, static_cast<int>(HD), row0, n, a.B);
     case OP_GATEUP: return make_geometry(a.wgu + l * 2 * I * d, a.d, row0, n, a.B);

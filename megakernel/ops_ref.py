@@ -140,14 +140,16 @@ def _merged(lse: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 
 def attn_oproj(rec, w, buf, prog):
-    """Merges of one q head's dim slice for every b, times the matching wo_t rows, added
-    into resid[2l+1] (onto the copy of resid[2l] that EMBED or the last DOWN stored)."""
+    """Merges of one q head's dim slice for every b, times the matching wo_t rows' column
+    slice, added into resid[2l+1] (onto the copy of resid[2l] that EMBED or the last DOWN
+    stored)."""
     if w.wo_t is None:
         raise ValueError("ATTN_OPROJ reads wo_t, which these packed weights lack: pack them "
                          "with megakernel.packing.add_wo_t")
     l, h, j0, n, D = rec["layer"], rec["head"], rec["dim0"], rec["ndims"], w.config.D
+    c0, c1 = rec["col0"], rec["col0"] + rec["ncols"]
     m = _merged(buf.lse[l, :, h], buf.o_part[l, :, h, :, j0:j0 + n])       # [B, n]
-    buf.resid[2 * l + 1] += m @ w.wo_t[l, h * D + j0:h * D + j0 + n].float()
+    buf.resid[2 * l + 1, :, c0:c1] += m @ w.wo_t[l, h * D + j0:h * D + j0 + n, c0:c1].float()
 
 
 def oproj(rec, w, buf, prog):

@@ -156,12 +156,13 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
         emit("resid", True, i, resid_cols(level + 1, r0), n * B)
 
     i, l, h, dim0, ndims = rows(Op.ATTN_OPROJ)
+    col0, ncols = (t.args[i, k].astype(np.int64) for k in (3, 4))
     lh = (l[:, None] * B + np.arange(B)) * H + h[:, None]          # [n, B] (layer, b, head)
     split = lh[:, :, None] * NS + np.arange(NS)                     # [n, B, NS] + split
     emit("o_part", False, i.repeat(B * NS), (split * D + dim0[:, None, None]).ravel(),
          ndims.repeat(B * NS))
     emit("lse", False, i.repeat(B), lh.ravel() * NS, NS)
-    emit("resid", True, i, resid_cols(2 * l + 1, 0), d * B, add=True)
+    emit("resid", True, i, resid_cols(2 * l + 1, col0), ncols * B, add=True)
 
     i, l, r0, n, _ = rows(Op.OPROJ)
     emit("attn", False, i, l * B * H * D, B * H * D)

@@ -112,11 +112,11 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     put(Op.ATTN_REDUCE, attn_splits * heads * (D + 1) * ab + heads * D * ab)
     merging = _merging(ins, attn_splits)   # + a whole group's reduce
     nbytes[merging] += attn_splits * G * (D + 1) * ab + G * D * ab
-    # ATTN_OPROJ: the reduce of ndims dims of every b, a matvec of ndims wo_t rows of length
-    # d, and atomic adds of B * d floats (an L2 read-modify-write each)
-    dims = a[:, 2]
-    put(Op.ATTN_OPROJ, B * attn_splits * (dims + 1) * ab + dims * d * wb + 2 * B * d * ab,
-        2.0 * B * dims * d)
+    # ATTN_OPROJ: the reduce of ndims dims of every b, a matvec of ndims wo_t rows of ncols
+    # columns, and atomic adds of B * ncols floats (an L2 read-modify-write each)
+    dims, ncols = a[:, 2], a[:, 4]
+    put(Op.ATTN_OPROJ, B * attn_splits * (dims + 1) * ab + dims * ncols * wb + 2 * B * ncols * ab,
+        2.0 * B * dims * ncols)
     put(Op.ARGMAX, 2 * B * lm_slices * ab + B * 8)
     put(Op.RESID_SUM, (tp + 2) * B * rows * ab, (tp + 1.0) * B * rows)
     for fold_op in isa.FOLD_OPS:   # + the tp partials staged, + the residual slice written

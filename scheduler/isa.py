@@ -114,12 +114,14 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
     ATTN_OPROJ  (plan option fuse_oproj, tp = 1: ATTN_REDUCE and OPROJ in one stage) for every
                 b: m[b, j] = the merge of the NS partials of q head `head`, dims dim0 + j
                 (0 <= j < ndims; dim0 and ndims multiples of 4, the kernel's vector), as
-                ATTN_REDUCE merges them; then
-                    resid[2l+1][b, :] += sum_j m[b, j] * wo[l][:, head*D + dim0 + j]
+                ATTN_REDUCE merges them; then, for the columns c in [col0, col0 + ncols),
+                    resid[2l+1][b, c] += sum_j m[b, j] * wo[l][c, head*D + dim0 + j]
                 as atomic fp32 adds (order unspecified) onto the copy of resid[2l] that the
                 previous DOWN (EMBED for layer 0) stored there. The kernel reads the O
-                projection transposed, wo_t [L, H*D, d] (rows head*D + dim0 .. + ndims are
-                contiguous). attn[l] is not written.
+                projection transposed, wo_t [L, H*D, d] (row head*D + dim0 + j, columns
+                col0 ..). col0 is a multiple of 4, ncols of 8 (the kernel's 8 columns per
+                thread; a slice narrower than 2048 columns shares its rows among groups of
+                threads). attn[l] is not written.
 layer is -1 for EMBED, LMHEAD and ARGMAX.
 
 Kernel capacity (the scheduler respects these; the generated header static_asserts them):
@@ -179,7 +181,7 @@ ARGS: dict[Op, tuple[str, ...]] = {
     Op.LMHEAD: ("row0", "nrows", "slot", "fold", "sum_col0", "sum_ncols"),
     Op.ARGMAX: (),
     Op.RESID_SUM: ("row0", "nrows", "after_mlp"),
-    Op.ATTN_OPROJ: ("head", "dim0", "ndims"),
+    Op.ATTN_OPROJ: ("head", "dim0", "ndims", "col0", "ncols"),
 }
 ALL_RANKS_WORD = WORDS - 1
 MATVEC_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)

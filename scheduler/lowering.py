@@ -148,11 +148,13 @@ def _folding(args: np.ndarray, d: int) -> np.ndarray:
 
 def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
           slices: dict, shard: Shard | None = None, fold: bool = False,
-          fuse_reduce: bool = False, fuse_oproj: bool = False) -> Lowered:
+          fuse_reduce: bool = False, fuse_oproj: bool = False, oproj_col_slices: int = 0
+          ) -> Lowered:
     """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp.
     fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages).
     fuse_reduce: the last ATTN split of each group merges it (no ATTN_REDUCE stage).
-    fuse_oproj: ATTN_OPROJ stages instead of ATTN_REDUCE and OPROJ (tp = 1)."""
+    fuse_oproj: ATTN_OPROJ stages instead of ATTN_REDUCE and OPROJ (tp = 1), with
+    oproj_col_slices column slices per (head, dim slice) (0: oproj_cols chooses)."""
     B, L, d, I, V, H = batch, cfg.L, cfg.d, cfg.I, cfg.V, cfg.H
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
@@ -163,9 +165,13 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     oproj = np.array(even_split(d, slices["oproj"], 1, max_rows))
     gateup = np.array(even_split(2 * I, slices["gateup"], 2, max_rows))
     down = np.array(even_split(d, slices["down"], 1, max_rows))
-    dims = np.array(even_split(D, max(1, slices["oproj"] // H), 4))
-    fused = np.column_stack([np.repeat(np.arange(H), len(dims)),
-                             np.tile(dims, (H, 1))])                  # (head, dim0, ndims)
+    per_head = max(1, slices["oproj"] // H)
+    ncols = d // oproj_cols(d, per_head, oproj_col_slices)
+    dims = np.array(even_split(D, max(1, per_head * ncols // d), 4))
+    cols = np.column_stack([np.arange(0, d, ncols), np.full(d // ncols, ncols)])
+    fused = np.column_stack([np.repeat(np.arange(H), len(dims) * len(cols)),
+                             np.tile(np.repeat(dims, len(cols), axis=0), (H, 1)),
+                             np.tile(cols, (H * len(dims), 1))])  # (head, dim0, ndims, col0, ncols)
     first_attn = (fused[:, 0] // G) * NS                        # ATTN of (b = 0, g = h // G)
     last_attn = ((B - 1) * Hkv + fused[:, 0] // G + 1) * NS     # end of (b = B-1, g)
     copy = int(fuse_oproj)
@@ -222,6 +228,22 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     b.stage(Op.ARGMAX, -1, np.zeros((1, 0)), _all(c, 1), None)
     instrs, stage, targets = b.build()
     return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=max(peers, 1) * len(lm))
+
+
+def oproj_cols(d: int, per_head: int, col_slices: int) -> int:
+    """Column slices of ATTN_OPROJ: col_slices equal ones, or (0) the most, a power of two up
+    to per_head, of a width the kernel takes (a multiple of 8 columns)."""
+    def fits(n):
+        return d % n == 0 and (d // n) % 8 == 0
+    if col_slices:
+        if not fits(col_slices):
+            raise ValueError(f"oproj_col_slices={col_slices}: d={d} must split into that many "
+                             "equal slices of a multiple of 8 columns")
+        return col_slices
+    n = 1
+    while 2 * n <= per_head and fits(2 * n):
+        n *= 2
+    return n
 
 
 def _lm_rows(V: int, target: int, max_rows: int, shard: Shard | None) -> np.ndarray:

@@ -17,9 +17,14 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
     fuse_reduce     no ATTN_REDUCE stage: the last ATTN split of each (b, kv_head) to finish
                     merges the group's partials (isa.py ATTN merge; False)
     fuse_oproj      no ATTN_REDUCE or OPROJ stage: ATTN_OPROJ instructions, oproj_slices // H
-                    (at least 1) dim slices per q head, each merge their slice's partials and
-                    add its O projection into the residual atomically (isa.py; False). tp = 1,
-                    batch <= 4, not with fuse_reduce
+                    (at least 1) per q head, each merge a dim slice's partials and add its O
+                    projection of a column slice into the residual atomically (isa.py;
+                    False). tp = 1, batch <= 4, not with fuse_reduce
+    oproj_col_slices  fuse_oproj: column slices per (q head, dim slice); 0 (default): the
+                    most up to oproj_slices // H, a power of two of equal widths that are
+                    multiples of 8 (lowering.oproj_cols): with oproj_slices = 4H a slice
+                    covers a whole head and each residual element takes H adds; 1: every
+                    instruction adds whole rows (oproj_slices // H dim slices per head)
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
                     built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do
@@ -43,7 +48,7 @@ from .sharding import check_tp, shard_config, vocab_rows
 from .simulate import simulate
 from .validate import validate
 
-OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "kv_position", "fold",
+OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices", "kv_position", "fold",
            "fuse_reduce", "fuse_oproj", "validate")
 BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": False,
                 "validate": True}   # and their defaults
@@ -101,6 +106,7 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
     for op in SLICED_OPS:
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
+    out["oproj_col_slices"] = _int("oproj_col_slices", options.get("oproj_col_slices", 0), 0)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
     for key, default in BOOL_OPTIONS.items():
         out[key] = options.get(key, default)
@@ -151,7 +157,8 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]
     lows = [lower(cfg, batch, granularity, attn_splits, slices, s, opts["fold"],
-                  opts["fuse_reduce"], opts["fuse_oproj"]) for s in shards]
+                  opts["fuse_reduce"], opts["fuse_oproj"], opts["oproj_col_slices"])
+            for s in shards]
     cost = instruction_us(lows[0].instrs, cfg, batch, attn_splits, lows[0].lm_slices, spec,
                           num_sms, opts["kv_position"], tp)
     order, sm = assign(lows[0], cost, policy, num_sms, spec.counter_latency_us)

@@ -157,6 +157,11 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
            lambda i: (f"(head, dim0, ndims) = ({a0[i]}, {a1[i]}, {a2[i]}): head in "
                       f"0..{cfg.H - 1} and dims [dim0, dim0 + ndims) a non-empty range of "
                       f"whole 4-dim vectors (the kernel's) inside [0, {cfg.D})"))
+    c0, nc = (t.args[:, k].astype(np.int64) for k in (3, 4))
+    _first(t, (t.op == Op.ATTN_OPROJ) & ((c0 < 0) | (nc < 8) | (c0 + nc > cfg.d) | (c0 % 4 != 0)
+                                         | (nc % 8 != 0)),
+           lambda i: (f"(col0, ncols) = ({c0[i]}, {nc[i]}): columns inside [0, {cfg.d}), col0 a "
+                      f"multiple of 4, ncols a multiple of 8 (the kernel's 8 columns per thread)"))
     for op, limits in ((Op.ATTN, (B, cfg.Hkv, NS)), (Op.ATTN_REDUCE, (B, cfg.Hkv)),
                        (Op.LMHEAD, (None, None, NLM))):
         for k, (v, lim) in enumerate(zip((a0, a1, a2), limits)):

@@ -158,13 +158,16 @@ def test_fused_reduce_merges_once_per_group_and_step(monkeypatch):
 @pytest.mark.parametrize("G", [1, 4, 8])
 def test_fused_oproj_matches_reference(G, granularity):
     """plan(fuse_oproj=True): ATTN_OPROJ merges a q head's dim slice of every b and adds its
-    O projection onto the residual copies EMBED and DOWN store (in the interleaving's
-    order), from wo_t."""
+    O projection of a column slice onto the residual copies EMBED and DOWN store (in the
+    interleaving's order), from wo_t; whole rows (oproj_col_slices=1) or column slices."""
     rng = random.Random(f"oproj-{G}-{granularity}")
     cfg = random_config(rng, 64, G).replace(num_layers=2)
-    for seed, (batch, splits, oproj_slices) in enumerate(((1, None, None), (2, 3, 8),
-                                                         (4, 1, 1), (4, 5, 1000))):
-        kw = {} if oproj_slices is None else dict(oproj_slices=oproj_slices)
+    for seed, (batch, splits, oproj_slices, col_slices) in enumerate((
+            (1, None, None, 0), (2, 3, 8, 0), (4, 1, 1, 0), (4, 5, 1000, 0),
+            (1, None, 1000, 1), (2, 3, None, 1))):
+        kw = dict(oproj_col_slices=col_slices)
+        if oproj_slices is not None:
+            kw.update(oproj_slices=oproj_slices)
         prog = mk.plan(cfg, batch=batch, num_sms=7, granularity=granularity,
                        attn_splits=splits, fuse_oproj=True, **kw)
         ops = prog.table().op

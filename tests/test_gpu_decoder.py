@@ -101,14 +101,17 @@ def test_fused_reduce_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_reduce")
 
 
+@pytest.mark.parametrize("col_slices", [0, 1])
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
-def test_fused_oproj_matches_fp32(cfg, batch):
+def test_fused_oproj_matches_fp32(cfg, batch, col_slices):
     """plan(fuse_oproj=True): ATTN_OPROJ merges a head's dims and adds their O projection
-    to the residual with atomics, onto the copy the previous DOWN stored."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], fuse_oproj=True)
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj")
+    to the residual with atomics, onto the copy the previous DOWN stored; in column slices
+    whose rows groups of threads share (col_slices 0) or in whole rows (1)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], fuse_oproj=True,
+                                     oproj_col_slices=col_slices)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj cols {col_slices}")
 
 
 def test_fused_plan_needs_the_fused_build():

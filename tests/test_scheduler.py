@@ -289,22 +289,27 @@ def test_dump_cli_prints_summaries_and_writes_a_trace(tmp_path, capsys):
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_fuse_oproj_records(granularity):
-    """fuse_oproj: per layer QKV, ATTN, ATTN_OPROJ (H heads x dim slices, head-major, each
-    waiting on its kv group's ATTN counters of every b), GATEUP (waiting on the whole
-    ATTN_OPROJ stage), DOWN; EMBED and every DOWN but the last copy into the next level."""
-    cfg = ModelConfig("g", 300, 320, 384, 3, 8, 2, head_dim=64)     # G = 4
-    for batch, oproj_slices, ndims in ((1, 132, 4), (3, 8, 64), (4, 20, 32)):
+    """fuse_oproj: per layer QKV, ATTN, ATTN_OPROJ (H heads x dim slices x column slices,
+    head-major, each waiting on its kv group's ATTN counters of every b), GATEUP (waiting on
+    the whole ATTN_OPROJ stage), DOWN; EMBED and every DOWN but the last copy into the next
+    level. Column slices: by default the most (a power of two) up to oproj_slices // H."""
+    cfg = ModelConfig("g", 300, 320, 384, 3, 8, 2, head_dim=64)     # G = 4, d = 320
+    for batch, oproj_slices, col_slices, ndims, ncols in (
+            (1, 132, 0, 32, 40), (3, 8, 0, 64, 320), (4, 20, 0, 64, 160), (1, 132, 1, 4, 320),
+            (2, 32, 4, 64, 80)):
         prog = plan(cfg, batch=batch, num_sms=9, granularity=granularity, attn_splits=3,
-                    oproj_slices=oproj_slices, fuse_oproj=True)
+                    oproj_slices=oproj_slices, oproj_col_slices=col_slices, fuse_oproj=True)
         recs = sorted((r for _, _, r in prog.records()), key=lambda r: r["uid"])
         ops = {r["op"] for r in recs}
         assert Op.ATTN_REDUCE not in ops and Op.OPROJ not in ops
         assert [r["copy"] for r in recs if r["op"] == Op.EMBED] == [1]
         for layer in range(cfg.L):
             stage = [r for r in recs if r["op"] == Op.ATTN_OPROJ and r["layer"] == layer]
-            assert len(stage) == cfg.H * (cfg.D // ndims)
-            assert sorted((r["head"], r["dim0"], r["ndims"]) for r in stage) == [
-                (h, j, ndims) for h in range(cfg.H) for j in range(0, cfg.D, ndims)]
+            assert len(stage) == cfg.H * (cfg.D // ndims) * (cfg.d // ncols)
+            assert sorted((r["head"], r["dim0"], r["ndims"], r["col0"], r["ncols"])
+                          for r in stage) == [
+                (h, j, ndims, c, ncols) for h in range(cfg.H) for j in range(0, cfg.D, ndims)
+                for c in range(0, cfg.d, ncols)]
             attn = [r for r in recs if r["op"] == Op.ATTN and r["layer"] == layer]
             for r in stage:
                 waited = set(range(r["wait0_first"], r["wait0_first"] + r["wait0_count"]))

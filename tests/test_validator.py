@@ -168,6 +168,9 @@ def test_waited_counter_without_signalers_is_caught(base):
     (Op.ATTN_OPROJ, "ndims", 0, r"\(head, dim0, ndims\) = \(\d+, \d+, 0\)"),
     (Op.ATTN_OPROJ, "dim0", 31, r"dims \[dim0, dim0 \+ ndims\) a non-empty range"),
     (Op.ATTN_OPROJ, "ndims", 6, r"\(head, dim0, ndims\) = \(\d+, \d+, 6\): .*whole 4-dim"),
+    (Op.ATTN_OPROJ, "ncols", 12, r"\(col0, ncols\) = \(\d+, 12\): .*a multiple of 8"),
+    (Op.ATTN_OPROJ, "col0", 2, r"\(col0, ncols\) = \(2, \d+\): .*col0 a multiple of 4"),
+    (Op.ATTN_OPROJ, "col0", 10_000, r"\(col0, ncols\) = \(10000, \d+\): columns inside"),
     (Op.ATTN_OPROJ, "layer", 2, "layer must be"),
     (Op.EMBED, "copy", 2, "copy = 2"),
 ]])
@@ -346,7 +349,7 @@ def test_reduce_in_a_fused_oproj_plan_is_caught(fused_oproj):
     p = copy.deepcopy(fused_oproj)
     sm, k = find(p, Op.ATTN_OPROJ, layer=1)
     p.instructions[sm, k, 0] = Op.ATTN_REDUCE
-    p.instructions[sm, k, len(isa.HEADER):len(isa.HEADER) + 4] = [0, 0, 0, 1]
+    p.instructions[sm, k, len(isa.HEADER):len(isa.HEADER) + 5] = [0, 0, 0, 1, 0]
     caught(p, r"ATTN_REDUCE .*: accesses attn elements .*a plan with ATTN_OPROJ has no attn")
 
 

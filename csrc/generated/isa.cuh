@@ -100,6 +100,8 @@ constexpr int W_RESID_SUM_AFTER_MLP = 10;
 constexpr int W_ATTN_OPROJ_HEAD = 8;
 constexpr int W_ATTN_OPROJ_DIM0 = 9;
 constexpr int W_ATTN_OPROJ_NDIMS = 10;
+constexpr int W_ATTN_OPROJ_COL0 = 11;
+constexpr int W_ATTN_OPROJ_NCOLS = 12;
 
 MK_HOST_DEVICE inline const char* op_name(int op) {
   switch (op) {

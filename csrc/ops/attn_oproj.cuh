@@ -2,18 +2,22 @@
 // instruction, so a layer's attention block has one stage and one counter hop less.
 // For q head h, dims [dim0, dim0 + nd): every batch row's merge of the NS partials (as
 // ATTN_REDUCE) goes to shared memory, m[b, j]; then the nd rows h*D + dim0 + j of wo_t (the
-// O projection transposed, contiguous) stream through the ring as pages of whole rows cut
-// into column chunks (axpy_geometry), and each consumer thread accumulates 8 output columns
-// of a chunk, acc[b][k] += m[b, j] * wo_t[row j][col + k]: no reduction across threads.
-// A chunk's sums are added to resid[2l+1] with fp32 atomics (red.global.add.v4.f32), onto the
-// copy of resid[2l] that the previous DOWN (or EMBED) stored there; the release add after
-// the block barrier publishes them as it does plain stores.
+// O projection transposed), columns [col0, col0 + ncols), stream through the ring as pages
+// of whole row segments cut into column chunks (axpy_geometry). Each consumer thread owns 8
+// columns of a chunk, acc[b][k] += m[b, j] * wo_t[row j][col + k]; a chunk narrower than 8
+// columns per thread shares its rows among rg groups of threads, whose sums meet in shared
+// memory. The sums are added to resid[2l+1] with fp32 atomics (red.global.add.v4.f32), onto
+// the copy of resid[2l] that the previous DOWN (or EMBED) stored there; the release add after
+// the block barrier publishes them as it does plain stores. Column slices cut the adds per
+// residual element from (heads x dim slices) to heads: the release's fence waits for them.
 #pragma once
 #include "../matvec.cuh"
 #include "../ring.cuh"
 #include "attn_reduce.cuh"
 
 namespace mk {
+static_assert(kAccFloats >= kMaxBatch * kMaxD && kActFloats >= 4 * kAxpyCols,
+              "ATTN_OPROJ's merged dims (acc) and row-group sums (act) fit shared memory");
 struct AttnOprojOp {
   __device__ static void red_add4(float* p, float x, float y, float z, float w) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
@@ -23,19 +27,26 @@ struct AttnOprojOp {
   __device__ static bool valid(const KernelArgs& a, const int32_t* ins) {
     const int h = ins[W_ATTN_OPROJ_HEAD], dim0 = ins[W_ATTN_OPROJ_DIM0];
     const int nd = ins[W_ATTN_OPROJ_NDIMS];
+    const int col0 = ins[W_ATTN_OPROJ_COL0], ncols = ins[W_ATTN_OPROJ_NCOLS];
     return a.wo_t != nullptr && a.tp == 1 && a.B <= 4 && h >= 0 && h < a.H && dim0 >= 0 &&
            nd > 0 && dim0 + nd <= a.D && dim0 % 4 == 0 && nd % 4 == 0 && a.d % 8 == 0 &&
-           a.B * nd <= kActFloats;
+           a.B * nd <= kAccFloats && col0 >= 0 && ncols >= 8 && col0 + ncols <= a.d &&
+           col0 % 4 == 0 && ncols % 8 == 0;
   }
 
-  // Consumers, batch bucket BT (B <= BT). Fields checked by valid(). Not inlined: the
-  // interpreter's registers stay allocated as in a build without this op.
+  // Consumers, batch bucket BT (B <= BT). Fields checked by valid(). coef: B * nd floats,
+  // part: kAxpyCols * B floats of shared memory. Not inlined: the interpreter's registers stay
+  // allocated as in a build without this op; the ring and the page count are copied into
+  // registers here (the caller's are on its stack).
   template <int BT, bool kTiming>
-  __device__ __noinline__ static void run(const KernelArgs& a, const Ring& ring,
-                                          const int32_t* ins, uint32_t& it, float* coef) {
+  __device__ __noinline__ static void run(const KernelArgs& a, const Ring& ring_in,
+                                          const int32_t* ins, uint32_t& it_io, float* coef,
+                                          float* part) {
     const int l = ins[W_LAYER], h = ins[W_ATTN_OPROJ_HEAD], dim0 = ins[W_ATTN_OPROJ_DIM0];
     const int nd = ins[W_ATTN_OPROJ_NDIMS], B = a.B, tid = threadIdx.x;
     const int nv = nd / 4;  // vectors per batch row
+    const Ring ring = ring_in;
+    uint32_t it = it_io;
     AttnReduceOp::merge_vectors(a, B * nv, [&](int v) {
       const int b = v / nv;
       return AttnReduceOp::MergeSource{(static_cast<size_t>(l) * B + b) * a.H + h,
@@ -43,20 +54,23 @@ struct AttnOprojOp {
     }, [&](int v, float4 o) { *reinterpret_cast<float4*>(coef + v * 4) = o; }, true);
     consumer_sync();  // coef[b * nd + j] complete
     const MatvecGeometry g = matvec_geometry(a, ins);
-    float* out = a.resid + static_cast<size_t>(2 * l + 1) * B * a.d;
-    const int col = 8 * tid;  // this thread's first column of every chunk
+    const int tpr = g.kc / 8, rg = kConsumerThreads / tpr;  // threads per row, row groups
+    const int grp = tid / tpr, col = 8 * (tid - grp * tpr);  // rows grp, grp + rg, ..
+    const int d = a.d;
+    float* out = a.resid + static_cast<size_t>(2 * l + 1) * B * d + ins[W_ATTN_OPROJ_COL0];
     for (int c = 0; c < g.nchunks; ++c) {
       const int cols = g.chunk_cols(c);
+      const bool mine = grp < rg && col < cols;
       float acc[BT][8];
 #pragma unroll
       for (int b = 0; b < BT; ++b)
 #pragma unroll
         for (int k = 0; k < 8; ++k) acc[b][k] = 0.f;
-      for (int grp = 0; grp < g.ngroups; ++grp) {
+      for (int pg = 0; pg < g.ngroups; ++pg) {
         consume_page<kTiming, 0>(a, ring, it, [&](const unsigned char* page) {
-          if (col >= cols) return;
-          const int rows = g.group_rows(grp), j0 = grp * g.rpp;
-          for (int r = 0; r < rows; ++r) {
+          if (!mine) return;
+          const int rows = g.group_rows(pg), j0 = pg * g.rpp;
+          for (int r = grp; r < rows; r += rg) {
             const uint4 w = *reinterpret_cast<const uint4*>(page + (r * cols + col) * 2);
             const float wf[8] = {bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y),
                                  bf16_lo(w.z), bf16_hi(w.z), bf16_lo(w.w), bf16_hi(w.w)};
@@ -69,18 +83,46 @@ struct AttnOprojOp {
             }
           }
         });
-        if (c == 0 && grp == 0) phase_stamp(2);  // warp 0 done with the first page
+        if (c == 0 && pg == 0) phase_stamp(2);  // warp 0 done with the first page
       }
-      if (col < cols) {
+      if (rg == 1) {
+        if (mine) {
+#pragma unroll
+          for (int b = 0; b < BT; ++b) {
+            if (BT > 1 && b >= B) break;
+            float* o = out + static_cast<size_t>(b) * d + c * g.kc + col;
+            red_add4(o, acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+            red_add4(o + 4, acc[b][4], acc[b][5], acc[b][6], acc[b][7]);
+          }
+        }
+        continue;
+      }
+      // rg > 1: the chunk is narrower than kAxpyCols, so it is the only one. The groups' sums
+      // meet in part[(grp * B + b) * cols + col], each (b, 8 columns) added once.
+      if (mine) {
 #pragma unroll
         for (int b = 0; b < BT; ++b) {
           if (BT > 1 && b >= B) break;
-          float* o = out + static_cast<size_t>(b) * a.d + c * g.kc + col;
-          red_add4(o, acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
-          red_add4(o + 4, acc[b][4], acc[b][5], acc[b][6], acc[b][7]);
+          float4* p = reinterpret_cast<float4*>(part + (grp * B + b) * cols + col);
+          p[0] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+          p[1] = make_float4(acc[b][4], acc[b][5], acc[b][6], acc[b][7]);
         }
       }
+      consumer_sync();
+      for (int v = tid; v < B * tpr; v += kConsumerThreads) {
+        const int b = v / tpr, cc = 8 * (v - b * tpr);
+        float4 s0 = make_float4(0.f, 0.f, 0.f, 0.f), s1 = s0;
+        for (int q = 0; q < rg; ++q) {
+          const float4* p = reinterpret_cast<const float4*>(part + (q * B + b) * cols + cc);
+          s0 = s0 + p[0];
+          s1 = s1 + p[1];
+        }
+        float* o = out + static_cast<size_t>(b) * d + cc;
+        red_add4(o, s0.x, s0.y, s0.z, s0.w);
+        red_add4(o + 4, s1.x, s1.y, s1.z, s1.w);
+      }
     }
+    it_io = it;
     phase_stamp(3);  // this thread's adds issued
   }
 };
