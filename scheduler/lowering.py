@@ -169,9 +169,9 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     ncols = d // oproj_cols(d, per_head, oproj_col_slices)
     dims = np.array(even_split(D, max(1, per_head * ncols // d), 4))
     cols = np.column_stack([np.arange(0, d, ncols), np.full(d // ncols, ncols)])
-    fused = np.column_stack([np.repeat(np.arange(H), len(dims) * len(cols)),
-                             np.tile(np.repeat(dims, len(cols), axis=0), (H, 1)),
-                             np.tile(cols, (H * len(dims), 1))])  # (head, dim0, ndims, col0, ncols)
+    fused = np.column_stack([np.repeat(np.arange(H), len(dims) * len(cols)),     # (head,
+                             np.tile(np.repeat(dims, len(cols), axis=0), (H, 1)),  # dim0, ndims,
+                             np.tile(cols, (H * len(dims), 1))])                  # col0, ncols)
     first_attn = (fused[:, 0] // G) * NS                        # ATTN of (b = 0, g = h // G)
     last_attn = ((B - 1) * Hkv + fused[:, 0] // G + 1) * NS     # end of (b = B-1, g)
     copy = int(fuse_oproj)

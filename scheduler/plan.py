@@ -48,8 +48,8 @@ from .sharding import check_tp, shard_config, vocab_rows
 from .simulate import simulate
 from .validate import validate
 
-OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices", "kv_position", "fold",
-           "fuse_reduce", "fuse_oproj", "validate")
+OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices", "kv_position",
+           "fold", "fuse_reduce", "fuse_oproj", "validate")
 BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": False,
                 "validate": True}   # and their defaults
 
