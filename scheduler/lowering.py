@@ -154,7 +154,7 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages).
     fuse_reduce: the last ATTN split of each group merges it (no ATTN_REDUCE stage).
     fuse_oproj: ATTN_OPROJ stages instead of ATTN_REDUCE and OPROJ (tp = 1), with
-    oproj_col_slices column slices per (head, dim slice) (0: oproj_cols chooses)."""
+    oproj_col_slices column slices per (head, dim slice) (0: oproj_column_slices chooses)."""
     B, L, d, I, V, H = batch, cfg.L, cfg.d, cfg.I, cfg.V, cfg.H
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
@@ -166,7 +166,7 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     gateup = np.array(even_split(2 * I, slices["gateup"], 2, max_rows))
     down = np.array(even_split(d, slices["down"], 1, max_rows))
     per_head = max(1, slices["oproj"] // H)
-    ncols = d // oproj_cols(d, per_head, oproj_col_slices)
+    ncols = d // oproj_column_slices(d, per_head, oproj_col_slices)
     dims = np.array(even_split(D, max(1, per_head * ncols // d), 4))
     cols = np.column_stack([np.arange(0, d, ncols), np.full(d // ncols, ncols)])
     fused = np.column_stack([np.repeat(np.arange(H), len(dims) * len(cols)),     # (head,
@@ -230,7 +230,7 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=max(peers, 1) * len(lm))
 
 
-def oproj_cols(d: int, per_head: int, col_slices: int) -> int:
+def oproj_column_slices(d: int, per_head: int, col_slices: int) -> int:
     """Column slices of ATTN_OPROJ: col_slices equal ones, or (0) the most, a power of two up
     to per_head, of a width the kernel takes (a multiple of 8 columns)."""
     def fits(n):

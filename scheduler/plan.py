@@ -22,7 +22,7 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     False). tp = 1, batch <= 4, not with fuse_reduce
     oproj_col_slices  fuse_oproj: column slices per (q head, dim slice); 0 (default): the
                     most up to oproj_slices // H, a power of two of equal widths that are
-                    multiples of 8 (lowering.oproj_cols): with oproj_slices = 4H a slice
+                    multiples of 8 (lowering.oproj_column_slices): with oproj_slices = 4H a slice
                     covers a whole head and each residual element takes H adds; 1: every
                     instruction adds whole rows (oproj_slices // H dim slices per head)
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)

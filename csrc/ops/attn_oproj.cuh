@@ -4,10 +4,10 @@
 // ATTN_REDUCE) goes to shared memory, m[b, j]; then the nd rows h*D + dim0 + j of wo_t (the
 // O projection transposed), columns [col0, col0 + ncols), stream through the ring as pages
 // of whole row segments cut into column chunks (axpy_geometry). Each consumer thread owns 8
-// columns of a chunk, acc[b][k] += m[b, j] * wo_t[row j][col + k]; a chunk narrower than 8
-// columns per thread shares its rows among rg groups of threads, whose sums meet in shared
-// memory. The sums are added to resid[2l+1] with fp32 atomics (red.global.add.v4.f32), onto
-// the copy of resid[2l] that the previous DOWN (or EMBED) stored there; the release add after
+// columns of a chunk, acc[b][k] += m[b, j] * wo_t[row j][col + k]; a chunk narrower than
+// kAxpyCols shares its rows among rg groups of threads, whose sums meet in shared memory.
+// The sums are added to resid[2l+1] with fp32 atomics (red.global.add.v4.f32), onto the
+// copy of resid[2l] that the previous DOWN (or EMBED) stored there; the release add after
 // the block barrier publishes them as it does plain stores. Column slices cut the adds per
 // residual element from (heads x dim slices) to heads: the release's fence waits for them.
 #pragma once
@@ -19,9 +19,14 @@ namespace mk {
 static_assert(kAccFloats >= kMaxBatch * kMaxD && kActFloats >= 4 * kAxpyCols,
               "ATTN_OPROJ's merged dims (acc) and row-group sums (act) fit shared memory");
 struct AttnOprojOp {
-  __device__ static void red_add4(float* p, float x, float y, float z, float w) {
+  __device__ static void red_add4(float* p, float4 v) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
-                 :: "l"(p), "f"(x), "f"(y), "f"(z), "f"(w) : "memory");
+                 :: "l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+  }
+  // 8 consecutive floats p[0..7] += (lo, hi).
+  __device__ static void red_add8(float* p, float4 lo, float4 hi) {
+    red_add4(p, lo);
+    red_add4(p + 4, hi);
   }
 
   __device__ static bool valid(const KernelArgs& a, const int32_t* ins) {
@@ -90,9 +95,9 @@ struct AttnOprojOp {
 #pragma unroll
           for (int b = 0; b < BT; ++b) {
             if (BT > 1 && b >= B) break;
-            float* o = out + static_cast<size_t>(b) * d + c * g.kc + col;
-            red_add4(o, acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
-            red_add4(o + 4, acc[b][4], acc[b][5], acc[b][6], acc[b][7]);
+            red_add8(out + static_cast<size_t>(b) * d + c * g.kc + col,
+                     make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]),
+                     make_float4(acc[b][4], acc[b][5], acc[b][6], acc[b][7]));
           }
         }
         continue;
@@ -117,9 +122,7 @@ struct AttnOprojOp {
           s0 = s0 + p[0];
           s1 = s1 + p[1];
         }
-        float* o = out + static_cast<size_t>(b) * d + cc;
-        red_add4(o, s0.x, s0.y, s0.z, s0.w);
-        red_add4(o + 4, s1.x, s1.y, s1.z, s1.w);
+        red_add8(out + static_cast<size_t>(b) * d + cc, s0, s1);
       }
     }
     it_io = it;
