@@ -15,6 +15,17 @@ build_extension() {
   echo "build: ${SECONDS}s"
 }
 
+# Start the JIT builds of the given flag sets in the background (one argument per build, its
+# flags joined by '+', in the order the Runtime gets them: a row's or trace's own flags, then
+# -DMK_PHASE_STAMPS=1 for `trace --phases`, then its plan options'); `wait` for them.
+prebuild() {
+  local f
+  for f in "$@"; do
+    python3 -c "import sys; from megakernel.runtime import load_extension as l; l(build_flags=tuple(sys.argv[1:]))" \
+      ${f//+/ } > "$OUT/build$f.log" 2>&1 &
+  done
+}
+
 # Every GPU test (the tensor-core op file first), or the pytest arguments $TEST_ARGS (files,
 # -k expressions); $OUT/pytest_gpu.log, its last $1 lines.
 run_gpu_tests() {

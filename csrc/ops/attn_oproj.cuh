@@ -58,6 +58,7 @@ struct AttnOprojOp {
                                        dim0 + (v - b * nv) * 4};
     }, [&](int v, float4 o) { *reinterpret_cast<float4*>(coef + v * 4) = o; }, true);
     consumer_sync();  // coef[b * nd + j] complete
+    phase_stamp(1);   // every thread's merge done (over thread 0's own, merge_vectors')
     const MatvecGeometry g = matvec_geometry(a, ins);
     const int tpr = g.kc / 8, rg = kConsumerThreads / tpr;  // threads per row, row groups
     const int grp = tid / tpr, col = 8 * (tid - grp * tpr);  // rows grp, grp + rg, ..
