@@ -110,10 +110,6 @@ def grid(num_sms: int = 132) -> list[Row]:
              "execute (their L2 loads do not queue behind landing pages)"),
         flag("MK_QUIET_INPUTS", 2, "as MK_QUIET_INPUTS=1, and during a CUDA-core matvec's "
              "activation staging too"),
-        flag("MK_ATTN_EARLY_KV", 1, "ATTN loads the K/V of its first positions (those "
-             "before the step's) before its counter wait, not after it with the queries"),
-        Row("fuse_oproj+MK_ATTN_EARLY_KV=1", "fuse_oproj with ATTN's early K/V loads",
-            {"fuse_oproj": True, "build_flags": ("-DMK_ATTN_EARLY_KV=1",)}),
         flag("MK_TC_MIN_BUCKET", 1, "tensor cores from batch 1 up (the hi/lo split "
              "activations as an 8-column n-tile)"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},

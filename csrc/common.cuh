@@ -124,10 +124,6 @@ constexpr int kMaxG = 8;                          // q heads per kv head the att
 #define MK_ATTN_G4 0  // 1: ATTN unrolled for 4 q heads per kv head where G <= 4 (D 64, 128)
 #endif
 constexpr bool kAttnG4 = MK_ATTN_G4 != 0;
-#ifndef MK_ATTN_EARLY_KV
-#define MK_ATTN_EARLY_KV 0  // 1: ATTN loads its first K/V (positions before the step's) before
-#endif                      // its counter wait, not after it with the queries
-constexpr bool kAttnEarlyKv = MK_ATTN_EARLY_KV != 0;
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");

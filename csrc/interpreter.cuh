@@ -108,10 +108,12 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
 
 // kTiming: record (wait start, wait end, end, outputs written) %globaltimer stamps of every
 // instruction (end: after the release add; written: before it, after the last bar.sync); a
-// compile-time switch, so the kernel without it carries no timing code at all.
+// compile-time switch, so the kernel without it carries no timing code at all. Inlined into
+// the kernel: the ops read its parameters from the constant bank, not through a pointer.
 template <bool kTiming>
-__device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
-                              int qlen, int epoch, unsigned char* smem) {
+__device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& ring,
+                                              const int32_t* queue, int qlen, int epoch,
+                                              unsigned char* smem) {
   const int tid = threadIdx.x;
   float* act = reinterpret_cast<float*>(smem + SmemLayout::act);
   float* acc = reinterpret_cast<float*>(smem + SmemLayout::acc);
@@ -134,11 +136,6 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
   for (int i = 0; i < qlen; ++i) {
     const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
                                      : queue + static_cast<size_t>(i) * kWords;
-    // kAttnEarlyKv: ATTN's first K/V loads fly during the wait (instruction 0 reads the
-    // positions from global memory: its bar.sync publishes the shared-memory copy).
-    const EarlyKv early = kAttnEarlyKv && ins[W_OPCODE] == OP_ATTN
-                              ? AttnOp::early_kv(a, ins, i > 0 ? pos : a.pos)
-                              : EarlyKv{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), false};
     if (tid < 32) {
       const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
       const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
@@ -200,7 +197,7 @@ __device__ void consumer_main(const KernelArgs& a, const Ring& ring, const int32
       switch (op) {
         case OP_EMBED: err = EmbedOp::run(a, ins); break;
         case OP_ATTN:
-          err = AttnOp::run(a, ins, act, pos, early);
+          err = AttnOp::run(a, ins, act, pos);
           if (ins[W_ATTN_MERGE] && err == ERR_NONE) {  // Runtime refuses these without the flag
             if constexpr (kFuseReduce) {
               AttnOp::merge_if_last(a, ins, reinterpret_cast<volatile int*>(act), epoch);

@@ -114,17 +114,6 @@ def test_fused_oproj_matches_fp32(cfg, batch, col_slices):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj cols {col_slices}")
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
-                         ids=lambda c: c.name)
-def test_attn_early_kv_matches_fp32(cfg, batch):
-    """-DMK_ATTN_EARLY_KV=1: every ATTN loads the K/V of its first positions before its
-    counter wait, from the seeded history (the step's own position after the wait)."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     build_flags=("-DMK_ATTN_EARLY_KV=1",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} early K/V")
-
-
 def test_fused_plan_needs_the_fused_build():
     """A merging ATTN record is refused by a default build's Runtime, not run unmerged."""
     from megakernel.packing import pack_weights

@@ -11,15 +11,12 @@ ATTN_CONFIGS = {**OP_CONFIGS, "d256_g2_D128": ModelConfig(
     num_heads=4, num_kv_heads=2, head_dim=128)}
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_G4=1",), ("-DMK_ATTN_EARLY_KV=1",)],
-                         ids=["default", "g4", "early_kv"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_G4=1",)], ids=["default", "g4"])
 @pytest.mark.parametrize("splits,split", [(1, 0), (3, 2), (5, 1), (7, 6)])
 @pytest.mark.parametrize("name", list(ATTN_CONFIGS))
 def test_attn(name, splits, split, flags):
-    """flags: the default build, MK_ATTN_G4 (4-head unroll where G <= 4 and D >= 64; the
-    other configs take the 8-head code in that build too) and MK_ATTN_EARLY_KV (the K/V of
-    positions before the step's loaded before the counter wait; position 0 has none, and
-    the last split's last position is the step's own)."""
+    """flags: the default build, and MK_ATTN_G4 (4-head unroll where G <= 4 and D >= 64;
+    the other configs take the 8-head code in that build too)."""
     cfg = ATTN_CONFIGS[name]
     batch, max_seq = 3, 4200
     positions = [0, 4095, 1234]  # split 6 of 7 over one position is empty

@@ -29,20 +29,11 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* o, float 
   m = mn;
 }
 
-// The K/V (8 dims each, bf16) of a lane's first position, loaded before the instruction's
-// counter wait (kAttnEarlyKv) when that position is older than the step's own (pos[b],
-// which this step's QKV writes): earlier launches wrote it, so it needs no acquire.
-struct EarlyKv {
-  uint4 k, v;
-  bool loaded;
-};
-
 // NG: the q heads of a group the per-lane state is unrolled for (G <= NG); 4 where the
 // model's G fits, half the state and code of kMaxG (the ATTN region of the ncu profile
 // waited for instructions in 22% of its samples).
 template <int LP, int NG>
-__device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem, int p,
-                           EarlyKv early) {
+__device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem, int p) {
   constexpr int PW = 32 / LP;                       // positions per warp step
   constexpr int kStep = kConsumerWarps * PW;        // positions per block step
   const int l = ins[W_LAYER], b = ins[W_ATTN_B], g = ins[W_ATTN_KV_HEAD], s = ins[W_ATTN_SPLIT];
@@ -55,14 +46,13 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
   const __nv_bfloat16* kcache = a.k_cache + kv_offset(a, l, b, g) + part * 8;
   const __nv_bfloat16* vcache = a.v_cache + kv_offset(a, l, b, g) + part * 8;
 
-  // K/V of this lane's first position: loaded before the wait (early), or now, while the
-  // queries are staged (they do not depend on each other); every step loads the next
-  // step's: one L2/HBM round trip in flight ahead of the math instead of one per step.
-  uint4 kn = early.k, vn = early.v;
-  const int t_first = s0 + warp * PW + sub;  // as early_kv's t
-  if (!early.loaded && t_first < s1) {
-    kn = ldcg16(kcache + static_cast<size_t>(t_first) * D);
-    vn = ldcg16(vcache + static_cast<size_t>(t_first) * D);
+  // K/V of this lane's first position load while the queries are staged (they do not depend
+  // on each other), and every step loads the next step's: one L2/HBM round trip in flight
+  // ahead of the math instead of one per step.
+  uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
+  if (s0 + warp * PW + sub < s1) {
+    kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+    vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
   }
 
   // smem: ms [warps][G], ls [warps][G], os [warps][G][D], then the scaled queries qs [G][D].
@@ -159,48 +149,21 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
 struct AttnOp {
   // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats; pos: the launch's
   // positions (shared memory).
-  // early: early_kv's loads, or none (loaded false).
   __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem,
-                            const int* pos, EarlyKv early) {
+                            const int* pos) {
     const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
     const bool g4 = kAttnG4 && a.H <= 4 * a.Hkv;
     switch (a.D) {
-      case 32: attn_split<4, kMaxG>(a, ins, smem, p, early); break;  // 4 heads spilled at D = 32
+      case 32: attn_split<4, kMaxG>(a, ins, smem, p); break;  // 4 heads spilled at D = 32
       case 64:
-        if (g4) attn_split<8, 4>(a, ins, smem, p, early);
-        else attn_split<8, kMaxG>(a, ins, smem, p, early);
+        if (g4) attn_split<8, 4>(a, ins, smem, p); else attn_split<8, kMaxG>(a, ins, smem, p);
         break;
       default:  // 128; the runtime rejects other D
-        if (g4) attn_split<16, 4>(a, ins, smem, p, early);
-        else attn_split<16, kMaxG>(a, ins, smem, p, early);
+        if (g4) attn_split<16, 4>(a, ins, smem, p); else attn_split<16, kMaxG>(a, ins, smem, p);
         break;
     }
     return ERR_NONE;
-  }
-
-  // Every consumer thread, before the counter wait of ATTN instruction `ins` (its record
-  // published by earlier bar.syncs; pos: the launch's positions, shared or global memory):
-  // this lane's first K/V, unless that position is the step's own or the fields are out of
-  // range (run reports those after the wait).
-  __device__ static EarlyKv early_kv(const KernelArgs& a, const int32_t* ins, const int* pos) {
-    EarlyKv e{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), false};
-    const int l = ins[W_LAYER], b = ins[W_ATTN_B], g = ins[W_ATTN_KV_HEAD];
-    const int s = ins[W_ATTN_SPLIT], D = a.D;
-    if (b < 0 || b >= a.B || g < 0 || g >= a.Hkv || s < 0 || s >= a.NS || l < 0 || l >= a.L ||
-        (D != 32 && D != 64 && D != 128))
-      return e;
-    const int p = pos[b];
-    if (p < 0 || p >= a.S) return e;
-    const AttnRange r = attn_range(a, p, s);
-    const int LP = D / 8, lane = threadIdx.x & 31;  // attn_split's work split
-    const int t = r.s0 + (threadIdx.x >> 5) * (32 / LP) + lane / LP;
-    if (t >= r.s1 || t >= p) return e;  // past the split, or the step's own position
-    const size_t off = kv_offset(a, l, b, g) + static_cast<size_t>(t) * D + lane % LP * 8;
-    e.k = ldcg16(a.k_cache + off);
-    e.v = ldcg16(a.v_cache + off);
-    e.loaded = true;
-    return e;
   }
 
   // isa.py ATTN merge (the -DMK_FUSE_REDUCE=1 build; the interpreter calls it after run):
