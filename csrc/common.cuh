@@ -124,6 +124,10 @@ constexpr int kMaxG = 8;                          // q heads per kv head the att
 #define MK_ATTN_G4 0  // 1: ATTN unrolled for 4 q heads per kv head where G <= 4 (D 64, 128)
 #endif
 constexpr bool kAttnG4 = MK_ATTN_G4 != 0;
+#ifndef MK_ATTN_TWICE
+#define MK_ATTN_TWICE 0  // diagnostic: every ATTN and ATTN_REDUCE runs twice (same outputs);
+#endif                   // the phase stamps then time the second run: its code just fetched
+constexpr bool kAttnTwice = MK_ATTN_TWICE != 0;
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");

@@ -198,6 +198,10 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         case OP_EMBED: err = EmbedOp::run(a, ins); break;
         case OP_ATTN:
           err = AttnOp::run(a, ins, act, pos);
+          if (kAttnTwice && err == ERR_NONE) {
+            consumer_sync();  // every warp done with the first run's scratch
+            err = AttnOp::run(a, ins, act, pos);
+          }
           if (ins[W_ATTN_MERGE] && err == ERR_NONE) {  // Runtime refuses these without the flag
             if constexpr (kFuseReduce) {
               AttnOp::merge_if_last(a, ins, reinterpret_cast<volatile int*>(act), epoch);
@@ -206,7 +210,13 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
             }
           }
           break;
-        case OP_ATTN_REDUCE: err = AttnReduceOp::run(a, ins); break;
+        case OP_ATTN_REDUCE:
+          err = AttnReduceOp::run(a, ins);
+          if (kAttnTwice && err == ERR_NONE) {
+            consumer_sync();
+            err = AttnReduceOp::run(a, ins);
+          }
+          break;
         case OP_ATTN_OPROJ:  // Runtime refuses these without the flag
           if constexpr (kFuseOproj) {
             if (!AttnOprojOp::valid(a, ins)) { err = ERR_BAD_INSTRUCTION; break; }
