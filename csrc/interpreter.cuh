@@ -42,13 +42,9 @@ struct SmemLayout {
   // 5 flags: wait ok, error, abort, ready, quiet.
   static constexpr size_t total = flags + 5 * sizeof(int);
 };
-// The attention op reuses act + acc as its scratch (its kv1 at a 16-byte offset).
-static_assert((kActFloats + kAccFloats) >=
-                  kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD + 8 * kConsumerThreads,
+// The attention op reuses act + acc as its scratch.
+static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
               "attention scratch must fit in the activation + accumulator space");
-static_assert(SmemLayout::act % 16 == 0 &&
-                  (kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD) % 4 == 0,
-              "the attention scratch's kv1 is 16-byte aligned");
 static_assert(SmemLayout::total <= 227 * 1024, "shared memory budget of one H100 block");
 static_assert(!kRawSlot || kRawFloats * sizeof(float) >= kSlotBytes,
               "the raw area holds a ring slot");

@@ -46,32 +46,20 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
   const __nv_bfloat16* kcache = a.k_cache + kv_offset(a, l, b, g) + part * 8;
   const __nv_bfloat16* vcache = a.v_cache + kv_offset(a, l, b, g) + part * 8;
 
-  // smem: ms [warps][G], ls [warps][G], os [warps][G][D], the scaled queries qs [G][D], then
-  // kv1 [2][threads]: each thread's K and V of its second step.
+  // K/V of this lane's first position load while the queries are staged (they do not depend
+  // on each other), and every step loads the next step's: one L2/HBM round trip in flight
+  // ahead of the math instead of one per step.
+  uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
+  if (s0 + warp * PW + sub < s1) {
+    kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+    vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+  }
+
+  // smem: ms [warps][G], ls [warps][G], os [warps][G][D], then the scaled queries qs [G][D].
   float* ms = smem;
   float* ls = ms + kConsumerWarps * kMaxG;
   float* os = ls + kConsumerWarps * kMaxG;
   float* qs = os + kConsumerWarps * kMaxG * kMaxD;
-  uint4* kv1 = reinterpret_cast<uint4*>(qs + kMaxG * kMaxD);
-
-  // K/V of this lane's first position load (into registers) and of its second (cp.async into
-  // kv1) while the queries are staged (they do not depend on each other); from the second
-  // step on, every step loads the next one's. So a split one position longer than a block
-  // step (33 at position 512 over 16 splits) takes one L2 round trip, not two: ~1.5 us
-  // each under the weight stream (MK_ATTN_TWICE phase stamps, bench/NOTES.md).
-  uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
-  {
-    const int t = s0 + warp * PW + sub;
-    if (t < s1) {
-      kn = ldcg16(kcache + static_cast<size_t>(t) * D);
-      vn = ldcg16(vcache + static_cast<size_t>(t) * D);
-    }
-    if (t + kStep < s1) {
-      cp_async16(kv1 + tid, kcache + static_cast<size_t>(t + kStep) * D);
-      cp_async16(kv1 + kConsumerThreads + tid, vcache + static_cast<size_t>(t + kStep) * D);
-    }
-    cp_async_commit();
-  }
   const float* qsrc = a.q + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * D;
   for (int i = tid; i < G * D; i += kConsumerThreads) qs[i] = scale * ldcg(qsrc + i);
   consumer_sync();
@@ -85,18 +73,13 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
 #pragma unroll
     for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
   }
-  for (int t0 = s0 + warp * PW, step = 0; t0 < s1; t0 += kStep, ++step) {
+  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
     const int t = t0 + sub;
     const bool valid = t < s1;
-    if (step == 1) {  // this thread's own cp.async copies
-      cp_async_wait_all();
-      kn = kv1[tid];
-      vn = kv1[kConsumerThreads + tid];
-    }
     float kf[8], vf[8];
     bf16x8_to_float(kn, kf);
     bf16x8_to_float(vn, vf);
-    if (step > 0 && t + kStep < s1) {  // the third step on (the second comes from kv1)
+    if (t + kStep < s1) {
       kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
       vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
     }
