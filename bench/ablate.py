@@ -110,8 +110,9 @@ def grid(num_sms: int = 132) -> list[Row]:
              "execute (their L2 loads do not queue behind landing pages)"),
         flag("MK_QUIET_INPUTS", 2, "as MK_QUIET_INPUTS=1, and during a CUDA-core matvec's "
              "activation staging too"),
-        flag("MK_ATTN_G4", 1, "ATTN's per-lane state unrolled for 4 q heads where G <= 4 "
-             "(D 64, 128), not 8: half its state and code"),
+        flag("MK_ATTN_EXACT_G", 0, "ATTN unrolled for 8 q heads with an exit after the "
+             "group's last, one head after the other, not exactly 4 heads interleaved where "
+             "G == 4 (D 64, 128)"),
         flag("MK_TC_MIN_BUCKET", 1, "tensor cores from batch 1 up (the hi/lo split "
              "activations as an 8-column n-tile)"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},

@@ -120,10 +120,10 @@ constexpr int kQuietInputs = kReleaseQuiet ? MK_QUIET_INPUTS : 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
 constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
 constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports
-#ifndef MK_ATTN_G4
-#define MK_ATTN_G4 0  // 1: ATTN unrolled for 4 q heads per kv head where G <= 4 (D 64, 128)
-#endif
-constexpr bool kAttnG4 = MK_ATTN_G4 != 0;
+#ifndef MK_ATTN_EXACT_G
+#define MK_ATTN_EXACT_G 1  // ATTN unrolled for exactly 4 q heads per kv head where G == 4 (D 64,
+#endif                     // 128), heads interleaved; 0: the 8-head code with per-head exits
+constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
 #ifndef MK_ATTN_TWICE
 #define MK_ATTN_TWICE 0  // diagnostic: every ATTN and ATTN_REDUCE runs twice (same outputs);
 #endif                   // the phase stamps then time the second run: its code just fetched

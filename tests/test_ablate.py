@@ -55,7 +55,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("build_flags", "-DMK_RELEASE_QUIET=0"), ("build_flags", "-DMK_RELEASE_QUIET=2"),
             ("build_flags", "-DMK_QUIET_INPUTS=1"), ("build_flags", "-DMK_QUIET_INPUTS=2"),
             ("build_flags", "-DMK_MV_VEC4=1"), ("build_flags", "-DMK_COPY_KB=64"), ("build_flags", "-DMK_MV_SCATTER=0"),
-            ("build_flags", "-DMK_ATTN_G4=1"), ("ablate", "no_compute"), ("ablate", "no_load")} == changes
+            ("build_flags", "-DMK_ATTN_EXACT_G=0"), ("ablate", "no_compute"), ("ablate", "no_load")} == changes
     assert {r.name for r in rows if r.diagnostic} == {"no_waits", "no_compute", "no_load"}
     assert [r.name for r in rows if r.strip_waits] == ["no_waits"]
     assert {r.name for r in rows if not r.modelled} == {
@@ -66,7 +66,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
         "MK_RELEASE_QUIET=0", "MK_RELEASE_QUIET=2",
         "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
-        "MK_ATTN_G4=1", "no_compute", "no_load"}
+        "MK_ATTN_EXACT_G=0", "no_compute", "no_load"}
     by_name = {r.name: r for r in rows}
     combined = by_name["MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0"]
     assert combined.kwargs["build_flags"] == ("-DMK_L2_PREFETCH_PAGES=8", "-DMK_L2_STALL_NS=0")

@@ -5,18 +5,26 @@ from megakernel.config import ModelConfig
 from megakernel.scheduler.isa import Op
 
 pytestmark = pytest.mark.gpu
-# G = 2 at D = 128: the other 4-head unroll of MK_ATTN_G4 (OP_CONFIGS has it at D = 64 only)
+# G = 4 at D = 64 and 128: ATTN's exact 4-head code (Llama 3.2-1B and 3.1-8B; OP_CONFIGS has
+# G = 3, 1 and 8); G = 2 at D = 128: the 8-head code with exits
 ATTN_CONFIGS = {**OP_CONFIGS, "d256_g2_D128": ModelConfig(
     "d256g2", vocab_size=1000, hidden_size=256, intermediate_size=200, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=128)}
+    num_heads=4, num_kv_heads=2, head_dim=128),
+    "d512_g4_D64": ModelConfig("d512g4", vocab_size=1000, hidden_size=512,
+                               intermediate_size=200, num_layers=2, num_heads=8,
+                               num_kv_heads=2, head_dim=64),
+    "d512_g4_D128": ModelConfig("d512g4b", vocab_size=1000, hidden_size=512,
+                                intermediate_size=200, num_layers=2, num_heads=4,
+                                num_kv_heads=1, head_dim=128)}
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_G4=1",)], ids=["default", "g4"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_EXACT_G=0",)], ids=["default", "exits"])
 @pytest.mark.parametrize("splits,split", [(1, 0), (3, 2), (5, 1), (7, 6)])
 @pytest.mark.parametrize("name", list(ATTN_CONFIGS))
 def test_attn(name, splits, split, flags):
-    """flags: the default build, and MK_ATTN_G4 (4-head unroll where G <= 4 and D >= 64;
-    the other configs take the 8-head code in that build too)."""
+    """flags: the default build (exactly 4 heads, interleaved, where G == 4 and D >= 64;
+    the 8-head code with per-head exits elsewhere) and MK_ATTN_EXACT_G=0 (the 8-head code
+    everywhere)."""
     cfg = ATTN_CONFIGS[name]
     batch, max_seq = 3, 4200
     positions = [0, 4095, 1234]  # split 6 of 7 over one position is empty

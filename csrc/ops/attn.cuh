@@ -29,10 +29,11 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* o, float 
   m = mn;
 }
 
-// NG: the q heads of a group the per-lane state is unrolled for (G <= NG); 4 where the
-// model's G fits, half the state and code of kMaxG (the ATTN region of the ncu profile
-// waited for instructions in 22% of its samples).
-template <int LP, int NG>
+// NG: the q heads of a group the per-lane state is unrolled for (G <= NG). kExact: G == NG,
+// so the head loops have no exits and the compiler interleaves the heads' dependent chains
+// (dot product, shuffles, exponentials); with exits each head ran after the other (the s10
+// ncu profile: the step's samples short-scoreboard and fixed-latency waits, none on loads).
+template <int LP, int NG, bool kExact>
 __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem, int p) {
   constexpr int PW = 32 / LP;                       // positions per warp step
   constexpr int kStep = kConsumerWarps * PW;        // positions per block step
@@ -83,15 +84,35 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
       kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
       vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
     }
+    float scs[NG];  // kExact: every head's score first, their shuffles interleaved
+    if constexpr (kExact) {
+#pragma unroll
+      for (int h = 0; h < NG; ++h) {
+        const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
+        const float4 q0 = qv[0], q1 = qv[1];
+        scs[h] = (fmaf(q0.y, kf[1], q0.x * kf[0]) + fmaf(q0.w, kf[3], q0.z * kf[2])) +
+                 (fmaf(q1.y, kf[5], q1.x * kf[4]) + fmaf(q1.w, kf[7], q1.z * kf[6]));
+      }
+#pragma unroll
+      for (int off = LP / 2; off > 0; off >>= 1) {
+#pragma unroll
+        for (int h = 0; h < NG; ++h) scs[h] += __shfl_xor_sync(0xffffffffu, scs[h], off);
+      }
+    }
 #pragma unroll
     for (int h = 0; h < NG; ++h) {
-      if (h >= G) break;
-      const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
-      const float4 q0 = qv[0], q1 = qv[1];
-      float sc = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
-                 q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+      if (!kExact && h >= G) break;
+      float sc;
+      if constexpr (kExact) {
+        sc = scs[h];
+      } else {
+        const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
+        const float4 q0 = qv[0], q1 = qv[1];
+        sc = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
+             q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
 #pragma unroll
-      for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+        for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+      }
       if (valid) {
         const float mn = fmaxf(m[h], sc), c = expf(m[h] - mn), p = expf(sc - mn);
         lsum[h] = lsum[h] * c + p;
@@ -103,11 +124,11 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
   }
   phase_stamp(1);  // warp 0's positions done (its K/V landed)
   // Merge the PW position groups of the warp (lanes part, part+LP, ...).
-#pragma unroll
+#pragma unroll 1
   for (int off = LP; off < 32; off <<= 1) {
 #pragma unroll
     for (int h = 0; h < NG; ++h) {
-      if (h >= G) break;
+      if (!kExact && h >= G) break;
       float o2[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) o2[k] = __shfl_xor_sync(0xffffffffu, o[h][k], off);
@@ -119,7 +140,7 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
   if (sub == 0) {
 #pragma unroll
     for (int h = 0; h < NG; ++h) {
-      if (h >= G) break;
+      if (!kExact && h >= G) break;
       if (part == 0) { ms[warp * kMaxG + h] = m[h]; ls[warp * kMaxG + h] = lsum[h]; }
 #pragma unroll
       for (int k = 0; k < 8; ++k) os[(warp * kMaxG + h) * D + part * 8 + k] = o[h][k];
@@ -153,14 +174,16 @@ struct AttnOp {
                             const int* pos) {
     const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
-    const bool g4 = kAttnG4 && a.H <= 4 * a.Hkv;
+    const bool g4 = kAttnExactG && a.H == 4 * a.Hkv;  // Llama 3.2-1B, 3.1-8B
     switch (a.D) {
-      case 32: attn_split<4, kMaxG>(a, ins, smem, p); break;  // 4 heads spilled at D = 32
+      case 32: attn_split<4, kMaxG, false>(a, ins, smem, p); break;
       case 64:
-        if (g4) attn_split<8, 4>(a, ins, smem, p); else attn_split<8, kMaxG>(a, ins, smem, p);
+        if (g4) attn_split<8, 4, true>(a, ins, smem, p);
+        else attn_split<8, kMaxG, false>(a, ins, smem, p);
         break;
       default:  // 128; the runtime rejects other D
-        if (g4) attn_split<16, 4>(a, ins, smem, p); else attn_split<16, kMaxG>(a, ins, smem, p);
+        if (g4) attn_split<16, 4, true>(a, ins, smem, p);
+        else attn_split<16, kMaxG, false>(a, ins, smem, p);
         break;
     }
     return ERR_NONE;
