@@ -14,10 +14,8 @@ build_old() {  # the abtree build with the given flags, logged in $OUT/build_old
     "import sys; from megakernel.runtime import load_extension as l; l(build_flags=tuple(sys.argv[1:]))" \
     "$@" > "$OUT/build_old${1:-}.log" 2>&1; echo "old build ${1:-default} rc=$?")
 }
-for f in ${BUILD_FLAGS:-}; do
-  build_old "$f" & python3 -c "from megakernel.runtime import load_extension as l; l(build_flags=('$f',))" \
-    > "$OUT/build$f.log" 2>&1 &
-done
+for f in ${BUILD_FLAGS:-}; do build_old "$f" & done
+prebuild ${BUILD_FLAGS:-}
 build_old & build_extension
 SECONDS=0
 if [ "${TESTS:-1}" != 0 ]; then
