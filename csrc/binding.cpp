@@ -47,10 +47,13 @@ class Launcher {
     a.pos = ptr<int32_t>(tensors, "pos", torch::kInt32);
     a.resid = ptr<float>(tensors, "resid", torch::kFloat32);
     a.q = ptr<float>(tensors, "q", torch::kFloat32);
+    a.q_ll = ptr<int32_t>(tensors, "q_ll", torch::kInt32);
+    a.kv_ll = ptr<int32_t>(tensors, "kv_ll", torch::kInt32);
     a.k_cache = ptr<__nv_bfloat16>(tensors, "k_cache", torch::kBFloat16);
     a.v_cache = ptr<__nv_bfloat16>(tensors, "v_cache", torch::kBFloat16);
     a.o_part = ptr<float>(tensors, "o_part", torch::kFloat32);
     a.lse = ptr<float>(tensors, "lse", torch::kFloat32);
+    a.part_ll = ptr<int32_t>(tensors, "part_ll", torch::kInt32);
     a.attn = ptr<float>(tensors, "attn", torch::kFloat32);
     a.act = ptr<float>(tensors, "act", torch::kFloat32);
     a.logits = ptr<float>(tensors, "logits", torch::kFloat32);

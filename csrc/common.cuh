@@ -129,6 +129,21 @@ constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
 #endif                   // the phase stamps then time the second run: its code just fetched
 constexpr bool kAttnTwice = MK_ATTN_TWICE != 0;
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
+// 1: ATTN also writes its partials as flagged pairs (part_ll: {value, tag, value, tag}, tag =
+// epoch + 1, the LL format of NCCL's low-latency protocol) and ATTN_REDUCE polls those pairs
+// instead of waiting on the ATTN counters: no release fence, counter round trip and
+// bar.sync between a partial's store and its reader's load. 0 (default): counters only.
+#ifndef MK_LL_PARTIALS
+#define MK_LL_PARTIALS 0
+#endif
+constexpr bool kLlPartials = MK_LL_PARTIALS != 0;
+// 1: QKV also writes q and the new position's k / v as flagged pairs (q_ll, kv_ll) and ATTN
+// polls those instead of waiting on the QKV counters (the position's K/V then come from
+// kv_ll, the older positions from the cache, which earlier launches wrote). 0 (default): off.
+#ifndef MK_LL_Q
+#define MK_LL_Q 0
+#endif
+constexpr bool kLlQ = MK_LL_Q != 0;
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");
 static_assert(kPageBytes % 16 == 0, "bulk copies move multiples of 16 bytes");
@@ -191,6 +206,26 @@ __device__ __forceinline__ void phase_stamp(int k) {
 __device__ __forceinline__ float ldcg(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ uint4 ldcg16(const void* p) {
   return __ldcg(reinterpret_cast<const uint4*>(p));
+}
+
+// ---- flagged pairs (LL): data that carries its own "written" tag ------------------------
+// A 16-byte unit {x0, tag, x1, tag}: the PTX memory model treats a vector access as its
+// 8-byte elements, each single-copy atomic, so a reader that sees the tag in an 8-byte half
+// sees that half's value from the same store. Volatile: relaxed at system scope, not cached
+// in L1, so a poll sees the writer's store once it reaches L2.
+__device__ __forceinline__ void st_ll(void* p, float x0, float x1, int tag) {
+  asm volatile("st.volatile.global.v4.b32 [%0], {%1, %2, %3, %2};"
+               :: "l"(p), "r"(__float_as_int(x0)), "r"(tag), "r"(__float_as_int(x1))
+               : "memory");
+}
+__device__ __forceinline__ uint4 ld_ll(const void* p) {
+  uint4 u;
+  asm volatile("ld.volatile.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
+  return u;
+}
+__device__ __forceinline__ bool ll_ready(const uint4& u, int tag) {
+  return static_cast<int>(u.y) == tag && static_cast<int>(u.w) == tag;
 }
 
 // ---- mbarriers and bulk copies ---------------------------------------------------------
@@ -267,6 +302,41 @@ __device__ __forceinline__ int get_flag(volatile int* f) {
 // Named barrier over the consumer warps only (the loader warp never joins it).
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" :: "n"(kConsumerThreads) : "memory");
+}
+
+// Every consumer thread: flagged units i = tid, tid + kConsumerThreads, ... < n (at most
+// kPer of them, a compile-time bound), at src(i), polled until both tags read `tag`, their
+// loads in flight together; sink(i, x0, x1) gets each. false: the wait ran past the
+// watchdog or another SM reported an error (sink then got nothing for some units).
+template <int kPer, typename Src, typename Sink>
+__device__ __forceinline__ bool poll_ll(const KernelArgs& a, int n, int tag, Src&& src,
+                                        Sink&& sink) {
+  uint32_t pending = 0;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k)
+    pending |= static_cast<int>(threadIdx.x) + k * kConsumerThreads < n ? 1u << k : 0u;
+  uint64_t start = 0;
+#pragma unroll 1
+  for (uint32_t spins = 0; pending; ++spins) {
+    uint4 u[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
+      if (pending >> k & 1) u[k] = ld_ll(src(threadIdx.x + k * kConsumerThreads));
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      if ((pending >> k & 1) && ll_ready(u[k], tag)) {
+        pending &= ~(1u << k);
+        sink(threadIdx.x + k * kConsumerThreads, __int_as_float(static_cast<int>(u[k].x)),
+             __int_as_float(static_cast<int>(u[k].z)));
+      }
+    }
+    if (spins == 0) start = globaltimer();
+    if ((spins & 255) == 255 && pending &&
+        (ld_volatile(a.error) != ERR_NONE ||
+         static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns))
+      return false;
+  }
+  return true;
 }
 
 // ---- reductions -----------------------------------------------------------------------

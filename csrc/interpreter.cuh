@@ -43,7 +43,8 @@ struct SmemLayout {
   static constexpr size_t total = flags + 5 * sizeof(int);
 };
 // The attention op reuses act + acc as its scratch.
-static_assert((kActFloats + kAccFloats) >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD,
+static_assert((kActFloats + kAccFloats) >=
+                  kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD + kMaxD,
               "attention scratch must fit in the activation + accumulator space");
 static_assert(SmemLayout::total <= 227 * 1024, "shared memory budget of one H100 block");
 static_assert(!kRawSlot || kRawFloats * sizeof(float) >= kSlotBytes,
@@ -140,7 +141,9 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
       const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
       const uint64_t t0 = kTiming ? globaltimer() : 0;
-      const bool ok = wait_counters(a, ins, i, epoch);
+      // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
+      const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
+                      (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
       if (tid == 0) {
         flags[0] = ok ? 1 : 0;
         if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
@@ -188,7 +191,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
 #undef MK_MATVEC
 #undef MK_MATVEC_TC
       switch (op) {
-        case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos, pre); break;
+        case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos, pre, epoch); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
         case OP_LMHEAD: err = LmHeadOp::epilogue(a, ins, acc, red); break;
         default: err = ResidualOp::epilogue(a, ins, acc, pre.x); break;  // OPROJ, DOWN
@@ -197,10 +200,10 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       switch (op) {
         case OP_EMBED: err = EmbedOp::run(a, ins); break;
         case OP_ATTN:
-          err = AttnOp::run(a, ins, act, pos);
+          err = AttnOp::run(a, ins, act, pos, epoch);
           if (kAttnTwice && err == ERR_NONE) {
             consumer_sync();  // every warp done with the first run's scratch
-            err = AttnOp::run(a, ins, act, pos);
+            err = AttnOp::run(a, ins, act, pos, epoch);
           }
           if (ins[W_ATTN_MERGE] && err == ERR_NONE) {  // Runtime refuses these without the flag
             if constexpr (kFuseReduce) {
@@ -211,10 +214,10 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
           }
           break;
         case OP_ATTN_REDUCE:
-          err = AttnReduceOp::run(a, ins);
+          err = AttnReduceOp::run(a, ins, epoch);
           if (kAttnTwice && err == ERR_NONE) {
             consumer_sync();
-            err = AttnReduceOp::run(a, ins);
+            err = AttnReduceOp::run(a, ins, epoch);
           }
           break;
         case OP_ATTN_OPROJ:  // Runtime refuses these without the flag

@@ -61,10 +61,16 @@ struct KernelArgs {
   const int32_t* pos;              // [B]
   float* resid;                    // [2L+1, B, d]
   float* q;                        // [L, B, H, D]
+  int32_t* q_ll;                   // [L, B, H, D/2, 4] q as flagged pairs (-DMK_LL_Q=1):
+                                   // unit u = dims (u, u + D/2), tag epoch + 1
+  int32_t* kv_ll;                  // [L, B, Hkv, 2, D/2, 4] this step's k (unit u = dims u,
+                                   // u + D/2) and v (dims 2u, 2u + 1), bf16 values as floats
   __nv_bfloat16* k_cache;          // [L, B, Hkv, S, D]
   __nv_bfloat16* v_cache;          // [L, B, Hkv, S, D]
   float* o_part;                   // [L, B, H, NS, D]
   float* lse;                      // [L, B, H, NS]
+  int32_t* part_ll;                // [L, B, H, NS, D/2 + 1, 4] o_part and lse as flagged pairs
+                                   // (-DMK_LL_PARTIALS=1; common.cuh st_ll), tag epoch + 1
   float* attn;                     // [L, B, H*D]
   float* act;                      // [L, B, I]
   float* logits;                   // [B, V]

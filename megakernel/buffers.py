@@ -27,8 +27,9 @@ INT_POISON = -(2 ** 31)
 # Written by instructions (or by the host before a step): poisoned.
 STEP_OUTPUTS = ("tokens", "pos", "resid", "q", "k_cache", "v_cache", "o_part", "lse", "attn",
                 "act", "logits", "amax_val", "amax_idx", "out_tokens", "part")
-# Synchronisation state: zeroed by reset().
-SYNC_STATE = ("counters", "epoch", "done", "error")
+# Synchronisation state: zeroed by reset(). The flagged copies' (*_ll) tags are epoch + 1 of
+# the step that wrote them: they must start over with the epoch.
+SYNC_STATE = ("counters", "epoch", "done", "error", "part_ll", "q_ll", "kv_ll")
 
 
 @dataclasses.dataclass
@@ -37,10 +38,13 @@ class Buffers:
     pos: torch.Tensor         # [B] int32
     resid: torch.Tensor       # [2L+1, B, d]
     q: torch.Tensor           # [L, B, H, D]
+    q_ll: torch.Tensor        # [L, B, H, D/2, 4] int32: q as flagged pairs (dims u, u + D/2)
+    kv_ll: torch.Tensor       # [L, B, Hkv, 2, D/2, 4] int32: this step's k (dims u, u + D/2), v
     k_cache: torch.Tensor     # [L, B, Hkv, S, D] kv_dtype
     v_cache: torch.Tensor     # [L, B, Hkv, S, D] kv_dtype
     o_part: torch.Tensor      # [L, B, H, NS, D]
     lse: torch.Tensor         # [L, B, H, NS]
+    part_ll: torch.Tensor     # [L, B, H, NS, D/2 + 1, 4] int32: o_part, lse as flagged pairs
     attn: torch.Tensor        # [L, B, H*D]
     act: torch.Tensor         # [L, B, I]
     logits: torch.Tensor      # [B, V]
@@ -74,9 +78,11 @@ class Buffers:
         return cls(
             tokens=torch.zeros(B, dtype=torch.int64, device=device), pos=i32(B),
             resid=f32(2 * L + 1, B, d), q=f32(L, B, H, D),
+            q_ll=i32(L, B, H, D // 2, 4), kv_ll=i32(L, B, Hkv, 2, D // 2, 4),
             k_cache=torch.zeros(L, B, Hkv, S, D, dtype=kv_dtype, device=device),
             v_cache=torch.zeros(L, B, Hkv, S, D, dtype=kv_dtype, device=device),
-            o_part=f32(L, B, H, NS, D), lse=f32(L, B, H, NS), attn=f32(L, B, H * D),
+            o_part=f32(L, B, H, NS, D), lse=f32(L, B, H, NS),
+            part_ll=i32(L, B, H, NS, D // 2 + 1, 4), attn=f32(L, B, H * D),
             act=f32(L, B, I), logits=f32(B, V), amax_val=f32(B, NLM), amax_idx=i32(B, NLM),
             out_tokens=torch.zeros(B, dtype=torch.int64, device=device),
             counters=i32(int(program.num_counters)), epoch=i32(1), done=i32(1), error=i32(8),
@@ -100,5 +106,39 @@ class Buffers:
             getattr(self, name).zero_()
         return self
 
+    def flag_partials(self, tag: int) -> "Buffers":
+        """part_ll <- o_part and lse as flagged pairs tagged `tag`: what ATTN writes in a
+        -DMK_LL_PARTIALS=1 build at epoch tag - 1 (op tests hand ATTN_REDUCE its inputs so)."""
+        self.part_ll.copy_(flagged_partials(self.o_part, self.lse, tag))
+        return self
+
+    def flag_queries(self, tag: int) -> "Buffers":
+        """q_ll and kv_ll from q and the caches at each row's position, tagged `tag`: what
+        QKV writes in a -DMK_LL_Q=1 build at epoch tag - 1 (op tests hand ATTN its inputs so)."""
+        L, B, H, D = self.q.shape
+        half = D // 2
+        self.q_ll.copy_(_units(self.q[..., :half], self.q[..., half:], tag))
+        at = self.pos.long().clamp(0, self.k_cache.shape[3] - 1).view(1, B, 1, 1, 1)
+        k = self.k_cache.float().gather(3, at.expand(L, B, self.k_cache.shape[2], 1, D))[:, :, :, 0]
+        v = self.v_cache.float().gather(3, at.expand(L, B, self.v_cache.shape[2], 1, D))[:, :, :, 0]
+        self.kv_ll[:, :, :, 0] = _units(k[..., :half], k[..., half:], tag)
+        self.kv_ll[:, :, :, 1] = _units(v[..., 0::2], v[..., 1::2], tag)
+        return self
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def flagged_partials(o_part: torch.Tensor, lse: torch.Tensor, tag: int) -> torch.Tensor:
+    """[..., NS, D] o_part and [..., NS] lse -> [..., NS, D/2 + 1, 4] int32 units
+    {x, tag, x', tag}: dims (2u, 2u + 1) in unit u, lse twice in unit D/2 (isa.py part_ll)."""
+    lse = lse.unsqueeze(-1)
+    return torch.cat([_units(o_part[..., 0::2], o_part[..., 1::2], tag), _units(lse, lse, tag)],
+                     dim=-2)
+
+
+def _units(x0: torch.Tensor, x1: torch.Tensor, tag: int) -> torch.Tensor:
+    """Flagged pairs {x0, tag, x1, tag} (int32 [..., 4]) of two fp32 tensors of one shape."""
+    t = torch.full_like(x0, 0, dtype=torch.int32).fill_(tag)
+    return torch.stack([x0.float().contiguous().view(torch.int32), t,
+                        x1.float().contiguous().view(torch.int32), t], dim=-1)

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .buffers import Buffers
+from .buffers import SYNC_STATE, Buffers
 from .packing import PackedWeights, add_wo_t
 from .profiling import nvtx_range
 from .scheduler.isa import Err, Op
@@ -244,7 +244,10 @@ class Runtime:
         except ValueError:
             op_name = f"opcode {op}"
         msg = (f"megakernel {what}{gpu}: SM {sm}, instruction {index} (uid {uid}, {op_name})")
-        if code == Err.WATCHDOG:
+        if code == Err.WATCHDOG and counter < 0:
+            msg += (" waited for flagged inputs (part_ll tags, a -DMK_LL_PARTIALS=1 build) "
+                    "that never came")
+        elif code == Err.WATCHDOG:
             msg += (f" waited on counter {counter}: value {value}, needed {target}. A counter "
                     "that never completes means a broken Program (validate it) or a step that "
                     "runs longer than MEGAKERNEL_WATCHDOG_MS")
@@ -259,8 +262,8 @@ class Runtime:
             raise RuntimeError(msg)
 
     def reset_sync(self) -> None:
-        for t in (self.buffers.counters, self.buffers.epoch, self.buffers.done, self.buffers.error):
-            t.zero_()
+        for name in SYNC_STATE:
+            getattr(self.buffers, name).zero_()
 
     def reset(self) -> None:
         self.buffers.reset()

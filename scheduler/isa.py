@@ -28,9 +28,18 @@ Buffers (all activations fp32 unless said; "SSA": every element is written once 
     resid   [2L+1, B, d]       resid[0] = embedding; resid[2l+1] = after attention of layer l;
                                resid[2l+2] = after the MLP of layer l
     q       [L, B, H, D]       RoPE'd queries
+    q_ll    [L, B, H, D/2, 4] int32, kv_ll [L, B, Hkv, 2, D/2, 4] int32   GPU build
+                               -DMK_LL_Q=1 only: q (unit u: dims u, u + D/2) and this step's
+                               k (the same) and v (dims 2u, 2u+1, bf16 values) as flagged
+                               pairs (see part_ll), which ATTN polls instead of waiting on the
+                               QKV counters; synchronisation state (reset)
     k_cache, v_cache [L, B, Hkv, S, D]   weight dtype (bf16 on the GPU)
     o_part  [L, B, H, NS, D]   attention partial outputs (normalised per split)
     lse     [L, B, H, NS]      natural-log sum-exp of the scaled scores per split (-inf if empty)
+    part_ll [L, B, H, NS, D/2+1, 4] int32   GPU build -DMK_LL_PARTIALS=1 only: o_part and
+                               lse again as flagged pairs {x, tag, x', tag} (tag = epoch + 1;
+                               unit D/2 holds lse twice), which ATTN_REDUCE polls instead of
+                               waiting on the ATTN counters; synchronisation state (reset)
     attn    [L, B, H*D]        merged attention output (head-major)
     act     [L, B, I]          silu(gate) * up
     logits  [B, V]

@@ -49,22 +49,32 @@ def random_inputs(buf, cfg, max_seq, seed, positions=None):
 
 
 def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
-           positions=None, poison=(), counter_targets=(), build_flags=()):
+           positions=None, poison=(), counter_targets=(), build_flags=(), watchdog_ms=None,
+           gpu_only_poison=()):
     """Run one instruction on the GPU and through ops_ref on the CPU.
-    poison: (buffer name, index) pairs set to NaN/INT_MIN on both sides first.
+    poison: (buffer name, index) pairs set to NaN/INT_MIN on both sides first;
+    gpu_only_poison: (float buffer, index) pairs set to NaN on the GPU side only.
     counter_targets: of the program's counters (all 0 at the launch; an ATTN ticket);
-    build_flags: of the kernel (e.g. -DMK_FUSE_REDUCE=1 for an ATTN merge).
+    build_flags: of the kernel (e.g. -DMK_FUSE_REDUCE=1 for an ATTN merge; with
+    -DMK_LL_PARTIALS=1 an ATTN_REDUCE finds its inputs flagged in part_ll, with -DMK_LL_Q=1
+    an ATTN in q_ll / kv_ll, before poison).
     Returns (gpu Buffers moved to the CPU, reference Buffers)."""
     w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
     packed = pack_weights(w)
     rec = isa.encode(op, layer=layer, **fields)
     prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices, counter_targets)
-    rt = Runtime(packed, prog, max_seq, build_flags=build_flags)
+    rt = Runtime(packed, prog, max_seq, build_flags=build_flags, watchdog_ms=watchdog_ms)
     random_inputs(rt.buffers, cfg, max_seq, seed + 1, positions)
+    if op == isa.Op.ATTN_REDUCE and "-DMK_LL_PARTIALS=1" in build_flags:
+        rt.buffers.flag_partials(tag=1)   # it polls these (the epoch is 0)
+    if op == isa.Op.ATTN and "-DMK_LL_Q=1" in build_flags:
+        rt.buffers.flag_queries(tag=1)
     for name, index in poison:
         t = getattr(rt.buffers, name)
         t[index] = float("nan") if t.is_floating_point() else -(2 ** 31)
     ref = type(rt.buffers)(**{k: v.cpu().clone() for k, v in rt.buffers.tensors().items()})
+    for name, index in gpu_only_poison:   # inputs the kernel must not read (the reference does)
+        getattr(rt.buffers, name)[index] = float("nan")
     rt.launch()
     rt.check()
     got = type(rt.buffers)(**{k: v.cpu() for k, v in rt.buffers.tensors().items()})

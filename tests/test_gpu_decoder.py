@@ -114,6 +114,41 @@ def test_fused_oproj_matches_fp32(cfg, batch, col_slices):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj cols {col_slices}")
 
 
+LL_BUILDS = {"ll_partials": ("-DMK_LL_PARTIALS=1",), "ll_q": ("-DMK_LL_Q=1",),
+             "ll_both": ("-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1")}
+
+
+@pytest.mark.parametrize("build", list(LL_BUILDS))
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_flagged_builds_match_fp32(cfg, batch, build):
+    """-DMK_LL_PARTIALS=1: ATTN_REDUCE polls its partials' tags, not the ATTN counters;
+    -DMK_LL_Q=1: ATTN polls q's and the new K/V's, not the QKV counters. Three steps per
+    position (tags of epochs 1-3), reset between positions (tags zeroed)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
+                                     build_flags=LL_BUILDS[build])
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
+
+
+def test_flagged_build_cuda_graph_replay_matches_steps():
+    """The tags follow the epoch in device memory: graph replays of the build with both
+    flagged hops give the tokens eager steps of the default build give."""
+    cfg = ModelConfig.preset("tiny")
+    w = Weights.random(cfg, seed=4, dtype=torch.bfloat16, device="cuda")
+    prompt = torch.tensor([[5, 9, 2]], device="cuda")
+    expect = Decoder(cfg, w, batch=1, max_seq=64).generate(prompt, 12)
+    graphed = Decoder(cfg, w, batch=1, max_seq=64, build_flags=LL_BUILDS["ll_both"])
+    graphed.generate(prompt, 1)
+    graph = graphed.capture()
+    got = [graphed.buffers.out_tokens.clone()]
+    for _ in range(11):
+        graph.replay()
+        got.append(graphed.buffers.out_tokens.clone())
+    graphed.runtime.check()
+    assert torch.equal(torch.stack(got, 1), expect[:, 3:])
+
+
 def test_fused_plan_needs_the_fused_build():
     """A merging ATTN record is refused by a default build's Runtime, not run unmerged."""
     from megakernel.packing import pack_weights

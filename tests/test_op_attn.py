@@ -1,6 +1,7 @@
 import pytest
 import torch
 from _gpu import OP_CONFIGS, assert_close, run_op
+from megakernel.buffers import flagged_partials
 from megakernel.config import ModelConfig
 from megakernel.scheduler.isa import Op
 
@@ -18,22 +19,40 @@ ATTN_CONFIGS = {**OP_CONFIGS, "d256_g2_D128": ModelConfig(
                                 num_kv_heads=1, head_dim=128)}
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_EXACT_G=0",)], ids=["default", "exits"])
+LL = ("-DMK_LL_PARTIALS=1",)
+
+
+@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_EXACT_G=0",), LL, ("-DMK_LL_Q=1",)],
+                         ids=["default", "exits", "ll", "ll_q"])
 @pytest.mark.parametrize("splits,split", [(1, 0), (3, 2), (5, 1), (7, 6)])
 @pytest.mark.parametrize("name", list(ATTN_CONFIGS))
 def test_attn(name, splits, split, flags):
     """flags: the default build (exactly 4 heads, interleaved, where G == 4 and D >= 64;
-    the 8-head code with per-head exits elsewhere) and MK_ATTN_EXACT_G=0 (the 8-head code
-    everywhere)."""
+    the 8-head code with per-head exits elsewhere), MK_ATTN_EXACT_G=0 (the 8-head code
+    everywhere), MK_LL_PARTIALS=1, which also writes the split's partials as flagged
+    pairs tagged epoch + 1 = 1 into part_ll (zero before: nothing else there), and
+    MK_LL_Q=1, which takes q and the position's K/V from q_ll / kv_ll (run_op flags them;
+    the GPU's cache rows at the positions then hold NaN, so a read of one shows)."""
     cfg = ATTN_CONFIGS[name]
     batch, max_seq = 3, 4200
     positions = [0, 4095, 1234]  # split 6 of 7 over one position is empty
     for b in range(batch):
-        got, ref = run_op(cfg, batch, Op.ATTN, dict(b=b, kv_head=cfg.Hkv - 1, split=split),
+        g = cfg.Hkv - 1
+        got, ref = run_op(cfg, batch, Op.ATTN, dict(b=b, kv_head=g, split=split),
                           layer=1, attn_splits=splits, max_seq=max_seq, positions=positions,
-                          poison=[("o_part", 1), ("lse", 1)], build_flags=flags)
+                          poison=[("o_part", 1), ("lse", 1)], build_flags=flags,
+                          gpu_only_poison=[(c, (1, r, slice(None), positions[r])) for c in
+                                           ("k_cache", "v_cache") for r in range(batch)]
+                          if flags == ("-DMK_LL_Q=1",) else ())
         assert_close(got, ref, "o_part")
         assert_close(got, ref, "lse")
+        if flags == LL:
+            mine = (1, b, slice(g * cfg.G, (g + 1) * cfg.G), split)
+            want = flagged_partials(got.o_part, got.lse, tag=1)
+            assert torch.equal(got.part_ll[mine], want[mine])
+            rest = got.part_ll.clone()
+            rest[mine] = 0
+            assert not rest.any()
 
 
 @pytest.mark.parametrize("target", [1, 2])

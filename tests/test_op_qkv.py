@@ -1,13 +1,18 @@
 import pytest
+import torch
 from _gpu import OP_CONFIGS, assert_close, run_op
+from megakernel.buffers import Buffers
 from megakernel.scheduler.isa import Op
 
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",)], ids=["default", "ll_q"])
 @pytest.mark.parametrize("batch", [1, 3, 16])
 @pytest.mark.parametrize("name", list(OP_CONFIGS))
-def test_qkv(name, batch):
+def test_qkv(name, batch, flags):
+    """MK_LL_Q=1 also writes every q pair and the position's k / v pairs it stores as
+    flagged pairs tagged 1 (epoch 0) into q_ll / kv_ll, and nothing else there."""
     cfg = OP_CONFIGS[name]
     rows = cfg.Hkv * (cfg.G + 2) * cfg.D
     row0, n = 2 * (rows // 7), min(2 * (rows // 3), (8192 // batch) & ~1)
@@ -15,8 +20,22 @@ def test_qkv(name, batch):
     poison = [("q", 1)] + [(c, (1, b, slice(None), positions[b])) for c in ("k_cache", "v_cache")
                            for b in range(batch)]
     got, ref = run_op(cfg, batch, Op.QKV, dict(row0=row0, nrows=n), layer=1,
-                      positions=positions, poison=poison)
+                      positions=positions, poison=poison, build_flags=flags)
     assert_close(got, ref, "q")
     # bf16 stores: one rounding step of 2^-8 relative
     assert_close(got, ref, "k_cache", rtol=1e-2, atol=1e-2)
     assert_close(got, ref, "v_cache", rtol=1e-2, atol=1e-2)
+    if not flags:
+        return
+    want = Buffers(**{k: v.clone() for k, v in got.tensors().items()}).flag_queries(tag=1)
+    for name in ("q_ll", "kv_ll"):
+        g, w = getattr(got, name), getattr(want, name)
+        written = g[..., 1] != 0
+        assert written.any() and torch.equal(g[written], w[written]), name
+        assert not g[~written].any(), name
+    half = cfg.D // 2
+    assert torch.equal(got.q_ll[..., 1] != 0, ~torch.isnan(got.q[..., :half]) & (
+        torch.arange(cfg.L) == 1).view(-1, 1, 1, 1))
+    for b, p in enumerate(positions):
+        k = got.k_cache[1, b, :, p].float()
+        assert torch.equal(got.kv_ll[1, b, :, 0, :, 1] != 0, ~torch.isnan(k[..., :half]))

@@ -218,3 +218,49 @@ def test_unknown_opcodes_raise():
         run(Op.NOP, buf, pw, prog)
     with pytest.raises(ValueError):
         ops_ref.run(isa.decode(np.array([99] + [0] * (isa.WORDS - 1))), pw, buf, prog)
+
+
+def test_flagged_partials_layout_and_reset():
+    """part_ll (the -DMK_LL_PARTIALS=1 build's flagged partials): unit u of a split holds
+    dims 2u, 2u+1 as {x, tag, x', tag}, unit D/2 the lse twice; reset() zeroes the tags
+    with the epoch, so a tag of an earlier run never reads as ready."""
+    cfg = mk.ModelConfig.preset("tiny")
+    _, _, buf, _ = setup(cfg, attn_splits=3)
+    buf.o_part.copy_(torch.randn(buf.o_part.shape))
+    buf.lse.copy_(torch.randn(buf.lse.shape))
+    buf.lse[0, 0, 0, 1] = -float("inf")             # an empty split
+    buf.flag_partials(tag=7)
+    u = buf.part_ll
+    D = cfg.D
+    assert u.shape == (*buf.o_part.shape[:-1], D // 2 + 1, 4)
+    assert (u[..., 1] == 7).all() and (u[..., 3] == 7).all()
+    dims = torch.stack([u[..., :D // 2, 0], u[..., :D // 2, 2]], -1).reshape(buf.o_part.shape)
+    assert torch.equal(dims.view(torch.float32), buf.o_part)
+    assert torch.equal(u[..., D // 2, 0].view(torch.float32), buf.lse)
+    assert torch.equal(u[..., D // 2, 2], u[..., D // 2, 0])
+    buf.reset()
+    assert not buf.part_ll.any()
+
+
+def test_flagged_queries_layout():
+    """q_ll / kv_ll (the -DMK_LL_Q=1 build's): q unit u holds dims u, u + D/2; the k unit of
+    row b's position the same dims of the cache's row pos[b], the v unit dims 2u, 2u + 1."""
+    cfg = mk.ModelConfig.preset("tiny")
+    _, _, buf, _ = setup(cfg, kv_dtype=torch.bfloat16)
+    buf.q.copy_(torch.randn(buf.q.shape))
+    buf.k_cache.copy_(torch.randn(buf.k_cache.shape))
+    buf.v_cache.copy_(torch.randn(buf.v_cache.shape))
+    buf.flag_queries(tag=3)
+    half = cfg.D // 2
+    q, kv = buf.q_ll, buf.kv_ll
+    assert (q[..., 1] == 3).all() and (q[..., 3] == 3).all() and (kv[..., 1::2] == 3).all()
+    assert torch.equal(q[..., 0].view(torch.float32), buf.q[..., :half])
+    assert torch.equal(q[..., 2].view(torch.float32), buf.q[..., half:])
+    for b, p in enumerate(POS.tolist()):
+        k, v = buf.k_cache[:, b, :, p].float(), buf.v_cache[:, b, :, p].float()
+        assert torch.equal(kv[:, b, :, 0, :, 0].view(torch.float32), k[..., :half])
+        assert torch.equal(kv[:, b, :, 0, :, 2].view(torch.float32), k[..., half:])
+        assert torch.equal(kv[:, b, :, 1, :, 0].view(torch.float32), v[..., 0::2])
+        assert torch.equal(kv[:, b, :, 1, :, 2].view(torch.float32), v[..., 1::2])
+    buf.reset()
+    assert not buf.q_ll.any() and not buf.kv_ll.any()

@@ -33,8 +33,10 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* o, float 
 // so the head loops have no exits and the compiler interleaves the heads' dependent chains
 // (dot product, shuffles, exponentials); with exits each head ran after the other (the s10
 // ncu profile: the step's samples short-scoreboard and fixed-latency waits, none on loads).
+// Returns ERR_WATCHDOG where kLlQ's inputs did not come (the outputs are then garbage).
 template <int LP, int NG, bool kExact>
-__device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem, int p) {
+__device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, int p,
+                          int epoch) {
   constexpr int PW = 32 / LP;                       // positions per warp step
   constexpr int kStep = kConsumerWarps * PW;        // positions per block step
   const int l = ins[W_LAYER], b = ins[W_ATTN_B], g = ins[W_ATTN_KV_HEAD], s = ins[W_ATTN_SPLIT];
@@ -56,13 +58,41 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
     vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
   }
 
-  // smem: ms [warps][G], ls [warps][G], os [warps][G][D], then the scaled queries qs [G][D].
+  // smem: ms [warps][G], ls [warps][G], os [warps][G][D], the scaled queries qs [G][D], then
+  // (kLlQ) position p's K and V rows, bf16 [2][kMaxD].
   float* ms = smem;
   float* ls = ms + kConsumerWarps * kMaxG;
   float* os = ls + kConsumerWarps * kMaxG;
   float* qs = os + kConsumerWarps * kMaxG * kMaxD;
-  const float* qsrc = a.q + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * D;
-  for (int i = tid; i < G * D; i += kConsumerThreads) qs[i] = scale * ldcg(qsrc + i);
+  __nv_bfloat16* kvp = reinterpret_cast<__nv_bfloat16*>(qs + kMaxG * kMaxD);
+  int err = ERR_NONE;
+  if constexpr (kLlQ) {
+    // q_ll units of the group's heads, then (the split holding p) kv_ll's K and V units.
+    const int half = D / 2, nq = G * half;
+    const int n = nq + (s0 <= p && p < s1 ? 2 * half : 0);
+    const int32_t* qll = a.q_ll + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * half * 4;
+    const int32_t* kvll = a.kv_ll + ((static_cast<size_t>(l) * a.B + b) * a.Hkv + g) * D * 4;
+    constexpr int kPer = (NG * LP * 4 + LP * 8 + kConsumerThreads - 1) / kConsumerThreads;
+    const bool ok = poll_ll<kPer>(a, n, epoch + 1, [&](int i) {
+      return i < nq ? qll + i * 4 : kvll + (i - nq) * 4;
+    }, [&](int i, float x0, float x1) {
+      if (i < nq) {
+        const int h = i / half, d0 = i - h * half;
+        qs[h * D + d0] = scale * x0;
+        qs[h * D + d0 + half] = scale * x1;
+      } else if (i < nq + half) {  // K: dims (u, u + D/2)
+        kvp[i - nq] = __float2bfloat16(x0);
+        kvp[i - nq + half] = __float2bfloat16(x1);
+      } else {                     // V: dims (2u, 2u + 1)
+        kvp[kMaxD + 2 * (i - nq - half)] = __float2bfloat16(x0);
+        kvp[kMaxD + 2 * (i - nq - half) + 1] = __float2bfloat16(x1);
+      }
+    });
+    if (!ok) err = ERR_WATCHDOG;
+  } else {
+    const float* qsrc = a.q + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * D;
+    for (int i = tid; i < G * D; i += kConsumerThreads) qs[i] = scale * ldcg(qsrc + i);
+  }
   consumer_sync();
   phase_stamp(0);  // queries staged
 
@@ -78,6 +108,12 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
     const int t = t0 + sub;
     const bool valid = t < s1;
     float kf[8], vf[8];
+    if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
+      if (t == p) {
+        kn = *reinterpret_cast<const uint4*>(kvp + part * 8);
+        vn = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
+      }
+    }
     bf16x8_to_float(kn, kf);
     bf16x8_to_float(vn, vf);
     if (t + kStep < s1) {
@@ -148,45 +184,77 @@ __device__ void attn_split(const KernelArgs& a, const int32_t* ins, float* smem,
   }
   consumer_sync();
   phase_stamp(2);  // every warp's states in shared memory
-  for (int i = tid; i < G * D; i += kConsumerThreads) {
-    const int h = i / D, dim = i % D;
-    float M = -INFINITY;
-    for (int w = 0; w < kConsumerWarps; ++w) M = fmaxf(M, ms[w * kMaxG + h]);
-    float L = 0.f, O = 0.f;
-    if (M != -INFINITY) {
-      for (int w = 0; w < kConsumerWarps; ++w) {
-        const float c = expf(ms[w * kMaxG + h] - M);
-        L += ls[w * kMaxG + h] * c;
-        O += os[(w * kMaxG + h) * D + dim] * c;
+  if constexpr (kLlPartials) {
+    // A thread per pair of dims (one flagged unit of part_ll) or per head's lse (unit D/2,
+    // the value twice); o_part and lse get the same values (the tests read them).
+    const int half = D / 2, tag = epoch + 1;
+    for (int i = tid; i < G * (half + 1); i += kConsumerThreads) {
+      const int h = i / (half + 1), u = i - h * (half + 1);
+      float M = -INFINITY;
+      for (int w = 0; w < kConsumerWarps; ++w) M = fmaxf(M, ms[w * kMaxG + h]);
+      float L = 0.f, O0 = 0.f, O1 = 0.f;
+      if (M != -INFINITY) {
+        for (int w = 0; w < kConsumerWarps; ++w) {
+          const float c = expf(ms[w * kMaxG + h] - M);
+          L += ls[w * kMaxG + h] * c;
+          if (u < half) {
+            O0 += os[(w * kMaxG + h) * D + 2 * u] * c;
+            O1 += os[(w * kMaxG + h) * D + 2 * u + 1] * c;
+          }
+        }
+      }
+      const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + g * G + h;
+      int32_t* unit = a.part_ll + ((head * a.NS + s) * (half + 1) + u) * 4;
+      if (u < half) {
+        const float o0 = M == -INFINITY ? 0.f : O0 / L, o1 = M == -INFINITY ? 0.f : O1 / L;
+        a.o_part[(head * a.NS + s) * D + 2 * u] = o0;
+        a.o_part[(head * a.NS + s) * D + 2 * u + 1] = o1;
+        st_ll(unit, o0, o1, tag);
+      } else {
+        const float lse = M == -INFINITY ? -INFINITY : M + logf(L);
+        a.lse[head * a.NS + s] = lse;
+        st_ll(unit, lse, lse, tag);
       }
     }
-    const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + g * G + h;
-    a.o_part[(head * a.NS + s) * D + dim] = M == -INFINITY ? 0.f : O / L;
-    if (dim == 0) a.lse[head * a.NS + s] = M == -INFINITY ? -INFINITY : M + logf(L);
+  } else {
+    for (int i = tid; i < G * D; i += kConsumerThreads) {
+      const int h = i / D, dim = i % D;
+      float M = -INFINITY;
+      for (int w = 0; w < kConsumerWarps; ++w) M = fmaxf(M, ms[w * kMaxG + h]);
+      float L = 0.f, O = 0.f;
+      if (M != -INFINITY) {
+        for (int w = 0; w < kConsumerWarps; ++w) {
+          const float c = expf(ms[w * kMaxG + h] - M);
+          L += ls[w * kMaxG + h] * c;
+          O += os[(w * kMaxG + h) * D + dim] * c;
+        }
+      }
+      const size_t head = (static_cast<size_t>(l) * a.B + b) * a.H + g * G + h;
+      a.o_part[(head * a.NS + s) * D + dim] = M == -INFINITY ? 0.f : O / L;
+      if (dim == 0) a.lse[head * a.NS + s] = M == -INFINITY ? -INFINITY : M + logf(L);
+    }
   }
   phase_stamp(3);  // thread 0's outputs stored
+  return err;
 }
 
 struct AttnOp {
   // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats; pos: the launch's
   // positions (shared memory).
   __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem,
-                            const int* pos) {
+                            const int* pos, int epoch) {
     const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
     const bool g4 = kAttnExactG && a.H == 4 * a.Hkv;  // Llama 3.2-1B, 3.1-8B
     switch (a.D) {
-      case 32: attn_split<4, kMaxG, false>(a, ins, smem, p); break;
+      case 32: return attn_split<4, kMaxG, false>(a, ins, smem, p, epoch);
       case 64:
-        if (g4) attn_split<8, 4, true>(a, ins, smem, p);
-        else attn_split<8, kMaxG, false>(a, ins, smem, p);
-        break;
+        return g4 ? attn_split<8, 4, true>(a, ins, smem, p, epoch)
+                  : attn_split<8, kMaxG, false>(a, ins, smem, p, epoch);
       default:  // 128; the runtime rejects other D
-        if (g4) attn_split<16, 4, true>(a, ins, smem, p);
-        else attn_split<16, kMaxG, false>(a, ins, smem, p);
-        break;
+        return g4 ? attn_split<16, 4, true>(a, ins, smem, p, epoch)
+                  : attn_split<16, kMaxG, false>(a, ins, smem, p, epoch);
     }
-    return ERR_NONE;
   }
 
   // isa.py ATTN merge (the -DMK_FUSE_REDUCE=1 build; the interpreter calls it after run):

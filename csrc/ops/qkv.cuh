@@ -23,9 +23,10 @@ struct QkvOp {
     return r;
   }
 
-  // rope: rope_src's values, loaded (thread i's first pair, when it had them).
+  // rope: rope_src's values, loaded (thread i's first pair, when it had them). kLlQ: q and
+  // the position's k / v also go to q_ll / kv_ll, tagged epoch + 1.
   __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc,
-                                 const int* pos, float2 rope) {
+                                 const int* pos, float2 rope, int epoch) {
     const int l = ins[W_LAYER], row0 = ins[W_QKV_ROW0], n = ins[W_QKV_NROWS];
     const int B = a.B, D = a.D, G = a.H / a.Hkv, half = D / 2, group_rows = (G + 2) * D;
     int err = ERR_NONE;
@@ -47,16 +48,27 @@ struct QkvOp {
           float* q = a.q + ((static_cast<size_t>(l) * B + b) * a.H + h) * D;
           q[d0] = y0;
           q[d0 + half] = y1;
+          if constexpr (kLlQ)
+            st_ll(a.q_ll + (((static_cast<size_t>(l) * B + b) * a.H + h) * half + d0) * 4, y0, y1,
+                  epoch + 1);
         } else {
           __nv_bfloat16* k = a.k_cache + kv * D;
-          k[d0] = __float2bfloat16(y0);
-          k[d0 + half] = __float2bfloat16(y1);
+          const __nv_bfloat16 k0 = __float2bfloat16(y0), k1 = __float2bfloat16(y1);
+          k[d0] = k0;
+          k[d0 + half] = k1;
+          if constexpr (kLlQ)
+            st_ll(a.kv_ll + ((((static_cast<size_t>(l) * B + b) * a.Hkv + g) * 2) * half + d0) * 4,
+                  __bfloat162float(k0), __bfloat162float(k1), epoch + 1);
         }
       } else {                // v head: natural order
         const int jj = j - (G + 1) * D;
         __nv_bfloat16* v = a.v_cache + kv * D;
-        v[jj] = __float2bfloat16(x0);
-        v[jj + 1] = __float2bfloat16(x1);
+        const __nv_bfloat16 v0 = __float2bfloat16(x0), v1 = __float2bfloat16(x1);
+        v[jj] = v0;
+        v[jj + 1] = v1;
+        if constexpr (kLlQ)
+          st_ll(a.kv_ll + ((((static_cast<size_t>(l) * B + b) * a.Hkv + g) * 2 + 1) * half + jj / 2) * 4,
+                __bfloat162float(v0), __bfloat162float(v1), epoch + 1);
       }
     }
     return err;
