@@ -158,6 +158,9 @@ __device__ __forceinline__ int32_t ld_acquire(const int32_t* p) {
 __device__ __forceinline__ void red_release_add(int32_t* p, int32_t v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
+__device__ __forceinline__ void red_relaxed_add(int32_t* p, int32_t v) {
+  asm volatile("red.relaxed.gpu.global.add.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
 // A ticket: add 1, releasing this thread's prior writes (and, after a bar.sync, the
 // block's) and acquiring those of every earlier taker; returns the old value.
 __device__ __forceinline__ int32_t atom_add_acq_rel(int32_t* p, int32_t v) {

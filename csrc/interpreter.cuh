@@ -73,6 +73,15 @@ __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t
   }
 }
 
+// A flagged hop's producer (kLlPartials: ATTN, kLlQ: QKV) counts its signal without the
+// release fence: its only waiter polls the flagged data instead, and the fence (~1 us for
+// ATTN) held the SM's next instruction. Builds whose records may wait on those counters
+// for unflagged data (fused plans, fold) keep the release.
+__device__ __forceinline__ bool relaxed_signal(int op) {
+  return (kLlPartials && !kFuseReduce && !kFuseOproj && op == OP_ATTN) ||
+         (kLlQ && !MK_FOLD && op == OP_QKV);
+}
+
 __device__ __forceinline__ int32_t acquire_counter(const KernelArgs& a, const int32_t* p) {
   return a.tp > 1 ? ld_acquire_sys(p) : ld_acquire(p);
 }
@@ -249,6 +258,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       // add publishes them (cumulativity) to whoever acquires the counter.
       if (sig >= 0 && ins[W_ALL_RANKS] && !(a.mode & MODE_LOCAL_COMM)) {
         for (int r = 0; r < a.tp; ++r) red_release_add_sys(a.peers[r].counters + sig, 1);
+      } else if (sig >= 0 && relaxed_signal(ins[W_OPCODE])) {
+        red_relaxed_add(a.counters + sig, 1);
       } else if (sig >= 0) {
         red_release_add(a.counters + sig, 1);
       }
