@@ -458,12 +458,15 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   // the staging pass stores x * norm and gathers sum(x^2); rstd scales acc after the pages.
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
+    if (kStageStamps && c == 0) phase_stamp(3);  // set up, before the first bar.sync
     consumer_sync();  // every warp is done with the previous chunk
+    if (kStageStamps && c == 0) phase_stamp(1);  // past that bar.sync
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     with_fold(in, [&](auto fold) {
       stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
     });
+    if (kStageStamps && c == 0) phase_stamp(2);  // thread 0's loads back, stored
     consumer_sync();
     if (c == 0) phase_stamp(0);  // first activation chunk staged
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
@@ -475,10 +478,10 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
         else
           page_matvec<BT, kRowTile>(page, rows, cols, grp * g.rpp, act, warp_acc, B, !own);
       });
-      if (c == 0 && grp == 0) phase_stamp(1);  // warp 0 done with the first page
+      if (!kStageStamps && c == 0 && grp == 0) phase_stamp(1);  // warp 0: first page done
     }
   }
-  phase_stamp(2);  // warp 0 done with the last page
+  if (!kStageStamps) phase_stamp(2);  // warp 0 done with the last page
   if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release
   if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc
   else if (own) consumer_sync();
@@ -493,7 +496,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     }
   }
   consumer_sync();  // acc complete
-  phase_stamp(3);
+  if (!kStageStamps) phase_stamp(3);
   return pre;
 }
 
