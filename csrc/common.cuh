@@ -198,12 +198,19 @@ __device__ __forceinline__ uint64_t globaltimer() {
 __shared__ int64_t* phase_row;  // the current instruction's row (thread 0's), or null
 #endif
 // Diagnostic (with MK_PHASE_STAMPS=1): the CUDA-core matvec's phases 1-3 time its first
-// activation chunk's staging instead of its pages: 3 set up (before the first bar.sync), 1
-// past it, 2 thread 0's loads back; 0 stays "staged" (after the next bar.sync).
+// activation chunk's staging instead of its pages: 3 every consumer past the bar.sync after
+// the counter wait (interpreter), 1 set up (the chunk loop's head), 2 thread 0's loads back;
+// 0 stays "staged" (after the next bar.sync). Other ops' phase 3 is then that first one too.
 #ifndef MK_STAGE_STAMPS
 #define MK_STAGE_STAMPS 0
 #endif
 constexpr bool kStageStamps = MK_STAGE_STAMPS != 0;
+// 1: record i+1 (loaded into a register before instruction i's counter wait) is copied to
+// shared memory at the end of instruction i, not right after the wait (0).
+#ifndef MK_RECORD_LATE
+#define MK_RECORD_LATE 0
+#endif
+constexpr bool kRecordLate = MK_RECORD_LATE != 0;
 // Thread 0: stamp phase k (0..3) of the current instruction. After a consumer_sync it marks
 // the moment every consumer got there; elsewhere, warp 0's view.
 __device__ __forceinline__ void phase_stamp(int k) {

@@ -146,9 +146,13 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   for (int i = 0; i < qlen; ++i) {
     const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
                                      : queue + static_cast<size_t>(i) * kWords;
+    // kRecordLate: the load of record i+1 is stored into shared memory only at the end of
+    // instruction i, so no consumer waits for it at the head of instruction i.
+    bool more = false;
+    int32_t next = 0;
     if (tid < 32) {
-      const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
-      const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
+      more = kRecordSmem && tid < kWords && i + 1 < qlen;
+      next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
       const uint64_t t0 = kTiming ? globaltimer() : 0;
       // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
       const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
@@ -166,9 +170,10 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       // release (the __syncwarp orders that before these stores); the bar.syncs of
       // instruction i publish the new record to every consumer.
       __syncwarp();
-      if (more) rec[((i + 1) & 1) * kWords + tid] = next;
+      if (!kRecordLate && more) rec[((i + 1) & 1) * kWords + tid] = next;
     }
     consumer_sync();
+    if (kStageStamps) phase_stamp(3);  // every consumer past the wait's bar.sync
     if (!flags[0]) break;
     if (tid == 0) flags[3] = i;  // waits of instruction i hold (the NO_PREFETCH loader waits for it)
     int err = ERR_NONE;
@@ -246,6 +251,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
     }
     if (err != ERR_NONE) { flags[1] = err; }
     if (kReleaseQuiet && tid == 0) set_flag(ring.quiet, 1);  // no loads until the release
+    if (kRecordLate && more) rec[((i + 1) & 1) * kWords + tid] = next;
     consumer_sync();  // every output of the instruction is written
     if (flags[1] != ERR_NONE) {
       if (tid == 0) report_error(a, flags[1], i, ins, -1, 0, 0);
