@@ -211,6 +211,12 @@ constexpr bool kStageStamps = MK_STAGE_STAMPS != 0;
 #define MK_RECORD_LATE 0
 #endif
 constexpr bool kRecordLate = MK_RECORD_LATE != 0;
+// 1: a CUDA-core matvec's setup (decode, geometry, accumulators) runs while warp 0 waits on
+// the counters, not after the bar.sync that follows the wait (0).
+#ifndef MK_EARLY_SETUP
+#define MK_EARLY_SETUP 0
+#endif
+constexpr bool kEarlySetup = MK_EARLY_SETUP != 0;
 // Thread 0: stamp phase k (0..3) of the current instruction. After a consumer_sync it marks
 // the moment every consumer got there; elsewhere, warp 0's view.
 __device__ __forceinline__ void phase_stamp(int k) {

@@ -142,6 +142,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   float* raw = reinterpret_cast<float*>(smem + SmemLayout::raw);
   if (kRecordSmem && tid < kWords && qlen > 0) rec[tid] = queue[tid];
   __syncwarp();
+  if (kEarlySetup) consumer_sync();  // an early setup reads pos and rec before any wait's
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
     const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
@@ -172,12 +173,18 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       __syncwarp();
       if (!kRecordLate && more) rec[((i + 1) & 1) * kWords + tid] = next;
     }
-    consumer_sync();
-    if (kStageStamps) phase_stamp(3);  // every consumer past the wait's bar.sync
-    if (!flags[0]) break;
+    const int op = ins[W_OPCODE];
+    // kEarlySetup: a CUDA-core matvec does its setup while warp 0 waits; the bar.sync at the
+    // head of its chunk loop, before any load of its inputs, is the one after the wait (the
+    // wait's outcome is checked after the op).
+    const bool early = kEarlySetup && is_matvec(op) && tc_ntiles(a.B) == 0;
+    if (!early) {
+      consumer_sync();
+      if (kStageStamps) phase_stamp(3);  // every consumer past the wait's bar.sync
+      if (!flags[0]) break;
+    }
     if (tid == 0) flags[3] = i;  // waits of instruction i hold (the NO_PREFETCH loader waits for it)
     int err = ERR_NONE;
-    const int op = ins[W_OPCODE];
     if (kQuietInputs && tid == 0 && (op == OP_ATTN || op == OP_ATTN_REDUCE))
       set_flag(ring.quiet, 1);  // cleared after the release
     if (is_matvec(op) && !matvec_valid(a, ins)) {
@@ -249,6 +256,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         default: err = ERR_BAD_OPCODE; break;
       }
     }
+    if (early && !flags[0]) break;  // written before the chunk loop's first bar.sync
     if (err != ERR_NONE) { flags[1] = err; }
     if (kReleaseQuiet && tid == 0) set_flag(ring.quiet, 1);  // no loads until the release
     if (kRecordLate && more) rec[((i + 1) & 1) * kWords + tid] = next;
