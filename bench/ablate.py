@@ -100,10 +100,6 @@ def grid(num_sms: int = 132) -> list[Row]:
              "GATEUP, LMHEAD), not 2: half the activation reads (spills 20 bytes)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "
              "5 shuffles, not one reduce-scatter"),
-        flag("MK_RECORD_LATE", 1, "the next instruction's record goes to shared memory at "
-             "the end of this one, not right after this one's counter wait"),
-        flag("MK_EARLY_SETUP", 1, "a CUDA-core matvec's setup runs while warp 0 waits on its "
-             "counters, not after the bar.sync that follows the wait"),
         flag("MK_RECORD_SMEM", 0, "every instruction reads its record from L2, not from "
              "the shared-memory copy warp 0 fills during the previous wait"),
         flag("MK_RELEASE_QUIET", 0, "the loader keeps issuing copies between a matvec's "

@@ -205,18 +205,6 @@ __shared__ int64_t* phase_row;  // the current instruction's row (thread 0's), o
 #define MK_STAGE_STAMPS 0
 #endif
 constexpr bool kStageStamps = MK_STAGE_STAMPS != 0;
-// 1: record i+1 (loaded into a register before instruction i's counter wait) is copied to
-// shared memory at the end of instruction i, not right after the wait (0).
-#ifndef MK_RECORD_LATE
-#define MK_RECORD_LATE 0
-#endif
-constexpr bool kRecordLate = MK_RECORD_LATE != 0;
-// 1: a CUDA-core matvec's setup (decode, geometry, accumulators) runs while warp 0 waits on
-// the counters, not after the bar.sync that follows the wait (0).
-#ifndef MK_EARLY_SETUP
-#define MK_EARLY_SETUP 0
-#endif
-constexpr bool kEarlySetup = MK_EARLY_SETUP != 0;
 // Thread 0: stamp phase k (0..3) of the current instruction. After a consumer_sync it marks
 // the moment every consumer got there; elsewhere, warp 0's view.
 __device__ __forceinline__ void phase_stamp(int k) {

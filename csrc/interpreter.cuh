@@ -142,18 +142,13 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   float* raw = reinterpret_cast<float*>(smem + SmemLayout::raw);
   if (kRecordSmem && tid < kWords && qlen > 0) rec[tid] = queue[tid];
   __syncwarp();
-  if (kEarlySetup) consumer_sync();  // an early setup reads pos and rec before any wait's
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
     const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
                                      : queue + static_cast<size_t>(i) * kWords;
-    // kRecordLate: the load of record i+1 is stored into shared memory only at the end of
-    // instruction i, so no consumer waits for it at the head of instruction i.
-    bool more = false;
-    int32_t next = 0;
     if (tid < 32) {
-      more = kRecordSmem && tid < kWords && i + 1 < qlen;
-      next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
+      const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
+      const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
       const uint64_t t0 = kTiming ? globaltimer() : 0;
       // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
       const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
@@ -171,20 +166,14 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       // release (the __syncwarp orders that before these stores); the bar.syncs of
       // instruction i publish the new record to every consumer.
       __syncwarp();
-      if (!kRecordLate && more) rec[((i + 1) & 1) * kWords + tid] = next;
+      if (more) rec[((i + 1) & 1) * kWords + tid] = next;
     }
-    const int op = ins[W_OPCODE];
-    // kEarlySetup: a CUDA-core matvec does its setup while warp 0 waits; the bar.sync at the
-    // head of its chunk loop, before any load of its inputs, is the one after the wait (the
-    // wait's outcome is checked after the op).
-    const bool early = kEarlySetup && is_matvec(op) && tc_ntiles(a.B) == 0;
-    if (!early) {
-      consumer_sync();
-      if (kStageStamps) phase_stamp(3);  // every consumer past the wait's bar.sync
-      if (!flags[0]) break;
-    }
+    consumer_sync();
+    if (kStageStamps) phase_stamp(3);  // every consumer past the wait's bar.sync
+    if (!flags[0]) break;
     if (tid == 0) flags[3] = i;  // waits of instruction i hold (the NO_PREFETCH loader waits for it)
     int err = ERR_NONE;
+    const int op = ins[W_OPCODE];
     if (kQuietInputs && tid == 0 && (op == OP_ATTN || op == OP_ATTN_REDUCE))
       set_flag(ring.quiet, 1);  // cleared after the release
     if (is_matvec(op) && !matvec_valid(a, ins)) {
@@ -256,10 +245,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         default: err = ERR_BAD_OPCODE; break;
       }
     }
-    if (early && !flags[0]) break;  // written before the chunk loop's first bar.sync
     if (err != ERR_NONE) { flags[1] = err; }
     if (kReleaseQuiet && tid == 0) set_flag(ring.quiet, 1);  // no loads until the release
-    if (kRecordLate && more) rec[((i + 1) & 1) * kWords + tid] = next;
     consumer_sync();  // every output of the instruction is written
     if (flags[1] != ERR_NONE) {
       if (tid == 0) report_error(a, flags[1], i, ins, -1, 0, 0);

@@ -459,8 +459,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     if (kStageStamps && c == 0) phase_stamp(1);  // set up, before the first bar.sync
-    consumer_sync();  // every warp is done with the previous chunk (kEarlySetup, c = 0: and
-                      // warp 0 with the counter wait)
+    consumer_sync();  // every warp is done with the previous chunk
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     with_fold(in, [&](auto fold) {
