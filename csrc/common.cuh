@@ -201,10 +201,11 @@ __shared__ int64_t* phase_row;  // the current instruction's row (thread 0's), o
 // activation chunk's staging instead of its pages: 3 every consumer past the bar.sync after
 // the counter wait (interpreter), 1 set up (the chunk loop's head), 2 thread 0's loads back;
 // 0 stays "staged" (after the next bar.sync). Other ops' phase 3 is then that first one too.
+// 2: as 1, but 1 marks consumer_matvec's entry and 2 the chunk loop's head.
 #ifndef MK_STAGE_STAMPS
 #define MK_STAGE_STAMPS 0
 #endif
-constexpr bool kStageStamps = MK_STAGE_STAMPS != 0;
+constexpr int kStageStamps = MK_STAGE_STAMPS;
 // Thread 0: stamp phase k (0..3) of the current instruction. After a consumer_sync it marks
 // the moment every consumer got there; elsewhere, warp 0's view.
 __device__ __forceinline__ void phase_stamp(int k) {

@@ -444,6 +444,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
                                  uint32_t& it, float* act, float* acc, float* red, float* rstd,
                                   const PreLoad& pre_src) {
   const int tid = threadIdx.x, B = a.B;
+  if (kStageStamps == 2) phase_stamp(1);  // entered
   float2 pre = make_float2(0.f, 0.f);
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
@@ -458,14 +459,14 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   // the staging pass stores x * norm and gathers sum(x^2); rstd scales acc after the pages.
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
-    if (kStageStamps && c == 0) phase_stamp(1);  // set up, before the first bar.sync
+    if (kStageStamps && c == 0) phase_stamp(kStageStamps);  // set up, before the bar.sync
     consumer_sync();  // every warp is done with the previous chunk
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     with_fold(in, [&](auto fold) {
       stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
     });
-    if (kStageStamps && c == 0) phase_stamp(2);  // thread 0's loads back, stored
+    if (kStageStamps == 1 && c == 0) phase_stamp(2);  // thread 0's loads back, stored
     consumer_sync();
     if (c == 0) phase_stamp(0);  // first activation chunk staged
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
