@@ -316,6 +316,15 @@ __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" :: "n"(kConsumerThreads) : "memory");
 }
 
+// A flagged poll's watchdog, checked every 256th spin (spin 0 starts the clock): true when
+// another SM reported an error or the wait ran past the budget.
+__device__ __forceinline__ bool ll_give_up(const KernelArgs& a, uint32_t spins, uint64_t& start) {
+  if (spins == 0) start = globaltimer();
+  return (spins & 255) == 255 &&
+         (ld_volatile(a.error) != ERR_NONE ||
+          static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns);
+}
+
 // Every consumer thread: flagged units i = tid, tid + kConsumerThreads, ... < n (at most
 // kPer of them, a compile-time bound), at src(i), polled until both tags read `tag`, their
 // loads in flight together; sink(i, x0, x1) gets each. false: the wait ran past the
@@ -342,11 +351,7 @@ __device__ __forceinline__ bool poll_ll(const KernelArgs& a, int n, int tag, Src
              __int_as_float(static_cast<int>(u[k].z)));
       }
     }
-    if (spins == 0) start = globaltimer();
-    if ((spins & 255) == 255 && pending &&
-        (ld_volatile(a.error) != ERR_NONE ||
-         static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns))
-      return false;
+    if (pending && ll_give_up(a, spins, start)) return false;
   }
   return true;
 }

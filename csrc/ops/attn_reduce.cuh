@@ -99,11 +99,7 @@ struct AttnReduceOp {
                               __int_as_float(static_cast<int>(u1[j].z)));
         }
       }
-      if (spins == 0) start = globaltimer();
-      if ((spins & 255) == 255 && pending &&
-          (ld_volatile(a.error) != ERR_NONE ||
-           static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns))
-        return false;
+      if (pending && ll_give_up(a, spins, start)) return false;
     }
     return true;
   }
