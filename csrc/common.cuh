@@ -239,6 +239,14 @@ __device__ __forceinline__ uint4 ld_ll(const void* p) {
 __device__ __forceinline__ bool ll_ready(const uint4& u, int tag) {
   return static_cast<int>(u.y) == tag && static_cast<int>(u.w) == tag;
 }
+// Head h's q_ll units ([D/2][4]) and kv group g's kv_ll units ([2][D/2][4]: K, then V) of
+// layer l, batch row b (isa.py).
+__device__ __forceinline__ int32_t* q_ll_units(const KernelArgs& a, int l, int b, int h) {
+  return a.q_ll + ((static_cast<size_t>(l) * a.B + b) * a.H + h) * (a.D / 2) * 4;
+}
+__device__ __forceinline__ int32_t* kv_ll_units(const KernelArgs& a, int l, int b, int g) {
+  return a.kv_ll + ((static_cast<size_t>(l) * a.B + b) * a.Hkv + g) * a.D * 4;
+}
 
 // ---- mbarriers and bulk copies ---------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

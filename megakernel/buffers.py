@@ -139,6 +139,6 @@ def flagged_partials(o_part: torch.Tensor, lse: torch.Tensor, tag: int) -> torch
 
 def _units(x0: torch.Tensor, x1: torch.Tensor, tag: int) -> torch.Tensor:
     """Flagged pairs {x0, tag, x1, tag} (int32 [..., 4]) of two fp32 tensors of one shape."""
-    t = torch.full_like(x0, 0, dtype=torch.int32).fill_(tag)
+    t = torch.full_like(x0, tag, dtype=torch.int32)
     return torch.stack([x0.float().contiguous().view(torch.int32), t,
                         x1.float().contiguous().view(torch.int32), t], dim=-1)

@@ -245,8 +245,8 @@ class Runtime:
             op_name = f"opcode {op}"
         msg = (f"megakernel {what}{gpu}: SM {sm}, instruction {index} (uid {uid}, {op_name})")
         if code == Err.WATCHDOG and counter < 0:
-            msg += (" waited for flagged inputs (part_ll tags, a -DMK_LL_PARTIALS=1 build) "
-                    "that never came")
+            msg += (" waited for flagged inputs that never came (the tags of q_ll / kv_ll or "
+                    "part_ll, a -DMK_LL_Q=1 or -DMK_LL_PARTIALS=1 build)")
         elif code == Err.WATCHDOG:
             msg += (f" waited on counter {counter}: value {value}, needed {target}. A counter "
                     "that never completes means a broken Program (validate it) or a step that "

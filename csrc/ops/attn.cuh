@@ -70,8 +70,8 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
     // q_ll units of the group's heads, then (the split holding p) kv_ll's K and V units.
     const int half = D / 2, nq = G * half;
     const int n = nq + (s0 <= p && p < s1 ? 2 * half : 0);
-    const int32_t* qll = a.q_ll + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * half * 4;
-    const int32_t* kvll = a.kv_ll + ((static_cast<size_t>(l) * a.B + b) * a.Hkv + g) * D * 4;
+    const int32_t* qll = q_ll_units(a, l, b, g * G);  // the group's heads, one after the other
+    const int32_t* kvll = kv_ll_units(a, l, b, g);
     constexpr int kPer = (NG * LP * 4 + LP * 8 + kConsumerThreads - 1) / kConsumerThreads;
     const bool ok = poll_ll<kPer>(a, n, epoch + 1, [&](int i) {
       return i < nq ? qll + i * 4 : kvll + (i - nq) * 4;

@@ -49,16 +49,15 @@ struct QkvOp {
           q[d0] = y0;
           q[d0 + half] = y1;
           if constexpr (kLlQ)
-            st_ll(a.q_ll + (((static_cast<size_t>(l) * B + b) * a.H + h) * half + d0) * 4, y0, y1,
-                  epoch + 1);
+            st_ll(q_ll_units(a, l, b, h) + d0 * 4, y0, y1, epoch + 1);
         } else {
           __nv_bfloat16* k = a.k_cache + kv * D;
           const __nv_bfloat16 k0 = __float2bfloat16(y0), k1 = __float2bfloat16(y1);
           k[d0] = k0;
           k[d0 + half] = k1;
           if constexpr (kLlQ)
-            st_ll(a.kv_ll + ((((static_cast<size_t>(l) * B + b) * a.Hkv + g) * 2) * half + d0) * 4,
-                  __bfloat162float(k0), __bfloat162float(k1), epoch + 1);
+            st_ll(kv_ll_units(a, l, b, g) + d0 * 4, __bfloat162float(k0), __bfloat162float(k1),
+                  epoch + 1);
         }
       } else {                // v head: natural order
         const int jj = j - (G + 1) * D;
@@ -67,8 +66,8 @@ struct QkvOp {
         v[jj] = v0;
         v[jj + 1] = v1;
         if constexpr (kLlQ)
-          st_ll(a.kv_ll + ((((static_cast<size_t>(l) * B + b) * a.Hkv + g) * 2 + 1) * half + jj / 2) * 4,
-                __bfloat162float(v0), __bfloat162float(v1), epoch + 1);
+          st_ll(kv_ll_units(a, l, b, g) + (half + jj / 2) * 4, __bfloat162float(v0),
+                __bfloat162float(v1), epoch + 1);
       }
     }
     return err;
