@@ -142,10 +142,15 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   float* raw = reinterpret_cast<float*>(smem + SmemLayout::raw);
   if (kRecordSmem && tid < kWords && qlen > 0) rec[tid] = queue[tid];
   __syncwarp();
+  // kSetupFirst reads the record (and QKV's setup pos) before an instruction's first bar.sync.
+  if (kSetupFirst) consumer_sync();
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
     const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
                                      : queue + static_cast<size_t>(i) * kWords;
+    // Warp 0: the counter wait of instruction i (and the copy of record i+1). The bar.sync
+    // after it orders every consumer after its acquires; flags[0] says how it went.
+    auto wait = [&]() {
     if (tid < 32) {
       const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
       const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
@@ -167,11 +172,21 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       // instruction i publish the new record to every consumer.
       __syncwarp();
       if (more) rec[((i + 1) & 1) * kWords + tid] = next;
+      // waits of instruction i hold (the NO_PREFETCH loader waits for it)
+      if (tid == 0 && ok) flags[3] = i;
     }
-    consumer_sync();
-    if (kStageStamps) phase_stamp(3);  // every consumer past the wait's bar.sync
-    if (!flags[0]) break;
-    if (tid == 0) flags[3] = i;  // waits of instruction i hold (the NO_PREFETCH loader waits for it)
+    };
+    // kSetupFirst: a CUDA-core matvec runs its setup (decode, geometry, accumulators: ~1 us
+    // of serial code) first and its wait at its chunk loop's head, before the bar.sync that
+    // precedes its first load; everything else waits here. Record i was published by
+    // instruction i-1's last bar.sync (i = 0: the launch's).
+    const bool setup_first = kSetupFirst && is_matvec(ins[W_OPCODE]) && tc_ntiles(a.B) == 0;
+    if (!setup_first) {
+      wait();
+      consumer_sync();
+      if (kStageStamps) phase_stamp(3);  // every consumer past the wait's bar.sync
+      if (!flags[0]) break;
+    }
     int err = ERR_NONE;
     const int op = ins[W_OPCODE];
     if (kQuietInputs && tid == 0 && (op == OP_ATTN || op == OP_ATTN_REDUCE))
@@ -188,7 +203,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       else if (op == OP_QKV)
         pre_src = QkvOp::rope_src(a, ins, pos);
       float2 pre = make_float2(0.f, 0.f);
-#define MK_MATVEC(f, n) f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src)
+#define MK_MATVEC(f, n) \
+  f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, wait, flags, setup_first)
 #define MK_MATVEC_TC(n) \
   consumer_matvec_tc<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, raw)
       if (nt == 1) pre = MK_MATVEC_TC(1);
@@ -200,6 +216,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       else if (kTcMinBucket > 16) pre = MK_MATVEC(consumer_matvec, 16);
 #undef MK_MATVEC
 #undef MK_MATVEC_TC
+      if (setup_first && !flags[0]) break;  // its wait failed (after the chunk's bar.sync)
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos, pre, epoch); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;

@@ -439,10 +439,14 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
 // kWarpAcc: where 8 copies of acc fit, warp w accumulates into acc[w * n * B ...] with plain
 // adds and the copies are summed once after the pages, instead of a compare-and-swap loop
 // on a shared word per row for every page whose tiles span several warps.
-template <int BT, bool kTiming>
+// wait / waited / late (kSetupFirst, the interpreter): when late, wait() runs warp 0's
+// counter wait at the chunk loop's head, after the setup, and *waited (flags[0]) says after
+// the bar.sync that follows whether it held (else this returns at once: the kernel stops).
+template <int BT, bool kTiming, typename Wait>
 __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                  uint32_t& it, float* act, float* acc, float* red, float* rstd,
-                                  const PreLoad& pre_src) {
+                                  const PreLoad& pre_src, Wait&& wait, volatile int* waited,
+                                  bool late) {
   const int tid = threadIdx.x, B = a.B;
   if (kStageStamps == 2) phase_stamp(1);  // entered
   float2 pre = make_float2(0.f, 0.f);
@@ -460,7 +464,9 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     if (kStageStamps && c == 0) phase_stamp(kStageStamps);  // set up, before the bar.sync
-    consumer_sync();  // every warp is done with the previous chunk
+    if (kSetupFirst && late && c == 0) wait();
+    consumer_sync();  // every warp is done with the previous chunk (late: and warp 0's wait)
+    if (kSetupFirst && late && c == 0 && !*waited) return pre;
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     with_fold(in, [&](auto fold) {
