@@ -100,8 +100,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "GATEUP, LMHEAD), not 2: half the activation reads (spills 20 bytes)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "
              "5 shuffles, not one reduce-scatter"),
-        flag("MK_SETUP_FIRST", 1, "a CUDA-core matvec decodes and sets up before its counter "
-             "wait (warp 0 waits at the chunk loop's head), not after it"),
+        flag("MK_SETUP_FIRST", 0, "a matvec waits on its counters before it decodes and sets "
+             "up (~1 us of serial code after the wait), not after"),
         flag("MK_RECORD_SMEM", 0, "every instruction reads its record from L2, not from "
              "the shared-memory copy warp 0 fills during the previous wait"),
         flag("MK_RELEASE_QUIET", 0, "the loader keeps issuing copies between a matvec's "

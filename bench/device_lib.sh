@@ -67,7 +67,7 @@ run_ablate() {  # model batch rows
   echo "ablate $1 b$2 rc=$? (${SECONDS}s)"; grep -E "^\|" "$OUT/ablate_$1_b$2.log" | cut -c1-150 | head -40
 }
 
-# Traces of $TRACE_MODEL (llama-3.2-1b) batch 1: the default build, then one per argument
+# Traces of $TRACE_MODEL (llama-3.2-1b) at batch $TRACE_BATCH (1): the default build, then one per argument
 # (a build flag such as -DMK_RELEASE_QUIET=0, a trace option such as --phases, or a runtime
 # switch such as no_load; several joined by '+', e.g. --phases+-DMK_INFLIGHT_PAGES=1);
 # $OUT/trace*/.
@@ -80,7 +80,7 @@ run_traces() {
     for f in ${flags//+/ }; do
       case "$f" in -D*) opts+=(--build-flag=$f) ;; --*) opts+=($f) ;; *) opts+=(--ablate=$f) ;; esac
     done
-    timeout 120 python3 -m megakernel trace --model "${TRACE_MODEL:-llama-3.2-1b}" --batch 1 \
+    timeout 120 python3 -m megakernel trace --model "${TRACE_MODEL:-llama-3.2-1b}" --batch "${TRACE_BATCH:-1}" \
       --out "$dir" "${opts[@]}" > "$dir.log" 2>&1
     echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
     sed -n '/^release/p; /^ring pages/,/^$/p; /^phases/,/^$/p' "$dir.log"

@@ -206,12 +206,14 @@ __shared__ int64_t* phase_row;  // the current instruction's row (thread 0's), o
 #define MK_STAGE_STAMPS 0
 #endif
 constexpr int kStageStamps = MK_STAGE_STAMPS;
-// 1: a CUDA-core matvec runs its setup before its counter wait, which warp 0 then does at
-// the chunk loop's head (interpreter.cuh); 0: the wait first, as every other op.
+// 1: a matvec runs its setup before its counter wait, which warp 0 then does right before
+// the first activation load (interpreter.cuh); 0: the wait first, as every other op.
 #ifndef MK_SETUP_FIRST
-#define MK_SETUP_FIRST 0
+#define MK_SETUP_FIRST 1
 #endif
 constexpr bool kSetupFirst = MK_SETUP_FIRST != 0;
+static_assert(!(kStageStamps && kSetupFirst),
+              "MK_STAGE_STAMPS times the wait-first order: build it with -DMK_SETUP_FIRST=0");
 // Thread 0: stamp phase k (0..3) of the current instruction. After a consumer_sync it marks
 // the moment every consumer got there; elsewhere, warp 0's view.
 __device__ __forceinline__ void phase_stamp(int k) {

@@ -176,11 +176,11 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       if (tid == 0 && ok) flags[3] = i;
     }
     };
-    // kSetupFirst: a CUDA-core matvec runs its setup (decode, geometry, accumulators: ~1 us
-    // of serial code) first and its wait at its chunk loop's head, before the bar.sync that
-    // precedes its first load; everything else waits here. Record i was published by
-    // instruction i-1's last bar.sync (i = 0: the launch's).
-    const bool setup_first = kSetupFirst && is_matvec(ins[W_OPCODE]) && tc_ntiles(a.B) == 0;
+    // kSetupFirst: a matvec runs its setup (decode, geometry, accumulators: ~1 us of serial
+    // code) first and its wait right before the bar.sync that precedes its first activation
+    // load; everything else waits here. Record i was published by instruction i-1's last
+    // bar.sync (i = 0: the launch's).
+    const bool setup_first = kSetupFirst && is_matvec(ins[W_OPCODE]);
     if (!setup_first) {
       wait();
       consumer_sync();
@@ -206,7 +206,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
 #define MK_MATVEC(f, n) \
   f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, wait, flags, setup_first)
 #define MK_MATVEC_TC(n) \
-  consumer_matvec_tc<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, raw)
+  consumer_matvec_tc<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, raw, wait, \
+                                 flags, setup_first)
       if (nt == 1) pre = MK_MATVEC_TC(1);
       else if (nt == 2) pre = MK_MATVEC_TC(2);
       else if (a.B == 1) pre = MK_MATVEC(consumer_matvec, 1);

@@ -442,6 +442,8 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
 // wait / waited / late (kSetupFirst, the interpreter): when late, wait() runs warp 0's
 // counter wait at the chunk loop's head, after the setup, and *waited (flags[0]) says after
 // the bar.sync that follows whether it held (else this returns at once: the kernel stops).
+// (Stage stamps need the other order: a stamp before the wait would go to the previous
+// instruction's row.)
 template <int BT, bool kTiming, typename Wait>
 __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                  uint32_t& it, float* act, float* acc, float* red, float* rstd,

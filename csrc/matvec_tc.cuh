@@ -231,12 +231,13 @@ __device__ __forceinline__ void page_mma(const unsigned char* page, int stride, 
 }
 
 // Consumers: the whole matvec of one instruction into acc[n, B] on tensor cores; the same
-// contract as consumer_matvec (matvec.cuh), plus raw: kRawFloats of shared memory for the
-// chunk copies. NT: n-tiles, tc_ntiles(a.B).
-template <int NT, bool kTiming>
+// contract as consumer_matvec (matvec.cuh, wait / waited / late included), plus raw:
+// kRawFloats of shared memory for the chunk copies. NT: n-tiles, tc_ntiles(a.B).
+template <int NT, bool kTiming, typename Wait>
 __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                     uint32_t& it, float* act, float* acc, float* red,
-                                    float* rstd, const PreLoad& pre_src, float* raw) {
+                                    float* rstd, const PreLoad& pre_src, float* raw,
+                                    Wait&& wait, volatile int* waited, bool late) {
   float2 pre = make_float2(0.f, 0.f);
   const int tid = threadIdx.x, B = a.B;
   const MatvecGeometry g = matvec_geometry(a, ins);
@@ -252,6 +253,11 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
   // One row group of at most one m-tile per warp: every page has the same rows and tiles.
   const bool carry = g.ngroups == 1 && g.n <= 16 * kConsumerWarps;
   const int rs = g.kc + kRawPad;
+  if (kSetupFirst && late) {  // set up: now warp 0's wait, before the first copies
+    wait();
+    consumer_sync();
+    if (!*waited) return pre;
+  }
   load_chunk_tc(in, 0, g.chunk_cols(0), B, raw, rs);
   pre = pre_src.load();  // in flight with the chunk's copies
   for (int c = 0; c < g.nchunks; ++c) {

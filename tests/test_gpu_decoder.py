@@ -131,32 +131,33 @@ def test_flagged_builds_match_fp32(cfg, batch, build):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
-def test_setup_first_matches_fp32(cfg, batch):
-    """-DMK_SETUP_FIRST=1: CUDA-core matvecs (batch 1, 2) set up before their counter wait,
-    which warp 0 runs at the chunk loop's head."""
+def test_wait_first_matches_fp32(cfg, batch):
+    """-DMK_SETUP_FIRST=0, the order before session 16: a matvec (CUDA cores at batch 1,
+    tensor cores at 8) waits on its counters first and sets up after."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     build_flags=("-DMK_SETUP_FIRST=1",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} setup_first")
+                                     build_flags=("-DMK_SETUP_FIRST=0",))
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} wait_first")
 
 
-def test_setup_first_watchdog_reports_a_matvec_wait():
-    """A matvec whose counter never completes, in the -DMK_SETUP_FIRST=1 build: the wait at
-    the chunk loop's head times out, names the counter, and the kernel stops."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_watchdog_reports_a_matvec_wait(batch):
+    """A matvec whose counter never completes: its wait, which runs after its setup (CUDA
+    cores at batch 1, tensor cores at 8), times out, names the counter, and the kernel
+    stops."""
     cfg = ModelConfig.preset("tiny")
     w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
-    broken = plan(cfg, batch=1, num_sms=8, policy="dag")
+    broken = plan(cfg, batch=batch, num_sms=8, policy="dag")
     ins = broken.instructions.reshape(-1, broken.instructions.shape[-1])
     waiting = ins[(ins[:, 4] > 0) & (ins[:, 0] == int(Op.OPROJ))]
     c = int(waiting[0, 3])
     broken.counter_targets = broken.counter_targets.copy()
     broken.counter_targets[c] += 1
-    dec = Decoder(cfg, w, batch=1, max_seq=16, program=broken, watchdog_ms=300,
-                  build_flags=("-DMK_SETUP_FIRST=1",))
+    dec = Decoder(cfg, w, batch=batch, max_seq=16, program=broken, watchdog_ms=300)
     with pytest.raises(RuntimeError, match=f"counter {c}"):
-        dec.step(torch.tensor([1], device="cuda"))
+        dec.step(torch.arange(1, batch + 1, device="cuda"))
 
 
 def test_fused_plan_needs_the_fused_build():
