@@ -63,12 +63,12 @@ def grid(num_sms: int = 132) -> list[Row]:
             {"reduce_slices": 1}),
         Row("fuse_reduce", "no ATTN_REDUCE stage: the last ATTN split of each (sequence, KV "
             "head) merges it", {"fuse_reduce": True}),
-        Row("fuse_oproj", "no ATTN_REDUCE or OPROJ stage: ATTN_OPROJ merges a q head's dims "
-            "and adds its O projection of a column slice into the residual atomically",
-            {"fuse_oproj": True}),
+        Row("fuse_oproj=0", "ATTN_REDUCE and OPROJ stages, not ATTN_OPROJ (which merges a q "
+            "head's dims and adds its O projection of a column slice into the residual "
+            "atomically; the default at batch <= 4)", {"fuse_oproj": False}),
         Row("fuse_oproj_rows", "fuse_oproj with whole rows (oproj_col_slices=1): each "
             "instruction a dim slice, 4x the atomic adds per residual element",
-            {"fuse_oproj": True, "oproj_col_slices": 1}),
+            {"oproj_col_slices": 1}),
         Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
             {"num_sms": num_sms // 2}),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
@@ -100,6 +100,11 @@ def grid(num_sms: int = 132) -> list[Row]:
              "GATEUP, LMHEAD), not 2: half the activation reads (spills 20 bytes)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "
              "5 shuffles, not one reduce-scatter"),
+        Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
+            "compiling it in costs the other plans)",
+            {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),
+        flag("MK_TC_SPLIT", 0, "tensor-core matvec: bf16 activations, one MMA a step, not hi + "
+             "lo pairs and two (a diagnostic: what the second MMA costs; less precise)"),
         flag("MK_SETUP_FIRST", 0, "a matvec waits on its counters before it decodes and sets "
              "up (~1 us of serial code after the wait), not after"),
         flag("MK_RECORD_SMEM", 0, "every instruction reads its record from L2, not from "

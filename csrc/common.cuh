@@ -34,6 +34,9 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_WARP_RELEASE
 #define MK_WARP_RELEASE 0   // 1: one empty-slot arrival per consumer warp (default: per thread)
 #endif
+#ifndef MK_TC_SPLIT
+#define MK_TC_SPLIT 1       // tensor-core matvec: activations as bf16 hi + lo, two MMAs a step
+#endif                      // (0, a diagnostic: hi only, half the MMAs, bf16 activations)
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
@@ -47,10 +50,11 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_FUSE_REDUCE
 #define MK_FUSE_REDUCE 0
 #endif
-// 1: ATTN_OPROJ records and the residual copies of EMBED/DOWN (plan(fuse_oproj=True);
-// Decoder adds it). Off by default until measured.
+// 1: ATTN_OPROJ records and the residual copies of EMBED/DOWN (plan(fuse_oproj), the
+// default plan at tp = 1 and batch <= 4). 0: a kernel without them (Runtime refuses fused
+// plans for it), to time what compiling them in costs the other plans.
 #ifndef MK_FUSE_OPROJ
-#define MK_FUSE_OPROJ 0
+#define MK_FUSE_OPROJ 1
 #endif
 #ifndef MK_COPY_KB
 #define MK_COPY_KB 4        // largest bulk copy of a page row, KB (a row cut into pieces)
@@ -107,6 +111,7 @@ constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages past the ring p
 constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
+constexpr bool kTcSplit = MK_TC_SPLIT != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;

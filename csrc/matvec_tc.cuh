@@ -168,7 +168,7 @@ __device__ __forceinline__ void mma_step(float (&part)[2 * NT][4], const uint32_
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     mma_bf16(part[2 * j], a, x[j].x, x[j].y);
-    mma_bf16(part[2 * j + 1], a, x[j].z, x[j].w);
+    if (kTcSplit) mma_bf16(part[2 * j + 1], a, x[j].z, x[j].w);
   }
 }
 

@@ -55,7 +55,10 @@ MODE_LOCAL_COMM = 8                                           # set by connect(p
 OPTION_FLAGS = {
     "fold": ("-DMK_FOLD=1", "its QKV/GATEUP/LMHEAD records sum the tp partials"),
     "fuse_reduce": ("-DMK_FUSE_REDUCE=1", "its ATTN records merge their groups"),
-    "fuse_oproj": ("-DMK_FUSE_OPROJ=1", "its ATTN_OPROJ records merge and project the "
+}
+# Plan options whose code the default build has, and a flag leaves out.
+OPTION_FLAGS_OFF = {
+    "fuse_oproj": ("-DMK_FUSE_OPROJ=0", "its ATTN_OPROJ records merge and project the "
                    "attention output in one stage"),
 }
 
@@ -118,11 +121,17 @@ class Runtime:
         unknown = set(ablate) - set(MODES)
         if unknown:
             raise ValueError(f"unknown ablation switches {sorted(unknown)}; known: {sorted(MODES)}")
+        options = getattr(program, "options", {})
         for option, (flag, what) in OPTION_FLAGS.items():
-            if getattr(program, "options", {}).get(option) and flag not in build_flags:
+            if options.get(option) and flag not in build_flags:
                 raise ValueError(f"the Program was planned with {option}=True: {what}, which "
                                  f"only a kernel built with {flag} does (Decoder adds it; pass "
                                  "it in build_flags)")
+        for option, (flag, what) in OPTION_FLAGS_OFF.items():
+            if options.get(option) and flag in build_flags:
+                raise ValueError(f"the Program was planned with {option}=True: {what}, which "
+                                 f"a kernel built with {flag} does not do (plan with "
+                                 f"{option}=False)")
         if "no_load" in ablate and not any(f.startswith("-DMK_RAW_SLOT") for f in build_flags):
             # no_load times a 4-slot ring: with the raw slot (the default's 5th, batches on
             # CUDA cores) that diagnostic hung at llama-3.2-1b batch 1, positions 300 and 512.

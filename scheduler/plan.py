@@ -18,8 +18,10 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     merges the group's partials (isa.py ATTN merge; False)
     fuse_oproj      no ATTN_REDUCE or OPROJ stage: ATTN_OPROJ instructions, oproj_slices // H
                     (at least 1) per q head, each merge a dim slice's partials and add its O
-                    projection of a column slice into the residual atomically (isa.py;
-                    False). tp = 1, batch <= 4, not with fuse_reduce
+                    projection of a column slice into the residual atomically (isa.py).
+                    tp = 1, batch <= 4, not with fuse_reduce; the default (None) turns it
+                    on wherever those hold (FUSE_OPROJ_MAX_BATCH; measured faster there,
+                    bench/NOTES.md session 16)
     oproj_col_slices  fuse_oproj: column slices per (q head, dim slice); 0 (default): the
                     most up to oproj_slices // H, a power of two of equal widths that are
                     multiples of 8 (lowering.oproj_column_slices): with oproj_slices = 4H a slice
@@ -50,8 +52,9 @@ from .validate import validate
 
 OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices", "kv_position",
            "fold", "fuse_reduce", "fuse_oproj", "validate")
-BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": False,
-                "validate": True}   # and their defaults
+BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": None,
+                "validate": True}   # and their defaults (None: decided by plan())
+FUSE_OPROJ_MAX_BATCH = 4   # ATTN_OPROJ keeps a batch row's sums in registers
 
 
 def parse_options(text: str) -> dict:
@@ -110,21 +113,27 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
     for key, default in BOOL_OPTIONS.items():
         out[key] = options.get(key, default)
-        if not isinstance(out[key], bool):
+        if not isinstance(out[key], bool) and not (default is None and out[key] is None):
             raise ValueError(f"{key} must be True or False, got {out[key]!r}")
     return out
 
 
-def _check_fuse_oproj(tp: int, batch: int, opts: dict) -> None:
+def _resolve_fuse_oproj(tp: int, batch: int, opts: dict) -> bool:
     """The limits of ATTN_OPROJ: it adds into this GPU's own residual (there are no tp
-    partials to sum), for at most 4 batch rows; it merges the partials itself."""
-    if tp > 1:
-        raise ValueError(f"fuse_oproj needs tp=1, got tp={tp}")
-    if batch > 4:
-        raise ValueError(f"fuse_oproj supports batch <= 4, got batch={batch}")
-    if opts["fuse_reduce"]:
-        raise ValueError("fuse_oproj and fuse_reduce exclude each other: ATTN_OPROJ merges "
-                         "the partials itself")
+    partials to sum), for at most FUSE_OPROJ_MAX_BATCH batch rows; it merges the partials
+    itself. None (the default): on wherever they hold; True where they do not: an error."""
+    if opts["fuse_oproj"] is None:
+        return tp == 1 and batch <= FUSE_OPROJ_MAX_BATCH and not opts["fuse_reduce"]
+    if opts["fuse_oproj"]:
+        if tp > 1:
+            raise ValueError(f"fuse_oproj needs tp=1, got tp={tp}")
+        if batch > FUSE_OPROJ_MAX_BATCH:
+            raise ValueError(f"fuse_oproj supports batch <= {FUSE_OPROJ_MAX_BATCH}, got "
+                             f"batch={batch}")
+        if opts["fuse_reduce"]:
+            raise ValueError("fuse_oproj and fuse_reduce exclude each other: ATTN_OPROJ "
+                             "merges the partials itself")
+    return opts["fuse_oproj"]
 
 
 def default_attn_splits(cfg: ModelConfig, batch: int, num_sms: int) -> int:
@@ -151,8 +160,7 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
         else _int("attn_splits", attn_splits, 1)
     spec = calibration.resolve(gpu)
     opts = _resolve_options(cfg, num_sms, options)
-    if opts["fuse_oproj"]:
-        _check_fuse_oproj(tp, batch, opts)
+    opts["fuse_oproj"] = _resolve_fuse_oproj(tp, batch, opts)
 
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]

@@ -106,7 +106,7 @@ def test_dag_beats_round_robin_when_waves_are_ragged():
 
 
 def test_chrome_trace(tmp_path):
-    prog = plan("tiny", batch=1, num_sms=4, policy="dag")
+    prog = plan("tiny", batch=1, num_sms=4, policy="dag", fuse_oproj=False)
     tl = simulate(prog)
     trace = json.loads(tl.to_chrome_trace(tmp_path / "trace.json").read_text())["traceEvents"]
     spans = [e for e in trace if e["ph"] == "X"]

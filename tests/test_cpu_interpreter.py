@@ -188,7 +188,8 @@ def test_attn_oproj_needs_wo_t():
     cpu = CpuInterpreter(TINY, w, prog, max_seq=8)
     assert torch.equal(cpu.weights.wo_t, cpu.weights.wo.transpose(1, 2))
     assert cpu.weights.wo_t.is_contiguous()
-    assert CpuInterpreter(TINY, w, mk.plan(TINY, num_sms=4), max_seq=8).weights.wo_t is None
+    unfused = mk.plan(TINY, num_sms=4, fuse_oproj=False)
+    assert CpuInterpreter(TINY, w, unfused, max_seq=8).weights.wo_t is None
     cpu.rank_weights = [dataclasses.replace(cpu.weights, wo_t=None)]
     with pytest.raises(ValueError, match="ATTN_OPROJ reads wo_t.*add_wo_t"):
         cpu.step(torch.tensor([1]))

@@ -114,6 +114,18 @@ def test_fused_oproj_matches_fp32(cfg, batch, col_slices):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj cols {col_slices}")
 
 
+@pytest.mark.parametrize("build", [(), ("-DMK_FUSE_OPROJ=0",)], ids=["default", "no_op"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_unfused_oproj_matches_fp32(cfg, batch, build):
+    """plan(fuse_oproj=False) where the default fuses: ATTN_REDUCE and OPROJ stages, in the
+    default build and in the one without ATTN_OPROJ."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], fuse_oproj=False,
+                                     build_flags=build)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj=False {build}")
+
+
 LL_BUILDS = {"ll_partials": ("-DMK_LL_PARTIALS=1",), "ll_q": ("-DMK_LL_Q=1",),
              "ll_both": ("-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1")}
 
@@ -161,15 +173,16 @@ def test_watchdog_reports_a_matvec_wait(batch):
 
 
 def test_fused_plan_needs_the_fused_build():
-    """A merging ATTN record is refused by a default build's Runtime, not run unmerged."""
+    """A merging ATTN record is refused by a default build's Runtime, not run unmerged; an
+    ATTN_OPROJ record by a build without ATTN_OPROJ."""
     from megakernel.packing import pack_weights
     from megakernel.runtime import Runtime
     cfg = ModelConfig.preset("tiny")
     packed = pack_weights(Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda"))
     with pytest.raises(ValueError, match="MK_FUSE_REDUCE"):
         Runtime(packed, plan(cfg, num_sms=8, fuse_reduce=True), 16)
-    with pytest.raises(ValueError, match="MK_FUSE_OPROJ"):
-        Runtime(packed, plan(cfg, num_sms=8, fuse_oproj=True), 16)
+    with pytest.raises(ValueError, match="MK_FUSE_OPROJ=0"):
+        Runtime(packed, plan(cfg, num_sms=8), 16, build_flags=("-DMK_FUSE_OPROJ=0",))
 
 
 def greedy_agreement(cfg, policy, steps, batch=1, seed=0):

@@ -142,7 +142,7 @@ def _stage_counters(prog, op, layer=0):
 def test_counter_layout_follows_granularity():
     cfg = ModelConfig("g", 300, 320, 384, 2, 8, 2, head_dim=64)      # G = 4, 6 * 64 rows/group
     B, NS = 2, 3
-    progs = {g: plan(cfg, batch=B, num_sms=9, granularity=g, attn_splits=NS)
+    progs = {g: plan(cfg, batch=B, num_sms=9, granularity=g, attn_splits=NS, fuse_oproj=False)
              for g in GRANULARITIES}
     assert progs["layer"].num_counters == 6 * cfg.L + 2
     for g, prog in progs.items():
@@ -190,11 +190,23 @@ def test_default_attn_splits_and_slices():
     assert plan("llama-3.2-1b", batch=1, validate=False).attn_splits == 16
     assert plan("llama-3.2-1b", batch=16, validate=False).attn_splits == 1
     assert plan("tiny", num_sms=1000, validate=False).attn_splits == 32
-    prog = plan("llama-3.2-1b", batch=1, num_sms=132, validate=False)
+    prog = plan("llama-3.2-1b", batch=1, num_sms=132, validate=False, fuse_oproj=False)
     t = prog.table()
     assert ((t.op == Op.OPROJ) & (t.layer == 0)).sum() == 132
     assert prog.lm_slices == 132
     assert prog.options["slices"] == 132 and prog.options["kv_position"] == 512
+
+
+@pytest.mark.parametrize("kw, fused", [
+    (dict(), True), (dict(batch=4), True), (dict(batch=5), False), (dict(tp=2), False),
+    (dict(fuse_reduce=True), False), (dict(fuse_oproj=False), False)])
+def test_fuse_oproj_is_the_default_where_it_applies(kw, fused):
+    """fuse_oproj's default (None): ATTN_OPROJ at tp = 1, batch <= 4, without fuse_reduce."""
+    prog = plan("tiny", num_sms=6, **kw)
+    for p in getattr(prog, "ranks", [prog]):
+        assert p.options["fuse_oproj"] is fused
+        assert (p.table().op == Op.ATTN_OPROJ).any() == fused
+        assert (p.table().op == Op.OPROJ).any() != fused
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -277,7 +289,7 @@ def test_dump_cli_prints_summaries_and_writes_a_trace(tmp_path, capsys):
                               "--granularity", "head", "--trace", str(trace)])
     assert dump.main(args) == 0
     out = capsys.readouterr().out
-    for s in ("per SM", "QKV", "ATTN_REDUCE", "counters:", "predicted step"):
+    for s in ("per SM", "QKV", "ATTN_OPROJ", "counters:", "predicted step"):
         assert s in out
     assert len(out.splitlines()) < 60
     events = json.loads(trace.read_text())["traceEvents"]
@@ -326,7 +338,8 @@ def test_fuse_oproj_records(granularity):
 
 
 def test_plans_without_fuse_oproj_copy_nothing():
-    for kw in (dict(batch=2), dict(batch=3, fuse_reduce=True), dict(tp=2, batch=2)):
+    for kw in (dict(batch=2, fuse_oproj=False), dict(batch=3, fuse_reduce=True),
+               dict(tp=2, batch=2), dict(batch=5)):
         prog = plan("tiny", num_sms=6, **kw)
         for p in getattr(prog, "ranks", [prog]):
             t = p.table()

@@ -32,7 +32,7 @@ TP1_GOLDEN = {
 def test_tp1_programs_are_unchanged(case):
     model, batch, num_sms, policy, granularity = case
     p = plan(model, batch=batch, num_sms=num_sms, policy=policy, granularity=granularity, tp=1,
-             reduce_slices=1)
+             reduce_slices=1, fuse_oproj=False)
     ins = p.instructions.copy()
     words = [isa.word_index(Op.ATTN_REDUCE, f) for f in ("head0", "nheads")]
     reduce = ins[..., 0] == Op.ATTN_REDUCE

@@ -69,8 +69,8 @@ def test_per_opcode_table_sums(traced):
     np.testing.assert_allclose(m.occupancy_us(), cost, atol=2e-3)   # simulator-exact trace
     text = trace.opcode_table(prog, m, {"h100": prog.gpu, "true": spec})
     rows = {line.split()[0]: line.split() for line in text.splitlines()[1:-1]}
-    assert set(rows) == {"EMBED", "QKV", "ATTN", "ATTN_REDUCE", "OPROJ", "GATEUP", "DOWN",
-                         "LMHEAD", "ARGMAX", "all"}
+    assert set(rows) == {"EMBED", "QKV", "ATTN", "ATTN_OPROJ", "GATEUP", "DOWN", "LMHEAD",
+                         "ARGMAX", "all"}
     assert sum(int(r[1]) for k, r in rows.items() if k != "all") == int(rows["all"][1]) \
         == prog.num_instructions
     busy = sum(float(r[3]) for k, r in rows.items() if k != "all")
@@ -84,8 +84,8 @@ def synthetic_pages(prog, timing, wait=0.25, page=0.75, lead=1.5, per=4):
     """Ring-page stamps [num_sms, n, 4] ns: `per` pages in each matvec instruction's
     execution, every one waited `wait` us, held `page` us, issued `lead` us before wait end."""
     out = np.zeros((prog.num_sms, 4096, 4), np.int64)
-    matvec = {int(o) for o in (isa.Op.QKV, isa.Op.OPROJ, isa.Op.GATEUP, isa.Op.DOWN,
-                               isa.Op.LMHEAD)}
+    matvec = {int(o) for o in (isa.Op.QKV, isa.Op.OPROJ, isa.Op.ATTN_OPROJ, isa.Op.GATEUP,
+                               isa.Op.DOWN, isa.Op.LMHEAD)}    # the ops that stream pages
     for sm, n in enumerate(prog.queue_len):
         k = 0
         for i in range(n):
@@ -105,7 +105,7 @@ def test_page_table_recovers_the_stamped_times(traced, tmp_path):
     pages = synthetic_pages(prog, timing)
     rows = {line.split()[0]: line.split() for line in
             trace.page_table(prog, timing, pages).splitlines()[1:]}
-    assert set(rows) == {"QKV", "OPROJ", "GATEUP", "DOWN", "LMHEAD"}
+    assert set(rows) == {"QKV", "ATTN_OPROJ", "GATEUP", "DOWN", "LMHEAD"}
     per_op = {op.name: 4 * int((prog.instructions[..., 0][
         np.arange(prog.max_len)[None] < prog.queue_len[:, None]] == op).sum())
         for op in (isa.Op.QKV, isa.Op.GATEUP)}
@@ -127,7 +127,7 @@ def test_release_line_reads_the_written_stamp(traced):
     assert trace.release_line(prog, timing) is None            # 3 stamps: none to read
     four = np.concatenate([timing, timing[..., 2:3] - 300], axis=2)
     line = trace.release_line(prog, four)
-    assert "QKV 0.30" in line and "ATTN_REDUCE 0.30" in line and "ARGMAX 0.30" in line
+    assert "QKV 0.30" in line and "ATTN_OPROJ 0.30" in line and "ARGMAX 0.30" in line
     m3, m4 = calibration.measure(prog, timing), calibration.measure(prog, four)
     assert m3.span_us == m4.span_us
 

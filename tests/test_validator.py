@@ -16,7 +16,8 @@ WHERE = r"uid \d+ {op} \(layer -?\d+\) on SM \d+ at queue index \d+"
 
 @pytest.fixture(scope="module")
 def base():
-    return plan("tiny", batch=2, num_sms=6, granularity="chunk")
+    """The plan with every stage (ATTN_REDUCE, OPROJ: not the default at batch 2)."""
+    return plan("tiny", batch=2, num_sms=6, granularity="chunk", fuse_oproj=False)
 
 
 def find(prog, op, nth=0, **fields):
@@ -104,7 +105,7 @@ def test_queue_out_of_topological_order_is_caught(base):
 
 def test_wait_on_a_later_instruction_is_caught():
     """Queues stay sorted (one instruction per SM) but a consumer's uid precedes its producer's."""
-    p = plan("tiny", num_sms=200, slices=2, policy="rr")
+    p = plan("tiny", num_sms=200, slices=2, policy="rr", fuse_oproj=False)
     assert p.queue_len.max() == 1
     consumer = find(p, Op.ATTN_REDUCE)
     first = int(p.instructions[consumer][isa.word_index(Op.ATTN_REDUCE, "wait0_first")])
@@ -175,7 +176,7 @@ def test_waited_counter_without_signalers_is_caught(base):
     (Op.EMBED, "copy", 2, "copy = 2"),
 ]])
 def test_bad_fields_are_caught(request, plan, op, field, value, match):
-    """plan: the fixture whose program is broken (the default plan, or a fuse_oproj one)."""
+    """plan: the fixture whose program is broken (the unfused plan, or a fuse_oproj one)."""
     p = copy.deepcopy(request.getfixturevalue(plan))
     put(p, find(p, op), field, value)
     caught(p, WHERE.format(op=op.name) + ": .*" + match)
