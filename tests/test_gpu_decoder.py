@@ -163,7 +163,7 @@ def test_watchdog_reports_a_matvec_wait(batch):
     w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
     broken = plan(cfg, batch=batch, num_sms=8, policy="dag")
     ins = broken.instructions.reshape(-1, broken.instructions.shape[-1])
-    waiting = ins[(ins[:, 4] > 0) & (ins[:, 0] == int(Op.OPROJ))]
+    waiting = ins[(ins[:, 4] > 0) & (ins[:, 0] == int(Op.DOWN))]
     c = int(waiting[0, 3])
     broken.counter_targets = broken.counter_targets.copy()
     broken.counter_targets[c] += 1
@@ -291,8 +291,9 @@ def test_timing_stamps_every_ring_page():
     dec.runtime.page_timing.fill_(-1)       # poison: stamped pages must be overwritten
     dec.step(torch.tensor([3], device="cuda"))
     t, p = dec.runtime.timing.cpu().numpy(), dec.runtime.page_timing.cpu().numpy()
-    matvec = np.isin(dec.program.instructions[..., 0],
-                     [int(o) for o in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)])
+    matvec = np.isin(dec.program.instructions[..., 0],   # the ops that stream ring pages
+                     [int(o) for o in (Op.QKV, Op.OPROJ, Op.ATTN_OPROJ, Op.GATEUP, Op.DOWN,
+                                       Op.LMHEAD)])
     for sm, n in enumerate(dec.program.queue_len):
         k = int((p[sm, :, 0] != -1).sum())
         assert (p[sm, :k] > 0).all() and (p[sm, k:] == -1).all(), f"SM {sm}: not a prefix"
@@ -306,8 +307,8 @@ def test_timing_stamps_every_ring_page():
 def test_phase_stamps_only_with_their_build_flag():
     cfg = ModelConfig.preset("tiny")
     w = Weights.random(cfg, seed=6, dtype=torch.bfloat16, device="cuda")
-    ops = {int(o) for o in (Op.QKV, Op.ATTN, Op.ATTN_REDUCE, Op.OPROJ, Op.GATEUP, Op.DOWN,
-                            Op.LMHEAD)}
+    ops = {int(o) for o in (Op.QKV, Op.ATTN, Op.ATTN_REDUCE, Op.OPROJ, Op.ATTN_OPROJ,
+                            Op.GATEUP, Op.DOWN, Op.LMHEAD)}
     for flags in ((), ("-DMK_PHASE_STAMPS=1",)):
         dec = Decoder(cfg, w, batch=1, max_seq=16, num_sms=16, timing=True, build_flags=flags)
         dec.runtime.phase_timing.fill_(-1)  # poison
