@@ -120,13 +120,18 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_ATTN_EXACT_G", 0, "ATTN unrolled for 8 q heads with an exit after the "
              "group's last, one head after the other, not exactly 4 heads interleaved where "
              "G == 4 (D 64, 128)"),
-        flag("MK_LL_PARTIALS", 1, "ATTN also stores its partials as flagged pairs and "
-             "ATTN_REDUCE polls them, not the ATTN counters (no release, counter round trip "
-             "or bar.sync between them)"),
+        # The partials hop is the unfused plan's, in a kernel without ATTN_OPROJ (whose
+        # ATTN signals then need no release): compare these rows with MK_FUSE_OPROJ=0.
+        Row("MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_FUSE_OPROJ=0, and ATTN also stores its "
+            "partials as flagged pairs and ATTN_REDUCE polls them, not the ATTN counters (no "
+            "release, counter round trip or bar.sync between them)",
+            {"fuse_oproj": False, "build_flags": ("-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0")}),
         flag("MK_LL_Q", 1, "QKV also stores q and the new k / v as flagged pairs and ATTN "
              "polls them, not the QKV counters"),
-        flag("MK_LL_Q", 1, "both hops flagged: QKV -> ATTN and ATTN -> ATTN_REDUCE",
-             "-DMK_LL_PARTIALS=1"),
+        Row("MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_FUSE_OPROJ=0, and both hops "
+            "flagged: QKV -> ATTN and ATTN -> ATTN_REDUCE",
+            {"fuse_oproj": False,
+             "build_flags": ("-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0")}),
         flag("MK_TC_MIN_BUCKET", 1, "tensor cores from batch 1 up (the hi/lo split "
              "activations as an 8-column n-tile)"),
         Row("no_waits", "every wait stripped (words 3..6 zeroed), static tokens", {},

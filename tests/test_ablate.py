@@ -69,7 +69,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
         "MK_RELEASE_QUIET=0", "MK_RELEASE_QUIET=2",
         "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
-        "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_LL_PARTIALS=1", "MK_LL_Q=1", "MK_LL_Q=1+MK_LL_PARTIALS=1",
+        "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=1",
+        "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0",
         "no_compute", "no_load"}
     by_name = {r.name: r for r in rows}
     combined = by_name["MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0"]
