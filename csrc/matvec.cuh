@@ -494,13 +494,19 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc
   else if (own) consumer_sync();
   if (own || in.norm) {
+    // Where B divides the thread count every i of this thread has batch row tid % B: one
+    // rstd read (indexing rstd[i % B] per i had the compiler hoist three addresses to the
+    // kernel's start and spill them).
+    const bool one_row = kConsumerThreads % B == 0;
+    const float r0 = in.norm ? rstd[tid % B] : 1.f;
     for (int i = tid; i < nb; i += kConsumerThreads) {
       float s = acc[i];
       if (own) {
 #pragma unroll
         for (int w = 1; w < kConsumerWarps; ++w) s += acc[w * nb + i];
       }
-      acc[i] = in.norm ? s * rstd[i % B] : s;  // only this thread touches acc[i] here
+      // only this thread touches acc[i] here
+      acc[i] = in.norm ? s * (one_row ? r0 : rstd[i % B]) : s;
     }
   }
   consumer_sync();  // acc complete
