@@ -151,30 +151,30 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
     // Warp 0: the counter wait of instruction i (and the copy of record i+1). The bar.sync
     // after it orders every consumer after its acquires; flags[0] says how it went.
     auto wait = [&]() {
-    if (tid < 32) {
-      const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
-      const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
-      const uint64_t t0 = kTiming ? globaltimer() : 0;
-      // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
-      const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
-                      (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
-      if (tid == 0) {
-        flags[0] = ok ? 1 : 0;
-        if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
+      if (tid < 32) {
+        const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
+        const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
+        const uint64_t t0 = kTiming ? globaltimer() : 0;
+        // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
+        const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
+                        (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
+        if (tid == 0) {
+          flags[0] = ok ? 1 : 0;
+          if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
 #if MK_PHASE_STAMPS
-        phase_row = kTiming && a.phase_timing
-                        ? a.phase_timing + (static_cast<size_t>(blockIdx.x) * a.max_len + i) * 4
-                        : nullptr;
+          phase_row = kTiming && a.phase_timing
+                          ? a.phase_timing + (static_cast<size_t>(blockIdx.x) * a.max_len + i) * 4
+                          : nullptr;
 #endif
+        }
+        // The other copy held instruction i-1's record: thread 0 read it last, at i-1's
+        // release (the __syncwarp orders that before these stores); the bar.syncs of
+        // instruction i publish the new record to every consumer.
+        __syncwarp();
+        if (more) rec[((i + 1) & 1) * kWords + tid] = next;
+        // waits of instruction i hold (the NO_PREFETCH loader waits for it)
+        if (tid == 0 && ok) flags[3] = i;
       }
-      // The other copy held instruction i-1's record: thread 0 read it last, at i-1's
-      // release (the __syncwarp orders that before these stores); the bar.syncs of
-      // instruction i publish the new record to every consumer.
-      __syncwarp();
-      if (more) rec[((i + 1) & 1) * kWords + tid] = next;
-      // waits of instruction i hold (the NO_PREFETCH loader waits for it)
-      if (tid == 0 && ok) flags[3] = i;
-    }
     };
     // kSetupFirst: a matvec runs its setup (decode, geometry, accumulators: ~1 us of serial
     // code) first and its wait right before the bar.sync that precedes its first activation

@@ -114,7 +114,8 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
     for key, default in BOOL_OPTIONS.items():
         out[key] = options.get(key, default)
         if not isinstance(out[key], bool) and not (default is None and out[key] is None):
-            raise ValueError(f"{key} must be True or False, got {out[key]!r}")
+            allowed = "True, False or None (the default)" if default is None else "True or False"
+            raise ValueError(f"{key} must be {allowed}, got {out[key]!r}")
     return out
 
 
