@@ -165,19 +165,27 @@ def test_wait_first_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} wait_first")
 
 
+def broken_tiny(batch, waiter=None):
+    """tiny's config, weights and a plan whose counter c (waited on by the last waiting
+    instruction, or the first `waiter` op that waits) needs one more signal than any step
+    delivers: -> (cfg, w, plan, c)."""
+    cfg = ModelConfig.preset("tiny")
+    w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
+    broken = plan(cfg, batch=batch, num_sms=8, policy="dag")
+    ins = broken.instructions.reshape(-1, broken.instructions.shape[-1])
+    waiting = ins[ins[:, 4] > 0]                                   # wait0_count > 0
+    c = int(waiting[-1, 3] if waiter is None else waiting[waiting[:, 0] == int(waiter)][0, 3])
+    broken.counter_targets = broken.counter_targets.copy()
+    broken.counter_targets[c] += 1
+    return cfg, w, broken, c
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_watchdog_reports_a_matvec_wait(batch):
     """A matvec whose counter never completes: its wait, which runs after its setup (CUDA
     cores at batch 1, tensor cores at 8), times out, names the counter, and the kernel
     stops."""
-    cfg = ModelConfig.preset("tiny")
-    w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
-    broken = plan(cfg, batch=batch, num_sms=8, policy="dag")
-    ins = broken.instructions.reshape(-1, broken.instructions.shape[-1])
-    waiting = ins[(ins[:, 4] > 0) & (ins[:, 0] == int(Op.DOWN))]
-    c = int(waiting[0, 3])
-    broken.counter_targets = broken.counter_targets.copy()
-    broken.counter_targets[c] += 1
+    cfg, w, broken, c = broken_tiny(batch, waiter=Op.DOWN)
     dec = Decoder(cfg, w, batch=batch, max_seq=16, program=broken, watchdog_ms=300)
     with pytest.raises(RuntimeError, match=f"counter {c}"):
         dec.step(torch.arange(1, batch + 1, device="cuda"))
@@ -230,13 +238,7 @@ def test_greedy_tokens_equal_bf16_reference(name, policy):
 
 
 def test_watchdog_reports_a_counter_that_never_completes():
-    cfg = ModelConfig.preset("tiny")
-    w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
-    broken = plan(cfg, batch=1, num_sms=8, policy="dag")
-    ins = broken.instructions.reshape(-1, broken.instructions.shape[-1])
-    c = int(ins[ins[:, 4] > 0][-1, 3])      # a counter some instruction waits on (wait0)
-    broken.counter_targets = broken.counter_targets.copy()
-    broken.counter_targets[c] += 1          # one more signal than any step delivers
+    cfg, w, broken, c = broken_tiny(1)
     dec = Decoder(cfg, w, batch=1, max_seq=16, program=broken, watchdog_ms=300)
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match=f"counter {c}"):
