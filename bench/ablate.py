@@ -103,6 +103,9 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
             "compiling it in costs the other plans)",
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),
+        flag("MK_MLP_BF16", 1, "tensor-core batches: GATEUP stores the MLP activation as bf16 "
+             "and DOWN stages half the bytes (its MMAs round it to bf16 anyway; less precise "
+             "than the hi + lo split)"),
         flag("MK_TC_SPLIT", 0, "tensor-core matvec: bf16 activations, one MMA a step, not hi + "
              "lo pairs and two (a diagnostic: what the second MMA costs; less precise)"),
         flag("MK_SETUP_FIRST", 0, "a matvec waits on its counters before it decodes and sets "

@@ -37,6 +37,9 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_TC_SPLIT
 #define MK_TC_SPLIT 1       // tensor-core matvec: activations as bf16 hi + lo, two MMAs a step
 #endif                      // (0, a diagnostic: hi only, half the MMAs, bf16 activations)
+#ifndef MK_MLP_BF16
+#define MK_MLP_BF16 0       // 1: at tensor-core batches GATEUP stores the MLP activation as
+#endif                      // bf16 and DOWN stages half the bytes (0: fp32, hi + lo split)
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
@@ -112,6 +115,7 @@ constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr bool kTcSplit = MK_TC_SPLIT != 0;
+constexpr bool kMlpBf16 = MK_MLP_BF16 != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;

@@ -62,6 +62,9 @@ struct MatvecInput {
   const float* x;
   int ld;
   const __nv_bfloat16* norm;  // null: no RMSNorm
+#if MK_MLP_BF16
+  bool half = false;          // x holds bf16 (DOWN at tensor-core batches: gateup.cuh)
+#endif
 #if MK_FOLD
   const float* parts = nullptr;
   int nparts = 0;
@@ -218,7 +221,13 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
     case OP_GATEUP:
       return resid_input(a, ins, 2 * l + 1, W_GATEUP_FOLD,
                          a.mlp_norm + static_cast<size_t>(l) * a.d);
-    case OP_DOWN: return {a.act + static_cast<size_t>(l) * a.B * a.I, a.I, nullptr};
+    case OP_DOWN: {
+      MatvecInput in{a.act + static_cast<size_t>(l) * a.B * a.I, a.I, nullptr};
+#if MK_MLP_BF16
+      in.half = tc_ntiles(a.B) > 0;
+#endif
+      return in;
+    }
     default: return resid_input(a, ins, 2 * a.L, W_LMHEAD_FOLD, a.final_norm);
   }
 }

@@ -154,6 +154,17 @@ def test_flagged_builds_match_fp32(cfg, batch, build):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_bf16_mlp_activation_matches_fp32(cfg, batch):
+    """-DMK_MLP_BF16=1: at tensor-core batches (3, 8, 16) GATEUP stores silu(g) * u as bf16
+    and DOWN stages it from there (batch 1: the CUDA-core path, unchanged)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
+                                     build_flags=("-DMK_MLP_BF16=1",))
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} mlp_bf16")
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
