@@ -205,11 +205,12 @@ __device__ __forceinline__ void mma_step(float (&part)[2 * NT][4], const uint32_
 
 // One page: rows x cols bf16 (row stride `stride` bytes) times frag -> part, added to
 // acc[row_base + r, b] when `flush` (else kept in part for the next page, same rows).
+// own: acc is this warp's own copy (kTcWarpAcc), so plain adds even where warps share a tile.
 template <int NT>
 __device__ __forceinline__ void page_mma(const unsigned char* page, int stride, int rows,
                                          int cols, int row_base, const uint4* frag,
                                          float* acc, int B, float (&part)[2 * NT][4],
-                                         bool flush) {
+                                         bool flush, bool own = false) {
   static_assert(kConsumerWarps == 8, "warps per tile are 8 >> wsh");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int mt = (rows + 15) >> 4, full = cols >> 4;      // m-tiles; k-steps of 16 columns
@@ -257,7 +258,8 @@ __device__ __forceinline__ void page_mma(const unsigned char* page, int stride, 
       for (int j = 0; j < NT; ++j) x[j] = f[j * 32];
       mma_step<NT>(part, a, x);
     }
-    if (flush) flush_tile<NT>(part, acc, row_base + t * 16, rows - t * 16, B, wpt > 1 ? kp : -1);
+    if (flush)
+      flush_tile<NT>(part, acc, row_base + t * 16, rows - t * 16, B, wpt > 1 && !own ? kp : -1);
   }
 }
 
@@ -274,15 +276,20 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
   const MatvecGeometry g = matvec_geometry(a, ins);
   const MatvecInput in = matvec_input(a, ins);
   uint4* frag = reinterpret_cast<uint4*>(act);
-  for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] = 0.f;
+  // One row group of at most one m-tile per warp: every page has the same rows and tiles.
+  const bool carry = g.ngroups == 1 && g.n <= 16 * kConsumerWarps;
+  // kTcWarpAcc: pages flushed into shared tiles go to per-warp copies of acc (summed once
+  // after the pages) where 8 copies fit, instead of the CAS-spin atomics of flush_tile.
+  const int nb = g.n * B;
+  const bool own = kTcWarpAcc && !carry && nb * kConsumerWarps <= kAccFloats;
+  float* const warp_acc = own ? acc + (tid >> 5) * nb : acc;
+  for (int i = tid; i < (own ? nb * kConsumerWarps : nb); i += kConsumerThreads) acc[i] = 0.f;
   float sq = 0.f;
   float part[2 * NT][4];
 #pragma unroll
   for (int j = 0; j < 2 * NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
-  // One row group of at most one m-tile per warp: every page has the same rows and tiles.
-  const bool carry = g.ngroups == 1 && g.n <= 16 * kConsumerWarps;
   const int rs = g.kc + kRawPad;
   if (kSetupFirst && late) {  // set up: now warp 0's wait, before the first copies
     wait();
@@ -303,8 +310,8 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
     if (c + 1 < g.nchunks) load_chunk_tc(in, col0 + g.kc, g.chunk_cols(c + 1), B, raw, rs);
     for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<true>>(a, ring, it, [&](const unsigned char* page) {
-        page_mma<NT>(page, g.stride(cols), g.group_rows(grp), cols, grp * g.rpp, frag, acc, B,
-                     part, !carry || c == g.nchunks - 1);
+        page_mma<NT>(page, g.stride(cols), g.group_rows(grp), cols, grp * g.rpp, frag,
+                     warp_acc, B, part, !carry || c == g.nchunks - 1, own);
       });
       if (c == 0 && grp == 0) phase_stamp(1);
     }
@@ -321,7 +328,18 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
       if (NT > 1) red[warp * kMaxBatch + (b ^ 8)] = 0.f;  // the other n-tile's rows
     }
     rstd_from_warp_sums(g.K, B, a.eps, red, rstd);  // its barriers also complete acc
-    for (int i = tid; i < g.n * B; i += kConsumerThreads) acc[i] *= rstd[i % B];
+  } else if (own) {
+    consumer_sync();  // every warp's copy complete
+  }
+  if (own || in.norm) {
+    for (int i = tid; i < nb; i += kConsumerThreads) {
+      float s = acc[i];
+      if (own) {
+#pragma unroll
+        for (int w = 1; w < kConsumerWarps; ++w) s += acc[w * nb + i];
+      }
+      acc[i] = in.norm ? s * rstd[i % B] : s;  // only this thread touches acc[i] here
+    }
   }
   consumer_sync();  // acc complete
   phase_stamp(3);

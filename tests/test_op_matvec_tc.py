@@ -2,7 +2,7 @@
 of its buckets (3, 4, 5, 8: one 8-column n-tile; 13, 16: two), on shapes the per-op tests
 do not reach: K = 8 mod 16 (a last k-step of 8 columns) and larger than one activation
 chunk, row counts that are not multiples of 16, one row group (partial sums carried across
-pages in registers) and many (shared atomics per page)."""
+pages in registers) and many (shared atomics per page, or per-warp copies of the sums)."""
 import pytest
 from _gpu import assert_close, run_op
 from megakernel import ModelConfig
@@ -19,20 +19,24 @@ BATCHES = [3, 4, 5, 8, 13, 16]
 
 
 def _rows(op, batch, size):
-    """(row0, n): `few` fit one page's row group (16 rows at batch <= 8, 31 above), `many`
-    is as many as the accumulators hold; neither is a multiple of 16."""
+    """(row0, n): `few` fit one page's row group (16 rows at batch <= 8, 31 above), `mid`
+    spans several groups and 8 copies of its accumulators fit (MK_TC_WARP_ACC), `many` is
+    as many as the accumulators hold; none is a multiple of 16."""
     total = {Op.QKV: CFG.Hkv * (CFG.G + 2) * CFG.D, Op.OPROJ: CFG.d, Op.GATEUP: 2 * CFG.I,
              Op.DOWN: CFG.d, Op.LMHEAD: CFG.V}[op]
     row0 = 6
-    n = 14 if size == "few" else min(total - row0, isa.MAX_ROWS_TIMES_BATCH // batch - 6)
+    n = {"few": 14, "mid": 62}.get(size, min(total - row0, isa.MAX_ROWS_TIMES_BATCH // batch - 6))
     return row0, n & ~1  # QKV and GATEUP take row pairs
 
 
-@pytest.mark.parametrize("size", ["few", "many"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_TC_WARP_ACC=1",)], ids=["default", "warp_acc"])
+@pytest.mark.parametrize("size", ["few", "mid", "many"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("op", [Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD],
                          ids=lambda o: o.name)
-def test_matvec_tc(op, batch, size):
+def test_matvec_tc(op, batch, size, flags):
+    """flags: -DMK_TC_WARP_ACC=1 flushes `many`'s shared tiles into per-warp copies of acc
+    (where 8 fit) instead of the atomics."""
     row0, n = _rows(op, batch, size)
     layer = 0 if op == Op.LMHEAD else 1
     fields = dict(row0=row0, nrows=n)
@@ -52,6 +56,7 @@ def test_matvec_tc(op, batch, size):
         poison = [("logits", slice(None)), ("amax_val", (slice(None), 1)),
                   ("amax_idx", (slice(None), 1))]
         checks = [("logits", 1e-4), ("amax_val", 1e-4), ("amax_idx", 0)]
-    got, ref = run_op(CFG, batch, op, fields, layer=layer, positions=positions, poison=poison)
+    got, ref = run_op(CFG, batch, op, fields, layer=layer, positions=positions, poison=poison,
+                      build_flags=flags)
     for name, tol in checks:
         assert_close(got, ref, name, rtol=tol, atol=tol)
