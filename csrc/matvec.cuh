@@ -442,6 +442,27 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
   rstd_from_warp_sums(K, B, eps, red, rstd);
 }
 
+// Consumers, after the pages (and a bar.sync): acc[i] for i < nb becomes the sum of the
+// kConsumerWarps copies acc[w * nb + i] (own) times rstd of its batch row (norm).
+__device__ __forceinline__ void finish_acc(float* acc, const float* rstd, int nb, int B,
+                                           bool own, bool norm) {
+  // Where B divides the thread count every i of this thread has batch row tid % B: one
+  // rstd read (indexing rstd[i % B] per i had the compiler hoist three addresses to the
+  // kernel's start and spill them).
+  const int tid = threadIdx.x;
+  const bool one_row = kConsumerThreads % B == 0;
+  const float r0 = norm ? rstd[tid % B] : 1.f;
+  for (int i = tid; i < nb; i += kConsumerThreads) {
+    float s = acc[i];
+    if (own) {
+#pragma unroll
+      for (int w = 1; w < kConsumerWarps; ++w) s += acc[w * nb + i];
+    }
+    // only this thread touches acc[i] here
+    acc[i] = norm ? s * (one_row ? r0 : rstd[i % B]) : s;
+  }
+}
+
 // Consumers: the whole matvec of one instruction into acc[n, B]. `it` is the ring position
 // shared with the loader's walk. BT: batch bucket (B <= BT). pre_src: this thread's
 // epilogue inputs (PreLoad), loaded together with the first activation chunk and returned.
@@ -502,22 +523,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   if (kQuietFromLastPage && tid == 0) set_flag(ring.quiet, 1);  // cleared after the release
   if (in.norm) finish_rms<BT>(sums, g.K, B, a.eps, red, rstd);  // its barriers complete acc
   else if (own) consumer_sync();
-  if (own || in.norm) {
-    // Where B divides the thread count every i of this thread has batch row tid % B: one
-    // rstd read (indexing rstd[i % B] per i had the compiler hoist three addresses to the
-    // kernel's start and spill them).
-    const bool one_row = kConsumerThreads % B == 0;
-    const float r0 = in.norm ? rstd[tid % B] : 1.f;
-    for (int i = tid; i < nb; i += kConsumerThreads) {
-      float s = acc[i];
-      if (own) {
-#pragma unroll
-        for (int w = 1; w < kConsumerWarps; ++w) s += acc[w * nb + i];
-      }
-      // only this thread touches acc[i] here
-      acc[i] = in.norm ? s * (one_row ? r0 : rstd[i % B]) : s;
-    }
-  }
+  if (own || in.norm) finish_acc(acc, rstd, nb, B, own, in.norm != nullptr);
   consumer_sync();  // acc complete
   if (!kStageStamps) phase_stamp(3);
   return pre;

@@ -331,16 +331,7 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
   } else if (own) {
     consumer_sync();  // every warp's copy complete
   }
-  if (own || in.norm) {
-    for (int i = tid; i < nb; i += kConsumerThreads) {
-      float s = acc[i];
-      if (own) {
-#pragma unroll
-        for (int w = 1; w < kConsumerWarps; ++w) s += acc[w * nb + i];
-      }
-      acc[i] = in.norm ? s * rstd[i % B] : s;  // only this thread touches acc[i] here
-    }
-  }
+  if (own || in.norm) finish_acc(acc, rstd, nb, B, own, in.norm != nullptr);
   consumer_sync();  // acc complete
   phase_stamp(3);
   return pre;
