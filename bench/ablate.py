@@ -103,13 +103,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
             "compiling it in costs the other plans)",
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),
-        flag("MK_MLP_BF16", 1, "tensor-core batches: GATEUP stores the MLP activation as bf16 "
-             "and DOWN stages half the bytes (its MMAs round it to bf16 anyway; less precise "
-             "than the hi + lo split)"),
-        flag("MK_TC_WARP_ACC", 1, "tensor-core matvec: each warp flushes its tiles into its own "
-             "copy of the accumulators where 8 fit, not with CAS-spin shared atomics"),
-        flag("MK_TC_WARP_ACC", 1, "both batch-8 changes: per-warp accumulator copies and bf16 "
-             "MLP activations", "-DMK_MLP_BF16=1"),
+        flag("MK_TC_WARP_ACC", 0, "tensor-core matvec: pages flush into the shared accumulators "
+             "with CAS-spin atomics, not into per-warp copies of them"),
         flag("MK_TC_SPLIT", 0, "tensor-core matvec: bf16 activations, one MMA a step, not hi + "
              "lo pairs and two (a diagnostic: what the second MMA costs; less precise)"),
         flag("MK_SETUP_FIRST", 0, "a matvec waits on its counters before it decodes and sets "

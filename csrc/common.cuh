@@ -37,12 +37,9 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_TC_SPLIT
 #define MK_TC_SPLIT 1       // tensor-core matvec: activations as bf16 hi + lo, two MMAs a step
 #endif                      // (0, a diagnostic: hi only, half the MMAs, bf16 activations)
-#ifndef MK_MLP_BF16
-#define MK_MLP_BF16 0       // 1: at tensor-core batches GATEUP stores the MLP activation as
-#endif                      // bf16 and DOWN stages half the bytes (0: fp32, hi + lo split)
 #ifndef MK_TC_WARP_ACC
-#define MK_TC_WARP_ACC 0    // 1: tensor-core matvec, where 8 copies of acc fit, each warp adds
-#endif                      // its tiles into its own (no CAS-spin shared atomics per page)
+#define MK_TC_WARP_ACC 1    // tensor-core matvec, where 8 copies of acc fit, each warp adds its
+#endif                      // tiles into its own (0: CAS-spin shared atomics per page)
 #ifndef MK_WARP_ACC
 #define MK_WARP_ACC 1       // CUDA-core matvec: per-warp accumulators (0: shared, CAS atomics)
 #endif
@@ -118,7 +115,6 @@ constexpr int kL2StallNs = MK_L2_STALL_NS;
 constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr bool kTcSplit = MK_TC_SPLIT != 0;
-constexpr bool kMlpBf16 = MK_MLP_BF16 != 0;
 constexpr bool kTcWarpAcc = MK_TC_WARP_ACC != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;

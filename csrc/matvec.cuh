@@ -62,9 +62,6 @@ struct MatvecInput {
   const float* x;
   int ld;
   const __nv_bfloat16* norm;  // null: no RMSNorm
-#if MK_MLP_BF16
-  bool half = false;          // x holds bf16 (DOWN at tensor-core batches: gateup.cuh)
-#endif
 #if MK_FOLD
   const float* parts = nullptr;
   int nparts = 0;
@@ -221,13 +218,7 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
     case OP_GATEUP:
       return resid_input(a, ins, 2 * l + 1, W_GATEUP_FOLD,
                          a.mlp_norm + static_cast<size_t>(l) * a.d);
-    case OP_DOWN: {
-      MatvecInput in{a.act + static_cast<size_t>(l) * a.B * a.I, a.I, nullptr};
-#if MK_MLP_BF16
-      in.half = tc_ntiles(a.B) > 0;
-#endif
-      return in;
-    }
+    case OP_DOWN: return {a.act + static_cast<size_t>(l) * a.B * a.I, a.I, nullptr};
     default: return resid_input(a, ins, 2 * a.L, W_LMHEAD_FOLD, a.final_norm);
   }
 }
@@ -447,11 +438,14 @@ __device__ void finish_rms(const float (&sums)[BT], int K, int B, float eps, flo
 __device__ __forceinline__ void finish_acc(float* acc, const float* rstd, int nb, int B,
                                            bool own, bool norm) {
   // Where B divides the thread count every i of this thread has batch row tid % B: one
-  // rstd read (indexing rstd[i % B] per i had the compiler hoist three addresses to the
-  // kernel's start and spill them).
+  // rstd read. The empty asm keeps its address here: hoisted to the kernel's start (as
+  // rstd[i % B] per i was, three addresses) it held a register across the whole loop and
+  // spilled.
   const int tid = threadIdx.x;
   const bool one_row = kConsumerThreads % B == 0;
-  const float r0 = norm ? rstd[tid % B] : 1.f;
+  int row = tid % B;
+  asm volatile("" : "+r"(row));
+  const float r0 = norm ? rstd[row] : 1.f;
   for (int i = tid; i < nb; i += kConsumerThreads) {
     float s = acc[i];
     if (own) {

@@ -60,31 +60,11 @@ constexpr int kRawFloats = kActFloats + kMaxBatch * kRawPad;
 constexpr int kStageSteps = kActFloats / (16 * 8 * kConsumerWarps);
 static_assert(kActFloats % (16 * 8 * kConsumerWarps) == 0, "whole k-steps per consumer warp");
 
-#if MK_MLP_BF16
-// Row stride in raw of a bf16 input (MatvecInput::half), in bf16: kc + 4 words, so the 8
-// rows a warp's k-step reads start 4 banks apart (kc a multiple of 32), and 8 rows fit in
-// the space of 8 fp32 rows of kc + kRawPad.
-__device__ __forceinline__ int half_stride(int rs) { return 2 * rs - kRawPad; }
-#endif
-
 // Consumers: start the copies of x[b, col0 : col0+cols] for b < B into raw (row stride rs),
 // and pull the chunk's norm weights into L1 for stage_chunk_tc (registers holding them
 // across the pages would spill); then cp_async_wait_all + consumer_sync before it runs.
 __device__ __forceinline__ void load_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
                                               float* raw, int rs) {
-#if MK_MLP_BF16
-  if (in.half) {  // bf16 rows: 8 columns per 16-byte copy (cols is a multiple of 8)
-    const int v8 = cols >> 3, hs = half_stride(rs);
-    const auto* x = reinterpret_cast<const __nv_bfloat16*>(in.x);
-    auto* r = reinterpret_cast<__nv_bfloat16*>(raw);
-    for (int i = threadIdx.x; i < B * v8; i += kConsumerThreads) {
-      const int b = i / v8, v = i - b * v8;
-      cp_async16(r + b * hs + 8 * v, x + static_cast<size_t>(b) * in.ld + col0 + 8 * v);
-    }
-    cp_async_commit();
-    return;  // no norm: only DOWN's input is bf16
-  }
-#endif
   const int v4 = cols >> 2;  // cols is a multiple of 8
   for (int i = threadIdx.x; i < B * v4; i += kConsumerThreads) {
     const int b = i / v4, v = i - b * v4;
@@ -120,19 +100,8 @@ __device__ void stage_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
     const bool upper = k + 8 < cols;  // false only in a k-step cut to 8 columns
     float2 v0 = make_float2(0.f, 0.f), v1 = v0;  // columns (k, k+1) and (k+8, k+9)
     if (live) {
-#if MK_MLP_BF16
-      if (in.half) {  // bf16 pairs (k, k+1): element k in the low half
-        const auto* xh = reinterpret_cast<const uint32_t*>(
-            reinterpret_cast<const __nv_bfloat16*>(raw) + min(b, B - 1) * half_stride(rs));
-        const uint32_t w0 = xh[k / 2], w1 = upper ? xh[(k + 8) / 2] : 0u;
-        v0 = make_float2(bf16_lo(w0), bf16_hi(w0));
-        v1 = make_float2(bf16_lo(w1), bf16_hi(w1));
-      } else
-#endif
-      {
-        v0 = *reinterpret_cast<const float2*>(xr + k);
-        if (upper) v1 = *reinterpret_cast<const float2*>(xr + k + 8);
-      }
+      v0 = *reinterpret_cast<const float2*>(xr + k);
+      if (upper) v1 = *reinterpret_cast<const float2*>(xr + k + 8);
       if (kFold) {
         v0 = fold_input(in, B, row + k, col0 + k, v0);
         if (upper) v1 = fold_input(in, B, row + k + 8, col0 + k + 8, v1);
