@@ -114,7 +114,7 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_RELEASE_QUIET", 0, "the loader keeps issuing copies between a matvec's "
              "last page and its release, whose fence then waits for them"),
         flag("MK_RELEASE_QUIET", 2, "the loader pauses only from an instruction's outputs "
-             "written to its release (not from a matvec's last page)"),
+             "written to its release (not from a matvec's or ATTN_OPROJ's last page)"),
         flag("MK_QUIET_INPUTS", 1, "the loader issues nothing while ATTN / ATTN_REDUCE "
              "execute (their L2 loads do not queue behind landing pages)"),
         flag("MK_QUIET_INPUTS", 2, "as MK_QUIET_INPUTS=1, and during a CUDA-core matvec's "

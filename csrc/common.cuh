@@ -73,7 +73,8 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #endif
 #ifndef MK_RELEASE_QUIET
 #define MK_RELEASE_QUIET 1  // the loader issues nothing while a release fence waits for the SM's
-#endif                      // memory ops: 1 from a matvec's last page, 2 from the outputs; 0 never
+#endif                      // memory ops: 1 from a matvec's or ATTN_OPROJ's last page, 2 from
+                            // the outputs; 0 never
 // The loader issues nothing while the consumers wait for inputs from L2: 1 through ATTN /
 // ATTN_REDUCE, 2 also during a CUDA-core matvec's staging; 0 (default) never.
 #ifndef MK_QUIET_INPUTS
