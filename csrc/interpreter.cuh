@@ -198,7 +198,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       // compiled only when MK_TC_MIN_BUCKET leaves them on CUDA cores.
       const int nt = tc_ntiles(a.B);
       PreLoad pre_src;  // epilogue inputs loaded with the first chunk (PreLoad)
-      if ((op == OP_OPROJ || op == OP_DOWN) && tid < ins[W_OPROJ_NROWS] * a.B)
+      const bool adds = op == OP_DOWN && ins[W_DOWN_KN];  // a K slice: no residual entry
+      if ((op == OP_OPROJ || (op == OP_DOWN && !adds)) && tid < ins[W_OPROJ_NROWS] * a.B)
         pre_src.x = ResidualOp::residual_in(a, ins, tid);
       else if (op == OP_QKV)
         pre_src = QkvOp::rope_src(a, ins, pos);

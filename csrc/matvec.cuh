@@ -103,11 +103,13 @@ __device__ __forceinline__ void with_fold(const MatvecInput& in, F&& f) {
   f(std::false_type{});
 }
 
+// matrix: its column 0 (a K slice's first column); ld: its row length (K if 0).
 __device__ __forceinline__ MatvecGeometry make_geometry(const __nv_bfloat16* matrix, int K,
-                                                       int row0, int n, int B) {
+                                                       int row0, int n, int B, int ld = 0) {
   MatvecGeometry g;
-  g.w = matrix + static_cast<size_t>(row0) * K;
-  g.K = g.ld = K;
+  g.ld = ld ? ld : K;
+  g.w = matrix + static_cast<size_t>(row0) * g.ld;
+  g.K = K;
   g.n = n;
   g.nt = tc_ntiles(B);
   if (g.nt) {
@@ -169,7 +171,10 @@ __device__ __forceinline__ MatvecGeometry matvec_geometry(const KernelArgs& a,
     case OP_QKV: return make_geometry(a.wqkv + l * nqkv * d, a.d, row0, n, a.B);
     case OP_OPROJ: return make_geometry(a.wo + l * d * HD, static_cast<int>(HD), row0, n, a.B);
     case OP_GATEUP: return make_geometry(a.wgu + l * 2 * I * d, a.d, row0, n, a.B);
-    case OP_DOWN: return make_geometry(a.wdown + l * d * I, a.I, row0, n, a.B);
+    case OP_DOWN:  // kn > 0: the K slice [k0, k0 + kn) of I (isa.py)
+      return ins[W_DOWN_KN] ? make_geometry(a.wdown + l * d * I + ins[W_DOWN_K0], ins[W_DOWN_KN],
+                                            row0, n, a.B, a.I)
+                            : make_geometry(a.wdown + l * d * I, a.I, row0, n, a.B);
     default: return make_geometry(a.lm_head, a.d, row0 - a.vocab0, n, a.B);  // OP_LMHEAD: global rows
   }
 }
@@ -185,6 +190,13 @@ __device__ __forceinline__ bool matvec_valid(const KernelArgs& a, const int32_t*
                    : op == OP_LMHEAD ? ins[W_LMHEAD_FOLD] : 0;
   if (fold != 0 && (a.part == nullptr || (op == OP_QKV && ins[W_LAYER] == 0))) return false;
 #endif
+  if (op == OP_DOWN) {  // a K slice: whole units inside I, no copy, this GPU's residual
+    const int k0 = ins[W_DOWN_K0], kn = ins[W_DOWN_KN];
+    if (kn == 0 ? k0 != 0
+                : (k0 < 0 || k0 % kDownKAlign != 0 || kn % kDownKAlign != 0 || k0 + kn > a.I ||
+                   ins[W_DOWN_COPY] != 0 || ins[W_ALL_RANKS] != 0))
+      return false;
+  }
   return n > 0 && first >= 0 && n * a.B <= kAccFloats &&
          (!paired || (row0 % 2 == 0 && n % 2 == 0));
 }
@@ -218,7 +230,8 @@ __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const i
     case OP_GATEUP:
       return resid_input(a, ins, 2 * l + 1, W_GATEUP_FOLD,
                          a.mlp_norm + static_cast<size_t>(l) * a.d);
-    case OP_DOWN: return {a.act + static_cast<size_t>(l) * a.B * a.I, a.I, nullptr};
+    case OP_DOWN:  // from column k0 (0 unless a K slice)
+      return {a.act + static_cast<size_t>(l) * a.B * a.I + ins[W_DOWN_K0], a.I, nullptr};
     default: return resid_input(a, ins, 2 * a.L, W_LMHEAD_FOLD, a.final_norm);
   }
 }

@@ -156,6 +156,8 @@ def oproj(rec, w, buf, prog):
     l, r0, n = rec["layer"], rec["row0"], rec["nrows"]
     buf.resid[2 * l + 1, :, r0:r0 + n] = (
         buf.resid[2 * l, :, r0:r0 + n] + buf.attn[l] @ w.wo[l, r0:r0 + n].float().T)
+    if rec.get("copy", 0):
+        buf.resid[2 * l + 2, :, r0:r0 + n] = buf.resid[2 * l + 1, :, r0:r0 + n]
 
 
 def partial(rec, w, buf, prog, peers):
@@ -184,7 +186,11 @@ def gateup(rec, w, buf, prog):
 
 
 def down(rec, w, buf, prog):
-    l, r0, n = rec["layer"], rec["row0"], rec["nrows"]
+    l, r0, n, k0, kn = rec["layer"], rec["row0"], rec["nrows"], rec["k0"], rec["kn"]
+    if kn:  # a K slice, added onto OPROJ's copy
+        buf.resid[2 * l + 2, :, r0:r0 + n] += (
+            buf.act[l, :, k0:k0 + kn] @ w.wdown[l, r0:r0 + n, k0:k0 + kn].float().T)
+        return
     buf.resid[2 * l + 2, :, r0:r0 + n] = (
         buf.resid[2 * l + 1, :, r0:r0 + n] + buf.act[l] @ w.wdown[l, r0:r0 + n].float().T)
     if rec.get("copy", 0):

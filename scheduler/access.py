@@ -15,8 +15,9 @@ dim* is the packed-row order inside a head (pair-interleaved, isa.py); every rea
 whole heads, so that permutation is invisible. k_new / v_new are the KV cache rows at this
 step's position (earlier positions were written by earlier steps). tokens, pos, the
 weights and the RoPE tables are inputs: written before the step, not tracked.
-An accumulating write (`add`, ATTN_OPROJ's atomic adds into resid[2l+1]) is a write that
-is not SSA: dataflow.py checks it against the element's one ordinary writer and readers.
+An accumulating write (`add`: ATTN_OPROJ's atomic adds into resid[2l+1], a K-sliced DOWN's
+into resid[2l+2]) is a write that is not SSA: dataflow.py checks it against the element's
+one ordinary writer and readers.
 attn is not allocated (layer size 0) in a plan with ATTN_OPROJ, which writes none of it.
 """
 from __future__ import annotations
@@ -164,15 +165,22 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     emit("lse", False, i.repeat(B), lh.ravel() * NS, NS)
     emit("resid", True, i, resid_cols(2 * l + 1, col0), ncols * B, add=True)
 
-    i, l, r0, n, _ = rows(Op.OPROJ)
+    i, l, r0, n, copy = rows(Op.OPROJ)
     emit("attn", False, i, l * B * H * D, B * H * D)
     add_to_resid(i, 2 * l, r0, n)
+    m = copy != 0                               # the initial value of K-sliced DOWNs' adds
+    emit("resid", True, i[m], resid_cols(2 * l[m] + 2, r0[m]), n[m] * B)
 
     i, l, r0, n, _ = rows(Op.GATEUP)
     read_input(Op.GATEUP, i, 2 * l + 1)
     emit("act", True, i, (l * I + r0 // 2) * B, n // 2 * B)
 
     i, l, r0, n, copy = rows(Op.DOWN)
+    k0, kn = (t.args[i, k].astype(np.int64) for k in (3, 4))
+    s = kn > 0                                  # K slices: adds onto OPROJ's copy
+    emit("act", False, i[s], (l[s] * I + k0[s]) * B, kn[s] * B)
+    emit("resid", True, i[s], resid_cols(2 * l[s] + 2, r0[s]), n[s] * B, add=True)
+    i, l, r0, n, copy = i[~s], l[~s], r0[~s], n[~s], copy[~s]
     emit("act", False, i, l * I * B, I * B)
     add_to_resid(i, 2 * l + 1, r0, n)
     m = copy != 0

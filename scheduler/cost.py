@@ -102,9 +102,12 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     put(Op.EMBED, B * rows * (wb + ab))
     # matvec: weight rows + the input vector (normed ones also read the norm weight) + outputs
     put(Op.QKV, rows * d * wb + B * d * ab + d * wb + B * rows * ab, 2.0 * B * rows * d)
-    put(Op.OPROJ, rows * H * D * wb + B * H * D * ab + 2 * B * rows * ab, 2.0 * B * rows * H * D)
+    put(Op.OPROJ, rows * H * D * wb + B * H * D * ab + (2 + a[:, 2]) * B * rows * ab,
+        2.0 * B * rows * H * D)                                # + the copy's stores
     put(Op.GATEUP, rows * d * wb + B * d * ab + d * wb + B * rows / 2 * ab, 2.0 * B * rows * d)
-    put(Op.DOWN, rows * I * wb + B * I * ab + 2 * B * rows * ab, 2.0 * B * rows * I)
+    # DOWN's K slice (kn > 0; the whole of I at 0): its adds an L2 read-modify-write each
+    k = np.where(a[:, 4] > 0, a[:, 4], I)
+    put(Op.DOWN, rows * k * wb + B * k * ab + 2 * B * rows * ab, 2.0 * B * rows * k)
     put(Op.LMHEAD, rows * d * wb + B * d * ab + d * wb + B * rows * ab, 2.0 * B * rows * d)
     positions = -(-(kv_position + 1) // attn_splits)
     put(Op.ATTN, 2 * positions * D * kb + 2 * G * D * ab, 4.0 * G * D * positions)

@@ -109,11 +109,19 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
                 waiting on it sees the merge. merge = 0: ticket 0, no merge.
     ATTN_REDUCE merges the NS partials of q heads g*G + head0 .. g*G + head0 + nheads - 1
                 (inside kv group g), batch row b, into their columns of attn[l, b]
-    OPROJ       resid[2l+1][:, r0:r0+n] = resid[2l][:, r0:r0+n] + attn[l] @ wo[l][r0:r0+n].T
+    OPROJ       resid[2l+1][:, r0:r0+n] = resid[2l][:, r0:r0+n] + attn[l] @ wo[l][r0:r0+n].T;
+                copy = 1: the same values also into resid[2l+2] (the initial value that the
+                K-sliced DOWNs add to)
     GATEUP      x = rmsnorm(resid[2l+1], mlp_norm[l]); y = x @ wgu[l][r0:r0+n].T;
                 act[l][:, r0/2 : (r0+n)/2] = silu(y[:, 0::2]) * y[:, 1::2]
-    DOWN        resid[2l+2][:, r0:r0+n] = resid[2l+1][:, r0:r0+n] + act[l] @ wdown[l][r0:r0+n].T;
-                copy = 1: the same values also into resid[2l+3] (as EMBED's copy)
+    DOWN        kn = 0: resid[2l+2][:, r0:r0+n] = resid[2l+1][:, r0:r0+n] + act[l] @
+                wdown[l][r0:r0+n].T; copy = 1: the same values also into resid[2l+3] (as
+                EMBED's copy). kn > 0 (plan option down_k_slices, tp = 1): the K slice
+                [k0, k0 + kn) of I only,
+                    resid[2l+2][:, r0:r0+n] += act[l][:, k0:k0+kn] @ wdown[l][r0:r0+n, k0:k0+kn].T
+                as atomic fp32 adds (order unspecified) onto the copy of resid[2l+1] that the
+                layer's OPROJ (copy = 1) stored there; copy = 0. k0 and kn are multiples of
+                DOWN_K_ALIGN (whole activation vectors and 16-byte weight copies).
     LMHEAD      x = rmsnorm(resid[2L], final_norm); logits[:, r0:r0+n] = x @ lm_head[r0:r0+n].T;
                 amax_val/idx[b, slot] = max and its lowest index over this slice
     ARGMAX      out_tokens[b] = index of the max over the NLM partials (lowest index on ties)
@@ -145,6 +153,7 @@ from pathlib import Path
 WORDS = 16
 MAX_BATCH = 16
 MAX_ROWS_TIMES_BATCH = 8192
+DOWN_K_ALIGN = 64   # a K-sliced DOWN's k0 and kn are multiples of this
 
 
 class Err(enum.IntEnum):
@@ -184,9 +193,9 @@ ARGS: dict[Op, tuple[str, ...]] = {
     Op.QKV: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
     Op.ATTN: ("b", "kv_head", "split", "merge", "ticket"),
     Op.ATTN_REDUCE: ("b", "kv_head", "head0", "nheads"),
-    Op.OPROJ: ("row0", "nrows"),
+    Op.OPROJ: ("row0", "nrows", "copy"),
     Op.GATEUP: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
-    Op.DOWN: ("row0", "nrows", "copy"),
+    Op.DOWN: ("row0", "nrows", "copy", "k0", "kn"),
     Op.LMHEAD: ("row0", "nrows", "slot", "fold", "sum_col0", "sum_ncols"),
     Op.ARGMAX: (),
     Op.RESID_SUM: ("row0", "nrows", "after_mlp"),
@@ -195,7 +204,8 @@ ARGS: dict[Op, tuple[str, ...]] = {
 ALL_RANKS_WORD = WORDS - 1
 MATVEC_OPS = (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)
 FOLD_OPS = (Op.QKV, Op.GATEUP, Op.LMHEAD)   # the readers of a residual level (fold, below)
-OPTIONAL_FIELDS = ("fold", "sum_col0", "sum_ncols", "merge", "ticket", "copy")   # encode() fills in 0
+OPTIONAL_FIELDS = ("fold", "sum_col0", "sum_ncols", "merge", "ticket", "copy", "k0",
+                   "kn")   # encode() fills in 0
 NUM_WAITS = 2
 
 assert len(HEADER) + max(len(a) for a in ARGS.values()) <= ALL_RANKS_WORD
@@ -267,6 +277,7 @@ def render_header() -> str:
         f"constexpr int kWords = {WORDS};",
         f"constexpr int kMaxBatch = {MAX_BATCH};",
         f"constexpr int kMaxRowsTimesBatch = {MAX_ROWS_TIMES_BATCH};",
+        f"constexpr int kDownKAlign = {DOWN_K_ALIGN};",
         f"constexpr int kNumWaits = {NUM_WAITS};",
         "",
         "enum Op : int {",

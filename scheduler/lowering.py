@@ -148,13 +148,16 @@ def _folding(args: np.ndarray, d: int) -> np.ndarray:
 
 def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
           slices: dict, shard: Shard | None = None, fold: bool = False,
-          fuse_reduce: bool = False, fuse_oproj: bool = False, oproj_col_slices: int = 0
-          ) -> Lowered:
+          fuse_reduce: bool = False, fuse_oproj: bool = False, oproj_col_slices: int = 0,
+          down_k_slices: int = 1) -> Lowered:
     """slices: target slice count per key of SLICED_OPS. cfg: the shard config under tp.
     fold: under tp, the readers of the residual sum the partials (else RESID_SUM stages).
     fuse_reduce: the last ATTN split of each group merges it (no ATTN_REDUCE stage).
     fuse_oproj: ATTN_OPROJ stages instead of ATTN_REDUCE and OPROJ (tp = 1), with
-    oproj_col_slices column slices per (head, dim slice) (0: oproj_column_slices chooses)."""
+    oproj_col_slices column slices per (head, dim slice) (0: oproj_column_slices chooses).
+    down_k_slices > 1 (tp = 1, not fuse_oproj): DOWN rows in slices["down"] // down_k_slices
+    row slices, each cut into down_k_slices K slices (down_k_ranges) that add into
+    resid[2l+2], onto OPROJ's copy (isa.py)."""
     B, L, d, I, V, H = batch, cfg.L, cfg.d, cfg.I, cfg.V, cfg.H
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
@@ -164,7 +167,12 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     qkv = np.array(qkv_split(Hkv, group_rows, slices["qkv"], max_rows))
     oproj = np.array(even_split(d, slices["oproj"], 1, max_rows))
     gateup = np.array(even_split(2 * I, slices["gateup"], 2, max_rows))
-    down = np.array(even_split(d, slices["down"], 1, max_rows))
+    down = np.array(even_split(d, max(1, slices["down"] // down_k_slices), 1, max_rows))
+    if down_k_slices > 1:                      # every row slice times every K slice
+        ks = down_k_ranges(I, down_k_slices)
+        down, down_k = np.repeat(down, len(ks), axis=0), np.tile(ks, (len(down), 1))
+    else:
+        down_k = np.zeros((len(down), 2), np.int64)                # kn = 0: the whole of I
     per_head = max(1, slices["oproj"] // H)
     ncols = d // oproj_column_slices(d, per_head, oproj_col_slices)
     dims = np.array(even_split(D, max(1, per_head * ncols // d), 4))
@@ -214,8 +222,10 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
             else:
                 c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
                             zeros[len(reduce)])
-        mlp = ((Op.GATEUP, gateup), (Op.DOWN, _copying(down, copy * (layer < L - 1))))
-        for op, rows in (mlp if fuse_oproj else ((Op.OPROJ, oproj),) + mlp):
+        mlp = ((Op.GATEUP, gateup),
+               (Op.DOWN, np.column_stack([_copying(down, copy * (layer < L - 1)), down_k])))
+        oproj_copy = _copying(oproj, int(down_k_slices > 1))
+        for op, rows in (mlp if fuse_oproj else ((Op.OPROJ, oproj_copy),) + mlp):
             remote = 0 if op == Op.GATEUP else peers
             args = _folding(rows, d) if fold and op == Op.GATEUP else rows
             c = b.stage(op, layer, args, _all(c, len(rows)), zeros[len(rows)], remote)
@@ -228,6 +238,14 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     b.stage(Op.ARGMAX, -1, np.zeros((1, 0)), _all(c, 1), None)
     instrs, stage, targets = b.build()
     return Lowered(instrs, stage, targets, attn_splits=NS, lm_slices=max(peers, 1) * len(lm))
+
+
+def down_k_ranges(I: int, n: int) -> np.ndarray:
+    """[n', 2] (k0, kn): [0, I) in n' <= n slices of whole isa.DOWN_K_ALIGN units."""
+    if I % isa.DOWN_K_ALIGN:
+        raise ValueError(f"down_k_slices needs an FFN width that is a multiple of "
+                         f"{isa.DOWN_K_ALIGN}, got I={I}")
+    return np.array(even_split(I, n, isa.DOWN_K_ALIGN))
 
 
 def oproj_column_slices(d: int, per_head: int, col_slices: int) -> int:

@@ -27,6 +27,12 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     multiples of 8 (lowering.oproj_column_slices): with oproj_slices = 4H a slice
                     covers a whole head and each residual element takes H adds; 1: every
                     instruction adds whole rows (oproj_slices // H dim slices per head)
+    down_k_slices   K slices per DOWN row slice (1, the default: whole rows). n > 1: DOWN
+                    rows in down_slices // n row slices, each cut into n slices of I that
+                    add into the residual atomically, onto a copy OPROJ stores (isa.py), so
+                    an instruction stages 1/n of the MLP activation (at batch 8 DOWN copies
+                    as many activation bytes as weight bytes). tp = 1; turns the
+                    fuse_oproj default off, and fuse_oproj=True with it is an error
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
                     built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do
@@ -50,8 +56,8 @@ from .sharding import check_tp, shard_config, vocab_rows
 from .simulate import simulate
 from .validate import validate
 
-OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices", "kv_position",
-           "fold", "fuse_reduce", "fuse_oproj", "validate")
+OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices",
+           "down_k_slices", "kv_position", "fold", "fuse_reduce", "fuse_oproj", "validate")
 BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": None,
                 "validate": True}   # and their defaults (None: decided by plan())
 FUSE_OPROJ_MAX_BATCH = 4   # ATTN_OPROJ keeps a batch row's sums in registers
@@ -110,6 +116,7 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
     out["oproj_col_slices"] = _int("oproj_col_slices", options.get("oproj_col_slices", 0), 0)
+    out["down_k_slices"] = _int("down_k_slices", options.get("down_k_slices", 1), 1)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
     for key, default in BOOL_OPTIONS.items():
         out[key] = options.get(key, default)
@@ -122,9 +129,11 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
 def _resolve_fuse_oproj(tp: int, batch: int, opts: dict) -> bool:
     """The limits of ATTN_OPROJ: it adds into this GPU's own residual (there are no tp
     partials to sum), for at most FUSE_OPROJ_MAX_BATCH batch rows; it merges the partials
-    itself. None (the default): on wherever they hold; True where they do not: an error."""
+    itself. None (the default): on wherever they hold and down_k_slices is 1 (K-sliced DOWNs
+    add onto OPROJ's copy); True where they do not hold: an error."""
     if opts["fuse_oproj"] is None:
-        return tp == 1 and batch <= FUSE_OPROJ_MAX_BATCH and not opts["fuse_reduce"]
+        return (tp == 1 and batch <= FUSE_OPROJ_MAX_BATCH and not opts["fuse_reduce"]
+                and opts["down_k_slices"] == 1)
     if opts["fuse_oproj"]:
         if tp > 1:
             raise ValueError(f"fuse_oproj needs tp=1, got tp={tp}")
@@ -162,11 +171,16 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
     spec = calibration.resolve(gpu)
     opts = _resolve_options(cfg, num_sms, options)
     opts["fuse_oproj"] = _resolve_fuse_oproj(tp, batch, opts)
+    if opts["down_k_slices"] > 1 and (tp > 1 or opts["fuse_oproj"]):
+        raise ValueError(f"down_k_slices={opts['down_k_slices']} needs tp=1 and no "
+                         "fuse_oproj (its DOWNs add onto the copy an OPROJ stores), got "
+                         f"tp={tp}, fuse_oproj={opts['fuse_oproj']}")
 
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]
     lows = [lower(cfg, batch, granularity, attn_splits, slices, s, opts["fold"],
-                  opts["fuse_reduce"], opts["fuse_oproj"], opts["oproj_col_slices"])
+                  opts["fuse_reduce"], opts["fuse_oproj"], opts["oproj_col_slices"],
+                  opts["down_k_slices"])
             for s in shards]
     cost = instruction_us(lows[0].instrs, cfg, batch, attn_splits, lows[0].lm_slices, spec,
                           num_sms, opts["kv_position"], tp)

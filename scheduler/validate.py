@@ -5,8 +5,9 @@ OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
   1 shape: [num_sms, max_len, WORDS] int32; queue_len in range; all-zero NOP padding.
   2 fields: known opcodes, layer, every opcode field in range (rows even where isa.py says,
     n * batch <= MAX_ROWS_TIMES_BATCH), waits and signal inside the counter array; ATTN_OPROJ
-    (dims in whole 4-dim vectors, as the kernel requires) and EMBED/DOWN copy = 1 only under
-    tp = 1, and no copy from the last layer's DOWN (there is no resid[2L+1]).
+    (dims in whole 4-dim vectors, as the kernel requires) and EMBED/OPROJ/DOWN copy = 1 only
+    under tp = 1, and no copy from the last layer's DOWN (there is no resid[2L+1]); a K-sliced
+    DOWN's range in whole DOWN_K_ALIGN units, tp = 1, no copy.
   3 counters: counter_targets[c] == number of signalers of c; every waited counter has one.
     A merging ATTN's ticket (isa.py) is a counter nothing signals or waits on, taken by
     exactly the NS splits of one (layer, b, kv_head), all signalling one counter; its target
@@ -18,8 +19,8 @@ OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
     order that every queue follows, so all-resident blocks cannot deadlock: the unfinished
     instruction with the smallest uid always heads its queue and has all inputs complete.
   5 dataflow (dataflow.py): buffers are SSA, every read is written, and every writer of a
-    read element happens-before the reader through counters; ATTN_OPROJ's accumulations
-    follow the element's initial value and precede its readers.
+    read element happens-before the reader through counters; accumulations (ATTN_OPROJ,
+    K-sliced DOWN) follow the element's initial value and precede its readers.
 A TpProgram is checked as one table of all its ranks (ranks.py): fields per rank (all_ranks
 set exactly on OPROJ, DOWN and LMHEAD), counters with global ids (an all-rank counter's
 target counts every rank's signalers), one global order (uid, rank), and dataflow over
@@ -109,10 +110,30 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
     _first(t, (t.op == Op.RESID_SUM) & ((tp == 1) | ~np.isin(t.args[:, 2], (0, 1))),
            lambda i: "RESID_SUM needs tp > 1 and after_mlp 0 or 1")
     _first(t, (t.op == Op.ATTN_OPROJ) & (tp > 1), lambda i: "ATTN_OPROJ needs tp = 1")
-    copy = np.where(np.isin(t.op, [Op.EMBED, Op.DOWN]), t.args[:, 2], 0)   # field 2 of both
-    _first(t, (copy != 0) & ((copy != 1) | (tp > 1) | (t.layer == cfg.L - 1)), lambda i: (
+    copy = np.where(np.isin(t.op, [Op.EMBED, Op.OPROJ, Op.DOWN]), t.args[:, 2], 0)  # field 2
+    last_down = (t.op == Op.DOWN) & (t.layer == cfg.L - 1)
+    _first(t, (copy != 0) & ((copy != 1) | (tp > 1) | last_down), lambda i: (
         f"copy = {copy[i]}: 0, or 1 under tp = 1 and not on the last layer's DOWN (resid has "
         f"no level {2 * cfg.L + 1})"))
+    k0, kn = (t.args[:, k].astype(np.int64) for k in (3, 4))
+    u = isa.DOWN_K_ALIGN
+    _first(t, (t.op == Op.DOWN) & np.where(kn == 0, k0 != 0, (tp > 1) | (copy != 0) | (k0 < 0)
+                                           | (k0 + kn > cfg.I) | (k0 % u != 0) | (kn % u != 0)),
+           lambda i: (f"DOWN (k0, kn) = ({k0[i]}, {kn[i]}): (0, 0) for the whole of I, or a "
+                      f"K slice of whole {u}-column units inside [0, {cfg.I}), under tp = 1 "
+                      "and with copy = 0"))
+    # The K slices of each (layer, rows) tile [0, I) once: their adds make the whole sum.
+    r0, nr = t.args[:, 0].astype(np.int64), t.args[:, 1].astype(np.int64)
+    ks = np.flatnonzero((t.op == Op.DOWN) & (kn > 0))
+    ks = ks[np.lexsort((k0[ks], nr[ks], r0[ks], t.layer[ks]))]
+    key = np.stack([t.layer[ks], r0[ks], nr[ks]], 1)
+    new = np.r_[True, (key[1:] != key[:-1]).any(1)][:len(ks)]
+    end = k0[ks] + kn[ks]
+    bad = np.where(new, k0[ks] != 0, k0[ks] != np.r_[0, end[:-1]][:len(ks)])
+    bad |= np.r_[new[1:], True][:len(ks)] & (end != cfg.I)
+    _first(t, np.isin(np.arange(len(t)), ks[bad]), lambda i: (
+        f"DOWN K slice [{k0[i]}, {k0[i] + kn[i]}): the K slices of rows "
+        f"[{r0[i]}, {r0[i] + nr[i]}) must tile [0, {cfg.I}) once"))
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
     _first(t, ~np.isin(t.op, [int(o) for o in Op if o != Op.NOP]),
            lambda i: f"unknown opcode {int(t.op[i])}")

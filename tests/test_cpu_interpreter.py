@@ -181,6 +181,22 @@ def test_tiny_fused_oproj_matches_reference(batch, splits):
     assert compare(TINY, prog, steps=6, seed=batch) <= REL_TOL
 
 
+@pytest.mark.parametrize("granularity", ["layer", "chunk"])
+@pytest.mark.parametrize("G", [1, 4])
+def test_down_k_slices_match_reference(G, granularity):
+    """plan(down_k_slices=n): each DOWN row slice in n K slices that add onto the copy of
+    resid[2l+1] OPROJ stores; FFN widths a multiple of 64, n from 2 to more than its units."""
+    rng = random.Random(f"downk-{G}-{granularity}")
+    cfg = random_config(rng, 64, G).replace(num_layers=2, intermediate_size=64 * rng.randrange(3, 9))
+    for seed, (batch, n) in enumerate(((1, 2), (3, 3), (8, 4), (2, 100))):
+        prog = mk.plan(cfg, batch=batch, num_sms=7, granularity=granularity, down_k_slices=n)
+        t = prog.table()
+        kn = t.args[t.op == Op.DOWN, 4]
+        assert (kn > 0).all() and len(set(kn.tolist())) >= 1
+        assert (t.args[t.op == Op.OPROJ, 2] == 1).all()
+        assert compare(cfg, prog, steps=4, seed=seed) <= REL_TOL
+
+
 def test_attn_oproj_needs_wo_t():
     """The interpreter adds wo_t for a program with ATTN_OPROJ; weights without it raise."""
     prog = mk.plan(TINY, batch=1, num_sms=4, fuse_oproj=True)

@@ -154,6 +154,18 @@ def test_flagged_builds_match_fp32(cfg, batch, build):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
 
 
+@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_down_k_slices_match_fp32(cfg, batch, n):
+    """plan(down_k_slices=n): every DOWN row slice in n K slices (3: unequal ones) whose sums
+    are added into the residual with fp32 atomics, onto the copy each OPROJ stores (batch 1:
+    the CUDA-core matvec; 3 and up: tensor cores)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], down_k_slices=n)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} down_k_slices={n}")
+
+
 @pytest.mark.parametrize("batch", [3, 8, 16])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)

@@ -355,6 +355,36 @@ def test_fuse_oproj_limits(kw, match):
         plan("tiny", num_sms=4, fuse_oproj=True, **kw)
 
 
+def test_down_k_slices_records():
+    """down_k_slices=4 at 1B batch 8: 132 DOWNs per layer, 33 row slices of ~62 rows times 4
+    K slices of 2048 columns; every OPROJ copies; fuse_oproj's default turns off; the
+    predicted DOWN moves a quarter of the activation bytes per instruction."""
+    prog = plan("llama-3.2-1b", batch=8, down_k_slices=4)
+    t = prog.table()
+    down = t.args[(t.op == Op.DOWN) & (t.layer == 3)]
+    assert len(down) == 132 and len({(int(a[0]), int(a[1])) for a in down}) == 33
+    assert sorted({(int(a[3]), int(a[4])) for a in down}) == [(k, 2048) for k in
+                                                              range(0, 8192, 2048)]
+    assert (t.args[t.op == Op.OPROJ, 2] == 1).all() and not (t.op == Op.ATTN_OPROJ).any()
+    assert not plan("tiny", batch=1, num_sms=4, down_k_slices=2).options["fuse_oproj"]
+    whole = plan("llama-3.2-1b", batch=8)
+    assert not whole.table().args[whole.table().op == Op.DOWN, 3:5].any()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(fuse_oproj=True), r"down_k_slices=2 needs tp=1 and no fuse_oproj .*fuse_oproj=True"),
+    (dict(tp=2), r"down_k_slices=2 needs tp=1 .*got tp=2"),
+    (dict(down_k_slices=0), r"down_k_slices must be an int >= 1"),
+])
+def test_down_k_slices_limits(kw, match):
+    with pytest.raises(ValueError, match=match):
+        plan("tiny", num_sms=4, **{"down_k_slices": 2, **kw})
+    cfg = ModelConfig("odd-ffn", vocab_size=64, hidden_size=64, intermediate_size=96,
+                      num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64)
+    with pytest.raises(ValueError, match="multiple of 64, got I=96"):
+        plan(cfg, num_sms=4, down_k_slices=2)
+
+
 def test_parse_options_types_and_rejects():
     from megakernel.scheduler.plan import parse_options
     assert parse_options("attn_splits=16,fuse_reduce=1,policy=rr,fold=false") == dict(

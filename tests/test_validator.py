@@ -393,3 +393,63 @@ def test_prefix_bitsets_match_python_sets():
         u = happens.union(happens.union(sets[0], sets[1]), sets[2])
         want = ref[0] | ref[1] | ref[2]
         assert all(happens.contains(u, x) == (x in want) for x in range(260))
+
+
+@pytest.fixture(scope="module")
+def down_k():
+    """K-sliced DOWN (tiny's I = 320: slices of 128 and 192 columns)."""
+    return plan("tiny", batch=2, num_sms=6, granularity="chunk", down_k_slices=2)
+
+
+def test_down_k_plan_passes(down_k):
+    validate(down_k)
+    downs = [r for _, _, r in down_k.records() if r["op"] == Op.DOWN]
+    assert {(r["k0"], r["kn"]) for r in downs} == {(0, 128), (128, 192)}
+    assert all(r["copy"] == 1 for _, _, r in down_k.records() if r["op"] == Op.OPROJ)
+
+
+def test_down_k_without_initial_value_is_caught(down_k):
+    """No OPROJ copy: the K slices add onto a resid[2l+2] nobody stored."""
+    p = copy.deepcopy(down_k)
+    put(p, find(p, Op.OPROJ, layer=1, row0=0), "copy", 0)
+    caught(p, WHERE.format(op="DOWN") + r": accumulates into resid\[level=4, col=0, b=0\], "
+           "which no instruction writes")
+
+
+def test_down_k_read_before_the_accumulations_is_caught(down_k):
+    """The next layer's QKV waits on the GATEUP counters only: it could read resid[2] before
+    the K slices' adds land."""
+    p = copy.deepcopy(down_k)
+    qkv, gateup = find(p, Op.QKV, layer=1), find(p, Op.GATEUP, layer=0)
+    for field in ("wait0_first", "wait0_count"):
+        put(p, qkv, field, _word(p, gateup, field))
+    caught(p, WHERE.format(op="QKV") + r": reads resid\[level=2, col=\d+, b=0\], "
+           r"accumulated into by uid \d+ DOWN \(layer 0\).*does not happen before it")
+
+
+def test_down_k_overlapping_slices_are_caught(down_k):
+    """Row slice 0 grown by a row (both its K slices): its accumulations overlap slice 1's
+    without covering the same range."""
+    p = copy.deepcopy(down_k)
+    for k0 in (0, 128):
+        at = find(p, Op.DOWN, layer=0, row0=0, k0=k0)
+        put(p, at, "nrows", _word(p, at, "nrows") + 1)
+    caught(p, r"accumulations must cover identical or disjoint ranges")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("kn", 100, r"\(k0, kn\) = \(\d+, 100\): .*whole 64-column units"),
+    ("k0", 64, r"K slice \[64, 256\): the K slices of rows \[\d+, \d+\) must tile \[0, 320\) once"),
+    ("kn", 128, r"K slice \[128, 256\): .*must tile \[0, 320\) once"),
+    ("copy", 1, r"\(k0, kn\) = \(\d+, \d+\): .*copy = 0"),
+])
+def test_bad_down_k_fields_are_caught(down_k, field, value, match):
+    p = copy.deepcopy(down_k)
+    put(p, find(p, Op.DOWN, layer=0, k0=128), field, value)
+    caught(p, WHERE.format(op="DOWN") + ": .*" + match)
+
+
+def test_whole_down_with_a_k0_is_caught(base):
+    p = copy.deepcopy(base)
+    put(p, find(p, Op.DOWN, layer=0), "k0", 64)
+    caught(p, WHERE.format(op="DOWN") + r": DOWN \(k0, kn\) = \(64, 0\): \(0, 0\) for the whole")

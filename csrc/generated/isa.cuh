@@ -13,6 +13,7 @@ namespace mk {
 constexpr int kWords = 16;
 constexpr int kMaxBatch = 16;
 constexpr int kMaxRowsTimesBatch = 8192;
+constexpr int kDownKAlign = 64;
 constexpr int kNumWaits = 2;
 
 enum Op : int {
@@ -75,6 +76,7 @@ constexpr int W_ATTN_REDUCE_NHEADS = 11;
 // OPROJ fields.
 constexpr int W_OPROJ_ROW0 = 8;
 constexpr int W_OPROJ_NROWS = 9;
+constexpr int W_OPROJ_COPY = 10;
 // GATEUP fields.
 constexpr int W_GATEUP_ROW0 = 8;
 constexpr int W_GATEUP_NROWS = 9;
@@ -85,6 +87,8 @@ constexpr int W_GATEUP_SUM_NCOLS = 12;
 constexpr int W_DOWN_ROW0 = 8;
 constexpr int W_DOWN_NROWS = 9;
 constexpr int W_DOWN_COPY = 10;
+constexpr int W_DOWN_K0 = 11;
+constexpr int W_DOWN_KN = 12;
 // LMHEAD fields.
 constexpr int W_LMHEAD_ROW0 = 8;
 constexpr int W_LMHEAD_NROWS = 9;

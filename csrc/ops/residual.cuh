@@ -1,6 +1,7 @@
 // OPROJ and DOWN epilogue.
 // tp == 1: out[:, row0+i] = resid_in[:, row0+i] + acc[i, :], with
-//   OPROJ: resid[2l] -> resid[2l+1]; DOWN: resid[2l+1] -> resid[2l+2].
+//   OPROJ: resid[2l] -> resid[2l+1]; DOWN: resid[2l+1] -> resid[2l+2]. A K-sliced DOWN
+//   (kn > 0) adds acc into resid[2l+2] atomically instead, onto the copy OPROJ stored there.
 // tp > 1 (all_ranks): this rank's partial acc goes to part[level][rank][:, row0+i] on every
 //   rank (peer stores over NVLink; the interpreter's system-scope signal publishes them), and
 //   RESID_SUM later folds the partials of all ranks into the residual. Peer stores walk the
@@ -47,9 +48,16 @@ struct ResidualOp {
       }
       return ERR_NONE;
     }
-    // DOWN with copy: also into resid[src + 2], the value ATTN_OPROJ adds to (isa.py). Only
-    // the -DMK_FUSE_OPROJ=1 build has it (Runtime refuses a fuse_oproj Program without it).
-    const bool copy = kFuseOproj && ins[W_OPCODE] == OP_DOWN && ins[W_DOWN_COPY] != 0;
+    const bool down = ins[W_OPCODE] == OP_DOWN;
+    if (down && ins[W_DOWN_KN]) {  // a K slice's share of the sum
+      for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads)
+        atomicAdd(residual_in(a, ins, i) + Bd, acc[i]);  // no return value: a RED
+      return ERR_NONE;
+    }
+    // With copy also into resid[src + 2]: DOWN's the value ATTN_OPROJ adds to (only the
+    // -DMK_FUSE_OPROJ=1 build has it: Runtime refuses a fuse_oproj Program without it),
+    // OPROJ's the value the K-sliced DOWNs add to (isa.py).
+    const bool copy = down ? kFuseOproj && ins[W_DOWN_COPY] != 0 : ins[W_OPROJ_COPY] != 0;
     for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
       float* in = residual_in(a, ins, i);
       const float x = (i == threadIdx.x ? pre : ldcg(in)) + acc[i];
