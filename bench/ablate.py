@@ -100,10 +100,11 @@ def grid(num_sms: int = 132) -> list[Row]:
              "GATEUP, LMHEAD), not 2: half the activation reads (spills 20 bytes)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "
              "5 shuffles, not one reduce-scatter"),
-        Row("down_k_slices=2", "DOWN rows cut into 2 K slices that add into the residual "
-            "atomically (each stages half the MLP activation)", {"down_k_slices": 2}),
-        Row("down_k_slices=4", "DOWN rows cut into 4 K slices that add into the residual "
-            "atomically (each stages a quarter of the MLP activation)", {"down_k_slices": 4}),
+        Row("down_k_slices=1", "DOWN rows whole, not in K slices that add into the residual "
+            "atomically (each stages the whole MLP activation; the default at batch <= 4)",
+            {"down_k_slices": 1}),
+        Row("down_k_slices=2", "DOWN rows in 2 K slices (the default: the power of two "
+            "nearest 8 * SMs * batch / d)", {"down_k_slices": 2}),
         Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
             "compiling it in costs the other plans)",
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),

@@ -27,12 +27,17 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     multiples of 8 (lowering.oproj_column_slices): with oproj_slices = 4H a slice
                     covers a whole head and each residual element takes H adds; 1: every
                     instruction adds whole rows (oproj_slices // H dim slices per head)
-    down_k_slices   K slices per DOWN row slice (1, the default: whole rows). n > 1: DOWN
-                    rows in down_slices // n row slices, each cut into n slices of I that
-                    add into the residual atomically, onto a copy OPROJ stores (isa.py), so
-                    an instruction stages 1/n of the MLP activation (at batch 8 DOWN copies
-                    as many activation bytes as weight bytes). tp = 1; turns the
-                    fuse_oproj default off, and fuse_oproj=True with it is an error
+    down_k_slices   K slices per DOWN row slice (1: whole rows). n > 1: DOWN rows in
+                    down_slices // n row slices, each cut into n slices of I that add into
+                    the residual atomically, onto a copy OPROJ stores (isa.py), so an
+                    instruction stages 1/n of the MLP activation (whole rows at batch 8:
+                    as many fp32 activation bytes as weight bytes at 1B). tp = 1; with
+                    n > 1 fuse_oproj's default is off, and fuse_oproj=True an error. The
+                    default (None): 1 where the plan fuses the O projection, runs under tp
+                    or I is not a multiple of isa.DOWN_K_ALIGN; else default_down_k_slices
+                    (an instruction's activation bytes about 1/4 of its weight bytes;
+                    measured best at 1B and 8B batch 8, bench/NOTES.md session 17). n > 1
+                    makes the residual's sums order-nondeterministic, as ATTN_OPROJ's are
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
                     built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do
@@ -41,6 +46,7 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -116,7 +122,8 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
         key = f"{op}_slices"
         out[key] = _int(key, options.get(key, out.get(key, out["slices"])), 1)
     out["oproj_col_slices"] = _int("oproj_col_slices", options.get("oproj_col_slices", 0), 0)
-    out["down_k_slices"] = _int("down_k_slices", options.get("down_k_slices", 1), 1)
+    k = options.get("down_k_slices")
+    out["down_k_slices"] = None if k is None else _int("down_k_slices", k, 1)
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
     for key, default in BOOL_OPTIONS.items():
         out[key] = options.get(key, default)
@@ -129,11 +136,11 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
 def _resolve_fuse_oproj(tp: int, batch: int, opts: dict) -> bool:
     """The limits of ATTN_OPROJ: it adds into this GPU's own residual (there are no tp
     partials to sum), for at most FUSE_OPROJ_MAX_BATCH batch rows; it merges the partials
-    itself. None (the default): on wherever they hold and down_k_slices is 1 (K-sliced DOWNs
-    add onto OPROJ's copy); True where they do not hold: an error."""
+    itself. None (the default): on wherever they hold unless down_k_slices > 1 is asked for
+    (K-sliced DOWNs add onto OPROJ's copy); True where they do not hold: an error."""
     if opts["fuse_oproj"] is None:
         return (tp == 1 and batch <= FUSE_OPROJ_MAX_BATCH and not opts["fuse_reduce"]
-                and opts["down_k_slices"] == 1)
+                and opts["down_k_slices"] in (None, 1))
     if opts["fuse_oproj"]:
         if tp > 1:
             raise ValueError(f"fuse_oproj needs tp=1, got tp={tp}")
@@ -144,6 +151,27 @@ def _resolve_fuse_oproj(tp: int, batch: int, opts: dict) -> bool:
             raise ValueError("fuse_oproj and fuse_reduce exclude each other: ATTN_OPROJ "
                              "merges the partials itself")
     return opts["fuse_oproj"]
+
+
+def default_down_k_slices(cfg: ModelConfig, batch: int, num_sms: int) -> int:
+    """The power of two n nearest 8 * num_sms * batch / d: a DOWN of d * n / num_sms rows
+    and I / n columns then stages batch * I / n fp32 activations, about a quarter of its
+    weight bytes (1B batch 8: 4, 8B batch 8: 2, the best measured; batch 1: 1)."""
+    n = 2 ** round(math.log2(max(1.0, 8 * num_sms * batch / cfg.d)))
+    return int(min(n, cfg.I // isa.DOWN_K_ALIGN))
+
+
+def _resolve_down_k_slices(cfg: ModelConfig, batch: int, num_sms: int, tp: int,
+                           opts: dict) -> int:
+    n = opts["down_k_slices"]
+    if n is None:
+        plain = tp > 1 or opts["fuse_oproj"] or cfg.I % isa.DOWN_K_ALIGN
+        return 1 if plain else default_down_k_slices(cfg, batch, num_sms)
+    if n > 1 and (tp > 1 or opts["fuse_oproj"]):
+        raise ValueError(f"down_k_slices={n} needs tp=1 and no fuse_oproj (its DOWNs add onto "
+                         f"the copy an OPROJ stores), got tp={tp}, fuse_oproj="
+                         f"{opts['fuse_oproj']}")
+    return n
 
 
 def default_attn_splits(cfg: ModelConfig, batch: int, num_sms: int) -> int:
@@ -171,10 +199,7 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
     spec = calibration.resolve(gpu)
     opts = _resolve_options(cfg, num_sms, options)
     opts["fuse_oproj"] = _resolve_fuse_oproj(tp, batch, opts)
-    if opts["down_k_slices"] > 1 and (tp > 1 or opts["fuse_oproj"]):
-        raise ValueError(f"down_k_slices={opts['down_k_slices']} needs tp=1 and no "
-                         "fuse_oproj (its DOWNs add onto the copy an OPROJ stores), got "
-                         f"tp={tp}, fuse_oproj={opts['fuse_oproj']}")
+    opts["down_k_slices"] = _resolve_down_k_slices(cfg, batch, num_sms, tp, opts)
 
     slices = {op: opts[f"{op}_slices"] for op in SLICED_OPS}
     shards = [None] if tp == 1 else [Shard(tp, r, vocab_rows(cfg.V, tp)) for r in range(tp)]

@@ -43,7 +43,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
     assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", False),
-            ("build_flags", "-DMK_FUSE_OPROJ=0"), ("down_k_slices", 2), ("down_k_slices", 4), ("build_flags", "-DMK_TC_SPLIT=0"),
+            ("build_flags", "-DMK_FUSE_OPROJ=0"), ("down_k_slices", 1), ("down_k_slices", 2), ("build_flags", "-DMK_TC_SPLIT=0"),
             ("build_flags", "-DMK_TC_WARP_ACC=0"),
             ("oproj_col_slices", 1),
             ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),

@@ -367,8 +367,22 @@ def test_down_k_slices_records():
                                                               range(0, 8192, 2048)]
     assert (t.args[t.op == Op.OPROJ, 2] == 1).all() and not (t.op == Op.ATTN_OPROJ).any()
     assert not plan("tiny", batch=1, num_sms=4, down_k_slices=2).options["fuse_oproj"]
-    whole = plan("llama-3.2-1b", batch=8)
+    whole = plan("llama-3.2-1b", batch=8, down_k_slices=1)
     assert not whole.table().args[whole.table().op == Op.DOWN, 3:5].any()
+
+
+@pytest.mark.parametrize("model, batch, n", [
+    ("llama-3.2-1b", 1, 1), ("llama-3.2-1b", 4, 1), ("llama-3.2-1b", 5, 2),
+    ("llama-3.2-1b", 8, 4), ("llama-3.2-1b", 16, 8), ("llama-3.1-8b", 8, 2),
+    ("llama-3.1-8b", 16, 4)])
+def test_down_k_slices_default(model, batch, n):
+    """None: 1 where the O projection is fused (batch <= 4), else the power of two nearest
+    8 * num_sms * batch / d (measured best at 1B b8: 4, 8B b8: 2)."""
+    assert plan(model, batch=batch, validate=False).options["down_k_slices"] == n
+    assert plan(model, batch=batch, tp=2, validate=False).ranks[0].options["down_k_slices"] == 1
+    odd = ModelConfig("odd-ffn", vocab_size=64, hidden_size=64, intermediate_size=96,
+                      num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64)
+    assert plan(odd, batch=8, num_sms=4).options["down_k_slices"] == 1
 
 
 @pytest.mark.parametrize("kw, match", [
