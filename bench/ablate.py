@@ -103,8 +103,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("down_k_slices=1", "DOWN rows whole, not in K slices that add into the residual "
             "atomically (each stages the whole MLP activation; the default at batch <= 4)",
             {"down_k_slices": 1}),
-        Row("down_k_slices=2", "DOWN rows in 2 K slices (the default: the power of two "
-            "nearest 8 * SMs * batch / d)", {"down_k_slices": 2}),
+        Row("down_k_slices=2", "DOWN rows in 2 K slices (where batch > 4 the default is "
+            "plan.default_down_k_slices: 2 or 4 for 1B and 8B)", {"down_k_slices": 2}),
         Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
             "compiling it in costs the other plans)",
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),

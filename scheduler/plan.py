@@ -35,8 +35,9 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     n > 1 fuse_oproj's default is off, and fuse_oproj=True an error. The
                     default (None): 1 where the plan fuses the O projection, runs under tp
                     or I is not a multiple of isa.DOWN_K_ALIGN; else default_down_k_slices
-                    (an instruction's activation bytes about 1/4 of its weight bytes;
-                    measured best at 1B and 8B batch 8, bench/NOTES.md session 17). n > 1
+                    (an instruction's activation bytes about 1/4 of its weight bytes, its
+                    accumulator copies within the kernel's; measured best at 1B batch 5, 8
+                    and 16 and 8B batch 8 and 16, bench/NOTES.md session 17). n > 1
                     makes the residual's sums order-nondeterministic, as ATTN_OPROJ's are
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
@@ -154,11 +155,17 @@ def _resolve_fuse_oproj(tp: int, batch: int, opts: dict) -> bool:
 
 
 def default_down_k_slices(cfg: ModelConfig, batch: int, num_sms: int) -> int:
-    """The power of two n nearest 8 * num_sms * batch / d: a DOWN of d * n / num_sms rows
+    """The power of two n nearest 8 * num_sms * batch / d: a DOWN of ~d * n / num_sms rows
     and I / n columns then stages batch * I / n fp32 activations, about a quarter of its
-    weight bytes (1B batch 8: 4, 8B batch 8: 2, the best measured; batch 1: 1)."""
+    weight bytes; halved while 8 copies of its accumulators (rows * batch floats each) would
+    not fit the kernel's MAX_ROWS_TIMES_BATCH, where the tensor-core matvec falls back from
+    per-warp copies to shared atomics (MK_TC_WARP_ACC). Measured best on the H100 (bench/
+    NOTES.md, session 17): 1B batch 5 / 8 / 16: 2 / 4 / 4, 8B batch 8 / 16: 2 / 2."""
     n = 2 ** round(math.log2(max(1.0, 8 * num_sms * batch / cfg.d)))
-    return int(min(n, cfg.I // isa.DOWN_K_ALIGN))
+    n = min(n, cfg.I // isa.DOWN_K_ALIGN)
+    while n > 1 and 8 * -(-cfg.d * n // num_sms) * batch > isa.MAX_ROWS_TIMES_BATCH:
+        n //= 2
+    return int(n)
 
 
 def _resolve_down_k_slices(cfg: ModelConfig, batch: int, num_sms: int, tp: int,
