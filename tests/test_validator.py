@@ -319,15 +319,20 @@ def test_accumulation_before_its_initial_value_is_caught(fused_oproj):
            r"written by uid \d+ DOWN \(layer 0\).*does not happen before it")
 
 
-def test_read_before_the_accumulations_is_caught(fused_oproj):
-    """A GATEUP waits on the ATTN counters (which follow the residual's initial value), not
-    on the ATTN_OPROJ stage: it could read the residual before the adds land."""
-    p = copy.deepcopy(fused_oproj)
-    gateup, fused = find(p, Op.GATEUP, layer=1), find(p, Op.ATTN_OPROJ, layer=1)
+@pytest.mark.parametrize("plan, reader, adder, level", [
+    ("fused_oproj", Op.GATEUP, Op.ATTN_OPROJ, 3), ("down_k", Op.QKV, Op.DOWN, 2)])
+def test_read_before_the_accumulations_is_caught(request, plan, reader, adder, level):
+    """The reader of a residual level waits on what its accumulating writers wait on (GATEUP
+    on the ATTN counters, the next layer's QKV on the GATEUP counters), which follow the
+    level's initial value, not on the accumulators: it could read before their adds land."""
+    p = copy.deepcopy(request.getfixturevalue(plan))
+    layer = (level - 1) // 2
+    at, acc = find(p, reader, layer=level // 2), find(p, adder, layer=layer)
     for field in ("wait0_first", "wait0_count"):
-        put(p, gateup, field, _word(p, fused, field))
-    caught(p, WHERE.format(op="GATEUP") + r": reads resid\[level=3, col=\d+, b=0\], "
-           r"accumulated into by uid \d+ ATTN_OPROJ \(layer 1\).*does not happen before it")
+        put(p, at, field, _word(p, acc, field))
+    caught(p, WHERE.format(op=reader.name) + rf": reads resid\[level={level}, col=\d+, b=0\], "
+           rf"accumulated into by uid \d+ {adder.name} \(layer {layer}\).*does not happen "
+           "before it")
 
 
 def test_copy_from_the_last_down_is_caught(fused_oproj):
@@ -414,17 +419,6 @@ def test_down_k_without_initial_value_is_caught(down_k):
     put(p, find(p, Op.OPROJ, layer=1, row0=0), "copy", 0)
     caught(p, WHERE.format(op="DOWN") + r": accumulates into resid\[level=4, col=0, b=0\], "
            "which no instruction writes")
-
-
-def test_down_k_read_before_the_accumulations_is_caught(down_k):
-    """The next layer's QKV waits on the GATEUP counters only: it could read resid[2] before
-    the K slices' adds land."""
-    p = copy.deepcopy(down_k)
-    qkv, gateup = find(p, Op.QKV, layer=1), find(p, Op.GATEUP, layer=0)
-    for field in ("wait0_first", "wait0_count"):
-        put(p, qkv, field, _word(p, gateup, field))
-    caught(p, WHERE.format(op="QKV") + r": reads resid\[level=2, col=\d+, b=0\], "
-           r"accumulated into by uid \d+ DOWN \(layer 0\).*does not happen before it")
 
 
 def test_down_k_overlapping_slices_are_caught(down_k):
