@@ -18,6 +18,7 @@ import torch
 from .buffers import SYNC_STATE, Buffers
 from .packing import PackedWeights, add_wo_t
 from .profiling import nvtx_range
+from .scheduler import isa
 from .scheduler.isa import Err, Op
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -29,7 +30,8 @@ _ERRORS = {Err.WATCHDOG: "watchdog: a counter wait exceeded its budget",
            Err.BAD_OPCODE: "unknown opcode", Err.BAD_TOKEN: "token id out of range",
            Err.BAD_POSITION: "position outside the KV cache", Err.ABORTED: "aborted",
            Err.BAD_INSTRUCTION: "malformed instruction (rows * batch over the kernel's "
-                                "capacity, or an odd row pair slice)"}
+                                "capacity, an odd row pair slice, or a DOWN K slice not of "
+                                f"whole {isa.DOWN_K_ALIGN}-column units inside I)"}
 
 
 def check_supported(cfg, batch: int) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megakernel import Decoder, ModelConfig, ReferenceModel, Weights, plan
+from megakernel.scheduler import isa
 from megakernel.scheduler.isa import Op
 
 pytestmark = pytest.mark.gpu
@@ -212,6 +213,24 @@ def test_watchdog_reports_a_matvec_wait(batch):
     dec = Decoder(cfg, w, batch=batch, max_seq=16, program=broken, watchdog_ms=300)
     with pytest.raises(RuntimeError, match=f"counter {c}"):
         dec.step(torch.arange(1, batch + 1, device="cuda"))
+
+
+def test_kernel_refuses_a_malformed_down_k_slice():
+    """A K-sliced DOWN whose kn is not whole 64-column units: the validator refuses such a
+    plan, Decoder runs the Program it is given, and the kernel's own check stops the block
+    before the matvec (BAD_INSTRUCTION, naming DOWN). The first K slice grows, so the
+    loader's copies stay inside wdown."""
+    cfg = ModelConfig.preset("tiny")
+    w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
+    bad = plan(cfg, batch=8, num_sms=8, down_k_slices=2)
+    kn = isa.word_index(Op.DOWN, "kn")
+    sm, k = np.argwhere((bad.instructions[..., 0] == Op.DOWN)
+                        & (bad.instructions[..., isa.word_index(Op.DOWN, "k0")] == 0))[0]
+    bad.instructions[sm, k, kn] += 8
+    tokens = torch.arange(1, 9, device="cuda")
+    dec = Decoder(cfg, w, batch=8, max_seq=16, program=bad, watchdog_ms=300)
+    with pytest.raises(RuntimeError, match=r"malformed instruction .*DOWN K slice.*, DOWN\)"):
+        dec.step(tokens)
 
 
 def test_fused_plan_needs_the_fused_build():
