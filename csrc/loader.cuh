@@ -54,8 +54,9 @@ struct PageWalk {
 // Loader warp: stream the pages of every matvec instruction of this SM's queue into the
 // ring. kReleaseQuiet: it issues nothing from the moment an instruction's outputs are
 // written (with MK_RELEASE_QUIET=1, for a matvec or ATTN_OPROJ, from its last page) until
-// its release add is done: that release's fence waited for the memory operations the loader kept issuing
-// (measured: 1.4-3.1 us per matvec release with the ring streaming, 0.5 us quiet). When
+// its release add is done: that release's fence waited for the memory operations the
+// loader kept issuing (measured: 1.4-3.1 us per matvec release with the ring streaming,
+// 0.5 us quiet). When
 // the ring is full and its oldest page is still unconsumed after kL2StallNs (the consumers
 // are in attention, a reduction or a counter wait), HBM would idle: the loader then pulls
 // the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later fill the

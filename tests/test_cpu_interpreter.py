@@ -187,7 +187,8 @@ def test_down_k_slices_match_reference(G, granularity):
     """plan(down_k_slices=n): each DOWN row slice in n K slices that add onto the copy of
     resid[2l+1] OPROJ stores; FFN widths a multiple of 64, n from 2 to more than its units."""
     rng = random.Random(f"downk-{G}-{granularity}")
-    cfg = random_config(rng, 64, G).replace(num_layers=2, intermediate_size=64 * rng.randrange(3, 9))
+    cfg = random_config(rng, 64, G).replace(num_layers=2,
+                                            intermediate_size=64 * rng.randrange(3, 9))
     for seed, (batch, n) in enumerate(((1, 2), (3, 3), (8, 4), (2, 100))):
         prog = mk.plan(cfg, batch=batch, num_sms=7, granularity=granularity, down_k_slices=n)
         t = prog.table()
