@@ -66,6 +66,9 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("fuse_oproj=0", "ATTN_REDUCE and OPROJ stages, not ATTN_OPROJ (which merges a q "
             "head's dims and adds its O projection of a column slice into the residual "
             "atomically; the default at batch <= 4)", {"fuse_oproj": False}),
+        Row("fuse_oproj=1", "ATTN_OPROJ where the default does not fuse (batch 5-8; with "
+            "K-sliced DOWNs GATEUP stores the residual copies they and the next ATTN_OPROJ "
+            "add onto)", {"fuse_oproj": True}),
         Row("fuse_oproj_rows", "fuse_oproj with whole rows (oproj_col_slices=1): each "
             "instruction a dim slice, 4x the atomic adds per residual element",
             {"oproj_col_slices": 1}),

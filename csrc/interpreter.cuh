@@ -203,6 +203,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         pre_src.x = ResidualOp::residual_in(a, ins, tid);
       else if (op == OP_QKV)
         pre_src = QkvOp::rope_src(a, ins, pos);
+      else if (op == OP_GATEUP && ins[W_GATEUP_COPY] && tid < ins[W_GATEUP_SUM_NCOLS] * a.B)
+        pre_src.x = GateUpOp::copy_src(a, ins, tid);
       float2 pre = make_float2(0.f, 0.f);
 #define MK_MATVEC(f, n) \
   f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, wait, flags, setup_first)
@@ -221,7 +223,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       if (setup_first && !flags[0]) break;  // its wait failed (after the chunk's bar.sync)
       switch (op) {
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos, pre, epoch); break;
-        case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc); break;
+        case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc, pre.x); break;
         case OP_LMHEAD: err = LmHeadOp::epilogue(a, ins, acc, red); break;
         default: err = ResidualOp::epilogue(a, ins, acc, pre.x); break;  // OPROJ, DOWN
       }
@@ -254,7 +256,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
             if (!AttnOprojOp::valid(a, ins)) { err = ERR_BAD_INSTRUCTION; break; }
             if (a.B == 1) AttnOprojOp::run<1, kTiming>(a, ring, ins, it, acc, act);
             else if (a.B == 2) AttnOprojOp::run<2, kTiming>(a, ring, ins, it, acc, act);
-            else AttnOprojOp::run<4, kTiming>(a, ring, ins, it, acc, act);
+            else if (a.B <= 4) AttnOprojOp::run<4, kTiming>(a, ring, ins, it, acc, act);
+            else AttnOprojOp::run<8, kTiming>(a, ring, ins, it, acc, act);
           } else {
             err = ERR_BAD_INSTRUCTION;
           }

@@ -190,11 +190,23 @@ __device__ __forceinline__ bool matvec_valid(const KernelArgs& a, const int32_t*
                    : op == OP_LMHEAD ? ins[W_LMHEAD_FOLD] : 0;
   if (fold != 0 && (a.part == nullptr || (op == OP_QKV && ins[W_LAYER] == 0))) return false;
 #endif
-  if (op == OP_DOWN) {  // a K slice: whole units inside I, no copy, this GPU's residual
-    const int k0 = ins[W_DOWN_K0], kn = ins[W_DOWN_KN];
+  // A K slice: whole units inside I, this GPU's residual, copy (adds into resid[2l+3] too)
+  // 0 or 1 and not on the last layer.
+  if (op == OP_DOWN) {
+    const int k0 = ins[W_DOWN_K0], kn = ins[W_DOWN_KN], copy = ins[W_DOWN_COPY];
     if (kn == 0 ? k0 != 0
                 : (k0 < 0 || k0 % kDownKAlign != 0 || kn % kDownKAlign != 0 || k0 + kn > a.I ||
-                   ins[W_DOWN_COPY] != 0 || ins[W_ALL_RANKS] != 0))
+                   copy < 0 || copy > 1 || (copy && ins[W_LAYER] >= a.L - 1) ||
+                   ins[W_ALL_RANKS] != 0))
+      return false;
+  }
+  // GATEUP's copies (isa.py): copy 0..2 (2 not on the last layer), a range inside d,
+  // this GPU's residual, no fold.
+  if (op == OP_GATEUP && ins[W_GATEUP_COPY] != 0) {
+    const int copy = ins[W_GATEUP_COPY], c0 = ins[W_GATEUP_SUM_COL0];
+    const int nc = ins[W_GATEUP_SUM_NCOLS];
+    if (copy < 0 || copy > 2 || (copy == 2 && ins[W_LAYER] >= a.L - 1) || a.tp != 1 ||
+        ins[W_GATEUP_FOLD] != 0 || c0 < 0 || nc < 0 || c0 + nc > a.d)
       return false;
   }
   return n > 0 && first >= 0 && n * a.B <= kAccFloats &&

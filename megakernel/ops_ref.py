@@ -183,13 +183,19 @@ def gateup(rec, w, buf, prog):
     x = rmsnorm(matvec_input(rec, buf, 2 * l + 1), w.mlp_norm[l], cfg.rms_norm_eps)
     y = x @ w.wgu[l, r0:r0 + n].float().T                                  # [B, n]
     buf.act[l, :, r0 // 2:(r0 + n) // 2] = F.silu(y[:, 0::2]) * y[:, 1::2]
+    copy = rec.get("copy", 0)
+    if copy:  # the initial value of the K-sliced DOWN adds (and of the next ATTN_OPROJ's)
+        c0, c1 = rec["sum_col0"], rec["sum_col0"] + rec["sum_ncols"]
+        for level in range(2 * l + 2, 2 * l + 2 + copy):
+            buf.resid[level, :, c0:c1] = buf.resid[2 * l + 1, :, c0:c1]
 
 
 def down(rec, w, buf, prog):
     l, r0, n, k0, kn = rec["layer"], rec["row0"], rec["nrows"], rec["k0"], rec["kn"]
-    if kn:  # a K slice, added onto OPROJ's copy
-        buf.resid[2 * l + 2, :, r0:r0 + n] += (
-            buf.act[l, :, k0:k0 + kn] @ w.wdown[l, r0:r0 + n, k0:k0 + kn].float().T)
+    if kn:  # a K slice, added onto OPROJ's or GATEUP's copy (copy: onto both of GATEUP's)
+        y = buf.act[l, :, k0:k0 + kn] @ w.wdown[l, r0:r0 + n, k0:k0 + kn].float().T
+        for level in range(2 * l + 2, 2 * l + 3 + rec.get("copy", 0)):
+            buf.resid[level, :, r0:r0 + n] += y
         return
     buf.resid[2 * l + 2, :, r0:r0 + n] = (
         buf.resid[2 * l + 1, :, r0:r0 + n] + buf.act[l] @ w.wdown[l, r0:r0 + n].float().T)

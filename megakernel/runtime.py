@@ -30,8 +30,9 @@ _ERRORS = {Err.WATCHDOG: "watchdog: a counter wait exceeded its budget",
            Err.BAD_OPCODE: "unknown opcode", Err.BAD_TOKEN: "token id out of range",
            Err.BAD_POSITION: "position outside the KV cache", Err.ABORTED: "aborted",
            Err.BAD_INSTRUCTION: "malformed instruction (rows * batch over the kernel's "
-                                "capacity, an odd row pair slice, or a DOWN K slice not of "
-                                f"whole {isa.DOWN_K_ALIGN}-column units inside I)"}
+                                "capacity, an odd row pair slice, a DOWN K slice not of "
+                                f"whole {isa.DOWN_K_ALIGN}-column units inside I, or a "
+                                "residual copy to a level or range that does not exist)"}
 
 
 def check_supported(cfg, batch: int) -> None:

@@ -16,8 +16,8 @@ whole heads, so that permutation is invisible. k_new / v_new are the KV cache ro
 step's position (earlier positions were written by earlier steps). tokens, pos, the
 weights and the RoPE tables are inputs: written before the step, not tracked.
 An accumulating write (`add`: ATTN_OPROJ's atomic adds into resid[2l+1], a K-sliced DOWN's
-into resid[2l+2]) is a write that is not SSA: dataflow.py checks it against the element's
-one ordinary writer and readers.
+into resid[2l+2], and with copy into resid[2l+3]) is a write that is not SSA: dataflow.py
+checks it against the element's one ordinary writer and readers.
 attn is not allocated (layer size 0) in a plan with ATTN_OPROJ, which writes none of it.
 """
 from __future__ import annotations
@@ -174,12 +174,18 @@ def accesses(t: Instrs, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: int = 1
     i, l, r0, n, _ = rows(Op.GATEUP)
     read_input(Op.GATEUP, i, 2 * l + 1)
     emit("act", True, i, (l * I + r0 // 2) * B, n // 2 * B)
+    c0, nc, copy = (t.args[i, k].astype(np.int64) for k in (3, 4, 5))
+    for level, m in ((2 * l + 2, copy > 0), (2 * l + 3, copy > 1)):   # initial values of adds
+        m &= nc > 0
+        emit("resid", True, i[m], resid_cols(level[m], c0[m]), nc[m] * B)
 
     i, l, r0, n, copy = rows(Op.DOWN)
     k0, kn = (t.args[i, k].astype(np.int64) for k in (3, 4))
-    s = kn > 0                                  # K slices: adds onto OPROJ's copy
+    s = kn > 0                                  # K slices: adds onto OPROJ's / GATEUP's copy
     emit("act", False, i[s], (l[s] * I + k0[s]) * B, kn[s] * B)
     emit("resid", True, i[s], resid_cols(2 * l[s] + 2, r0[s]), n[s] * B, add=True)
+    m = s & (copy != 0)                         # and onto GATEUP's second copy
+    emit("resid", True, i[m], resid_cols(2 * l[m] + 3, r0[m]), n[m] * B, add=True)
     i, l, r0, n, copy = i[~s], l[~s], r0[~s], n[~s], copy[~s]
     emit("act", False, i, l * I * B, I * B)
     add_to_resid(i, 2 * l + 1, r0, n)

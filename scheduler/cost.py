@@ -104,10 +104,14 @@ def instruction_bytes_flops(ins: Instrs, cfg: ModelConfig, batch: int, attn_spli
     put(Op.QKV, rows * d * wb + B * d * ab + d * wb + B * rows * ab, 2.0 * B * rows * d)
     put(Op.OPROJ, rows * H * D * wb + B * H * D * ab + (2 + a[:, 2]) * B * rows * ab,
         2.0 * B * rows * H * D)                                # + the copy's stores
-    put(Op.GATEUP, rows * d * wb + B * d * ab + d * wb + B * rows / 2 * ab, 2.0 * B * rows * d)
-    # DOWN's K slice (kn > 0; the whole of I at 0): its adds an L2 read-modify-write each
+    # + GATEUP's copies (isa.py copy: its column range of resid, read once, stored copy times)
+    put(Op.GATEUP, rows * d * wb + B * d * ab + d * wb + B * rows / 2 * ab
+        + np.where(a[:, 5] > 0, (1 + a[:, 5]) * B * a[:, 4] * ab, 0), 2.0 * B * rows * d)
+    # DOWN's K slice (kn > 0; the whole of I at 0): its adds an L2 read-modify-write each,
+    # into two levels with copy
     k = np.where(a[:, 4] > 0, a[:, 4], I)
-    put(Op.DOWN, rows * k * wb + B * k * ab + 2 * B * rows * ab, 2.0 * B * rows * k)
+    adds = np.where(a[:, 4] > 0, 1 + a[:, 2], 1)
+    put(Op.DOWN, rows * k * wb + B * k * ab + 2 * adds * B * rows * ab, 2.0 * B * rows * k)
     put(Op.LMHEAD, rows * d * wb + B * d * ab + d * wb + B * rows * ab, 2.0 * B * rows * d)
     positions = -(-(kv_position + 1) // attn_splits)
     put(Op.ATTN, 2 * positions * D * kb + 2 * G * D * ab, 4.0 * G * D * positions)

@@ -10,8 +10,8 @@ whose structure validate.py has already proven:
     counters (happens.py), which covers reads ordered only transitively.
 Accumulating writes (ATTN_OPROJ's atomic adds) are not SSA writes. An accumulation reads
 the element's initial value: the checks of a read (written, and its writer happens-before)
-apply to it. Accumulations cover identical or disjoint ranges, and every ordinary read of
-an accumulated element happens after every accumulation of its range.
+apply to it. One stage's accumulations cover identical or disjoint ranges, and every
+ordinary read of an accumulated element happens after every accumulation of its range.
 Reads are deduplicated by (wait signature, range) before the happens-before test, so the
 work is about one test per distinct (reader signature, writer) pair.
 Under tp > 1 (a merged table, ranks.py) each rank has its own copy of every buffer: an
@@ -117,22 +117,38 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: i
 def _after_accumulations(t: Placed, a, acc, gstart, gstop, first: int, name, fail):
     """The ordinary reads of accumulated elements, each against every accumulation of its
     range: (reads as check_dataflow's [rs, re, ri, i0, i1, kind = 2], the accumulations'
-    starts, their instructions); i0, i1 count from `first`, where they join the writes."""
-    a = a[np.lexsort((gstop[a], gstart[a]))]
+    starts, their instructions); i0, i1 count from `first`, where they join the writes.
+    Inside one stage (layer, opcode) accumulations cover identical or disjoint ranges (a
+    partial overlap there is a slice added twice); different stages' may overlap anyhow
+    (DOWN row slices and the next ATTN_OPROJ's column slices into one level)."""
+    def stage(i):
+        return t.layer[i].astype(np.int64) * 64 + t.op[i]
+    a = a[np.lexsort((gstop[a], gstart[a], stage(acc.inst[a])))]
     As, Ae, Ai = gstart[a], gstop[a], acc.inst[a]
-    bad = np.flatnonzero((As[1:] < Ae[:-1]) & ((As[1:] != As[:-1]) | (Ae[1:] != Ae[:-1])))
+    st = stage(Ai)
+    bad = np.flatnonzero((st[1:] == st[:-1]) & (As[1:] < Ae[:-1])
+                         & ((As[1:] != As[:-1]) | (Ae[1:] != Ae[:-1])))
     if len(bad):
         k = int(bad[0])
         fail(int(Ai[k + 1]), f"accumulates into {name(int(As[k + 1]))} .. "
              f"{name(int(Ae[k + 1] - 1))}, a range overlapping that of {t.where(int(Ai[k]))} "
-             "but not equal to it: accumulations must cover identical or disjoint ranges")
+             "but not equal to it: one stage's accumulations must cover identical or disjoint "
+             "ranges")
+    # Cut every accumulation at every accumulation's ends: the pieces are then identical or
+    # disjoint, and sorted by start their ends are sorted too.
+    bounds = np.unique(np.r_[As, Ae])
+    b0, b1 = np.searchsorted(bounds, As), np.searchsorted(bounds, Ae)
+    k = np.repeat(np.arange(len(As)), b1 - b0)
+    j = b0[k] + np.arange(len(k)) - np.repeat(np.cumsum(b1 - b0) - (b1 - b0), b1 - b0)
+    order = np.lexsort((bounds[j + 1], bounds[j]))
+    Ps, Pe, Pi = bounds[j][order], bounds[j + 1][order], Ai[k][order]
     r = np.flatnonzero(~acc.write)
     rs, re, ri = gstart[r], gstop[r], acc.inst[r]
-    j0 = np.searchsorted(Ae, rs, "right")       # identical or disjoint: the ends are sorted
-    j1 = np.searchsorted(As, re, "left")
+    j0 = np.searchsorted(Pe, rs, "right")
+    j1 = np.searchsorted(Ps, re, "left")
     m = j1 > j0
     return ([rs[m], re[m], ri[m], j0[m] + first, j1[m] + first, np.full(int(m.sum()), 2)],
-            As, Ai)
+            Ps, Pi)
 
 
 def _check_ordered(t: Placed, rs, re, ri, i0, i1, kind, ws, wi, name, counter_name) -> None:

@@ -114,14 +114,22 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
                 K-sliced DOWNs add to)
     GATEUP      x = rmsnorm(resid[2l+1], mlp_norm[l]); y = x @ wgu[l][r0:r0+n].T;
                 act[l][:, r0/2 : (r0+n)/2] = silu(y[:, 0::2]) * y[:, 1::2]
+                copy > 0 (tp = 1, fold = 0; a plan with fuse_oproj and down_k_slices > 1):
+                resid[2l+1][:, sum_col0 : sum_col0+sum_ncols] also into resid[2l+2] (the
+                initial value of the layer's K-sliced DOWN adds) and, copy = 2, into
+                resid[2l+3] (that of the next layer's ATTN_OPROJ adds and of this layer's
+                DOWN adds with copy = 1); the stage's ranges cover [0, d) once
     DOWN        kn = 0: resid[2l+2][:, r0:r0+n] = resid[2l+1][:, r0:r0+n] + act[l] @
                 wdown[l][r0:r0+n].T; copy = 1: the same values also into resid[2l+3] (as
                 EMBED's copy). kn > 0 (plan option down_k_slices, tp = 1): the K slice
                 [k0, k0 + kn) of I only,
                     resid[2l+2][:, r0:r0+n] += act[l][:, k0:k0+kn] @ wdown[l][r0:r0+n, k0:k0+kn].T
                 as atomic fp32 adds (order unspecified) onto the copy of resid[2l+1] that the
-                layer's OPROJ (copy = 1) stored there; copy = 0. k0 and kn are multiples of
-                DOWN_K_ALIGN (whole activation vectors and 16-byte weight copies).
+                layer's OPROJ (copy = 1) or, with ATTN_OPROJ, GATEUP (copy > 0) stored there.
+                copy = 1 (with ATTN_OPROJ, not the last layer): the same adds also onto
+                resid[2l+3], where GATEUP's copy = 2 stored resid[2l+1] too, so that it holds
+                resid[2l+2] when the next layer's ATTN_OPROJ adds to it. k0 and kn are
+                multiples of DOWN_K_ALIGN (whole activation vectors and 16-byte weight copies).
     LMHEAD      x = rmsnorm(resid[2L], final_norm); logits[:, r0:r0+n] = x @ lm_head[r0:r0+n].T;
                 amax_val/idx[b, slot] = max and its lowest index over this slice
     ARGMAX      out_tokens[b] = index of the max over the NLM partials (lowest index on ties)
@@ -134,7 +142,8 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
                 ATTN_REDUCE merges them; then, for the columns c in [col0, col0 + ncols),
                     resid[2l+1][b, c] += sum_j m[b, j] * wo[l][c, head*D + dim0 + j]
                 as atomic fp32 adds (order unspecified) onto the copy of resid[2l] that the
-                previous DOWN (EMBED for layer 0) stored there. The kernel reads the O
+                previous DOWN (EMBED for layer 0) stored there, or, where the DOWNs are
+                K-sliced, the previous GATEUP's copy = 2 plus the previous DOWN's adds. The kernel reads the O
                 projection transposed, wo_t [L, H*D, d] (row head*D + dim0 + j, columns
                 col0 ..). col0 is a multiple of 4, ncols of 8 (the kernel's 8 columns per
                 thread; a slice narrower than 2048 columns shares its rows among groups of
@@ -194,7 +203,7 @@ ARGS: dict[Op, tuple[str, ...]] = {
     Op.ATTN: ("b", "kv_head", "split", "merge", "ticket"),
     Op.ATTN_REDUCE: ("b", "kv_head", "head0", "nheads"),
     Op.OPROJ: ("row0", "nrows", "copy"),
-    Op.GATEUP: ("row0", "nrows", "fold", "sum_col0", "sum_ncols"),
+    Op.GATEUP: ("row0", "nrows", "fold", "sum_col0", "sum_ncols", "copy"),
     Op.DOWN: ("row0", "nrows", "copy", "k0", "kn"),
     Op.LMHEAD: ("row0", "nrows", "slot", "fold", "sum_col0", "sum_ncols"),
     Op.ARGMAX: (),

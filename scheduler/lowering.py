@@ -29,6 +29,11 @@ b * Hkv + h // G of every b: at granularity head/chunk the range from b = 0 to b
 resid[2l+1], whose initial value (the copy of resid[2l]) EMBED (copy = 1) or the previous
 layer's DOWN (copy = 1, every layer but the last) stores; that store is ordered before the
 adds transitively, through QKV and ATTN. The stage is one bucket; GATEUP waits on all of it.
+With fuse_oproj and down_k_slices > 1 no DOWN holds a whole residual row: GATEUP instruction
+k copies column range k of fold_ranges(d, n) of resid[2l+1] into resid[2l+2] and (copy = 2,
+every layer but the last) resid[2l+3], and the DOWN K slices add into both (copy = 1), so
+resid[2l+3] holds resid[2l+2] before the next ATTN_OPROJ adds to it. Both copies are ordered
+before every add: the DOWNs wait on the whole GATEUP stage, and the next layer's QKV on them.
 A consumer waits on the contiguous counter range of the buckets holding the producers
 whose outputs it reads directly (isa.py says what each opcode reads); reads that are
 ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of their own.
@@ -141,6 +146,13 @@ def _copying(args: np.ndarray, copy: int) -> np.ndarray:
     return np.column_stack([args, np.full(len(args), copy)])
 
 
+def gateup_copies(args: np.ndarray, d: int, copy: int) -> np.ndarray:
+    """GATEUP args + (fold = 0, sum_col0, sum_ncols, copy): instruction k copies column
+    range k of fold_ranges(d, n) (isa.py GATEUP copy)."""
+    n = len(args)
+    return np.column_stack([args, np.zeros(n, np.int64), fold_ranges(d, n), np.full(n, copy)])
+
+
 def _folding(args: np.ndarray, d: int) -> np.ndarray:
     """args + (fold = 1, sum_col0, sum_ncols) columns."""
     return np.column_stack([args, np.ones(len(args), np.int64), fold_ranges(d, len(args))])
@@ -155,9 +167,9 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     fuse_reduce: the last ATTN split of each group merges it (no ATTN_REDUCE stage).
     fuse_oproj: ATTN_OPROJ stages instead of ATTN_REDUCE and OPROJ (tp = 1), with
     oproj_col_slices column slices per (head, dim slice) (0: oproj_column_slices chooses).
-    down_k_slices > 1 (tp = 1, not fuse_oproj): DOWN rows in slices["down"] // down_k_slices
-    row slices, each cut into down_k_slices K slices (down_k_ranges) that add into
-    resid[2l+2], onto OPROJ's copy (isa.py)."""
+    down_k_slices > 1 (tp = 1): DOWN rows in slices["down"] // down_k_slices row slices,
+    each cut into down_k_slices K slices (down_k_ranges) that add into resid[2l+2], onto
+    OPROJ's copy, or with fuse_oproj onto GATEUP's (isa.py)."""
     B, L, d, I, V, H = batch, cfg.L, cfg.d, cfg.I, cfg.V, cfg.H
     Hkv, G, D, NS = cfg.Hkv, cfg.G, cfg.D, attn_splits
     max_rows = isa.MAX_ROWS_TIMES_BATCH // B
@@ -183,6 +195,7 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     first_attn = (fused[:, 0] // G) * NS                        # ATTN of (b = 0, g = h // G)
     last_attn = ((B - 1) * Hkv + fused[:, 0] // G + 1) * NS     # end of (b = B-1, g)
     copy = int(fuse_oproj)
+    gateup_copy = fuse_oproj and down_k_slices > 1     # no DOWN stores a whole residual row
     lm = _lm_rows(V, slices["lmhead"], max_rows, shard)
     peers = 0 if shard is None else shard.tp          # all_ranks of OPROJ, DOWN and LMHEAD
     fold = fold and peers > 0
@@ -222,8 +235,9 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
             else:
                 c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
                             zeros[len(reduce)])
-        mlp = ((Op.GATEUP, gateup),
-               (Op.DOWN, np.column_stack([_copying(down, copy * (layer < L - 1)), down_k])))
+        more = int(layer < L - 1)
+        mlp = ((Op.GATEUP, gateup_copies(gateup, d, 1 + more) if gateup_copy else gateup),
+               (Op.DOWN, np.column_stack([_copying(down, copy * more), down_k])))
         oproj_copy = _copying(oproj, int(down_k_slices > 1))
         for op, rows in (mlp if fuse_oproj else ((Op.OPROJ, oproj_copy),) + mlp):
             remote = 0 if op == Op.GATEUP else peers

@@ -19,9 +19,10 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
     fuse_oproj      no ATTN_REDUCE or OPROJ stage: ATTN_OPROJ instructions, oproj_slices // H
                     (at least 1) per q head, each merge a dim slice's partials and add its O
                     projection of a column slice into the residual atomically (isa.py).
-                    tp = 1, batch <= 4, not with fuse_reduce; the default (None) turns it
-                    on wherever those hold (FUSE_OPROJ_MAX_BATCH; measured faster there,
-                    bench/NOTES.md session 16)
+                    tp = 1, batch <= FUSE_OPROJ_MAX_BATCH (8), not with fuse_reduce; the
+                    default (None) turns it on where those hold up to batch
+                    FUSE_OPROJ_DEFAULT_MAX_BATCH (4; measured faster there, bench/NOTES.md
+                    session 16)
     oproj_col_slices  fuse_oproj: column slices per (q head, dim slice); 0 (default): the
                     most up to oproj_slices // H, a power of two of equal widths that are
                     multiples of 8 (lowering.oproj_column_slices): with oproj_slices = 4H a slice
@@ -29,12 +30,12 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     instruction adds whole rows (oproj_slices // H dim slices per head)
     down_k_slices   K slices per DOWN row slice (1: whole rows). n > 1: DOWN rows in
                     down_slices // n row slices, each cut into n slices of I that add into
-                    the residual atomically, onto a copy OPROJ stores (isa.py), so an
-                    instruction stages 1/n of the MLP activation (whole rows at batch 8:
-                    as many fp32 activation bytes as weight bytes at 1B). tp = 1; with
-                    n > 1 fuse_oproj's default is off, and fuse_oproj=True an error. The
-                    default (None): 1 where the plan fuses the O projection, runs under tp
-                    or I is not a multiple of isa.DOWN_K_ALIGN; else default_down_k_slices
+                    the residual atomically, onto a copy OPROJ (with fuse_oproj: GATEUP)
+                    stores (isa.py), so an instruction stages 1/n of the MLP activation
+                    (whole rows at batch 8: as many fp32 activation bytes as weight bytes
+                    at 1B). tp = 1. The default (None): 1 where the plan runs under tp, I is
+                    not a multiple of isa.DOWN_K_ALIGN or the plan fuses the O projection
+                    at batch <= FUSE_OPROJ_DEFAULT_MAX_BATCH; else default_down_k_slices
                     (an instruction's activation bytes about 1/4 of its weight bytes, its
                     accumulator copies within the kernel's; measured best at 1B batch 5, 8
                     and 16 and 8B batch 8 and 16, bench/NOTES.md session 17). n > 1
@@ -67,7 +68,8 @@ OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices",
            "down_k_slices", "kv_position", "fold", "fuse_reduce", "fuse_oproj", "validate")
 BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": None,
                 "validate": True}   # and their defaults (None: decided by plan())
-FUSE_OPROJ_MAX_BATCH = 4   # ATTN_OPROJ keeps a batch row's sums in registers
+FUSE_OPROJ_MAX_BATCH = 8   # ATTN_OPROJ keeps a batch row's sums in registers
+FUSE_OPROJ_DEFAULT_MAX_BATCH = 4   # fuse_oproj's default: on up to this batch
 
 
 def parse_options(text: str) -> dict:
@@ -137,11 +139,10 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
 def _resolve_fuse_oproj(tp: int, batch: int, opts: dict) -> bool:
     """The limits of ATTN_OPROJ: it adds into this GPU's own residual (there are no tp
     partials to sum), for at most FUSE_OPROJ_MAX_BATCH batch rows; it merges the partials
-    itself. None (the default): on wherever they hold unless down_k_slices > 1 is asked for
-    (K-sliced DOWNs add onto OPROJ's copy); True where they do not hold: an error."""
+    itself. None (the default): on wherever they hold, up to FUSE_OPROJ_DEFAULT_MAX_BATCH;
+    True where they do not hold: an error."""
     if opts["fuse_oproj"] is None:
-        return (tp == 1 and batch <= FUSE_OPROJ_MAX_BATCH and not opts["fuse_reduce"]
-                and opts["down_k_slices"] in (None, 1))
+        return (tp == 1 and batch <= FUSE_OPROJ_DEFAULT_MAX_BATCH and not opts["fuse_reduce"])
     if opts["fuse_oproj"]:
         if tp > 1:
             raise ValueError(f"fuse_oproj needs tp=1, got tp={tp}")
@@ -172,12 +173,12 @@ def _resolve_down_k_slices(cfg: ModelConfig, batch: int, num_sms: int, tp: int,
                            opts: dict) -> int:
     n = opts["down_k_slices"]
     if n is None:
-        plain = tp > 1 or opts["fuse_oproj"] or cfg.I % isa.DOWN_K_ALIGN
+        fused_small = opts["fuse_oproj"] and batch <= FUSE_OPROJ_DEFAULT_MAX_BATCH
+        plain = tp > 1 or fused_small or cfg.I % isa.DOWN_K_ALIGN
         return 1 if plain else default_down_k_slices(cfg, batch, num_sms)
-    if n > 1 and (tp > 1 or opts["fuse_oproj"]):
-        raise ValueError(f"down_k_slices={n} needs tp=1 and no fuse_oproj (its DOWNs add onto "
-                         f"the copy an OPROJ stores), got tp={tp}, fuse_oproj="
-                         f"{opts['fuse_oproj']}")
+    if n > 1 and tp > 1:
+        raise ValueError(f"down_k_slices={n} needs tp=1 (its DOWNs add into this GPU's own "
+                         f"residual), got tp={tp}")
     return n
 
 

@@ -6,8 +6,9 @@ OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
   2 fields: known opcodes, layer, every opcode field in range (rows even where isa.py says,
     n * batch <= MAX_ROWS_TIMES_BATCH), waits and signal inside the counter array; ATTN_OPROJ
     (dims in whole 4-dim vectors, as the kernel requires) and EMBED/OPROJ/DOWN copy = 1 only
-    under tp = 1, and no copy from the last layer's DOWN (there is no resid[2L+1]); a K-sliced
-    DOWN's range in whole DOWN_K_ALIGN units, tp = 1, no copy.
+    under tp = 1, and no copy from the last layer's DOWN (there is no resid[2L+1]); GATEUP
+    copy 0-2 under tp = 1 (2 not on the last layer) with its range in the fold fields; a
+    K-sliced DOWN's range in whole DOWN_K_ALIGN units, tp = 1.
   3 counters: counter_targets[c] == number of signalers of c; every waited counter has one.
     A merging ATTN's ticket (isa.py) is a counter nothing signals or waits on, taken by
     exactly the NS splits of one (layer, b, kv_head), all signalling one counter; its target
@@ -132,11 +133,10 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
         f"no level {2 * cfg.L + 1})"))
     k0, kn = (t.args[:, k].astype(np.int64) for k in (3, 4))
     u = isa.DOWN_K_ALIGN
-    _first(t, (t.op == Op.DOWN) & np.where(kn == 0, k0 != 0, (tp > 1) | (copy != 0) | (k0 < 0)
+    _first(t, (t.op == Op.DOWN) & np.where(kn == 0, k0 != 0, (tp > 1) | (k0 < 0)
                                            | (k0 + kn > cfg.I) | (k0 % u != 0) | (kn % u != 0)),
            lambda i: (f"DOWN (k0, kn) = ({k0[i]}, {kn[i]}): (0, 0) for the whole of I, or a "
-                      f"K slice of whole {u}-column units inside [0, {cfg.I}), under tp = 1 "
-                      "and with copy = 0"))
+                      f"K slice of whole {u}-column units inside [0, {cfg.I}), under tp = 1"))
     # The K slices of each (layer, rows) tile [0, I) once: their adds make the whole sum.
     r0, nr = t.args[:, 0].astype(np.int64), t.args[:, 1].astype(np.int64)
     ks = np.flatnonzero((t.op == Op.DOWN) & (kn > 0))
@@ -167,17 +167,34 @@ def _check_fields(p, t: Placed, C: int, tp: int) -> None:
         _first(t, m & bad, lambda i, total=total, align=align: (
             f"rows/cols [{a0[i]}, {a0[i] + a1[i]}) must lie in [0, {total}), be a multiple "
             f"of {align} and (matvec) hold at most {max_rows} rows at batch {B}"))
+    gcopy = np.where(t.op == Op.GATEUP, t.args[:, 5], 0)   # GATEUP copy (isa.py)
+    _first(t, (gcopy != 0) & ((gcopy < 0) | (gcopy > 2) | (tp > 1)
+                              | ((gcopy == 2) & (t.layer == cfg.L - 1))), lambda i: (
+        f"GATEUP copy = {gcopy[i]}: 0, or under tp = 1 1 or (not on the last layer: resid "
+        f"has no level {2 * cfg.L + 1}) 2"))
+    # GATEUP's second copy (resid[2l+3]) is what the next ATTN_OPROJ adds onto: every DOWN of
+    # its layer must add there too, and a K slice may only add there over such a copy.
+    layer = np.clip(t.layer.astype(np.int64), -1, cfg.L)   # out of range: checked below
+    g2 = np.zeros(cfg.L + 2, bool)
+    g2[layer[gcopy == 2]] = True
+    dcopy = (t.op == Op.DOWN) & (kn > 0) & (copy == 1)
+    _first(t, (t.op == Op.DOWN) & (g2[layer] != dcopy), lambda i: (
+        f"DOWN (kn, copy) = ({kn[i]}, {copy[i]}): a layer whose GATEUP copy 2 stores "
+        f"resid[{2 * t.layer[i] + 3}] needs all K slices of its layer with copy = 1 (their "
+        f"adds reach that level too), and a K slice with copy = 1 needs that GATEUP copy"))
     for op in isa.FOLD_OPS:
         k = isa.word_index(op, "fold") - len(isa.HEADER)
         f, c0, n = (t.args[:, k + j].astype(np.int64) for j in range(3))
         first = (op == Op.QKV) & (t.layer == 0)
-        bad = np.where(f == 0, (c0 != 0) | (n != 0),
-                       (f != 1) | (tp == 1) | first | (c0 < 0) | (n < 0) | (c0 + n > cfg.d)
-                       | (c0 % 4 != 0) | ((n % 4 != 0) & (c0 + n != cfg.d)))
+        ranged = (c0 < 0) | (n < 0) | (c0 + n > cfg.d) | (c0 % 4 != 0) | (
+            (n % 4 != 0) & (c0 + n != cfg.d))
+        bad = np.where(f == 0, np.where(gcopy == 0, (c0 != 0) | (n != 0), ranged),
+                       (f != 1) | (tp == 1) | first | ranged | (gcopy != 0))
         _first(t, (t.op == op) & bad, lambda i, op=op: (
             f"{op.name} fold fields (fold, sum_col0, sum_ncols) = {tuple(t.args[i, k:k + 3])}: "
-            f"fold 0 with zero range, or 1 (tp > 1, not layer 0's QKV) with a range of whole "
-            f"4-column vectors inside [0, {cfg.d})"))
+            f"fold 0 with zero range (GATEUP copy > 0: its copy's range), or 1 (tp > 1, not "
+            f"layer 0's QKV, no copy) with a range of whole 4-column vectors inside "
+            f"[0, {cfg.d})"))
     NS, NLM = p.attn_splits, p.lm_slices
     h0, nh = (t.args[:, k].astype(np.int64) for k in (2, 3))
     merge, ticket = (t.args[:, k].astype(np.int64) for k in (3, 4))

@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 50 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 51 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -42,7 +42,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         changes |= {(k, v if not isinstance(v, tuple) else v[0]) for k, v in r.kwargs.items()}
     assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
-            ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", False),
+            ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", False), ("fuse_oproj", True),
             ("build_flags", "-DMK_FUSE_OPROJ=0"), ("down_k_slices", 1), ("down_k_slices", 2), ("build_flags", "-DMK_TC_SPLIT=0"),
             ("build_flags", "-DMK_TC_WARP_ACC=0"),
             ("oproj_col_slices", 1),

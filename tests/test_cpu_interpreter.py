@@ -198,6 +198,25 @@ def test_down_k_slices_match_reference(G, granularity):
         assert compare(cfg, prog, steps=4, seed=seed) <= REL_TOL
 
 
+@pytest.mark.parametrize("granularity", ["layer", "head", "chunk"])
+@pytest.mark.parametrize("G", [1, 4])
+def test_fused_oproj_with_down_k_slices_matches_reference(G, granularity):
+    """plan(fuse_oproj=True, down_k_slices=n): GATEUP copies resid[2l+1] into resid[2l+2] and
+    resid[2l+3]; the DOWN K slices add into both, the next ATTN_OPROJ into the second; batch
+    1 to 8, n from 2 to more than I's units, column slices or whole rows."""
+    rng = random.Random(f"fused-downk-{G}-{granularity}")
+    cfg = random_config(rng, 64, G).replace(num_layers=3,
+                                            intermediate_size=64 * rng.randrange(3, 9))
+    for seed, (batch, n, col_slices) in enumerate(((1, 2, 0), (3, 3, 0), (5, 2, 1), (8, 4, 0),
+                                                    (8, 100, 1), (6, 5, 0))):
+        prog = mk.plan(cfg, batch=batch, num_sms=7, granularity=granularity, fuse_oproj=True,
+                       down_k_slices=n, oproj_col_slices=col_slices)
+        t = prog.table()
+        assert (t.op == Op.ATTN_OPROJ).any() and (t.args[t.op == Op.DOWN, 4] > 0).all()
+        assert set(t.args[t.op == Op.GATEUP, 5].tolist()) == {1, 2}
+        assert compare(cfg, prog, steps=4, seed=seed) <= REL_TOL
+
+
 def test_attn_oproj_needs_wo_t():
     """The interpreter adds wo_t for a program with ATTN_OPROJ; weights without it raise."""
     prog = mk.plan(TINY, batch=1, num_sms=4, fuse_oproj=True)

@@ -103,15 +103,16 @@ def test_fused_reduce_matches_fp32(cfg, batch):
 
 
 @pytest.mark.parametrize("col_slices", [0, 1])
-@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
 def test_fused_oproj_matches_fp32(cfg, batch, col_slices):
-    """plan(fuse_oproj=True): ATTN_OPROJ merges a head's dims and adds their O projection
-    to the residual with atomics, onto the copy the previous DOWN stored; in column slices
-    whose rows groups of threads share (col_slices 0) or in whole rows (1)."""
+    """plan(fuse_oproj=True, down_k_slices=1): ATTN_OPROJ merges a head's dims and adds
+    their O projection to the residual with atomics, onto the copy the previous DOWN stored;
+    in column slices whose rows groups of threads share (col_slices 0) or in whole rows (1);
+    batch 8 is its BT=8 bucket."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], fuse_oproj=True,
-                                     oproj_col_slices=col_slices)
+                                     oproj_col_slices=col_slices, down_k_slices=1)
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fuse_oproj cols {col_slices}")
 
 
@@ -160,11 +161,25 @@ def test_flagged_builds_match_fp32(cfg, batch, build):
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
 def test_down_k_slices_match_fp32(cfg, batch, n):
-    """plan(down_k_slices=n): every DOWN row slice in n K slices (3: unequal ones) whose sums
-    are added into the residual with fp32 atomics, onto the copy each OPROJ stores (batch 1:
-    the CUDA-core matvec; 3 and up: tensor cores)."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], down_k_slices=n)
+    """plan(down_k_slices=n, fuse_oproj=False): every DOWN row slice in n K slices (3: unequal
+    ones) whose sums are added into the residual with fp32 atomics, onto the copy each OPROJ
+    stores (batch 1: the CUDA-core matvec; 3 and up: tensor cores)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], down_k_slices=n,
+                                     fuse_oproj=False)
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} down_k_slices={n}")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("batch", [1, 3, 5, 8])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_fused_oproj_with_down_k_slices_matches_fp32(cfg, batch, n):
+    """plan(fuse_oproj=True, down_k_slices=n): GATEUP stores the copies of resid[2l+1] that
+    the DOWN K slices add onto (two levels: the next ATTN_OPROJ adds onto the second), and
+    ATTN_OPROJ runs up to batch 8 (its batch-8 bucket: row-group sums in two halves)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], down_k_slices=n,
+                                     fuse_oproj=True)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} fused down_k_slices={n}")
 
 
 @pytest.mark.parametrize("batch", [3, 8, 16])
@@ -230,6 +245,22 @@ def test_kernel_refuses_a_malformed_down_k_slice():
     tokens = torch.arange(1, 9, device="cuda")
     dec = Decoder(cfg, w, batch=8, max_seq=16, program=bad, watchdog_ms=300)
     with pytest.raises(RuntimeError, match=r"malformed instruction .*DOWN K slice.*, DOWN\)"):
+        dec.step(tokens)
+
+
+def test_kernel_refuses_a_malformed_gateup_copy():
+    """A GATEUP copy 2 on the last layer (there is no resid[2L+1]): the validator refuses
+    such a plan, and the kernel's own check stops the block (BAD_INSTRUCTION, naming
+    GATEUP) instead of storing past the residual."""
+    cfg = ModelConfig.preset("tiny")
+    w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
+    bad = plan(cfg, batch=5, num_sms=8, fuse_oproj=True, down_k_slices=2)
+    ins = bad.instructions
+    sm, k = np.argwhere((ins[..., 0] == Op.GATEUP) & (ins[..., 1] == cfg.L - 1))[0]
+    ins[sm, k, isa.word_index(Op.GATEUP, "copy")] = 2
+    tokens = torch.arange(1, 6, device="cuda")
+    dec = Decoder(cfg, w, batch=5, max_seq=16, program=bad, watchdog_ms=300)
+    with pytest.raises(RuntimeError, match=r"malformed instruction .*residual copy.*, GATEUP\)"):
         dec.step(tokens)
 
 

@@ -402,8 +402,16 @@ def test_prefix_bitsets_match_python_sets():
 
 @pytest.fixture(scope="module")
 def down_k():
-    """K-sliced DOWN (tiny's I = 320: slices of 128 and 192 columns)."""
-    return plan("tiny", batch=2, num_sms=6, granularity="chunk", down_k_slices=2)
+    """K-sliced DOWN (tiny's I = 320: slices of 128 and 192 columns) after OPROJ."""
+    return plan("tiny", batch=2, num_sms=6, granularity="chunk", down_k_slices=2,
+                fuse_oproj=False)
+
+
+@pytest.fixture(scope="module")
+def fused_down_k():
+    """K-sliced DOWN with ATTN_OPROJ: GATEUP copies, DOWN adds into two levels."""
+    return plan("tiny", batch=2, num_sms=6, granularity="chunk", down_k_slices=2,
+                fuse_oproj=True)
 
 
 def test_down_k_plan_passes(down_k):
@@ -428,14 +436,68 @@ def test_down_k_overlapping_slices_are_caught(down_k):
     for k0 in (0, 128):
         at = find(p, Op.DOWN, layer=0, row0=0, k0=k0)
         put(p, at, "nrows", _word(p, at, "nrows") + 1)
-    caught(p, r"accumulations must cover identical or disjoint ranges")
+    caught(p, r"one stage's accumulations must cover identical or disjoint ranges")
+
+
+def test_fused_down_k_plan_passes(fused_down_k):
+    """GATEUP copy 2 (1 on the last layer) over ranges tiling d; every K slice adds into
+    resid[2l+3] too except on the last layer; ATTN_OPROJ's column slices and the DOWN row
+    slices overlap in resid[2l+3] without being equal."""
+    p = fused_down_k
+    validate(p)
+    recs = [r for _, _, r in p.records()]
+    L = p.config.L
+    for layer in range(L):
+        gate = sorted((r["sum_col0"], r["sum_ncols"], r["copy"]) for r in recs
+                      if r["op"] == Op.GATEUP and r["layer"] == layer)
+        assert {c for *_, c in gate} == {1 + (layer < L - 1)}
+        assert np.cumsum([0] + [n for _, n, _ in gate])[:-1].tolist() == [c for c, *_ in gate]
+        assert sum(n for _, n, _ in gate) == p.config.d
+        downs = [r for r in recs if r["op"] == Op.DOWN and r["layer"] == layer]
+        assert all(r["kn"] > 0 and r["copy"] == int(layer < L - 1) for r in downs)
+
+
+def test_fused_down_k_without_gateup_copy_is_caught(fused_down_k):
+    """One GATEUP of layer 0 copies nothing: its columns of resid[2] (the initial value of
+    the DOWN adds, which layer 1's QKV reads) are never written."""
+    p = copy.deepcopy(fused_down_k)
+    at = find(p, Op.GATEUP, layer=0, sum_col0=0)
+    put(p, at, "copy", 0)
+    put(p, at, "sum_ncols", 0)
+    caught(p, r": (reads|accumulates into) resid\[level=2, col=0, b=0\], which no "
+           "instruction writes")
+
+
+def test_fused_down_k_missing_second_add_is_caught(fused_down_k):
+    """A layer-0 K slice that does not also add into resid[3] would leave the next
+    ATTN_OPROJ's initial value without it."""
+    p = copy.deepcopy(fused_down_k)
+    put(p, find(p, Op.DOWN, layer=0, k0=128), "copy", 0)
+    caught(p, WHERE.format(op="DOWN") + r": .*GATEUP copy 2 .* K slices of its layer .*copy = 1")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("copy", 3, r"GATEUP copy = 3: 0, or under tp = 1 1 or"),
+    ("fold", 1, r"GATEUP fold fields .*no copy"),
+    ("sum_col0", 2, r"GATEUP fold fields .*range of whole 4-column vectors"),
+])
+def test_bad_gateup_copy_fields_are_caught(fused_down_k, field, value, match):
+    p = copy.deepcopy(fused_down_k)
+    put(p, find(p, Op.GATEUP, layer=0, sum_col0=0), field, value)
+    caught(p, WHERE.format(op="GATEUP") + ": .*" + match)
+
+
+def test_gateup_second_copy_on_the_last_layer_is_caught(fused_down_k):
+    p = copy.deepcopy(fused_down_k)
+    put(p, find(p, Op.GATEUP, layer=p.config.L - 1, sum_col0=0), "copy", 2)
+    caught(p, WHERE.format(op="GATEUP") + r": GATEUP copy = 2: .*not on the last layer")
 
 
 @pytest.mark.parametrize("field, value, match", [
     ("kn", 100, r"\(k0, kn\) = \(\d+, 100\): .*whole 64-column units"),
     ("k0", 64, r"K slice \[64, 256\): the K slices of rows \[\d+, \d+\) must tile \[0, 320\) once"),
     ("kn", 128, r"K slice \[128, 256\): .*must tile \[0, 320\) once"),
-    ("copy", 1, r"\(k0, kn\) = \(\d+, \d+\): .*copy = 0"),
+    ("copy", 2, r"copy = 2: 0, or 1 under tp = 1"),
 ])
 def test_bad_down_k_fields_are_caught(down_k, field, value, match):
     p = copy.deepcopy(down_k)

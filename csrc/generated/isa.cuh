@@ -83,6 +83,7 @@ constexpr int W_GATEUP_NROWS = 9;
 constexpr int W_GATEUP_FOLD = 10;
 constexpr int W_GATEUP_SUM_COL0 = 11;
 constexpr int W_GATEUP_SUM_NCOLS = 12;
+constexpr int W_GATEUP_COPY = 13;
 // DOWN fields.
 constexpr int W_DOWN_ROW0 = 8;
 constexpr int W_DOWN_NROWS = 9;

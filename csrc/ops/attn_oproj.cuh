@@ -19,6 +19,7 @@ namespace mk {
 static_assert(kAccFloats >= kMaxBatch * kMaxD && kActFloats >= 4 * kAxpyCols,
               "ATTN_OPROJ's merged dims (acc) and row-group sums (act) fit shared memory");
 struct AttnOprojOp {
+  static constexpr int kPartRows = kActFloats / kAxpyCols;  // batch rows of part at a time
   __device__ static void red_add4(float* p, float4 v) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
                  :: "l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
@@ -33,14 +34,14 @@ struct AttnOprojOp {
     const int h = ins[W_ATTN_OPROJ_HEAD], dim0 = ins[W_ATTN_OPROJ_DIM0];
     const int nd = ins[W_ATTN_OPROJ_NDIMS];
     const int col0 = ins[W_ATTN_OPROJ_COL0], ncols = ins[W_ATTN_OPROJ_NCOLS];
-    return a.wo_t != nullptr && a.tp == 1 && a.B <= 4 && h >= 0 && h < a.H && dim0 >= 0 &&
+    return a.wo_t != nullptr && a.tp == 1 && a.B <= 8 && h >= 0 && h < a.H && dim0 >= 0 &&
            nd > 0 && dim0 + nd <= a.D && dim0 % 4 == 0 && nd % 4 == 0 && a.d % 8 == 0 &&
            a.B * nd <= kAccFloats && col0 >= 0 && ncols >= 8 && col0 + ncols <= a.d &&
            col0 % 4 == 0 && ncols % 8 == 0;
   }
 
-  // Consumers, batch bucket BT (B <= BT). Fields checked by valid(). coef: B * nd floats,
-  // part: kAxpyCols * B floats of shared memory. Inlined, as the interpreter is into the
+  // Consumers, batch bucket BT (B <= BT: 1, 2, 4, 8). Fields checked by valid(). coef: B * nd
+  // floats, part: kAxpyCols * min(B, kPartRows) floats of shared memory. Inlined, as the interpreter is into the
   // kernel: as a call it read the kernel's parameters through a generic pointer, a load each
   // (a.mode after every page's wait), and took ~2 us a page where OPROJ takes 0.8.
   template <int BT, bool kTiming>
@@ -105,26 +106,31 @@ struct AttnOprojOp {
         continue;
       }
       // rg > 1: the chunk is narrower than kAxpyCols, so it is the only one. The groups' sums
-      // meet in part[(grp * B + b) * cols + col], each (b, 8 columns) added once.
-      if (mine) {
+      // meet in part[(grp * nb + b - b0) * cols + col], each (b, 8 columns) added once, for
+      // kPartRows batch rows b0.. at a time (part holds rg * cols * kPartRows floats).
+      for (int b0 = 0; b0 < B; b0 += kPartRows) {
+        const int nb = min(kPartRows, B - b0);
+        if (b0 > 0) consumer_sync();  // every thread done reading the previous rows' part
+        if (mine) {
 #pragma unroll
-        for (int b = 0; b < BT; ++b) {
-          if (BT > 1 && b >= B) break;
-          float4* p = reinterpret_cast<float4*>(part + (grp * B + b) * cols + col);
-          p[0] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
-          p[1] = make_float4(acc[b][4], acc[b][5], acc[b][6], acc[b][7]);
+          for (int b = 0; b < BT; ++b) {
+            if (b < b0 || b >= b0 + nb) continue;
+            float4* p = reinterpret_cast<float4*>(part + (grp * nb + b - b0) * cols + col);
+            p[0] = make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+            p[1] = make_float4(acc[b][4], acc[b][5], acc[b][6], acc[b][7]);
+          }
         }
-      }
-      consumer_sync();
-      for (int v = tid; v < B * tpr; v += kConsumerThreads) {
-        const int b = v / tpr, cc = 8 * (v - b * tpr);
-        float4 s0 = make_float4(0.f, 0.f, 0.f, 0.f), s1 = s0;
-        for (int q = 0; q < rg; ++q) {
-          const float4* p = reinterpret_cast<const float4*>(part + (q * B + b) * cols + cc);
-          s0 = s0 + p[0];
-          s1 = s1 + p[1];
+        consumer_sync();
+        for (int v = tid; v < nb * tpr; v += kConsumerThreads) {
+          const int b = v / tpr, cc = 8 * (v - b * tpr);
+          float4 s0 = make_float4(0.f, 0.f, 0.f, 0.f), s1 = s0;
+          for (int q = 0; q < rg; ++q) {
+            const float4* p = reinterpret_cast<const float4*>(part + (q * nb + b) * cols + cc);
+            s0 = s0 + p[0];
+            s1 = s1 + p[1];
+          }
+          red_add8(out + static_cast<size_t>(b0 + b) * d + cc, s0, s1);
         }
-        red_add8(out + static_cast<size_t>(b) * d + cc, s0, s1);
       }
     }
     phase_stamp(3);  // this thread's adds issued

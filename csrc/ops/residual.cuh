@@ -1,7 +1,8 @@
 // OPROJ and DOWN epilogue.
 // tp == 1: out[:, row0+i] = resid_in[:, row0+i] + acc[i, :], with
 //   OPROJ: resid[2l] -> resid[2l+1]; DOWN: resid[2l+1] -> resid[2l+2]. A K-sliced DOWN
-//   (kn > 0) adds acc into resid[2l+2] atomically instead, onto the copy OPROJ stored there.
+//   (kn > 0) adds acc into resid[2l+2] atomically instead, onto the copy OPROJ (or, with
+//   ATTN_OPROJ, GATEUP) stored there, and with copy into resid[2l+3] too (isa.py).
 // tp > 1 (all_ranks): this rank's partial acc goes to part[level][rank][:, row0+i] on every
 //   rank (peer stores over NVLink; the interpreter's system-scope signal publishes them), and
 //   RESID_SUM later folds the partials of all ranks into the residual. Peer stores walk the
@@ -50,8 +51,12 @@ struct ResidualOp {
     }
     const bool down = ins[W_OPCODE] == OP_DOWN;
     if (down && ins[W_DOWN_KN]) {  // a K slice's share of the sum
-      for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads)
-        atomicAdd(residual_in(a, ins, i) + Bd, acc[i]);  // no return value: a RED
+      const bool copy = ins[W_DOWN_COPY] != 0;  // also onto GATEUP's copy in resid[2l+3]
+      for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
+        float* in = residual_in(a, ins, i);
+        atomicAdd(in + Bd, acc[i]);  // no return value: a RED
+        if (copy) atomicAdd(in + 2 * Bd, acc[i]);
+      }
       return ERR_NONE;
     }
     // With copy also into resid[src + 2]: DOWN's the value ATTN_OPROJ adds to (only the
