@@ -65,8 +65,8 @@ def grid(num_sms: int = 132) -> list[Row]:
             "head) merges it", {"fuse_reduce": True}),
         Row("fuse_oproj=0", "ATTN_REDUCE and OPROJ stages, not ATTN_OPROJ (which merges a q "
             "head's dims and adds its O projection of a column slice into the residual "
-            "atomically; the default at batch <= 4)", {"fuse_oproj": False}),
-        Row("fuse_oproj=1", "ATTN_OPROJ where the default does not fuse (batch 5-8; with "
+            "atomically; the default at batch <= 7)", {"fuse_oproj": False}),
+        Row("fuse_oproj=1", "ATTN_OPROJ where the default does not fuse (batch 8; with "
             "K-sliced DOWNs GATEUP stores the residual copies they and the next ATTN_OPROJ "
             "add onto)", {"fuse_oproj": True}),
         Row("fuse_oproj_rows", "fuse_oproj with whole rows (oproj_col_slices=1): each "

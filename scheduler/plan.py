@@ -21,8 +21,9 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     projection of a column slice into the residual atomically (isa.py).
                     tp = 1, batch <= FUSE_OPROJ_MAX_BATCH (8), not with fuse_reduce; the
                     default (None) turns it on where those hold up to batch
-                    FUSE_OPROJ_DEFAULT_MAX_BATCH (4; measured faster there, bench/NOTES.md
-                    session 16)
+                    FUSE_OPROJ_DEFAULT_MAX_BATCH (7; measured faster there on the H100:
+                    batch 1 to 4 in session 16; 1B batch 5 / 6 / 7 by 3.2 / 5.4 / 0.8%, 8B
+                    batch 5 by 1.8%, but 0.6-0.7% slower at 1B and 8B batch 8, session 18)
     oproj_col_slices  fuse_oproj: column slices per (q head, dim slice); 0 (default): the
                     most up to oproj_slices // H, a power of two of equal widths that are
                     multiples of 8 (lowering.oproj_column_slices): with oproj_slices = 4H a slice
@@ -35,7 +36,7 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     (whole rows at batch 8: as many fp32 activation bytes as weight bytes
                     at 1B). tp = 1. The default (None): 1 where the plan runs under tp, I is
                     not a multiple of isa.DOWN_K_ALIGN or the plan fuses the O projection
-                    at batch <= FUSE_OPROJ_DEFAULT_MAX_BATCH; else default_down_k_slices
+                    at batch <= 4; else default_down_k_slices
                     (an instruction's activation bytes about 1/4 of its weight bytes, its
                     accumulator copies within the kernel's; measured best at 1B batch 5, 8
                     and 16 and 8B batch 8 and 16, bench/NOTES.md session 17). n > 1
@@ -69,7 +70,8 @@ OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices",
 BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": None,
                 "validate": True}   # and their defaults (None: decided by plan())
 FUSE_OPROJ_MAX_BATCH = 8   # ATTN_OPROJ keeps a batch row's sums in registers
-FUSE_OPROJ_DEFAULT_MAX_BATCH = 4   # fuse_oproj's default: on up to this batch
+FUSE_OPROJ_DEFAULT_MAX_BATCH = 7   # fuse_oproj's default: on up to this batch
+WHOLE_DOWN_MAX_BATCH = 4   # fused plans up to this batch keep whole DOWN rows by default
 
 
 def parse_options(text: str) -> dict:
@@ -173,7 +175,7 @@ def _resolve_down_k_slices(cfg: ModelConfig, batch: int, num_sms: int, tp: int,
                            opts: dict) -> int:
     n = opts["down_k_slices"]
     if n is None:
-        fused_small = opts["fuse_oproj"] and batch <= FUSE_OPROJ_DEFAULT_MAX_BATCH
+        fused_small = opts["fuse_oproj"] and batch <= WHOLE_DOWN_MAX_BATCH
         plain = tp > 1 or fused_small or cfg.I % isa.DOWN_K_ALIGN
         return 1 if plain else default_down_k_slices(cfg, batch, num_sms)
     if n > 1 and tp > 1:

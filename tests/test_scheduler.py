@@ -198,10 +198,11 @@ def test_default_attn_splits_and_slices():
 
 
 @pytest.mark.parametrize("kw, fused", [
-    (dict(), True), (dict(batch=4), True), (dict(batch=5), False), (dict(tp=2), False),
+    (dict(), True), (dict(batch=4), True), (dict(batch=7), True), (dict(batch=8), False),
+    (dict(tp=2), False),
     (dict(fuse_reduce=True), False), (dict(fuse_oproj=False), False)])
 def test_fuse_oproj_is_the_default_where_it_applies(kw, fused):
-    """fuse_oproj's default (None): ATTN_OPROJ at tp = 1, batch <= 4, without fuse_reduce."""
+    """fuse_oproj's default (None): ATTN_OPROJ at tp = 1, batch <= 7, without fuse_reduce."""
     prog = plan("tiny", num_sms=6, **kw)
     for p in getattr(prog, "ranks", [prog]):
         assert p.options["fuse_oproj"] is fused
@@ -339,7 +340,7 @@ def test_fuse_oproj_records(granularity):
 
 def test_plans_without_fuse_oproj_copy_nothing():
     for kw in (dict(batch=2, fuse_oproj=False), dict(batch=3, fuse_reduce=True),
-               dict(tp=2, batch=2), dict(batch=5)):
+               dict(tp=2, batch=2), dict(batch=8)):
         prog = plan("tiny", num_sms=6, **kw)
         for p in getattr(prog, "ranks", [prog]):
             t = p.table()
@@ -377,7 +378,7 @@ def test_down_k_slices_records():
     ("llama-3.2-1b", 8, 4), ("llama-3.2-1b", 16, 4), ("llama-3.1-8b", 8, 2),
     ("llama-3.1-8b", 16, 2)])
 def test_down_k_slices_default(model, batch, n):
-    """None: 1 where the O projection is fused by default (batch <= 4), else the power of
+    """None: 1 where the O projection is fused and batch <= 4, else the power of
     two nearest 8 * num_sms * batch / d, halved while 8 accumulator copies would not fit (1B
     b16: 8 -> 4, 8B b16: 4 -> 2), fused or not; each the best of those measured on the
     H100."""
