@@ -1,10 +1,10 @@
 // ATTN_OPROJ (plan option fuse_oproj, -DMK_FUSE_OPROJ=1): ATTN_REDUCE and OPROJ in one
 // instruction, so a layer's attention block has one stage and one counter hop less.
 // For q head h, dims [dim0, dim0 + nd): every batch row's merge of the NS partials (as
-// ATTN_REDUCE) goes to shared memory, m[j, b]; then the nd rows h*D + dim0 + j of wo_t (the
+// ATTN_REDUCE) goes to shared memory, m[b, j]; then the nd rows h*D + dim0 + j of wo_t (the
 // O projection transposed), columns [col0, col0 + ncols), stream through the ring as pages
 // of whole row segments cut into column chunks (axpy_geometry). Each consumer thread owns 8
-// columns of a chunk, acc[b][k] += m[j, b] * wo_t[row j][col + k]; a chunk narrower than
+// columns of a chunk, acc[b][k] += m[b, j] * wo_t[row j][col + k]; a chunk narrower than
 // kAxpyCols shares its rows among rg groups of threads, whose sums meet in shared memory.
 // The sums are added to resid[2l+1] with fp32 atomics (red.global.add.v4.f32), onto the
 // copy of resid[2l] that the previous DOWN (or EMBED) stored there; the release add after
@@ -30,43 +30,17 @@ struct AttnOprojOp {
     red_add4(p + 4, hi);
   }
 
-  // m[b] = c[b] for the BT coefficients of a row (16-byte aligned where BT >= 4).
-  template <int BT>
-  __device__ __forceinline__ static void load_coefs(const float* c, float (&m)[BT]) {
-    if constexpr (BT % 4 == 0) {
-#pragma unroll
-      for (int q = 0; q < BT / 4; ++q) {
-        const float4 v = reinterpret_cast<const float4*>(c)[q];
-        m[4 * q] = v.x; m[4 * q + 1] = v.y; m[4 * q + 2] = v.z; m[4 * q + 3] = v.w;
-      }
-    } else {
-#pragma unroll
-      for (int b = 0; b < BT; ++b) m[b] = c[b];
-    }
-  }
-  // acc[b][k] += m[b] * w[k] for the 8 bf16 weights of w.
-  template <int BT>
-  __device__ __forceinline__ static void axpy_row(float (&acc)[BT][8], const float (&m)[BT],
-                                                  uint4 w) {
-    const float wf[8] = {bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y),
-                         bf16_lo(w.z), bf16_hi(w.z), bf16_lo(w.w), bf16_hi(w.w)};
-#pragma unroll
-    for (int b = 0; b < BT; ++b)
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc[b][k] = fmaf(m[b], wf[k], acc[b][k]);
-  }
-
   __device__ static bool valid(const KernelArgs& a, const int32_t* ins) {
     const int h = ins[W_ATTN_OPROJ_HEAD], dim0 = ins[W_ATTN_OPROJ_DIM0];
     const int nd = ins[W_ATTN_OPROJ_NDIMS];
     const int col0 = ins[W_ATTN_OPROJ_COL0], ncols = ins[W_ATTN_OPROJ_NCOLS];
     return a.wo_t != nullptr && a.tp == 1 && a.B <= 8 && h >= 0 && h < a.H && dim0 >= 0 &&
            nd > 0 && dim0 + nd <= a.D && dim0 % 4 == 0 && nd % 4 == 0 && a.d % 8 == 0 &&
-           8 * nd <= kAccFloats && col0 >= 0 && ncols >= 8 && col0 + ncols <= a.d &&
+           a.B * nd <= kAccFloats && col0 >= 0 && ncols >= 8 && col0 + ncols <= a.d &&
            col0 % 4 == 0 && ncols % 8 == 0;
   }
 
-  // Consumers, batch bucket BT (B <= BT: 1, 2, 4, 8). Fields checked by valid(). coef: nd * BT
+  // Consumers, batch bucket BT (B <= BT: 1, 2, 4, 8). Fields checked by valid(). coef: B * nd
   // floats, part: kAxpyCols * min(B, kPartRows) floats of shared memory. Inlined, as the interpreter is into the
   // kernel: as a call it read the kernel's parameters through a generic pointer, a load each
   // (a.mode after every page's wait), and took ~2 us a page where OPROJ takes 0.8.
@@ -77,22 +51,12 @@ struct AttnOprojOp {
     const int l = ins[W_LAYER], h = ins[W_ATTN_OPROJ_HEAD], dim0 = ins[W_ATTN_OPROJ_DIM0];
     const int nd = ins[W_ATTN_OPROJ_NDIMS], B = a.B, tid = threadIdx.x;
     const int nv = nd / 4;  // vectors per batch row
-    // coef[j * BT + b]: a row's BT coefficients are contiguous (BT / 4 vector loads, no
-    // branch per batch row), those of rows b >= B zero.
-    for (int i = tid; i < nd * (BT - B); i += kConsumerThreads)
-      coef[(i / (BT - B)) * BT + B + i % (BT - B)] = 0.f;
     AttnReduceOp::merge_vectors(a, B * nv, [&](int v) {
       const int b = v / nv;
       return AttnReduceOp::MergeSource{(static_cast<size_t>(l) * B + b) * a.H + h,
                                        dim0 + (v - b * nv) * 4};
-    }, [&](int v, float4 o) {
-      const int b = v / nv, j = (v - b * nv) * 4;
-      coef[j * BT + b] = o.x;
-      coef[(j + 1) * BT + b] = o.y;
-      coef[(j + 2) * BT + b] = o.z;
-      coef[(j + 3) * BT + b] = o.w;
-    }, true);
-    consumer_sync();  // coef[j * BT + b] complete
+    }, [&](int v, float4 o) { *reinterpret_cast<float4*>(coef + v * 4) = o; }, true);
+    consumer_sync();  // coef[b * nd + j] complete
     phase_stamp(1);   // every thread's merge done (over thread 0's own, merge_vectors')
     const MatvecGeometry g = matvec_geometry(a, ins);
     const int tpr = g.kc / 8, rg = kConsumerThreads / tpr;  // threads per row, row groups
@@ -111,23 +75,17 @@ struct AttnOprojOp {
         consume_page<kTiming, 0>(a, ring, it, [&](const unsigned char* page) {
           if (!mine) return;
           const int rows = g.group_rows(pg), j0 = pg * g.rpp;
-          // Two rows a step, all their shared-memory loads first (one latency, not one per
-          // row and batch row).
-          int r = grp;
-          for (; r + rg < rows; r += 2 * rg) {
-            const uint4 w0 = *reinterpret_cast<const uint4*>(page + (r * cols + col) * 2);
-            const uint4 w1 = *reinterpret_cast<const uint4*>(page + ((r + rg) * cols + col) * 2);
-            float m0[BT], m1[BT];
-            load_coefs<BT>(coef + (j0 + r) * BT, m0);
-            load_coefs<BT>(coef + (j0 + r + rg) * BT, m1);
-            axpy_row<BT>(acc, m0, w0);
-            axpy_row<BT>(acc, m1, w1);
-          }
-          if (r < rows) {
+          for (int r = grp; r < rows; r += rg) {
             const uint4 w = *reinterpret_cast<const uint4*>(page + (r * cols + col) * 2);
-            float m[BT];
-            load_coefs<BT>(coef + (j0 + r) * BT, m);
-            axpy_row<BT>(acc, m, w);
+            const float wf[8] = {bf16_lo(w.x), bf16_hi(w.x), bf16_lo(w.y), bf16_hi(w.y),
+                                 bf16_lo(w.z), bf16_hi(w.z), bf16_lo(w.w), bf16_hi(w.w)};
+#pragma unroll
+            for (int b = 0; b < BT; ++b) {
+              if (BT > 1 && b >= B) break;
+              const float m = coef[b * nd + j0 + r];
+#pragma unroll
+              for (int k = 0; k < 8; ++k) acc[b][k] = fmaf(m, wf[k], acc[b][k]);
+            }
           }
         });
         if (c == 0 && pg == 0) phase_stamp(2);  // warp 0 done with the first page
