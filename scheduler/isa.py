@@ -143,11 +143,11 @@ Opcodes (rows are packed rows of the op's matrix; slices of QKV and GATEUP are e
                     resid[2l+1][b, c] += sum_j m[b, j] * wo[l][c, head*D + dim0 + j]
                 as atomic fp32 adds (order unspecified) onto the copy of resid[2l] that the
                 previous DOWN (EMBED for layer 0) stored there, or, where the DOWNs are
-                K-sliced, the previous GATEUP's copy = 2 plus the previous DOWN's adds. The kernel reads the O
-                projection transposed, wo_t [L, H*D, d] (row head*D + dim0 + j, columns
-                col0 ..). col0 is a multiple of 4, ncols of 8 (the kernel's 8 columns per
-                thread; a slice narrower than 2048 columns shares its rows among groups of
-                threads). attn[l] is not written.
+                K-sliced, the previous GATEUP's copy = 2 plus the previous DOWN's adds. The
+                kernel reads the O projection transposed, wo_t [L, H*D, d] (row head*D +
+                dim0 + j, columns col0 ..). col0 is a multiple of 4, ncols of 8 (the kernel's
+                8 columns per thread; a slice narrower than 2048 columns shares its rows
+                among groups of threads). attn[l] is not written.
 layer is -1 for EMBED, LMHEAD and ARGMAX.
 
 Kernel capacity (the scheduler respects these; the generated header static_asserts them):

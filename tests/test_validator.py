@@ -498,6 +498,7 @@ def test_gateup_second_copy_on_the_last_layer_is_caught(fused_down_k):
     ("k0", 64, r"K slice \[64, 256\): the K slices of rows \[\d+, \d+\) must tile \[0, 320\) once"),
     ("kn", 128, r"K slice \[128, 256\): .*must tile \[0, 320\) once"),
     ("copy", 2, r"copy = 2: 0, or 1 under tp = 1"),
+    ("copy", 1, r"a K slice with copy = 1 needs that GATEUP copy"),
 ])
 def test_bad_down_k_fields_are_caught(down_k, field, value, match):
     p = copy.deepcopy(down_k)

@@ -41,9 +41,10 @@ struct AttnOprojOp {
   }
 
   // Consumers, batch bucket BT (B <= BT: 1, 2, 4, 8). Fields checked by valid(). coef: B * nd
-  // floats, part: kAxpyCols * min(B, kPartRows) floats of shared memory. Inlined, as the interpreter is into the
-  // kernel: as a call it read the kernel's parameters through a generic pointer, a load each
-  // (a.mode after every page's wait), and took ~2 us a page where OPROJ takes 0.8.
+  // floats, part: kAxpyCols * min(B, kPartRows) floats of shared memory. Inlined, as the
+  // interpreter is into the kernel: as a call it read the kernel's parameters through a
+  // generic pointer, a load each (a.mode after every page's wait), and took ~2 us a page
+  // where OPROJ takes 0.8.
   template <int BT, bool kTiming>
   __device__ __forceinline__ static void run(const KernelArgs& a, const Ring& ring,
                                              const int32_t* ins, uint32_t& it, float* coef,
