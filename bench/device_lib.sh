@@ -27,11 +27,14 @@ prebuild() {
 }
 
 # Every GPU test (the tensor-core op file first), or the pytest arguments $TEST_ARGS (files,
-# -k expressions); $OUT/pytest_gpu.log, its last $1 lines.
+# node ids, -k expressions; shell-quoted: TEST_ARGS='tests/a.py -k "x or y"');
+# $OUT/pytest_gpu.log, its last $1 lines.
 run_gpu_tests() {
+  local args
+  eval "args=(${TEST_ARGS:-tests/test_op_matvec_tc.py tests})"
   SECONDS=0
   timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --maxfail=10 \
-    ${TEST_ARGS:-tests/test_op_matvec_tc.py tests} > "$OUT/pytest_gpu.log" 2>&1
+    "${args[@]}" > "$OUT/pytest_gpu.log" 2>&1
   echo "gpu tests rc=$? (${SECONDS}s)"; tail -"${1:-12}" "$OUT/pytest_gpu.log"
 }
 
