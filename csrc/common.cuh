@@ -54,7 +54,7 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #define MK_FUSE_REDUCE 0
 #endif
 // 1: ATTN_OPROJ records and the residual copies of EMBED/DOWN (plan(fuse_oproj), the
-// default plan at tp = 1 and batch <= 4). 0: a kernel without them (Runtime refuses fused
+// default plan at tp = 1 and batch <= 7). 0: a kernel without them (Runtime refuses fused
 // plans for it), to time what compiling them in costs the other plans.
 #ifndef MK_FUSE_OPROJ
 #define MK_FUSE_OPROJ 1
