@@ -138,6 +138,11 @@ constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
 #define MK_ATTN_TWICE 0  // diagnostic: every ATTN and ATTN_REDUCE runs twice (same outputs);
 #endif                   // the phase stamps then time the second run: its code just fetched
 constexpr bool kAttnTwice = MK_ATTN_TWICE != 0;
+#ifndef MK_ATTN_KV_DEPTH
+#define MK_ATTN_KV_DEPTH 1  // ATTN: block steps of K/V rows each lane has in flight ahead of its
+#endif                      // math (1: the next step's; a split of n steps waits ~n round trips)
+constexpr int kAttnKvDepth = MK_ATTN_KV_DEPTH;
+static_assert(kAttnKvDepth >= 1 && kAttnKvDepth <= 8, "MK_ATTN_KV_DEPTH: 1 to 8");
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 // 1: ATTN also writes its partials as flagged pairs (part_ll: {value, tag, value, tag}, tag =
 // epoch + 1, the LL format of NCCL's low-latency protocol) and ATTN_REDUCE polls those pairs

@@ -204,6 +204,16 @@ def test_wait_first_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} wait_first")
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_attn_kv_depth_build_matches_fp32(cfg, batch):
+    """-DMK_ATTN_KV_DEPTH=3: ATTN's 4-head code keeps 3 block steps of K/V in flight."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
+                                     build_flags=("-DMK_ATTN_KV_DEPTH=3",))
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_ATTN_KV_DEPTH=3")
+
+
 def broken_tiny(batch, waiter=None):
     """tiny's config, weights and a plan whose counter c (waited on by the last waiting
     instruction, or the first `waiter` op that waits) needs one more signal than any step
