@@ -87,9 +87,9 @@ __device__ __forceinline__ int32_t acquire_counter(const KernelArgs& a, const in
 }
 
 // Flags of the pollers (MK_POLLERS), after the five above: the highest instruction whose
-// waits a poller saw hold, and whose record poller 0 copied; the instruction the consumers
-// have started; a poller's failed wait (watchdog, or another SM's error).
-constexpr int kWaitsOk = 5, kRecOk = 6, kStarted = 7, kWaitFail = 8;
+// waits a poller saw hold, and whose record poller 0 copied; the last instruction the
+// consumers are done with; a poller's failed wait (watchdog, or another SM's error).
+constexpr int kWaitsOk = 5, kRecOk = 6, kDone = 7, kWaitFail = 8;
 
 // Warp 0 of the consumers, or a poller warp: true when every waited counter reached its
 // target. Lane i polls counters first+i, first+i+32, ... so a wait on many counters costs
@@ -134,8 +134,8 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
 // counter completing is seen a fraction of a round trip later (one warp sees it a whole
 // round trip later on average under the weight stream: ~1.5 us per hop). The first to see
 // them publishes j in kWaitsOk; consumer thread 0 acquires that word at j's head. Poller 0
-// also copies record j into the consumers' shared copy (kRecOk), once they have started
-// j-1 and so are done with record j-2, whose slot it takes.
+// also copies record j into the consumers' shared copy (kRecOk), once they are done with
+// record j-2 (kDone), whose slot it takes.
 __device__ void poller_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
                             int qlen, int epoch, unsigned char* smem) {
   const int p = (threadIdx.x - kConsumerThreads) / 32 - 1, lane = threadIdx.x & 31;
@@ -144,7 +144,7 @@ __device__ void poller_main(const KernelArgs& a, const Ring& ring, const int32_t
   for (int j = 0; j < qlen; ++j) {
     bool stop = false;
     if (lane == 0)  // the sleep leaves the consumers' issue slots alone
-      while (ld_acquire_cta(flags + kStarted) < j - 1 && !(stop = *ring.abort)) __nanosleep(32);
+      while (ld_acquire_cta(flags + kDone) < j - 2 && !(stop = *ring.abort)) __nanosleep(32);
     if (__shfl_sync(0xffffffffu, stop, 0)) return;
     const int32_t* ins = queue + static_cast<size_t>(j) * kWords;
     if (p == 0 && kRecordSmem) {
@@ -195,10 +195,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   if (kSetupFirst) consumer_sync();
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
-    if constexpr (kPollers > 0) {  // done with record i-1: its slot takes record i+1
-      if (tid == 0) red_release_max_cta(flags + kStarted, i);
-      while (kRecordSmem && ld_acquire_cta(flags + kRecOk) < i) {}
-    }
+    if constexpr (kPollers > 0 && kRecordSmem)  // poller 0 copied record i
+      while (ld_acquire_cta(flags + kRecOk) < i) {}
     const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
                                      : queue + static_cast<size_t>(i) * kWords;
     // Warp 0: the counter wait of instruction i (and the copy of record i+1), or with
@@ -338,11 +336,16 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
     if (tid == 0) {
       if (kTiming) timing[4 * i + 3] = globaltimer();
       const int sig = ins[W_SIGNAL];
+      const bool all_ranks = ins[W_ALL_RANKS], relaxed = relaxed_signal(ins[W_OPCODE]);
+      // Pollers: every consumer is done with record i (their reads precede the bar.sync
+      // above), so its slot may take record i+2. Before the release add, so that this
+      // fence finds no add in flight.
+      if constexpr (kPollers > 0) red_release_max_cta(flags + kDone, i);
       // The bar.sync above ordered every consumer's writes before this thread; the release
       // add publishes them (cumulativity) to whoever acquires the counter.
-      if (sig >= 0 && ins[W_ALL_RANKS] && !(a.mode & MODE_LOCAL_COMM)) {
+      if (sig >= 0 && all_ranks && !(a.mode & MODE_LOCAL_COMM)) {
         for (int r = 0; r < a.tp; ++r) red_release_add_sys(a.peers[r].counters + sig, 1);
-      } else if (sig >= 0 && relaxed_signal(ins[W_OPCODE])) {
+      } else if (sig >= 0 && relaxed) {
         red_relaxed_add(a.counters + sig, 1);
       } else if (sig >= 0) {
         red_release_add(a.counters + sig, 1);
@@ -376,7 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[2] = 0;
     flags[3] = -1;
     flags[4] = 0;
-    flags[kWaitsOk] = flags[kRecOk] = flags[kStarted] = -1;
+    flags[kWaitsOk] = flags[kRecOk] = flags[kDone] = -1;
     flags[kWaitFail] = 0;
     fence_mbar_init();
   }
