@@ -18,7 +18,7 @@ constexpr int kConsumerThreads = kConsumerWarps * 32;
 #define MK_POLLERS 0  // warps that poll the next instruction's counters (0: consumer warp 0)
 #endif
 #ifndef MK_POLL_STAGGER_NS
-#define MK_POLL_STAGGER_NS 200  // poller p starts its repeated polls p times this much later
+#define MK_POLL_STAGGER_NS 300  // poller p starts its repeated polls p times this much later
 #endif
 constexpr int kPollers = MK_POLLERS;
 constexpr int kPollStaggerNs = MK_POLL_STAGGER_NS;
