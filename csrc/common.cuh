@@ -20,7 +20,11 @@ constexpr int kConsumerThreads = kConsumerWarps * 32;
 #ifndef MK_POLL_STAGGER_NS
 #define MK_POLL_STAGGER_NS 300  // poller p starts its repeated polls p times this much later
 #endif
+#ifndef MK_POLL_AHEAD
+#define MK_POLL_AHEAD 0  // 1: pollers poll instruction j's counters while j-1 executes (0: from
+#endif                   // the consumers' release of j-1; measured: polling ahead slows them)
 constexpr int kPollers = MK_POLLERS;
+constexpr bool kPollAhead = MK_POLL_AHEAD != 0;
 constexpr int kPollStaggerNs = MK_POLL_STAGGER_NS;
 static_assert(kPollers >= 0 && kPollers <= 3, "MK_POLLERS: 0 to 3 (12 warps keep 168 registers)");
 // Consumers, then one loader warp, then the poller warps.

@@ -129,8 +129,9 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
   return true;
 }
 
-// Poller warps (MK_POLLERS): instruction j's counters are polled while the consumers
-// execute instruction j-1, by up to three warps out of phase with each other, so that a
+// Poller warps (MK_POLLERS): instruction j's counters are polled from the consumers'
+// release of j-1 (kPollAhead: while they execute j-1), by up to three warps out of phase
+// with each other, so that a
 // counter completing is seen a fraction of a round trip later (one warp sees it a whole
 // round trip later on average under the weight stream: ~1.5 us per hop). The first to see
 // them publishes j in kWaitsOk; consumer thread 0 acquires that word at j's head. Poller 0
@@ -152,6 +153,12 @@ __device__ void poller_main(const KernelArgs& a, const Ring& ring, const int32_t
       __syncwarp();
       if (lane == 0) red_release_max_cta(flags + kRecOk, j);
     }
+    // Without kPollAhead the polls start once the consumers are done with j-1: polling
+    // while j-1 executes made the instructions whose release adds the polls hit ~1 us
+    // longer (ATTN_OPROJ, DOWN at 1B b1).
+    if (!kPollAhead && lane == 0)
+      while (ld_acquire_cta(flags + kDone) < j - 1 && !(stop = *ring.abort)) {}
+    if (__shfl_sync(0xffffffffu, stop, 0)) return;
     const int op = ins[W_OPCODE];
     // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
     const bool ok = (kLlPartials && op == OP_ATTN_REDUCE) || (kLlQ && op == OP_ATTN) ||
