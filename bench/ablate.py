@@ -135,13 +135,13 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_ATTN_KV_DEPTH", 3, "ATTN's 4-head code: K/V rows 3 block steps ahead"),
         flag("MK_ATTN_KV_DEPTH", 4, "ATTN's 4-head code: K/V rows 4 block steps ahead (this "
              "build spills 12 bytes)"),
-        flag("MK_POLLERS", 1, "a poller warp waits on an instruction's counters from the "
-             "release of the one before (and copies its record ahead), not consumer warp 0 "
+        flag("MK_POLLERS", 1, "a poller warp waits on the next instruction's counters while "
+             "the consumers execute this one (and copies its record), not consumer warp 0 "
              "at its head"),
         flag("MK_POLLERS", 2, "two poller warps, their polls out of phase"),
         flag("MK_POLLERS", 3, "three poller warps, their polls out of phase"),
-        flag("MK_POLLERS", 3, "three poller warps, polling the next instruction's counters "
-             "while the consumers execute this one", "-DMK_POLL_AHEAD=1"),
+        flag("MK_POLLERS", 3, "three poller warps, polling an instruction's counters only "
+             "from the consumers' release of the one before", "-DMK_POLL_AHEAD=0"),
         # The partials hop is the unfused plan's, in a kernel without ATTN_OPROJ (whose
         # ATTN signals then need no release): compare these rows with MK_FUSE_OPROJ=0.
         Row("MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_FUSE_OPROJ=0, and ATTN also stores its "

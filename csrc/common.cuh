@@ -21,8 +21,8 @@ constexpr int kConsumerThreads = kConsumerWarps * 32;
 #define MK_POLL_STAGGER_NS 300  // poller p starts its repeated polls p times this much later
 #endif
 #ifndef MK_POLL_AHEAD
-#define MK_POLL_AHEAD 0  // 1: pollers poll instruction j's counters while j-1 executes (0: from
-#endif                   // the consumers' release of j-1; measured: polling ahead slows them)
+#define MK_POLL_AHEAD 1  // pollers poll instruction j's counters while j-1 executes (measured:
+#endif                   // it slows j-1); 0: from the consumers' release of j-1 (not yet run)
 constexpr int kPollers = MK_POLLERS;
 constexpr bool kPollAhead = MK_POLL_AHEAD != 0;
 constexpr int kPollStaggerNs = MK_POLL_STAGGER_NS;

@@ -155,7 +155,7 @@ __device__ void poller_main(const KernelArgs& a, const Ring& ring, const int32_t
     }
     // Without kPollAhead the polls start once the consumers are done with j-1: polling
     // while j-1 executes made the instructions whose release adds the polls hit ~1 us
-    // longer (ATTN_OPROJ, DOWN at 1B b1).
+    // longer (ATTN_OPROJ, DOWN at 1B b1; bench/NOTES.md session 20).
     if (!kPollAhead && lane == 0)
       while (ld_acquire_cta(flags + kDone) < j - 1 && !(stop = *ring.abort)) {}
     if (__shfl_sync(0xffffffffu, stop, 0)) return;
@@ -386,8 +386,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[2] = 0;
     flags[3] = -1;
     flags[4] = 0;
-    flags[kWaitsOk] = flags[kRecOk] = flags[kDone] = -1;
-    flags[kWaitFail] = 0;
+    if (kPollers > 0) {
+      flags[kWaitsOk] = flags[kRecOk] = flags[kDone] = -1;
+      flags[kWaitFail] = 0;
+    }
     fence_mbar_init();
   }
   __syncthreads();

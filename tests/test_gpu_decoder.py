@@ -220,11 +220,14 @@ POLLERS = ("-DMK_POLLERS=3",)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
-def test_pollers_build_matches_fp32(cfg, batch):
+@pytest.mark.parametrize("ahead", [1, 0])
+def test_pollers_build_matches_fp32(cfg, batch, ahead):
     """-DMK_POLLERS=3: three poller warps wait on instruction i+1's counters while the
-    consumers execute i, and poller 0 copies the records."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], build_flags=POLLERS)
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_POLLERS=3")
+    consumers execute i (MK_POLL_AHEAD=0: from the consumers' release of i), and poller 0
+    copies the records."""
+    flags = POLLERS + (f"-DMK_POLL_AHEAD={ahead}",)
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], build_flags=flags)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {flags}")
 
 
 def broken_tiny(batch, waiter=None):
