@@ -130,18 +130,6 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_ATTN_EXACT_G", 0, "ATTN unrolled for 8 q heads with an exit after the "
              "group's last, one head after the other, not exactly 4 heads interleaved where "
              "G == 4 (D 64, 128)"),
-        flag("MK_ATTN_KV_DEPTH", 2, "ATTN's 4-head code: each lane's K/V rows 2 block "
-             "steps ahead of its math, not 1"),
-        flag("MK_ATTN_KV_DEPTH", 3, "ATTN's 4-head code: K/V rows 3 block steps ahead"),
-        flag("MK_ATTN_KV_DEPTH", 4, "ATTN's 4-head code: K/V rows 4 block steps ahead (this "
-             "build spills 12 bytes)"),
-        flag("MK_POLLERS", 1, "a poller warp waits on the next instruction's counters while "
-             "the consumers execute this one (and copies its record), not consumer warp 0 "
-             "at its head"),
-        flag("MK_POLLERS", 2, "two poller warps, their polls out of phase"),
-        flag("MK_POLLERS", 3, "three poller warps, their polls out of phase"),
-        flag("MK_POLLERS", 3, "three poller warps, polling an instruction's counters only "
-             "from the consumers' release of the one before", "-DMK_POLL_AHEAD=0"),
         # The partials hop is the unfused plan's, in a kernel without ATTN_OPROJ (whose
         # ATTN signals then need no release): compare these rows with MK_FUSE_OPROJ=0.
         Row("MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_FUSE_OPROJ=0, and ATTN also stores its "

@@ -14,21 +14,7 @@ constexpr int kConsumerWarps = 8;
 constexpr int kLogConsumerWarps = 3;
 static_assert(kConsumerWarps == 1 << kLogConsumerWarps, "kLogConsumerWarps = log2(kConsumerWarps)");
 constexpr int kConsumerThreads = kConsumerWarps * 32;
-#ifndef MK_POLLERS
-#define MK_POLLERS 0  // warps that poll the next instruction's counters (0: consumer warp 0)
-#endif
-#ifndef MK_POLL_STAGGER_NS
-#define MK_POLL_STAGGER_NS 300  // poller p starts its repeated polls p times this much later
-#endif
-#ifndef MK_POLL_AHEAD
-#define MK_POLL_AHEAD 1  // pollers poll instruction j's counters while j-1 executes (measured:
-#endif                   // it slows j-1); 0: from the consumers' release of j-1 (not yet run)
-constexpr int kPollers = MK_POLLERS;
-constexpr bool kPollAhead = MK_POLL_AHEAD != 0;
-constexpr int kPollStaggerNs = MK_POLL_STAGGER_NS;
-static_assert(kPollers >= 0 && kPollers <= 3, "MK_POLLERS: 0 to 3 (12 warps keep 168 registers)");
-// Consumers, then one loader warp, then the poller warps.
-constexpr int kThreads = kConsumerThreads + 32 + 32 * kPollers;
+constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last warp)
 // Ring geometry: build flags (-DMK_NUM_PAGES=..., ...) select it for ablations.
 #ifndef MK_PAGE_KB
 #define MK_PAGE_KB 32
@@ -152,11 +138,6 @@ constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
 #define MK_ATTN_TWICE 0  // diagnostic: every ATTN and ATTN_REDUCE runs twice (same outputs);
 #endif                   // the phase stamps then time the second run: its code just fetched
 constexpr bool kAttnTwice = MK_ATTN_TWICE != 0;
-#ifndef MK_ATTN_KV_DEPTH
-#define MK_ATTN_KV_DEPTH 1  // ATTN: block steps of K/V rows each lane has in flight ahead of its
-#endif                      // math (1: the next step's; a split of n steps waits ~n round trips)
-constexpr int kAttnKvDepth = MK_ATTN_KV_DEPTH;
-static_assert(kAttnKvDepth >= 1 && kAttnKvDepth <= 8, "MK_ATTN_KV_DEPTH: 1 to 8");
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 // 1: ATTN also writes its partials as flagged pairs (part_ll: {value, tag, value, tag}, tag =
 // epoch + 1, the LL format of NCCL's low-latency protocol) and ATTN_REDUCE polls those pairs
@@ -207,21 +188,6 @@ __device__ __forceinline__ int32_t ld_acquire_sys(const int32_t* p) {
 }
 __device__ __forceinline__ void red_release_add_sys(int32_t* p, int32_t v) {
   asm volatile("red.release.sys.global.add.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
-}
-// Shared-memory words one warp publishes to another (the pollers, MK_POLLERS): a release
-// max by one lane after a __syncwarp publishes the warp's prior accesses, and an acquire
-// load of the word orders the reader after them.
-__device__ __forceinline__ void red_release_max_cta(volatile int* p, int v) {
-  asm volatile("red.release.cta.shared::cta.max.s32 [%0], %1;"
-               :: "r"(static_cast<uint32_t>(__cvta_generic_to_shared(const_cast<int*>(p)))),
-                  "r"(v) : "memory");
-}
-__device__ __forceinline__ int ld_acquire_cta(volatile int* p) {
-  int v;
-  asm volatile("ld.acquire.cta.shared::cta.b32 %0, [%1];" : "=r"(v)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(const_cast<int*>(p))))
-               : "memory");
-  return v;
 }
 __device__ __forceinline__ int32_t ld_volatile(const int32_t* p) {
   return *reinterpret_cast<const volatile int32_t*>(p);

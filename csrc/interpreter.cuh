@@ -39,8 +39,8 @@ struct SmemLayout {
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  // 9 flags: wait ok, error, abort, ready, quiet, then the pollers' (kWaitsOk...).
-  static constexpr size_t total = flags + 9 * sizeof(int);
+  // 5 flags: wait ok, error, abort, ready, quiet.
+  static constexpr size_t total = flags + 5 * sizeof(int);
 };
 // The attention op reuses act + acc as its scratch.
 static_assert((kActFloats + kAccFloats) >=
@@ -86,21 +86,11 @@ __device__ __forceinline__ int32_t acquire_counter(const KernelArgs& a, const in
   return a.tp > 1 ? ld_acquire_sys(p) : ld_acquire(p);
 }
 
-// Flags of the pollers (MK_POLLERS), after the five above: the highest instruction whose
-// waits a poller saw hold, and whose record poller 0 copied; the last instruction the
-// consumers are done with; a poller's failed wait (watchdog, or another SM's error).
-constexpr int kWaitsOk = 5, kRecOk = 6, kDone = 7, kWaitFail = 8;
-
-// Warp 0 of the consumers, or a poller warp: true when every waited counter reached its
-// target. Lane i polls counters first+i, first+i+32, ... so a wait on many counters costs
-// one round trip to L2, not one per counter. The bar.sync that follows orders every consumer
-// after these acquires. Poller `poller` > 0 starts its repeated polls poller *
-// kPollStaggerNs late, so the pollers' round trips interleave, and stops (true) once
-// `published` says another poller saw them (its acquire of that word orders it after them).
-__device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, int epoch,
-                              int poller = 0, volatile int* published = nullptr) {
+// Warp 0 of the consumers: true when every waited counter reached its target. Lane i polls
+// counters first+i, first+i+32, ... so a wait on many counters costs one round trip to L2,
+// not one per counter. The bar.sync that follows orders every consumer after these acquires.
+__device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, int epoch) {
   const int lane = threadIdx.x & 31;
-  bool first_miss = true;
   for (int w = 0; w < kNumWaits; ++w) {
     const int first = ins[W_WAIT0_FIRST + 2 * w], count = ins[W_WAIT0_COUNT + 2 * w];
     for (int c0 = first; c0 < first + count; c0 += 32) {
@@ -109,13 +99,10 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
       const int32_t target = mine ? __ldg(a.counter_targets + c) * (epoch + 1) : 0;
       int32_t v = mine ? acquire_counter(a, a.counters + c) : 0;
       if (__all_sync(0xffffffffu, !mine || v - target >= 0)) continue;
-      if (poller > 0 && first_miss) __nanosleep(poller * kPollStaggerNs);
-      first_miss = false;
       const uint64_t start = globaltimer();
       uint32_t spins = 0;
       bool done = !mine || v - target >= 0;
       while (!__all_sync(0xffffffffu, done)) {
-        if (published && __any_sync(0xffffffffu, ld_acquire_cta(published) >= i)) return true;
         if (!done) done = (v = acquire_counter(a, a.counters + c)) - target >= 0;
         if ((++spins & 255) == 0) {
           const bool stop = ld_volatile(a.error) != ERR_NONE;
@@ -127,49 +114,6 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
     }
   }
   return true;
-}
-
-// Poller warps (MK_POLLERS): instruction j's counters are polled from the consumers'
-// release of j-1 (kPollAhead: while they execute j-1), by up to three warps out of phase
-// with each other, so that a
-// counter completing is seen a fraction of a round trip later (one warp sees it a whole
-// round trip later on average under the weight stream: ~1.5 us per hop). The first to see
-// them publishes j in kWaitsOk; consumer thread 0 acquires that word at j's head. Poller 0
-// also copies record j into the consumers' shared copy (kRecOk), once they are done with
-// record j-2 (kDone), whose slot it takes.
-__device__ void poller_main(const KernelArgs& a, const Ring& ring, const int32_t* queue,
-                            int qlen, int epoch, unsigned char* smem) {
-  const int p = (threadIdx.x - kConsumerThreads) / 32 - 1, lane = threadIdx.x & 31;
-  volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
-  int32_t* rec = reinterpret_cast<int32_t*>(smem + SmemLayout::rec);
-  for (int j = 0; j < qlen; ++j) {
-    bool stop = false;
-    if (lane == 0)  // the sleep leaves the consumers' issue slots alone
-      while (ld_acquire_cta(flags + kDone) < j - 2 && !(stop = *ring.abort)) __nanosleep(32);
-    if (__shfl_sync(0xffffffffu, stop, 0)) return;
-    const int32_t* ins = queue + static_cast<size_t>(j) * kWords;
-    if (p == 0 && kRecordSmem) {
-      if (lane < kWords) rec[(j & 1) * kWords + lane] = ins[lane];
-      __syncwarp();
-      if (lane == 0) red_release_max_cta(flags + kRecOk, j);
-    }
-    // Without kPollAhead the polls start once the consumers are done with j-1: polling
-    // while j-1 executes made the instructions whose release adds the polls hit ~1 us
-    // longer (ATTN_OPROJ, DOWN at 1B b1; bench/NOTES.md session 20).
-    if (!kPollAhead && lane == 0)
-      while (ld_acquire_cta(flags + kDone) < j - 1 && !(stop = *ring.abort)) {}
-    if (__shfl_sync(0xffffffffu, stop, 0)) return;
-    const int op = ins[W_OPCODE];
-    // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
-    const bool ok = (kLlPartials && op == OP_ATTN_REDUCE) || (kLlQ && op == OP_ATTN) ||
-                    wait_counters(a, ins, j, epoch, p, flags + kWaitsOk);
-    __syncwarp();
-    if (lane == 0) {
-      if (ok) red_release_max_cta(flags + kWaitsOk, j);
-      else set_flag(flags + kWaitFail, 1);
-    }
-    if (!ok) return;
-  }
 }
 
 // kTiming: record (wait start, wait end, end, outputs written) %globaltimer stamps of every
@@ -196,34 +140,24 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   // record at the head of every instruction. The queue is read-only for the launch.
   int32_t* rec = reinterpret_cast<int32_t*>(smem + SmemLayout::rec);
   float* raw = reinterpret_cast<float*>(smem + SmemLayout::raw);
-  if (kRecordSmem && !kPollers && tid < kWords && qlen > 0) rec[tid] = queue[tid];
+  if (kRecordSmem && tid < kWords && qlen > 0) rec[tid] = queue[tid];
   __syncwarp();
   // kSetupFirst reads the record (and QKV's setup pos) before an instruction's first bar.sync.
   if (kSetupFirst) consumer_sync();
   uint32_t it = 0;
   for (int i = 0; i < qlen; ++i) {
-    if constexpr (kPollers > 0 && kRecordSmem)  // poller 0 copied record i
-      while (ld_acquire_cta(flags + kRecOk) < i) {}
     const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
                                      : queue + static_cast<size_t>(i) * kWords;
-    // Warp 0: the counter wait of instruction i (and the copy of record i+1), or with
-    // pollers thread 0's acquire of their kWaitsOk. The bar.sync after it orders every
-    // consumer after these acquires; flags[0] says how it went.
+    // Warp 0: the counter wait of instruction i (and the copy of record i+1). The bar.sync
+    // after it orders every consumer after its acquires; flags[0] says how it went.
     auto wait = [&]() {
       if (tid < 32) {
-        const bool more = kRecordSmem && !kPollers && tid < kWords && i + 1 < qlen;
+        const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
         const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
         const uint64_t t0 = kTiming ? globaltimer() : 0;
-        bool ok = true;
-        if constexpr (kPollers > 0) {  // a poller saw the waits hold, or one failed
-          if (tid == 0)
-            while (ld_acquire_cta(flags + kWaitsOk) < i)
-              if (get_flag(flags + kWaitFail)) { ok = false; break; }
-        } else {
-          // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
-          ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
-               (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
-        }
+        // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
+        const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
+                        (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
         if (tid == 0) {
           flags[0] = ok ? 1 : 0;
           if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
@@ -245,7 +179,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
     // kSetupFirst: a matvec runs its setup (decode, geometry, accumulators: ~1 us of serial
     // code) first and its wait right before the bar.sync that precedes its first activation
     // load; everything else waits here. Record i was published by instruction i-1's last
-    // bar.sync (i = 0: the launch's), or with pollers by the acquire of kRecOk above.
+    // bar.sync (i = 0: the launch's).
     const bool setup_first = kSetupFirst && is_matvec(ins[W_OPCODE]);
     if (!setup_first) {
       wait();
@@ -343,16 +277,11 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
     if (tid == 0) {
       if (kTiming) timing[4 * i + 3] = globaltimer();
       const int sig = ins[W_SIGNAL];
-      const bool all_ranks = ins[W_ALL_RANKS], relaxed = relaxed_signal(ins[W_OPCODE]);
-      // Pollers: every consumer is done with record i (their reads precede the bar.sync
-      // above), so its slot may take record i+2. Before the release add, so that this
-      // fence finds no add in flight.
-      if constexpr (kPollers > 0) red_release_max_cta(flags + kDone, i);
       // The bar.sync above ordered every consumer's writes before this thread; the release
       // add publishes them (cumulativity) to whoever acquires the counter.
-      if (sig >= 0 && all_ranks && !(a.mode & MODE_LOCAL_COMM)) {
+      if (sig >= 0 && ins[W_ALL_RANKS] && !(a.mode & MODE_LOCAL_COMM)) {
         for (int r = 0; r < a.tp; ++r) red_release_add_sys(a.peers[r].counters + sig, 1);
-      } else if (sig >= 0 && relaxed) {
+      } else if (sig >= 0 && relaxed_signal(ins[W_OPCODE])) {
         red_relaxed_add(a.counters + sig, 1);
       } else if (sig >= 0) {
         red_release_add(a.counters + sig, 1);
@@ -386,19 +315,13 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[2] = 0;
     flags[3] = -1;
     flags[4] = 0;
-    if (kPollers > 0) {
-      flags[kWaitsOk] = flags[kRecOk] = flags[kDone] = -1;
-      flags[kWaitFail] = 0;
-    }
     fence_mbar_init();
   }
   __syncthreads();
   const int epoch = a.epoch[0];
   const int32_t* queue = a.instructions + static_cast<size_t>(blockIdx.x) * a.max_len * kWords;
   const int qlen = a.queue_len[blockIdx.x];
-  if (kPollers > 0 && threadIdx.x >= kConsumerThreads + 32) {
-    poller_main(a, ring, queue, qlen, epoch, smem);
-  } else if (threadIdx.x >= kConsumerThreads) {
+  if (threadIdx.x >= kConsumerThreads) {
     loader_main<kTiming>(a, ring, queue, qlen);
   } else {
     consumer_main<kTiming>(a, ring, queue, qlen, epoch, smem);

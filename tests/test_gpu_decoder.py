@@ -204,32 +204,6 @@ def test_wait_first_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} wait_first")
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
-                         ids=lambda c: c.name)
-def test_attn_kv_depth_build_matches_fp32(cfg, batch):
-    """-DMK_ATTN_KV_DEPTH=3: ATTN's 4-head code keeps 3 block steps of K/V in flight."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     build_flags=("-DMK_ATTN_KV_DEPTH=3",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_ATTN_KV_DEPTH=3")
-
-
-POLLERS = ("-DMK_POLLERS=3",)
-
-
-@pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
-                         ids=lambda c: c.name)
-@pytest.mark.parametrize("ahead", [1, 0])
-def test_pollers_build_matches_fp32(cfg, batch, ahead):
-    """-DMK_POLLERS=3: three poller warps wait on instruction i+1's counters while the
-    consumers execute i (MK_POLL_AHEAD=0: from the consumers' release of i), and poller 0
-    copies the records."""
-    flags = POLLERS + (f"-DMK_POLL_AHEAD={ahead}",)
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], build_flags=flags)
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {flags}")
-
-
 def broken_tiny(batch, waiter=None):
     """tiny's config, weights and a plan whose counter c (waited on by the last waiting
     instruction, or the first `waiter` op that waits) needs one more signal than any step
@@ -245,15 +219,13 @@ def broken_tiny(batch, waiter=None):
     return cfg, w, broken, c
 
 
-@pytest.mark.parametrize("flags", [(), POLLERS], ids=["default", "pollers"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_watchdog_reports_a_matvec_wait(batch, flags):
+def test_watchdog_reports_a_matvec_wait(batch):
     """A matvec whose counter never completes: its wait, which runs after its setup (CUDA
     cores at batch 1, tensor cores at 8), times out, names the counter, and the kernel
-    stops; with pollers their wait times out and the consumers stop at that matvec."""
+    stops."""
     cfg, w, broken, c = broken_tiny(batch, waiter=Op.DOWN)
-    dec = Decoder(cfg, w, batch=batch, max_seq=16, program=broken, watchdog_ms=300,
-                  build_flags=flags)
+    dec = Decoder(cfg, w, batch=batch, max_seq=16, program=broken, watchdog_ms=300)
     with pytest.raises(RuntimeError, match=f"counter {c}"):
         dec.step(torch.arange(1, batch + 1, device="cuda"))
 
@@ -351,13 +323,10 @@ def test_watchdog_reports_a_counter_that_never_completes():
     torch.testing.assert_close(good.step(tok), ref.step(tok), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("flags", [(), LL_BUILDS["ll_both"], POLLERS,
-                                   LL_BUILDS["ll_both"] + POLLERS],
-                         ids=["default", "ll_both", "pollers", "ll_both_pollers"])
+@pytest.mark.parametrize("flags", [(), LL_BUILDS["ll_both"]], ids=["default", "ll_both"])
 def test_cuda_graph_replay_matches_steps(flags):
     """Graph replays give the tokens eager steps of the default build give; in the build
-    with both flagged hops the tags follow the epoch in device memory (with pollers too,
-    which pass those hops straight to the ops' own polls)."""
+    with both flagged hops the tags follow the epoch in device memory."""
     cfg = ModelConfig.preset("tiny")
     w = Weights.random(cfg, seed=4, dtype=torch.bfloat16, device="cuda")
     prompt = torch.tensor([[5, 9, 2]], device="cuda")

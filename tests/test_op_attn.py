@@ -22,9 +22,8 @@ ATTN_CONFIGS = {**OP_CONFIGS, "d256_g2_D128": ModelConfig(
 LL = ("-DMK_LL_PARTIALS=1",)
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_EXACT_G=0",), LL, ("-DMK_LL_Q=1",),
-                                   ("-DMK_ATTN_KV_DEPTH=3",)],
-                         ids=["default", "exits", "ll", "ll_q", "kv3"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_ATTN_EXACT_G=0",), LL, ("-DMK_LL_Q=1",)],
+                         ids=["default", "exits", "ll", "ll_q"])
 @pytest.mark.parametrize("splits,split", [(1, 0), (3, 2), (5, 1), (7, 6)])
 @pytest.mark.parametrize("name", list(ATTN_CONFIGS))
 def test_attn(name, splits, split, flags):
@@ -33,9 +32,7 @@ def test_attn(name, splits, split, flags):
     everywhere), MK_LL_PARTIALS=1, which also writes the split's partials as flagged
     pairs tagged epoch + 1 = 1 into part_ll (zero before: nothing else there), and
     MK_LL_Q=1, which takes q and the position's K/V from q_ll / kv_ll (run_op flags them;
-    the GPU's cache rows at the positions then hold NaN, so a read of one shows), and
-    MK_ATTN_KV_DEPTH=3 (the 4-head code with 3 steps of K/V in flight per lane: position
-    4095 in one split is 128 or 256 steps, 1234 in 7 splits leaves partial groups)."""
+    the GPU's cache rows at the positions then hold NaN, so a read of one shows)."""
     cfg = ATTN_CONFIGS[name]
     batch, max_seq = 3, 4200
     positions = [0, 4095, 1234]  # split 6 of 7 over one position is empty

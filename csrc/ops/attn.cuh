@@ -49,21 +49,13 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
   const __nv_bfloat16* kcache = a.k_cache + kv_offset(a, l, b, g) + part * 8;
   const __nv_bfloat16* vcache = a.v_cache + kv_offset(a, l, b, g) + part * 8;
 
-  // K/V of this lane's first kAttnKvDepth positions load while the queries are staged (they
-  // do not depend on each other), and every step loads the one kAttnKvDepth steps on: that
-  // many L2/HBM round trips in flight ahead of the math instead of one per step. Step j of a
-  // group of kAttnKvDepth uses registers kn[j], vn[j] (the group loop is unrolled). The
-  // 8-head code keeps one step ahead: its state leaves no registers for more.
-  constexpr int DEP = kExact ? kAttnKvDepth : 1;
-  uint4 kn[DEP], vn[DEP];
-#pragma unroll
-  for (int j = 0; j < DEP; ++j) {
-    const int t = s0 + warp * PW + j * kStep + sub;
-    kn[j] = vn[j] = make_uint4(0, 0, 0, 0);
-    if (t < s1) {
-      kn[j] = ldcg16(kcache + static_cast<size_t>(t) * D);
-      vn[j] = ldcg16(vcache + static_cast<size_t>(t) * D);
-    }
+  // K/V of this lane's first position load while the queries are staged (they do not depend
+  // on each other), and every step loads the next step's: one L2/HBM round trip in flight
+  // ahead of the math instead of one per step.
+  uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
+  if (s0 + warp * PW + sub < s1) {
+    kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+    vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
   }
 
   // smem: ms [warps][G], ls [warps][G], os [warps][G][D], the scaled queries qs [G][D], then
@@ -112,62 +104,57 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
 #pragma unroll
     for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
   }
-  for (int tg = s0 + warp * PW; tg < s1; tg += DEP * kStep) {
-#pragma unroll
-    for (int j = 0; j < DEP; ++j) {
-      const int t0 = tg + j * kStep;  // warp-uniform: the shuffles below stay converged
-      if (t0 >= s1) break;
-      const int t = t0 + sub;
-      const bool valid = t < s1;
-      float kf[8], vf[8];
-      if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
-        if (t == p) {
-          kn[j] = *reinterpret_cast<const uint4*>(kvp + part * 8);
-          vn[j] = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
-        }
+  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
+    const int t = t0 + sub;
+    const bool valid = t < s1;
+    float kf[8], vf[8];
+    if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
+      if (t == p) {
+        kn = *reinterpret_cast<const uint4*>(kvp + part * 8);
+        vn = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
       }
-      bf16x8_to_float(kn[j], kf);
-      bf16x8_to_float(vn[j], vf);
-      if (t + DEP * kStep < s1) {
-        kn[j] = ldcg16(kcache + static_cast<size_t>(t + DEP * kStep) * D);
-        vn[j] = ldcg16(vcache + static_cast<size_t>(t + DEP * kStep) * D);
-      }
-      float scs[NG];  // kExact: every head's score first, their shuffles interleaved
-      if constexpr (kExact) {
-#pragma unroll
-        for (int h = 0; h < NG; ++h) {
-          const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
-          const float4 q0 = qv[0], q1 = qv[1];
-          scs[h] = (fmaf(q0.y, kf[1], q0.x * kf[0]) + fmaf(q0.w, kf[3], q0.z * kf[2])) +
-                   (fmaf(q1.y, kf[5], q1.x * kf[4]) + fmaf(q1.w, kf[7], q1.z * kf[6]));
-        }
-#pragma unroll
-        for (int off = LP / 2; off > 0; off >>= 1) {
-#pragma unroll
-          for (int h = 0; h < NG; ++h) scs[h] += __shfl_xor_sync(0xffffffffu, scs[h], off);
-        }
-      }
+    }
+    bf16x8_to_float(kn, kf);
+    bf16x8_to_float(vn, vf);
+    if (t + kStep < s1) {
+      kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
+      vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
+    }
+    float scs[NG];  // kExact: every head's score first, their shuffles interleaved
+    if constexpr (kExact) {
 #pragma unroll
       for (int h = 0; h < NG; ++h) {
-        if (!kExact && h >= G) break;
-        float sc;
-        if constexpr (kExact) {
-          sc = scs[h];
-        } else {
-          const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
-          const float4 q0 = qv[0], q1 = qv[1];
-          sc = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
-               q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+        const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
+        const float4 q0 = qv[0], q1 = qv[1];
+        scs[h] = (fmaf(q0.y, kf[1], q0.x * kf[0]) + fmaf(q0.w, kf[3], q0.z * kf[2])) +
+                 (fmaf(q1.y, kf[5], q1.x * kf[4]) + fmaf(q1.w, kf[7], q1.z * kf[6]));
+      }
 #pragma unroll
-          for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
-        }
-        if (valid) {
-          const float mn = fmaxf(m[h], sc), c = expf(m[h] - mn), p = expf(sc - mn);
-          lsum[h] = lsum[h] * c + p;
+      for (int off = LP / 2; off > 0; off >>= 1) {
 #pragma unroll
-          for (int k = 0; k < 8; ++k) o[h][k] = o[h][k] * c + p * vf[k];
-          m[h] = mn;
-        }
+        for (int h = 0; h < NG; ++h) scs[h] += __shfl_xor_sync(0xffffffffu, scs[h], off);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < NG; ++h) {
+      if (!kExact && h >= G) break;
+      float sc;
+      if constexpr (kExact) {
+        sc = scs[h];
+      } else {
+        const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
+        const float4 q0 = qv[0], q1 = qv[1];
+        sc = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
+             q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+#pragma unroll
+        for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+      }
+      if (valid) {
+        const float mn = fmaxf(m[h], sc), c = expf(m[h] - mn), p = expf(sc - mn);
+        lsum[h] = lsum[h] * c + p;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) o[h][k] = o[h][k] * c + p * vf[k];
+        m[h] = mn;
       }
     }
   }
