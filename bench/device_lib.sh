@@ -52,11 +52,13 @@ run_sanitize() {  # tool batch [options]
 }
 
 # Everything in $OUT except the files matching the given name patterns -> $OUT/logs.tgz.
+# A kept file inside a subdirectory leaves that directory behind (find cannot delete it):
+# the tarball is moved in regardless (session 21 lost a call's traces to that `&&`).
 archive_logs() {
   local ex=() keep=() p
   for p in "$@"; do ex+=(--exclude="$p"); keep+=(! -name "$p"); done
   (cd "$OUT" && tar czf /tmp/logs.tgz "${ex[@]}" . \
-    && find . -mindepth 1 "${keep[@]}" -delete && mv /tmp/logs.tgz .)
+    && { find . -mindepth 1 "${keep[@]}" -delete 2>/dev/null; mv /tmp/logs.tgz .; })
 }
 
 # `ablate` of one model/batch over the comma-separated grid rows (all: the whole grid);
