@@ -169,6 +169,35 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: int = 32768,
+                   bin_us: float = 2.0, span_us: tuple[float, float] = (-4.0, 60.0)) -> str:
+    """Where in a layer the HBM idles: ring pages issued (stamp 0, all SMs) per us, in bins
+    of `bin_us` from the previous layer's last DOWN end, the mean over the layers that have
+    one before and after (the first and last two left out where the model has 6+), with the
+    rate at `page_bytes` a page. A stretch well under the copy bandwidth with pages still to
+    stream is HBM idle (bench/NOTES.md, session 22)."""
+    ops, layer = program.instructions[..., 0], program.instructions[..., 1]
+    live = np.arange(program.instructions.shape[1])[None] < program.queue_len[:, None]
+    down = live & (ops == int(isa.Op.DOWN))
+    layers = sorted(set(layer[down].tolist()))
+    ends = {l: timing[..., 2][down & (layer == l)].max() for l in layers}
+    inner = [l for l in layers if l - 1 in ends and l + 1 in ends]
+    if len(inner) > 4:
+        inner = inner[1:-1]
+    issued = pages[..., 0][pages[..., 0] > 0].astype(np.float64)
+    edges = np.arange(span_us[0], span_us[1] + bin_us / 2, bin_us)
+    if not inner or not len(issued):
+        return "no layer with ring pages on both sides to show"
+    counts = np.mean([np.histogram((issued - ends[l - 1]) / 1e3, edges)[0] for l in inner],
+                     axis=0)
+    lines = [f"{'us after DOWN':>14}{'pages/us':>10}{'TB/s':>7}   (ring pages issued, mean of "
+             f"layers {inner[0]}-{inner[-1]}, {page_bytes // 1024} KB a page)"]
+    for lo, c in zip(edges[:-1], counts):
+        rate = c / bin_us
+        lines.append(f"{lo:>14.0f}{rate:>10.1f}{rate * page_bytes / 1e6:>7.2f}")
+    return "\n".join(lines)
+
+
 # What phase k (0..3) of each op marks: the phase_stamp calls in csrc (ops/attn.cuh,
 # ops/attn_reduce.cuh, matvec.cuh, matvec_tc.cuh); "-": not stamped.
 PHASES = {

@@ -207,6 +207,8 @@ def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
         print(release)
     if pages is not None:
         print(f"ring pages (timing build):\n{trace.page_table(program, timing, pages)}\n")
+        print(f"ring pages issued over a layer:\n"
+              f"{trace.issue_timeline(program, timing, pages)}\n")
     if phases is not None:
         print(f"phases inside instructions ({PHASE_FLAG} build):\n"
               f"{trace.phase_table(program, timing, phases)}\n")

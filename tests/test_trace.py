@@ -122,6 +122,23 @@ def test_page_table_recovers_the_stamped_times(traced, tmp_path):
     assert trace.load_pages(trace.save_npz(tmp_path / "u.npz", timing, prog, {})) is None
 
 
+def test_issue_timeline_counts_the_issued_pages(traced):
+    prog, _, timing = traced
+    pages = synthetic_pages(prog, timing)          # 4 pages per matvec, issued 1.5 us ahead
+    # a window of +-5 ms around every layer holds each page of the step once per layer
+    lines = trace.issue_timeline(prog, timing, pages, bin_us=10.0,
+                                 span_us=(-5000.0, 5000.0)).splitlines()
+    assert "layers 2-13" in lines[0]                # 16 layers: the first and last two out
+    rate = np.array([float(x.split()[1]) for x in lines[1:]])
+    assert rate.sum() * 10.0 == pytest.approx(float((pages[..., 0] > 0).sum()), rel=1e-3)
+    # after the MLP (the previous DOWN's end) the next QKV's pages are already issued: the
+    # first bins after 0 hold pages, and a window past the step holds none
+    near = trace.issue_timeline(prog, timing, pages, bin_us=1.0, span_us=(-20.0, 20.0))
+    assert sum(float(x.split()[1]) for x in near.splitlines()[1:]) > 0
+    far = trace.issue_timeline(prog, timing, pages, span_us=(1e6, 1e6 + 4))
+    assert [float(x.split()[1]) for x in far.splitlines()[1:]] == [0.0, 0.0]
+
+
 def test_release_line_reads_the_written_stamp(traced):
     prog, _, timing = traced
     assert trace.release_line(prog, timing) is None            # 3 stamps: none to read
