@@ -173,9 +173,10 @@ def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: i
                    bin_us: float = 2.0, span_us: tuple[float, float] = (-4.0, 60.0)) -> str:
     """Where in a layer the HBM idles: ring pages issued (stamp 0, all SMs) per us, in bins
     of `bin_us` from the previous layer's last DOWN end, the mean over the layers that have
-    one before and after (the first and last two left out where the model has 6+), with the
-    rate at `page_bytes` a page. A stretch well under the copy bandwidth with pages still to
-    stream is HBM idle (bench/NOTES.md, session 22)."""
+    one before and after (of those, the first and last left out where more than four), the
+    rate counting every page as `page_bytes` (the kernel's MK_PAGE_KB; short pages are
+    fewer). A stretch well under the copy bandwidth while pages are still to stream is HBM
+    idle (bench/NOTES.md, session 22)."""
     ops, layer = program.instructions[..., 0], program.instructions[..., 1]
     live = np.arange(program.instructions.shape[1])[None] < program.queue_len[:, None]
     down = live & (ops == int(isa.Op.DOWN))
