@@ -88,7 +88,7 @@ run_traces() {
     timeout 120 python3 -m megakernel trace --model "${TRACE_MODEL:-llama-3.2-1b}" --batch "${TRACE_BATCH:-1}" \
       --out "$dir" "${opts[@]}" > "$dir.log" 2>&1
     echo "trace ${flags:-default} rc=$? (${SECONDS}s)"; tail -3 "$dir.log"
-    sed -n '/^release/p; /^ring pages/,/^$/p; /^phases/,/^$/p' "$dir.log"
+    sed -n '/^release/p; /^ring pages/,/^$/p; /^loader/,/^$/p; /^phases/,/^$/p' "$dir.log"
     rm -f "$dir/trace.json"  # the .npz keeps it (trace --from-npz)
   done
 }

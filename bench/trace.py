@@ -126,8 +126,22 @@ def opcode_table(program, m: Measured, specs: dict) -> str:
     return "\n".join(lines)
 
 
+def _pages_by_instruction(program, timing: np.ndarray, pages: np.ndarray):
+    """Per SM with stamped pages: (sm, page indices, their instruction's queue index). A page
+    belongs to the instruction whose execution (timing's wait end .. end) holds its consumer
+    wait end (stamp 2)."""
+    for sm, n in enumerate(program.queue_len):
+        got = pages[sm, :, 2]
+        k = np.flatnonzero(got > 0)
+        if not len(k) or not n:
+            continue
+        idx = np.searchsorted(timing[sm, :n, 1], got[k], "right") - 1
+        inside = (idx >= 0) & (got[k] <= timing[sm, np.maximum(idx, 0), 2])
+        yield sm, k[inside], idx[inside]
+
+
 def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
-    """Per matvec opcode, from the timing build's ring-page stamps (`pages` [num_sms, n, 4]
+    """Per matvec opcode, from the timing build's ring-page stamps (`pages` [num_sms, n, 4+]
     ns: loader issue, consumer warp 0 wait start, wait end, done; KernelArgs::page_timing):
     pages stamped, then medians in us of warp 0's wait for a loaded page (wait end - start),
     its time on the page (done - wait end), the loader's lead (wait end - issue: where warp
@@ -136,14 +150,7 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
     (over 50 ns) and the median lead of those: how long a copy took when it mattered. A page
     belongs to the instruction whose execution (timing's wait end .. end) holds its wait end."""
     rows = {}
-    for sm, n in enumerate(program.queue_len):
-        got = pages[sm, :, 2]
-        k = np.flatnonzero(got > 0)
-        if not len(k) or not n:
-            continue
-        idx = np.searchsorted(timing[sm, :n, 1], got[k], "right") - 1
-        inside = (idx >= 0) & (got[k] <= timing[sm, np.maximum(idx, 0), 2])
-        k, idx = k[inside], idx[inside]
+    for sm, k, idx in _pages_by_instruction(program, timing, pages):
         p = pages[sm, k].astype(np.float64) / 1e3
         same = np.r_[False, idx[1:] == idx[:-1]]
         interval = np.r_[np.nan, np.diff(p[:, 3])]
@@ -196,6 +203,43 @@ def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: i
     for lo, c in zip(edges[:-1], counts):
         rate = c / bin_us
         lines.append(f"{lo:>14.0f}{rate:>10.1f}{rate * page_bytes / 1e6:>7.2f}")
+    return "\n".join(lines)
+
+
+# The loader's own stamps of a ring page (KernelArgs::page_timing, csrc/loader.cuh): the
+# intervals between them, in the order the loader passes them.
+LOADER_STEPS = (("slot", 7, 4), ("cap", 4, 5), ("quiet", 5, 0), ("issue", 0, 6))
+
+
+def loader_table(program, timing: np.ndarray, pages: np.ndarray) -> str | None:
+    """Per opcode of the page being loaded, from the loader's stamps (`pages` with 8 columns;
+    None for older traces with 4): pages, then the mean us per page the loader spent waiting
+    for the page's slot to be freed by the consumers (reached -> slot free), for the page
+    `cap` pages back to land (the in-flight cap), for a release to finish (MK_RELEASE_QUIET),
+    issuing its copies, and walking to it from the page before (the walk's geometry and the
+    input prefetches: previous copies issued -> reached); then the share of pages whose slot
+    and cap waits took over 50 ns. The means add up to the loader's time per page."""
+    if pages.shape[-1] < 8:
+        return None
+    rows = {}
+    for sm, k, idx in _pages_by_instruction(program, timing, pages):
+        p = pages[sm].astype(np.float64) / 1e3
+        prev = np.where(k > 0, p[np.maximum(k - 1, 0), 6], np.nan)
+        steps = [p[k, b] - p[k, a] for _, a, b in LOADER_STEPS] + [p[k, 7] - prev]
+        for op in np.unique(program.instructions[sm, idx, 0]):
+            sel = program.instructions[sm, idx, 0] == op
+            r = rows.setdefault(int(op), [[] for _ in steps])
+            for lst, x in zip(r, steps):
+                lst.append(x[sel])
+    head = (f"{'opcode':<12}{'pages':>8}" + "".join(f"{n + ' us':>10}" for n, _, _ in LOADER_STEPS)
+            + f"{'walk us':>10}{'slot>0':>8}{'cap>0':>8}   (loader, mean per ring page)")
+    lines = [head]
+    for op in sorted(rows):
+        cols = [np.concatenate(x) for x in rows[op]]
+        lines.append(f"{isa.Op(op).name:<12}{len(cols[0]):>8}"
+                     + "".join(f"{np.nanmean(c) if np.isfinite(c).any() else float('nan'):>10.2f}"
+                               for c in cols)
+                     + f"{(cols[0] > 0.05).mean():>8.0%}{(cols[1] > 0.05).mean():>8.0%}")
     return "\n".join(lines)
 
 

@@ -66,6 +66,9 @@ class Launcher {
                  ? ptr<float>(tensors, "part", torch::kFloat32) : nullptr;
     a.max_len = size(sizes, "max_len");
     a.page_max = a.page_timing ? size(sizes, "page_max") : 0;
+    TORCH_CHECK(!a.page_timing || (tensors["page_timing"].cast<torch::Tensor>().numel() ==
+                                   static_cast<int64_t>(num_sms) * a.page_max * mk::kPageStamps),
+                "megakernel: 'page_timing' must be [num_sms, page_max, ", mk::kPageStamps, "]");
     a.B = size(sizes, "B");
     a.d = size(sizes, "d");
     a.I = size(sizes, "I");

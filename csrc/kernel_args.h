@@ -10,6 +10,7 @@
 namespace mk {
 
 constexpr int kMaxTp = 8;
+constexpr int kPageStamps = 8;     // stamps per ring page in KernelArgs::page_timing
 
 // What a rank's peer stores and signals reach on one rank (this rank's own included).
 // Tensor parallelism runs one process driving every GPU with peer access enabled, so these
@@ -36,9 +37,12 @@ struct KernelArgs {
                                    // written (before the release add) (ns), or null:
                                    // null launches the instantiation built without timing code
   int max_len;
-  int64_t* page_timing;            // [num_sms, page_max, 4] per ring page (ns): loader issue,
-                                   // consumer warp 0 wait start, wait end, page done; null
-                                   // unless timing
+  int64_t* page_timing;            // [num_sms, page_max, kPageStamps] per ring page (ns):
+                                   // 0 loader issue, 1 consumer warp 0 wait start, 2 wait
+                                   // end, 3 page done; the loader's own progress: 7 reached
+                                   // the page, 4 its slot free, 5 the in-flight cap passed
+                                   // (page it - cap landed), 6 its copies issued (lane 0);
+                                   // null unless timing
   int page_max;
   int64_t* phase_timing;           // [num_sms, max_len, 4] stamps an op takes inside an
                                    // instruction (ns, phase_stamp in common.cuh), or null;

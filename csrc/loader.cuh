@@ -74,6 +74,10 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
   ahead.start(a, queue, qlen, false);
   uint32_t it = 0, ahead_it = 0;
   for (; !load.done(); load.advance(a), ++it) {
+    // The timing build stamps the loader's progress per page (KernelArgs::page_timing):
+    // reached it (7), its slot free (4), the in-flight cap passed (5), issue (0), copies
+    // issued (6): which wait holds the stream where the ring has room.
+    if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 7);
     if (a.mode & MODE_NO_PREFETCH) {
       while (*ring.ready < load.i && !*ring.abort) {}
       if (*ring.abort) break;
@@ -93,6 +97,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       }
     }
     if (stop) break;
+    if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 4);
     // kInflightPages: page it - kInflightPages has landed before page it is issued. That
     // page's slot is not refilled before page it, so its full barrier's parity is unambiguous.
     // Before the quiet check: a release that turns quiet during this wait must not find a
@@ -102,10 +107,12 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       const uint32_t back = it - kInflightPages;
       while (!mbar_try_wait(&ring.full[ring.slot_of(back)], ring.phase_of(back))) {}
     }
+    if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 5);
     while (kReleaseQuiet && get_flag(ring.quiet) && !*ring.abort) __nanosleep(64);
     if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 0);
     if (a.mode & MODE_NO_LOAD) {
       if (lane == 0) mbar_arrive(&ring.full[slot]);
+      if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 6);
       continue;
     }
     const int rows = load.rows();
@@ -121,6 +128,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       bulk_load(dst + r * stride + off, reinterpret_cast<const unsigned char*>(load.row(r)) + off,
                 min(kCopyBytes, row_bytes - off), &ring.full[slot], policy);
     }
+    if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 6);
   }
   // Never leave the block with copies in flight: wait for the last fill of every slot.
   for (int s = 0; s < ring.slots && s < static_cast<int>(it); ++s) {

@@ -46,12 +46,12 @@ __device__ __forceinline__ void release_slot(const Ring& ring, int slot) {
   }
 }
 
-// Timing build: stamp k of ring page `it` (the launch's page count on this SM), see
-// KernelArgs::page_timing. Compiled out of the kernel without timing.
+// Timing build: stamp k (< kPageStamps) of ring page `it` (the launch's page count on this
+// SM), see KernelArgs::page_timing. Compiled out of the kernel without timing.
 template <bool kTiming>
 __device__ __forceinline__ void page_stamp(const KernelArgs& a, uint32_t it, int k) {
   if (kTiming && a.page_timing && it < static_cast<uint32_t>(a.page_max))
-    a.page_timing[(static_cast<size_t>(blockIdx.x) * a.page_max + it) * 4 + k] =
+    a.page_timing[(static_cast<size_t>(blockIdx.x) * a.page_max + it) * kPageStamps + k] =
         static_cast<int64_t>(globaltimer());
 }
 

@@ -26,6 +26,7 @@ MAX_GQA = 8
 MAX_BATCH = 16
 DEFAULT_WATCHDOG_MS = 2000
 PAGE_TIMING_MAX = 8192   # ring pages per SM the timing build stamps (llama-3.1-8b: ~3.8k)
+PAGE_STAMPS = 8          # per page: csrc/kernel_args.h kPageStamps (bench/trace.py reads them)
 _ERRORS = {Err.WATCHDOG: "watchdog: a counter wait exceeded its budget",
            Err.BAD_OPCODE: "unknown opcode", Err.BAD_TOKEN: "token id out of range",
            Err.BAD_POSITION: "position outside the KV cache", Err.ABORTED: "aborted",
@@ -170,9 +171,10 @@ class Runtime:
         # Per instruction: wait start, wait end, end, outputs written (before the release).
         self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 4,
                                    dtype=torch.int64, device=device) if timing else None)
-        # Per ring page: loader issue, consumer warp 0 wait start, wait end, done (ns).
-        self.page_timing = (torch.zeros(program.num_sms, PAGE_TIMING_MAX, 4, dtype=torch.int64,
-                                        device=device) if timing else None)
+        # Per ring page (ns): loader issue, consumer warp 0 wait start, wait end, done, then
+        # the loader's slot free, cap passed, copies issued, page reached (KernelArgs).
+        self.page_timing = (torch.zeros(program.num_sms, PAGE_TIMING_MAX, PAGE_STAMPS,
+                                        dtype=torch.int64, device=device) if timing else None)
         # Per instruction: up to 4 stamps the op takes inside it (csrc/common.cuh phase_stamp;
         # only a kernel built with -DMK_PHASE_STAMPS=1 writes them; 0: not stamped).
         self.phase_timing = (torch.zeros_like(self.timing) if timing else None)

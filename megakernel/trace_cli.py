@@ -209,6 +209,9 @@ def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
         print(f"ring pages (timing build):\n{trace.page_table(program, timing, pages)}\n")
         print(f"ring pages issued over a layer:\n"
               f"{trace.issue_timeline(program, timing, pages)}\n")
+        loader = trace.loader_table(program, timing, pages)
+        if loader is not None:
+            print(f"loader (timing build):\n{loader}\n")
     if phases is not None:
         print(f"phases inside instructions ({PHASE_FLAG} build):\n"
               f"{trace.phase_table(program, timing, phases)}\n")

@@ -385,8 +385,12 @@ def test_timing_stamps_every_ring_page():
         k = int((p[sm, :, 0] != -1).sum())
         assert (p[sm, :k] > 0).all() and (p[sm, k:] == -1).all(), f"SM {sm}: not a prefix"
         assert (k > 0) == bool(matvec[sm, :n].any()), f"SM {sm}: {k} pages stamped"
-        issue, start, got, done = p[sm, :k].T
+        issue, start, got, done, free, cap, issued, reached = p[sm, :k].T
         assert (got >= start).all() and (got >= issue).all() and (done >= got).all()
+        # the loader's own progress: reached <= slot free <= cap passed <= issue <= issued,
+        # and each page reached after the page before was issued
+        assert (np.diff(np.stack([reached, free, cap, issue, issued]), axis=0) >= 0).all()
+        assert (reached[1:] >= issued[:-1]).all(), f"SM {sm}: loader stamps out of order"
         win = [(t[sm, i, 1], t[sm, i, 2]) for i in range(n) if matvec[sm, i]]
         assert all(any(a <= g <= b for a, b in win) for g in got), f"SM {sm}: page outside"
 

@@ -80,10 +80,15 @@ def test_per_opcode_table_sums(traced):
     assert "TB/s" in text.splitlines()[-1]
 
 
-def synthetic_pages(prog, timing, wait=0.25, page=0.75, lead=1.5, per=4):
-    """Ring-page stamps [num_sms, n, 4] ns: `per` pages in each matvec instruction's
-    execution, every one waited `wait` us, held `page` us, issued `lead` us before wait end."""
-    out = np.zeros((prog.num_sms, 4096, 4), np.int64)
+LOADER = dict(slot=0.2, cap=0.3, quiet=0.1, issue=0.05)   # us, the loader's synthetic waits
+
+
+def synthetic_pages(prog, timing, wait=0.25, page=0.75, lead=1.5, per=4, width=4):
+    """Ring-page stamps [num_sms, n, width] ns: `per` pages in each matvec instruction's
+    execution, every one waited `wait` us, held `page` us, issued `lead` us before wait end;
+    width 8 adds the loader's stamps (slot free, cap passed, copies issued, reached) LOADER
+    apart."""
+    out = np.zeros((prog.num_sms, 4096, width), np.int64)
     matvec = {int(o) for o in (isa.Op.QKV, isa.Op.OPROJ, isa.Op.ATTN_OPROJ, isa.Op.GATEUP,
                                isa.Op.DOWN, isa.Op.LMHEAD)}    # the ops that stream pages
     for sm, n in enumerate(prog.queue_len):
@@ -95,7 +100,13 @@ def synthetic_pages(prog, timing, wait=0.25, page=0.75, lead=1.5, per=4):
             step = (t1 - t0) // (per + 1)
             for j in range(per):
                 got = t0 + step * (j + 1)
-                out[sm, k] = [got - lead * 1e3, got - wait * 1e3, got, got + page * 1e3]
+                issue = got - lead * 1e3
+                out[sm, k, :4] = [issue, got - wait * 1e3, got, got + page * 1e3]
+                if width == 8:
+                    cap = issue - LOADER["quiet"] * 1e3
+                    free = cap - LOADER["cap"] * 1e3
+                    out[sm, k, 4:] = [free, cap, issue + LOADER["issue"] * 1e3,
+                                      free - LOADER["slot"] * 1e3]
                 k += 1
     return out
 
@@ -137,6 +148,20 @@ def test_issue_timeline_counts_the_issued_pages(traced):
     assert sum(float(x.split()[1]) for x in near.splitlines()[1:]) > 0
     far = trace.issue_timeline(prog, timing, pages, span_us=(1e6, 1e6 + 4))
     assert [float(x.split()[1]) for x in far.splitlines()[1:]] == [0.0, 0.0]
+
+
+def test_loader_table_recovers_the_loader_waits(traced):
+    prog, _, timing = traced
+    assert trace.loader_table(prog, timing, synthetic_pages(prog, timing)) is None  # 4 stamps
+    pages = synthetic_pages(prog, timing, width=8)
+    lines = trace.loader_table(prog, timing, pages).splitlines()
+    assert lines[0].split()[:6] == ["opcode", "pages", "slot", "us", "cap", "us"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"QKV", "ATTN_OPROJ", "GATEUP", "DOWN", "LMHEAD"}
+    for name, r in rows.items():
+        assert [float(x) for x in r[2:6]] == pytest.approx(list(LOADER.values()), abs=2e-3), name
+        assert float(r[6]) > 0 and r[7:9] == ["100%", "100%"], name   # walk: page spacing
+    assert rows["QKV"][1] == trace.page_table(prog, timing, pages).splitlines()[1].split()[1]
 
 
 def test_release_line_reads_the_written_stamp(traced):
