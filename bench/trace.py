@@ -183,7 +183,9 @@ def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: i
     one before and after (of those, the first and last left out where more than four), the
     rate counting every page as `page_bytes` (the kernel's MK_PAGE_KB; short pages are
     fewer). A stretch well under the copy bandwidth while pages are still to stream is HBM
-    idle (bench/NOTES.md, session 22)."""
+    idle (bench/NOTES.md, session 22). Then the pages/us of each opcode whose pages the
+    consumers took (_pages_by_instruction; pages no consumer stamped are in the total only):
+    whose pages stream where, e.g. the next QKV's at the DOWN's end (session 23)."""
     ops, layer = program.instructions[..., 0], program.instructions[..., 1]
     live = np.arange(program.instructions.shape[1])[None] < program.queue_len[:, None]
     down = live & (ops == int(isa.Op.DOWN))
@@ -196,13 +198,23 @@ def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: i
     edges = np.arange(span_us[0], span_us[1] + bin_us / 2, bin_us)
     if not inner or not len(issued):
         return "no layer with ring pages on both sides to show"
-    counts = np.mean([np.histogram((issued - ends[l - 1]) / 1e3, edges)[0] for l in inner],
-                     axis=0)
-    lines = [f"{'us after DOWN':>14}{'pages/us':>10}{'TB/s':>7}   (ring pages issued, mean of "
-             f"layers {inner[0]}-{inner[-1]}, {page_bytes // 1024} KB a page)"]
-    for lo, c in zip(edges[:-1], counts):
-        rate = c / bin_us
-        lines.append(f"{lo:>14.0f}{rate:>10.1f}{rate * page_bytes / 1e6:>7.2f}")
+    def rates(t):  # pages/us per bin, the mean over the inner layers
+        return np.mean([np.histogram((t - ends[l - 1]) / 1e3, edges)[0] for l in inner],
+                       axis=0) / bin_us
+    by_op = {}
+    for sm, k, idx in _pages_by_instruction(program, timing, pages):
+        for op, t in zip(program.instructions[sm, idx, 0], pages[sm, k, 0]):
+            by_op.setdefault(int(op), []).append(t)
+    ops_seen = sorted(o for o in by_op if o in isa.Op._value2member_map_)
+    total = rates(issued)
+    per_op = [rates(np.asarray(by_op[o], np.float64)) for o in ops_seen]
+    lines = [f"{'us after DOWN':>14}{'pages/us':>10}{'TB/s':>7}"
+             + "".join(f"{isa.Op(o).name:>11}" for o in ops_seen)
+             + f"   (ring pages issued, mean of layers {inner[0]}-{inner[-1]}, "
+             f"{page_bytes // 1024} KB a page; then pages/us by opcode)"]
+    for j, lo in enumerate(edges[:-1]):
+        lines.append(f"{lo:>14.0f}{total[j]:>10.1f}{total[j] * page_bytes / 1e6:>7.2f}"
+                     + "".join(f"{r[j]:>11.1f}" for r in per_op))
     return "\n".join(lines)
 
 

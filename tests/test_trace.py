@@ -142,6 +142,14 @@ def test_issue_timeline_counts_the_issued_pages(traced):
     assert "layers 2-13" in lines[0]                # 16 layers: the first and last two out
     rate = np.array([float(x.split()[1]) for x in lines[1:]])
     assert rate.sum() * 10.0 == pytest.approx(float((pages[..., 0] > 0).sum()), rel=1e-3)
+    # by opcode: the columns after TB/s add up to the total, each opcode to its own pages
+    names = lines[0].split("(")[0].split()[5:]
+    assert set(names) == {"QKV", "ATTN_OPROJ", "GATEUP", "DOWN", "LMHEAD"}
+    cols = np.array([[float(v) for v in x.split()[3:]] for x in lines[1:]])
+    assert cols.sum(axis=1) == pytest.approx(rate, abs=0.051)
+    table = {line.split()[0]: int(line.split()[1])
+             for line in trace.page_table(prog, timing, pages).splitlines()[1:]}
+    assert cols[:, names.index("GATEUP")].sum() * 10.0 == pytest.approx(table["GATEUP"], rel=1e-3)
     # after the MLP (the previous DOWN's end) the next QKV's pages are already issued: the
     # first bins after 0 hold pages, and a window past the step holds none
     near = trace.issue_timeline(prog, timing, pages, bin_us=1.0, span_us=(-20.0, 20.0))
