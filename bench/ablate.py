@@ -20,7 +20,7 @@ from . import report
 
 SCHEMA = "megakernel-ablate/1"
 BASELINE = "default"
-RUNTIME_KEYS = ("ablate", "build_flags")     # Decoder kwargs for the Runtime, not plan()
+RUNTIME_KEYS = ("ablate", "build_flags", "variant")  # Decoder kwargs for the Runtime, not plan()
 RECORD_FIELDS = ("name", "change", "kwargs", "diagnostic", "modelled", "ms_per_step",
                  "ms_min", "ms_p90", "predicted_ms", "time_vs_default",
                  "predicted_vs_default", "achieved_TBps", "fraction_of_copy_bandwidth",
@@ -74,6 +74,9 @@ def grid(num_sms: int = 132) -> list[Row]:
             {"oproj_col_slices": 1}),
         Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
             {"num_sms": num_sms // 2}),
+        Row("variant=default", "batches 1-2 run the build with the larger staging area and "
+            "one ring slot less (csrc/megakernel.cu, not megakernel_b1.cu)",
+            {"variant": "default"}),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
         flag("MK_INFLIGHT_PAGES", 0, "no cap on the pages the loader keeps in flight "
              "(issued, not landed): as many as the ring has free slots, not 2"),

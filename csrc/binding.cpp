@@ -9,6 +9,18 @@
 
 #include "kernel_args.h"
 
+// The batch-1/2 build of the interpreter (csrc/megakernel_b1.cu): mk's functions (declared
+// in kernel_args.h) over another shared-memory layout, and the limits it takes.
+namespace mk_b1 {
+size_t smem_bytes();
+int max_blocks_per_sm();
+int launch(const mk::KernelArgs& args, int num_sms, void* stream);
+int max_batch();
+int acc_floats();
+int max_group();
+int ring_slots();
+}  // namespace mk_b1
+
 namespace {
 
 class Launcher {
@@ -88,6 +100,16 @@ class Launcher {
     a.rank = sizes.contains("rank") ? size(sizes, "rank") : 0;
     a.vocab0 = sizes.contains("vocab0") ? size(sizes, "vocab0") : 0;
     a.counts_step = sizes.contains("counts_step") ? size(sizes, "counts_step") : 1;
+    // 1: the batch-1/2 build (megakernel_b1.cu), which the runtime picks only for programs
+    // within b1_limits(); its kernel refuses instructions past them all the same.
+    b1_ = sizes.contains("variant") && size(sizes, "variant") == 1;
+    TORCH_CHECK(!sizes.contains("variant") || size(sizes, "variant") == 0 || b1_,
+                "megakernel: variant must be 0 (default) or 1 (batch 1-2), got ",
+                size(sizes, "variant"));
+    TORCH_CHECK(!b1_ || (a.B <= mk_b1::max_batch() && a.H <= mk_b1::max_group() * a.Hkv),
+                "megakernel: the batch-1/2 variant takes batches up to ", mk_b1::max_batch(),
+                " and groups of up to ", mk_b1::max_group(), " q heads, got B=", a.B,
+                ", H/Hkv=", a.H, "/", a.Hkv);
     TORCH_CHECK(a.tp >= 1 && a.tp <= mk::kMaxTp, "megakernel: tp must be in 1..", mk::kMaxTp,
                 ", got ", a.tp);
     TORCH_CHECK(a.rank >= 0 && a.rank < a.tp, "megakernel: rank ", a.rank, " outside 0..",
@@ -112,7 +134,9 @@ class Launcher {
 
   void launch() {
     const c10::cuda::CUDAGuard guard(device_);
-    const int err = mk::launch(args_, num_sms_, at::cuda::getCurrentCUDAStream().stream());
+    void* stream = at::cuda::getCurrentCUDAStream().stream();
+    const int err = b1_ ? mk_b1::launch(args_, num_sms_, stream)
+                        : mk::launch(args_, num_sms_, stream);
     TORCH_CHECK(err == cudaSuccess, "megakernel launch failed: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)));
   }
@@ -158,6 +182,7 @@ class Launcher {
   }
 
   mk::KernelArgs args_{};
+  bool b1_ = false;
   int num_sms_;
   torch::Device device_{torch::kCUDA};
   std::vector<torch::Tensor> keep_;  // the kernel holds raw pointers: keep storage alive
@@ -190,6 +215,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("smem_bytes", &mk::smem_bytes);
   m.def("threads_per_block", &mk::threads_per_block);
   m.def("max_blocks_per_sm", &mk::max_blocks_per_sm);
+  m.def("b1_limits", [] {
+    py::dict d;
+    d["max_batch"] = mk_b1::max_batch();
+    d["acc_floats"] = mk_b1::acc_floats();
+    d["max_group"] = mk_b1::max_group();
+    d["ring_slots"] = mk_b1::ring_slots();
+    d["smem_bytes"] = mk_b1::smem_bytes();
+    d["max_blocks_per_sm"] = mk_b1::max_blocks_per_sm();
+    return d;
+  }, "What the batch-1/2 build (csrc/megakernel_b1.cu) takes: the runtime's variant check.");
   m.def("enable_peer_access", &enable_peer_access, py::arg("device"), py::arg("peer"),
         "Let kernels on `device` access `peer`'s memory (idempotent); raises if impossible.");
 }

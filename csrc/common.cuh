@@ -128,8 +128,16 @@ constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
 // load on the critical path queues behind up to a ring's worth of pages (~1 us).
 constexpr int kQuietInputs = kReleaseQuiet ? MK_QUIET_INPUTS : 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
-constexpr int kAccFloats = kMaxRowsTimesBatch;    // accumulators [rows, B] fp32
-constexpr int kMaxG = 8;                          // q heads per kv head the attention op supports
+// Diagnostic builds may shrink the accumulators and the attention op's group (their shared
+// memory goes to the ring): instructions over them are refused on the device.
+#ifndef MK_ACC_FLOATS
+#define MK_ACC_FLOATS kMaxRowsTimesBatch
+#endif
+#ifndef MK_MAX_G
+#define MK_MAX_G 8
+#endif
+constexpr int kAccFloats = MK_ACC_FLOATS;         // accumulators [rows, B] fp32
+constexpr int kMaxG = MK_MAX_G;                   // q heads per kv head the attention op supports
 #ifndef MK_ATTN_EXACT_G
 #define MK_ATTN_EXACT_G 1  // ATTN unrolled for exactly 4 q heads per kv head where G == 4 (D 64,
 #endif                     // 128), heads interleaved; 0: the 8-head code with per-head exits

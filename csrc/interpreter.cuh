@@ -30,7 +30,9 @@ struct SmemLayout {
   // The tensor-core matvec's raw activation chunk (cp.async destinations) right after the
   // ring's slots: with kRawSlot, batches on CUDA cores use it as slot kNumPages.
   static constexpr size_t raw = pages + static_cast<size_t>(kNumPages) * kSlotBytes;
-  static constexpr size_t full = raw + ((kRawFloats * sizeof(float) + 127) & ~size_t{127});
+  static constexpr size_t raw_bytes = kRawFloats * sizeof(float) > size_t{kSlotBytes} || !kRawSlot
+                                          ? kRawFloats * sizeof(float) : size_t{kSlotBytes};
+  static constexpr size_t full = raw + ((raw_bytes + 127) & ~size_t{127});
   static constexpr size_t empty = full + kMaxSlots * sizeof(uint64_t);
   static constexpr size_t act = empty + kMaxSlots * sizeof(uint64_t);
   static constexpr size_t acc = act + kActFloats * sizeof(float);
@@ -47,8 +49,6 @@ static_assert((kActFloats + kAccFloats) >=
                   kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD + kMaxD,
               "attention scratch must fit in the activation + accumulator space");
 static_assert(SmemLayout::total <= 227 * 1024, "shared memory budget of one H100 block");
-static_assert(!kRawSlot || kRawFloats * sizeof(float) >= kSlotBytes,
-              "the raw area holds a ring slot");
 
 // Stop the whole grid (every rank's under tp): first error wins the record.
 __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t* ins,

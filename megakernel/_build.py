@@ -6,7 +6,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["csrc/binding.cpp", "csrc/megakernel.cu"]
+SOURCES = ["csrc/binding.cpp", "csrc/megakernel.cu", "csrc/megakernel_b1.cu"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-lineinfo",
               "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
 CXX_FLAGS = ["-O3", "-std=c++17"]

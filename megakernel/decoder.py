@@ -27,7 +27,8 @@ class Decoder(StepDecoder):
                  num_sms: int | None = None, device=None, granularity: str = "chunk",
                  timing: bool = False, watchdog_ms: float | None = None, program=None,
                  ablate: tuple[str, ...] = (), build_flags: tuple[str, ...] = (),
-                 tp: int = 1, devices=None, comm: str = "peer", **plan_options):
+                 tp: int = 1, devices=None, comm: str = "peer", variant: str = "auto",
+                 **plan_options):
         self._init_sizes(cfg, batch, max_seq)
         check_supported(cfg, batch)
         if not torch.cuda.is_available():
@@ -54,8 +55,11 @@ class Decoder(StepDecoder):
             else:
                 self.packed = [self._pack_rank(weights, r) for r in range(tp)]
         if tp == 1:
-            self.runtime = Runtime(self.packed, self.program, max_seq, timing=timing, **options)
+            self.runtime = Runtime(self.packed, self.program, max_seq, timing=timing,
+                                   variant=variant, **options)
         else:
+            if variant == "b1":
+                raise ValueError("variant='b1' runs one GPU's program (tp = 1)")
             from .tp import TpRuntime
             self.runtime = TpRuntime(self.packed, self.program, max_seq, comm=comm,
                                      timing=timing, **options)

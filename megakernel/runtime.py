@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import torch
 
 from .buffers import SYNC_STATE, Buffers
@@ -98,13 +100,50 @@ def load_extension(verbose: bool = False, build_flags: tuple[str, ...] = ()):
                     verbose=verbose)
 
 
+VARIANTS = ("auto", "default", "b1")
+_ROWS_WORD = {op: len(isa.HEADER) + isa.ARGS[op].index("nrows")
+              for op in (Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)}
+_NDIMS_WORD = len(isa.HEADER) + isa.ARGS[Op.ATTN_OPROJ].index("ndims")
+
+
+def accumulator_floats(program) -> int:
+    """The most fp32 accumulators one instruction of `program` needs in shared memory: a
+    matvec's rows x batch, an ATTN_OPROJ's dims x batch (the kernel's kAccFloats bound)."""
+    ins = program.instructions
+    live = np.arange(ins.shape[1])[None] < np.asarray(program.queue_len)[:, None]
+    need = [ins[..., w][live & (ins[..., 0] == int(op))] for op, w in _ROWS_WORD.items()]
+    need.append(ins[..., _NDIMS_WORD][live & (ins[..., 0] == int(Op.ATTN_OPROJ))])
+    return int(max((int(n.max()) for n in need if n.size), default=0)) * program.batch
+
+
+def b1_misfit(program, limits: dict) -> str | None:
+    """Why the batch-1/2 build (csrc/megakernel_b1.cu; limits: the extension's b1_limits())
+    cannot run `program`, or None where it can."""
+    cfg = program.config
+    if program.tp != 1:
+        return "it runs one GPU's program (tp = 1)"
+    if program.batch > limits["max_batch"]:
+        return f"it takes batches up to {limits['max_batch']}, not {program.batch}"
+    if cfg.H > limits["max_group"] * cfg.Hkv:
+        return f"it takes groups of up to {limits['max_group']} q heads, not {cfg.H // cfg.Hkv}"
+    need = accumulator_floats(program)
+    if need > limits["acc_floats"]:
+        return f"an instruction needs {need} accumulators, it has {limits['acc_floats']}"
+    return None
+
+
 class Runtime:
     def __init__(self, packed: PackedWeights, program, max_seq: int, timing: bool = False,
                  watchdog_ms: float | None = None, ablate: tuple[str, ...] = (),
-                 build_flags: tuple[str, ...] = ()):
+                 build_flags: tuple[str, ...] = (), variant: str = "auto"):
         """ablate: names from MODES (switches that turn one overlap mechanism off; no_compute
         and no_load give wrong results and exist to time one half of the pipeline).
-        build_flags: extra nvcc flags, e.g. ring geometry -DMK_NUM_PAGES=5."""
+        build_flags: extra nvcc flags, e.g. ring geometry -DMK_NUM_PAGES=5.
+        variant: which build of the interpreter runs: "b1" the batch-1/2 layout with one
+        more ring slot (an error where the program does not fit it, b1_misfit), "default"
+        the other, "auto" b1 wherever it fits."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if hasattr(program, "ranks"):
             raise TypeError("Runtime runs one rank's Program; a TpProgram runs through "
                             "megakernel.tp.TpRuntime (or Decoder(..., tp=N))")
@@ -142,9 +181,15 @@ class Runtime:
             # Not understood yet; bench/NOTES.md, session 9.
             build_flags = (*build_flags, "-DMK_RAW_SLOT=0")
         self.ext = load_extension(build_flags=tuple(build_flags))
-        if self.ext.max_blocks_per_sm() < 1:
-            raise RuntimeError("the interpreter block does not fit on one SM "
-                               f"({self.ext.smem_bytes()} bytes of shared memory)")
+        misfit = None if variant == "default" else b1_misfit(program, self.ext.b1_limits())
+        if variant == "b1" and misfit:
+            raise ValueError(f"variant='b1' cannot run this Program: {misfit}")
+        self.variant = "default" if variant == "default" or misfit else "b1"
+        limits = self.ext.b1_limits() if self.variant == "b1" else {
+            "max_blocks_per_sm": self.ext.max_blocks_per_sm(), "smem_bytes": self.ext.smem_bytes()}
+        if limits["max_blocks_per_sm"] < 1:
+            raise RuntimeError(f"the interpreter block ({self.variant} build) does not fit on "
+                               f"one SM ({limits['smem_bytes']} bytes of shared memory)")
         self.program, self.config, self.device, self.max_seq = program, cfg, device, max_seq
         with nvtx_range("megakernel.load"):
             self._bind(packed, program, max_seq, timing, watchdog_ms, ablate)
@@ -194,7 +239,8 @@ class Runtime:
                      num_counters=max(1, program.num_counters), eps=float(cfg.rms_norm_eps),
                      watchdog_ns=int(watchdog_ms * 1e6),
                      mode=sum(MODES[m] for m in set(ablate)), tp=program.tp,
-                     rank=program.rank, vocab0=int(packed.vocab0), counts_step=1)
+                     rank=program.rank, vocab0=int(packed.vocab0), counts_step=1,
+                     variant=int(self.variant == "b1"))
         self._tensors, self._sizes = tensors, sizes
         self._launchers = [self.ext.Launcher(tensors, sizes, program.num_sms)] \
             if program.tp == 1 else []

@@ -245,6 +245,7 @@ struct AttnOp {
                             const int* pos, int epoch) {
     const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
+    if (a.H > kMaxG * a.Hkv) return ERR_BAD_INSTRUCTION;  // a -DMK_MAX_G build's limit
     const bool g4 = kAttnExactG && a.H == 4 * a.Hkv;  // Llama 3.2-1B, 3.1-8B
     switch (a.D) {
       case 32: return attn_split<4, kMaxG, false>(a, ins, smem, p, epoch);

@@ -16,7 +16,7 @@
 #include "attn_reduce.cuh"
 
 namespace mk {
-static_assert(kAccFloats >= kMaxBatch * kMaxD && kActFloats >= 4 * kAxpyCols,
+static_assert(kAccFloats >= kMaxBatch * kMaxD && kActFloats >= kAxpyCols,
               "ATTN_OPROJ's merged dims (acc) and row-group sums (act) fit shared memory");
 struct AttnOprojOp {
   static constexpr int kPartRows = kActFloats / kAxpyCols;  // batch rows of part at a time

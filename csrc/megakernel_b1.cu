@@ -1,0 +1,38 @@
+// The interpreter again, in namespace mk_b1, with the shared-memory layout of batches 1-2:
+// a staging area sized for them (activation chunks of 4096 floats, 4096 accumulators,
+// attention groups of at most 4 q heads) and the memory that frees as a sixth ring slot.
+// At batch 1 the attention chain's window loads about two rings' worth of pages per SM and
+// nothing else can stream there, so every slot more moves a page per SM out of the
+// HBM-bound MLP window (bench/NOTES.md, session 23). megakernel/runtime.py picks this
+// variant where the program fits it (B1_LIMITS); the KernelArgs ABI is mk's, shared.
+#include "kernel_args.h"
+
+namespace mk_b1 {
+using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated instruction set
+}
+
+// Build flags of an ablation apply to both variants; these are the variant's own defaults.
+#ifndef MK_ACT_FLOATS
+#define MK_ACT_FLOATS 4096
+#endif
+#ifndef MK_ACC_FLOATS
+#define MK_ACC_FLOATS 4096
+#endif
+#ifndef MK_MAX_G
+#define MK_MAX_G 4
+#endif
+#ifndef MK_NUM_PAGES
+#define MK_NUM_PAGES 5
+#endif
+
+#define mk mk_b1
+#include "megakernel.cu"
+#undef mk
+
+namespace mk_b1 {
+// What the runtime checks a program against before it picks this variant.
+int max_batch() { return 2; }
+int acc_floats() { return kAccFloats; }
+int max_group() { return kMaxG; }
+int ring_slots() { return kMaxSlots; }
+}  // namespace mk_b1
