@@ -170,7 +170,8 @@ def select(rows: list[Row], names: str | None) -> list[Row]:
 
 
 def runtime_kwargs(row: Row) -> dict:
-    return {k: tuple(v) for k, v in row.kwargs.items() if k in RUNTIME_KEYS}
+    return {k: v if isinstance(v, str) else tuple(v) for k, v in row.kwargs.items()
+            if k in RUNTIME_KEYS}
 
 
 def plan_row(row: Row, cfg, batch: int, pos: int, num_sms: int, gpu):
