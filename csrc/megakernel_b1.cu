@@ -3,8 +3,8 @@
 // attention groups of at most 4 q heads) and the memory that frees as a sixth ring slot.
 // At batch 1 the attention chain's window loads about two rings' worth of pages per SM and
 // nothing else can stream there, so every slot more moves a page per SM out of the
-// HBM-bound MLP window (bench/NOTES.md, session 23). megakernel/runtime.py picks this
-// variant where the program fits it (B1_LIMITS); the KernelArgs ABI is mk's, shared.
+// HBM-bound MLP window (bench/NOTES.md, session 23). megakernel/runtime.py choose_variant
+// runs it at batch 1 where the program fits (b1_limits below); the KernelArgs ABI is mk's.
 #include "kernel_args.h"
 
 namespace mk_b1 {

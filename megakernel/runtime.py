@@ -132,6 +132,27 @@ def b1_misfit(program, limits: dict) -> str | None:
     return None
 
 
+# Batches "auto" runs on the b1 build where the program fits it. Batch 2 fits it too but ran
+# 2.6% slower there (its activation chunks halve again; bench/NOTES.md, session 23).
+AUTO_B1_MAX_BATCH = 1
+
+
+def choose_variant(program, requested: str, limits: dict) -> str:
+    """The build a Runtime launches: requested ("auto", "default" or "b1"; VARIANTS) against
+    the b1 build's limits (the extension's b1_limits()). "b1" where the program does not fit
+    it is a ValueError naming why."""
+    if requested not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {requested!r}")
+    if requested == "default":
+        return "default"
+    misfit = b1_misfit(program, limits)
+    if requested == "b1" and misfit:
+        raise ValueError(f"variant='b1' cannot run this Program: {misfit}")
+    if requested == "auto" and (misfit or program.batch > AUTO_B1_MAX_BATCH):
+        return "default"
+    return "b1"
+
+
 class Runtime:
     def __init__(self, packed: PackedWeights, program, max_seq: int, timing: bool = False,
                  watchdog_ms: float | None = None, ablate: tuple[str, ...] = (),
@@ -139,11 +160,9 @@ class Runtime:
         """ablate: names from MODES (switches that turn one overlap mechanism off; no_compute
         and no_load give wrong results and exist to time one half of the pipeline).
         build_flags: extra nvcc flags, e.g. ring geometry -DMK_NUM_PAGES=5.
-        variant: which build of the interpreter runs: "b1" the batch-1/2 layout with one
-        more ring slot (an error where the program does not fit it, b1_misfit), "default"
-        the other, "auto" b1 wherever it fits."""
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        variant: which build of the interpreter runs (choose_variant): "b1" the batch-1/2
+        layout with one more ring slot (an error where the program does not fit it,
+        b1_misfit), "default" the other, "auto" b1 at batch 1 where it fits."""
         if hasattr(program, "ranks"):
             raise TypeError("Runtime runs one rank's Program; a TpProgram runs through "
                             "megakernel.tp.TpRuntime (or Decoder(..., tp=N))")
@@ -181,10 +200,7 @@ class Runtime:
             # Not understood yet; bench/NOTES.md, session 9.
             build_flags = (*build_flags, "-DMK_RAW_SLOT=0")
         self.ext = load_extension(build_flags=tuple(build_flags))
-        misfit = None if variant == "default" else b1_misfit(program, self.ext.b1_limits())
-        if variant == "b1" and misfit:
-            raise ValueError(f"variant='b1' cannot run this Program: {misfit}")
-        self.variant = "default" if variant == "default" or misfit else "b1"
+        self.variant = choose_variant(program, variant, self.ext.b1_limits())
         limits = self.ext.b1_limits() if self.variant == "b1" else {
             "max_blocks_per_sm": self.ext.max_blocks_per_sm(), "smem_bytes": self.ext.smem_bytes()}
         if limits["max_blocks_per_sm"] < 1:

@@ -422,18 +422,20 @@ def test_phase_stamps_only_with_their_build_flag():
                          ids=lambda c: c.name)
 def test_batch_variants_match_fp32(cfg, batch, variant):
     """Both builds at batches 1-2: megakernel_b1.cu (6 ring slots, 4096 accumulators, groups
-    of up to 4 q heads; what "auto" picks there) and megakernel.cu."""
+    of up to 4 q heads; what "auto" picks at batch 1) and megakernel.cu."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], variant=variant)
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {variant}")
 
 
 def test_variant_choice():
-    """auto: the b1 build where the program fits it, the default one elsewhere; asking for
-    b1 where it does not fit is an error naming why."""
+    """auto: the b1 build at batch 1 where the program fits it, the default one elsewhere;
+    asking for b1 where it does not fit is an error naming why."""
     cfg = ModelConfig.preset("tiny")
     w = Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
     assert Decoder(cfg, w, batch=1, max_seq=64).runtime.variant == "b1"
     assert Decoder(cfg, w, batch=1, max_seq=64, variant="default").runtime.variant == "default"
+    assert Decoder(cfg, w, batch=2, max_seq=64).runtime.variant == "default"   # slower there
+    assert Decoder(cfg, w, batch=2, max_seq=64, variant="b1").runtime.variant == "b1"
     assert Decoder(cfg, w, batch=8, max_seq=64).runtime.variant == "default"
     with pytest.raises(ValueError, match="batches up to 2"):
         Decoder(cfg, w, batch=8, max_seq=64, variant="b1")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megakernel import ModelConfig, plan
-from megakernel.runtime import accumulator_floats, b1_misfit
+from megakernel.runtime import accumulator_floats, b1_misfit, choose_variant
 from megakernel.scheduler.isa import Op
 
 LIMITS = {"max_batch": 2, "acc_floats": 4096, "max_group": 4}   # csrc/megakernel_b1.cu
@@ -37,3 +37,17 @@ def test_misfits_name_the_limit():
     g8 = ModelConfig("g8", vocab_size=4096, hidden_size=576, intermediate_size=1536,
                      num_layers=2, num_heads=8, num_kv_heads=1, head_dim=64)
     assert "groups of up to 4" in b1_misfit(plan(g8, batch=1, num_sms=132), LIMITS)
+
+
+def test_choose_variant():
+    cfg = ModelConfig.preset("llama-3.2-1b")
+    b1, b2, b3 = (plan(cfg, batch=b, num_sms=132) for b in (1, 2, 3))
+    assert choose_variant(b1, "auto", LIMITS) == "b1"
+    assert choose_variant(b2, "auto", LIMITS) == "default"      # fits, but measured slower
+    assert choose_variant(b2, "b1", LIMITS) == "b1"
+    assert choose_variant(b3, "auto", LIMITS) == "default"
+    assert choose_variant(b1, "default", LIMITS) == "default"
+    with pytest.raises(ValueError, match="batches up to 2"):
+        choose_variant(b3, "b1", LIMITS)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        choose_variant(b1, "small", LIMITS)
