@@ -128,8 +128,8 @@ constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
 // load on the critical path queues behind up to a ring's worth of pages (~1 us).
 constexpr int kQuietInputs = kReleaseQuiet ? MK_QUIET_INPUTS : 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
-// Diagnostic builds may shrink the accumulators and the attention op's group (their shared
-// memory goes to the ring): instructions over them are refused on the device.
+// The batch-1 build (megakernel_b1.cu) shrinks the accumulators and the attention op's group
+// (their shared memory goes to the ring): instructions over them are refused on the device.
 #ifndef MK_ACC_FLOATS
 #define MK_ACC_FLOATS kMaxRowsTimesBatch
 #endif

@@ -30,6 +30,7 @@ struct SmemLayout {
   // The tensor-core matvec's raw activation chunk (cp.async destinations) right after the
   // ring's slots: with kRawSlot, batches on CUDA cores use it as slot kNumPages.
   static constexpr size_t raw = pages + static_cast<size_t>(kNumPages) * kSlotBytes;
+  // With kRawSlot at least a slot, where a small activation chunk (megakernel_b1.cu) is less.
   static constexpr size_t raw_bytes = kRawFloats * sizeof(float) > size_t{kSlotBytes} || !kRawSlot
                                           ? kRawFloats * sizeof(float) : size_t{kSlotBytes};
   static constexpr size_t full = raw + ((raw_bytes + 127) & ~size_t{127});
