@@ -18,7 +18,6 @@ int launch(const mk::KernelArgs& args, int num_sms, void* stream);
 int max_batch();
 int acc_floats();
 int max_group();
-int ring_slots();
 }  // namespace mk_b1
 
 namespace {
@@ -220,7 +219,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["max_batch"] = mk_b1::max_batch();
     d["acc_floats"] = mk_b1::acc_floats();
     d["max_group"] = mk_b1::max_group();
-    d["ring_slots"] = mk_b1::ring_slots();
     d["smem_bytes"] = mk_b1::smem_bytes();
     d["max_blocks_per_sm"] = mk_b1::max_blocks_per_sm();
     return d;

@@ -34,5 +34,4 @@ namespace mk_b1 {
 int max_batch() { return 2; }
 int acc_floats() { return kAccFloats; }
 int max_group() { return kMaxG; }
-int ring_slots() { return kMaxSlots; }
 }  // namespace mk_b1

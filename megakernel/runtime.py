@@ -200,8 +200,9 @@ class Runtime:
             # Not understood yet; bench/NOTES.md, session 9.
             build_flags = (*build_flags, "-DMK_RAW_SLOT=0")
         self.ext = load_extension(build_flags=tuple(build_flags))
-        self.variant = choose_variant(program, variant, self.ext.b1_limits())
-        limits = self.ext.b1_limits() if self.variant == "b1" else {
+        b1_limits = self.ext.b1_limits()
+        self.variant = choose_variant(program, variant, b1_limits)
+        limits = b1_limits if self.variant == "b1" else {
             "max_blocks_per_sm": self.ext.max_blocks_per_sm(), "smem_bytes": self.ext.smem_bytes()}
         if limits["max_blocks_per_sm"] < 1:
             raise RuntimeError(f"the interpreter block ({self.variant} build) does not fit on "
