@@ -77,6 +77,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("variant=default", "batch 1 runs the build with the larger staging area and one "
             "ring slot less (csrc/megakernel.cu, not megakernel_b1.cu)",
             {"variant": "default"}),
+        flag("MK_B1_STAGE_AHEAD", 1, "the batch-1 build's multi-chunk DOWN loads its next "
+             "activation chunk into registers while the current chunk's pages compute"),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
         flag("MK_INFLIGHT_PAGES", 0, "no cap on the pages the loader keeps in flight "
              "(issued, not landed): as many as the ring has free slots, not 2"),

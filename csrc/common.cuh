@@ -31,6 +31,13 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_ACT_FLOATS
 #define MK_ACT_FLOATS 8192
 #endif
+// 1: a CUDA-core matvec at batch 1 whose input comes in several chunks and needs no norm
+// (DOWN at I > the chunk) loads the next chunk into registers while the current chunk's
+// pages compute (kActFloats / 1024 float4 a thread: 16 registers in the batch-1 build,
+// where megakernel_b1.cu's MK_B1_STAGE_AHEAD sets it; 32 in the default build).
+#ifndef MK_STAGE_AHEAD
+#define MK_STAGE_AHEAD 0
+#endif
 #ifndef MK_WARP_RELEASE
 #define MK_WARP_RELEASE 0   // 1: one empty-slot arrival per consumer warp (default: per thread)
 #endif
@@ -128,6 +135,7 @@ constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;
 // load on the critical path queues behind up to a ring's worth of pages (~1 us).
 constexpr int kQuietInputs = kReleaseQuiet ? MK_QUIET_INPUTS : 0;
 constexpr int kActFloats = MK_ACT_FLOATS;         // activation chunk [B, kc] fp32
+constexpr bool kStageAhead = MK_STAGE_AHEAD != 0;
 // The batch-1 build (megakernel_b1.cu) shrinks the accumulators and the attention op's group
 // (their shared memory goes to the ring): instructions over them are refused on the device.
 #ifndef MK_ACC_FLOATS

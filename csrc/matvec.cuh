@@ -431,6 +431,30 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
   }
 }
 
+// Stage-ahead (kStageAhead, batch 1, no norm, no fold): this thread's float4s of the
+// chunk at col0 (cols columns) into registers, issued before the previous chunk's pages and
+// stored to act (the layout of stage_chunk) after them, so the chunk's L2 round trip hides
+// behind the pages instead of sitting between them.
+constexpr int kAheadVecs = (kActFloats + 4 * kConsumerThreads - 1) / (4 * kConsumerThreads);
+__device__ __forceinline__ void load_ahead(const MatvecInput& in, int col0, int cols,
+                                           float4 (&x)[kAheadVecs]) {
+  const float4* src = reinterpret_cast<const float4*>(in.x + col0);
+  const int c4 = cols >> 2;
+#pragma unroll
+  for (int u = 0; u < kAheadVecs; ++u) {
+    const int k = threadIdx.x + u * kConsumerThreads;
+    if (k < c4) x[u] = __ldcg(src + k);
+  }
+}
+__device__ __forceinline__ void store_ahead(const float4 (&x)[kAheadVecs], int cols, float* act) {
+  const int c4 = cols >> 2;
+#pragma unroll
+  for (int u = 0; u < kAheadVecs; ++u) {
+    const int k = threadIdx.x + u * kConsumerThreads;
+    if (k < c4) *reinterpret_cast<float4*>(act + (k & 1) * (cols >> 1) + (k >> 1) * 4) = x[u];
+  }
+}
+
 // Consumers: rstd[b] = 1 / rms of row b from each warp's sum of squares red[warp, b].
 __device__ __forceinline__ void rstd_from_warp_sums(int K, int B, float eps, const float* red,
                                                     float* rstd) {
@@ -512,6 +536,11 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   for (int b = 0; b < BT; ++b) sums[b] = 0.f;
   // RMSNorm: rstd[b] is a constant of batch row b, so it factors out of every dot product:
   // the staging pass stores x * norm and gathers sum(x^2); rstd scales acc after the pages.
+  bool ahead = kStageAhead && BT == 1 && g.nchunks > 1 && !in.norm;
+#if MK_FOLD
+  ahead = ahead && !in.nparts;
+#endif
+  float4 next[kAheadVecs];  // chunk c + 1, when ahead
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     if (kStageStamps && c == 0) phase_stamp(kStageStamps);  // set up, before the bar.sync
@@ -520,13 +549,19 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     if (kSetupFirst && late && c == 0 && !*waited) return pre;
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
-    with_fold(in, [&](auto fold) {
-      stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
-    });
+    if (kStageAhead && ahead && c > 0) {
+      store_ahead(next, cols, act);
+    } else {
+      with_fold(in, [&](auto fold) {
+        stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
+      });
+    }
     if (kStageStamps == 1 && c == 0) phase_stamp(2);  // thread 0's loads back, stored
     consumer_sync();
     if (c == 0) phase_stamp(0);  // first activation chunk staged
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
+    if (kStageAhead && ahead && c + 1 < g.nchunks)
+      load_ahead(in, col0 + g.kc, g.chunk_cols(c + 1), next);
     for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<false>>(a, ring, it, [&](const unsigned char* page) {
         const int rows = g.group_rows(grp);

@@ -24,6 +24,11 @@ using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated in
 #ifndef MK_NUM_PAGES
 #define MK_NUM_PAGES 5
 #endif
+// MK_B1_STAGE_AHEAD: MK_STAGE_AHEAD for this variant alone (its 4096-float chunks take 16
+// registers a thread to hold; the default build's would spill).
+#if defined(MK_B1_STAGE_AHEAD) && !defined(MK_STAGE_AHEAD)
+#define MK_STAGE_AHEAD MK_B1_STAGE_AHEAD
+#endif
 
 #define mk mk_b1
 #include "megakernel.cu"
