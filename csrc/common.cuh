@@ -31,7 +31,7 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_ACT_FLOATS
 #define MK_ACT_FLOATS 8192
 #endif
-// 1: a CUDA-core matvec at batch 1 whose input comes in several chunks and needs no norm
+// 1: a CUDA-core matvec at batch 1-2 whose input comes in several chunks and needs no norm
 // (DOWN at I > the chunk) loads the next chunk into registers while the current chunk's
 // pages compute (kActFloats / 1024 float4 a thread: 16 registers in the batch-1 build,
 // where megakernel_b1.cu's MK_B1_STAGE_AHEAD sets it; 32 in the default build).

@@ -431,27 +431,30 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
   }
 }
 
-// Stage-ahead (kStageAhead, batch 1, no norm, no fold): this thread's float4s of the
-// chunk at col0 (cols columns) into registers, issued before the previous chunk's pages and
+// Stage-ahead (kStageAhead; batch 1-2, no norm, no fold): this thread's float4s of the
+// [B, cols] chunk at col0 into registers, issued before the previous chunk's pages and
 // stored to act (the layout of stage_chunk) after them, so the chunk's L2 round trip hides
-// behind the pages instead of sitting between them.
+// behind the pages instead of sitting between them. Float4 f of the chunk is row f >= c4's
+// (B <= 2) column 4 (f - row c4).
 constexpr int kAheadVecs = (kActFloats + 4 * kConsumerThreads - 1) / (4 * kConsumerThreads);
-__device__ __forceinline__ void load_ahead(const MatvecInput& in, int col0, int cols,
+__device__ __forceinline__ void load_ahead(const MatvecInput& in, int col0, int cols, int B,
                                            float4 (&x)[kAheadVecs]) {
-  const float4* src = reinterpret_cast<const float4*>(in.x + col0);
   const int c4 = cols >> 2;
 #pragma unroll
   for (int u = 0; u < kAheadVecs; ++u) {
-    const int k = threadIdx.x + u * kConsumerThreads;
-    if (k < c4) x[u] = __ldcg(src + k);
+    const int f = threadIdx.x + u * kConsumerThreads, b = f >= c4;
+    if (f < B * c4)
+      x[u] = __ldcg(reinterpret_cast<const float4*>(in.x + b * in.ld + col0) + f - b * c4);
   }
 }
-__device__ __forceinline__ void store_ahead(const float4 (&x)[kAheadVecs], int cols, float* act) {
+__device__ __forceinline__ void store_ahead(const float4 (&x)[kAheadVecs], int cols, int B,
+                                            float* act) {
   const int c4 = cols >> 2;
 #pragma unroll
   for (int u = 0; u < kAheadVecs; ++u) {
-    const int k = threadIdx.x + u * kConsumerThreads;
-    if (k < c4) *reinterpret_cast<float4*>(act + (k & 1) * (cols >> 1) + (k >> 1) * 4) = x[u];
+    const int f = threadIdx.x + u * kConsumerThreads, b = f >= c4, k = f - b * c4;
+    if (f < B * c4)
+      *reinterpret_cast<float4*>(act + b * cols + (k & 1) * (cols >> 1) + (k >> 1) * 4) = x[u];
   }
 }
 
@@ -536,7 +539,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
   for (int b = 0; b < BT; ++b) sums[b] = 0.f;
   // RMSNorm: rstd[b] is a constant of batch row b, so it factors out of every dot product:
   // the staging pass stores x * norm and gathers sum(x^2); rstd scales acc after the pages.
-  bool ahead = kStageAhead && BT == 1 && g.nchunks > 1 && !in.norm;
+  bool ahead = kStageAhead && BT <= 2 && g.nchunks > 1 && !in.norm;
 #if MK_FOLD
   ahead = ahead && !in.nparts;
 #endif
@@ -550,7 +553,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     if (kStageAhead && ahead && c > 0) {
-      store_ahead(next, cols, act);
+      store_ahead(next, cols, B, act);
     } else {
       with_fold(in, [&](auto fold) {
         stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);
@@ -561,7 +564,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     if (c == 0) phase_stamp(0);  // first activation chunk staged
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
     if (kStageAhead && ahead && c + 1 < g.nchunks)
-      load_ahead(in, col0 + g.kc, g.chunk_cols(c + 1), next);
+      load_ahead(in, col0 + g.kc, g.chunk_cols(c + 1), B, next);
     for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<false>>(a, ring, it, [&](const unsigned char* page) {
         const int rows = g.group_rows(grp);

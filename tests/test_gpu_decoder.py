@@ -427,8 +427,9 @@ def test_batch_variants_match_fp32(cfg, batch, variant):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {variant}")
 
 
-# The b1 build stages 4096-float activation chunks: DOWN's input of I = 5120 comes in two
-# (the second short), of 14336 in four, of llama-3.2-1b's 8192 in two.
+# The b1 build stages 4096-float activation chunks: at batch 1 DOWN's input of I = 5120 comes
+# in two (the second short), of 14336 in four, of llama-3.2-1b's 8192 in two (batch 2: twice
+# as many).
 AHEAD_CONFIGS = [
     ModelConfig("i5120", vocab_size=3000, hidden_size=512, intermediate_size=5120,
                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128),
@@ -437,14 +438,15 @@ AHEAD_CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("cfg", AHEAD_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
-def test_stage_ahead_build_matches_fp32(cfg):
-    """-DMK_B1_STAGE_AHEAD=1: at batch 1 the b1 build's DOWN loads activation chunk c + 1
-    into registers before chunk c's pages and stores it after them."""
-    err_mk, err_bf = relative_errors(cfg, 1, positions=[0, 37, 1000], variant="b1",
+def test_stage_ahead_build_matches_fp32(cfg, batch):
+    """-DMK_B1_STAGE_AHEAD=1: the b1 build's DOWN loads activation chunk c + 1 into registers
+    before chunk c's pages and stores it after them (batch 2: chunks of 2048 columns)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], variant="b1",
                                      build_flags=("-DMK_B1_STAGE_AHEAD=1",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B=1 stage_ahead")
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} stage_ahead")
 
 
 def test_variant_choice():
