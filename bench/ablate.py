@@ -74,15 +74,11 @@ def grid(num_sms: int = 132) -> list[Row]:
             {"oproj_col_slices": 1}),
         Row("half_sms", f"{num_sms // 2} of the {num_sms} SMs",
             {"num_sms": num_sms // 2}),
-        Row("variant=default", "batch 1 runs the build with the larger staging area and one "
+        Row("variant=default", "batch 1-2 run the build with the larger staging area and one "
             "ring slot less (csrc/megakernel.cu, not megakernel_b1.cu)",
             {"variant": "default"}),
-        Row("variant=b1", "batch 2 runs the batch-1 build too (smaller activation chunks, "
-            "one ring slot more)", {"variant": "b1"}),
-        flag("MK_B1_STAGE_AHEAD", 1, "the batch-1 build's multi-chunk DOWN loads its next "
-             "activation chunk into registers while the current chunk's pages compute"),
-        Row("variant=b1+MK_B1_STAGE_AHEAD=1", "as variant=b1, with MK_B1_STAGE_AHEAD=1",
-            {"variant": "b1", "build_flags": ("-DMK_B1_STAGE_AHEAD=1",)}),
+        flag("MK_B1_STAGE_AHEAD", 0, "the batch-1 build's multi-chunk DOWN stages each "
+             "activation chunk after the previous chunk's pages, not into registers during them"),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
         flag("MK_INFLIGHT_PAGES", 0, "no cap on the pages the loader keeps in flight "
              "(issued, not landed): as many as the ring has free slots, not 2"),

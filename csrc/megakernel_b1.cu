@@ -4,7 +4,7 @@
 // At batch 1 the attention chain's window loads about two rings' worth of pages per SM and
 // nothing else can stream there, so every slot more moves a page per SM out of the
 // HBM-bound MLP window (bench/NOTES.md, session 23). megakernel/runtime.py choose_variant
-// runs it at batch 1 where the program fits (b1_limits below); the KernelArgs ABI is mk's.
+// runs it at batches 1-2 where the program fits (b1_limits below); the KernelArgs ABI is mk's.
 #include "kernel_args.h"
 
 namespace mk_b1 {
@@ -24,9 +24,14 @@ using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated in
 #ifndef MK_NUM_PAGES
 #define MK_NUM_PAGES 5
 #endif
-// MK_B1_STAGE_AHEAD: MK_STAGE_AHEAD for this variant alone (its 4096-float chunks take 16
-// registers a thread to hold; the default build's would spill).
-#if defined(MK_B1_STAGE_AHEAD) && !defined(MK_STAGE_AHEAD)
+// MK_B1_STAGE_AHEAD: MK_STAGE_AHEAD for this variant alone, on by default (its 4096-float
+// chunks take 16 registers a thread to hold). At batch 2 DOWN stages four chunks of 2048
+// columns: ahead, 1.169 ms against 1.225 (1B; 1.189 in the default build); batch 1 the
+// same (bench/NOTES.md, session 24).
+#ifndef MK_B1_STAGE_AHEAD
+#define MK_B1_STAGE_AHEAD 1
+#endif
+#ifndef MK_STAGE_AHEAD
 #define MK_STAGE_AHEAD MK_B1_STAGE_AHEAD
 #endif
 

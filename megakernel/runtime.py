@@ -132,11 +132,6 @@ def b1_misfit(program, limits: dict) -> str | None:
     return None
 
 
-# Batches "auto" runs on the b1 build where the program fits it. Batch 2 fits it too but ran
-# 2.6% slower there (its activation chunks halve again; bench/NOTES.md, session 23).
-AUTO_B1_MAX_BATCH = 1
-
-
 def choose_variant(program, requested: str, limits: dict) -> str:
     """The build a Runtime launches: requested ("auto", "default" or "b1"; VARIANTS) against
     the b1 build's limits (the extension's b1_limits()). "b1" where the program does not fit
@@ -148,7 +143,7 @@ def choose_variant(program, requested: str, limits: dict) -> str:
     misfit = b1_misfit(program, limits)
     if requested == "b1" and misfit:
         raise ValueError(f"variant='b1' cannot run this Program: {misfit}")
-    if requested == "auto" and (misfit or program.batch > AUTO_B1_MAX_BATCH):
+    if requested == "auto" and misfit:
         return "default"
     return "b1"
 
@@ -162,7 +157,7 @@ class Runtime:
         build_flags: extra nvcc flags, e.g. ring geometry -DMK_NUM_PAGES=5.
         variant: which build of the interpreter runs (choose_variant): "b1" the batch-1/2
         layout with one more ring slot (an error where the program does not fit it,
-        b1_misfit), "default" the other, "auto" b1 at batch 1 where it fits."""
+        b1_misfit), "default" the other, "auto" b1 wherever it fits."""
         if hasattr(program, "ranks"):
             raise TypeError("Runtime runs one rank's Program; a TpProgram runs through "
                             "megakernel.tp.TpRuntime (or Decoder(..., tp=N))")

@@ -438,25 +438,28 @@ AHEAD_CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("ahead", [1, 0])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("cfg", AHEAD_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
-def test_stage_ahead_build_matches_fp32(cfg, batch):
-    """-DMK_B1_STAGE_AHEAD=1: the b1 build's DOWN loads activation chunk c + 1 into registers
-    before chunk c's pages and stores it after them (batch 2: chunks of 2048 columns)."""
+def test_b1_down_chunks_match_fp32(cfg, batch, ahead):
+    """The b1 build's DOWN loads activation chunk c + 1 into registers before chunk c's pages
+    and stores it after them (its default, MK_B1_STAGE_AHEAD=1; batch 2: chunks of 2048
+    columns), or (0) stages each chunk after the previous chunk's pages."""
+    flags = () if ahead else ("-DMK_B1_STAGE_AHEAD=0",)
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], variant="b1",
-                                     build_flags=("-DMK_B1_STAGE_AHEAD=1",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} stage_ahead")
+                                     build_flags=flags)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} stage_ahead={ahead}")
 
 
 def test_variant_choice():
-    """auto: the b1 build at batch 1 where the program fits it, the default one elsewhere;
+    """auto: the b1 build at batches 1-2 where the program fits it, the default one elsewhere;
     asking for b1 where it does not fit is an error naming why."""
     cfg = ModelConfig.preset("tiny")
     w = Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
     assert Decoder(cfg, w, batch=1, max_seq=64).runtime.variant == "b1"
     assert Decoder(cfg, w, batch=1, max_seq=64, variant="default").runtime.variant == "default"
-    assert Decoder(cfg, w, batch=2, max_seq=64).runtime.variant == "default"   # slower there
+    assert Decoder(cfg, w, batch=2, max_seq=64).runtime.variant == "b1"
     assert Decoder(cfg, w, batch=2, max_seq=64, variant="b1").runtime.variant == "b1"
     assert Decoder(cfg, w, batch=8, max_seq=64).runtime.variant == "default"
     with pytest.raises(ValueError, match="batches up to 2"):
