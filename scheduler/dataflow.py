@@ -172,15 +172,17 @@ def _check_ordered(t: Placed, rs, re, ri, i0, i1, kind, ws, wi, name, counter_na
     sig_of, sets, position = happens.ancestor_sets(t.waits, t.signal, tracked)
     prefix = np.array([p for p, _ in sets], np.int64)
     wpos = position[writer]
-    for k in np.flatnonzero(wpos >= prefix[sig_of[reader]]).tolist():
+    maybe = np.flatnonzero(wpos >= prefix[sig_of[reader]])
+    bad = maybe[~happens.contains_many(sets, sig_of[reader[maybe]], wpos[maybe])]
+    if bad.size:                                           # the first, as a loop would
+        k = int(bad[0])
         u, v = int(writer[k]), int(reader[k])
-        if not happens.contains(sets[sig_of[v]], int(wpos[k])):
-            read = first[key_of[k]]
-            elem = name(int(max(ws[write[k]], rs[read])))
-            raise ValueError(
-                f"invalid plan: {t.where(v)}: {READS[kind[read]][0]} {elem}, "
-                f"{READS[kind[read]][1]} {t.where(u)}, "
-                f"which does not happen before it: no chain of counter waits leads from "
-                f"{counter_name(int(t.signal[u]))} (the writer's signal) to this instruction's "
-                f"waits "
-                f"{t.wait_ranges(v)}")
+        read = first[key_of[k]]
+        elem = name(int(max(ws[write[k]], rs[read])))
+        raise ValueError(
+            f"invalid plan: {t.where(v)}: {READS[kind[read]][0]} {elem}, "
+            f"{READS[kind[read]][1]} {t.where(u)}, "
+            f"which does not happen before it: no chain of counter waits leads from "
+            f"{counter_name(int(t.signal[u]))} (the writer's signal) to this instruction's "
+            f"waits "
+            f"{t.wait_ranges(v)}")

@@ -23,19 +23,44 @@ def _normalise(p: int, bits: int) -> tuple[int, int]:
     return p + ones, bits >> ones
 
 
+# union and add skip _normalise (a call) unless position p itself became set: the
+# validator calls them ~10^6 times for a 70B tp=8 plan.
 def union(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     (pa, ba), (pb, bb) = (a, b) if a[0] >= b[0] else (b, a)
-    return _normalise(pa, ba | (bb >> (pa - pb)))
+    bits = ba | (bb >> (pa - pb))
+    return _normalise(pa, bits) if bits & 1 else (pa, bits)
 
 
 def add(a: tuple[int, int], x: int) -> tuple[int, int]:
     p, bits = a
-    return a if x < p else _normalise(p, bits | (1 << (x - p)))
+    if x < p:
+        return a
+    bits |= 1 << (x - p)
+    return _normalise(p, bits) if bits & 1 else (p, bits)
 
 
 def contains(a: tuple[int, int], x: int) -> bool:
     p, bits = a
     return x < p or bool((bits >> (x - p)) & 1)
+
+
+def contains_many(sets: list, sig: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """contains(sets[sig[k]], x[k]) for every k, as a bool array: one bit array per distinct
+    set instead of a Python call per pair (~5 x 10^5 pairs for a 70B tp=8 plan)."""
+    out = np.zeros(len(x), bool)
+    order = np.argsort(sig, kind="stable")
+    bounds = np.flatnonzero(np.diff(sig[order])) + 1
+    for idx in np.split(order, bounds) if len(order) else []:
+        p, bits = sets[int(sig[idx[0]])]
+        d = x[idx] - p
+        below = d < 0
+        if bits:
+            raw = bits.to_bytes((bits.bit_length() + 7) // 8, "little")
+            arr = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little").astype(bool)
+            inside = (d >= 0) & (d < len(arr))
+            below[inside] = arr[d[inside]]
+        out[idx] = below
+    return out
 
 
 def ancestor_sets(waits: np.ndarray, signal: np.ndarray, tracked: np.ndarray):

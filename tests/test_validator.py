@@ -398,6 +398,12 @@ def test_prefix_bitsets_match_python_sets():
         u = happens.union(happens.union(sets[0], sets[1]), sets[2])
         want = ref[0] | ref[1] | ref[2]
         assert all(happens.contains(u, x) == (x in want) for x in range(260))
+        sets.append(u)
+        ref.append(want)
+        sig = rng.integers(0, len(sets), 500)
+        x = rng.integers(0, 260, 500)
+        got = happens.contains_many(sets, sig, x)
+        assert got.tolist() == [int(xk) in ref[sk] for sk, xk in zip(sig.tolist(), x.tolist())]
 
 
 @pytest.fixture(scope="module")
