@@ -552,7 +552,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     if (kSetupFirst && late && c == 0 && !*waited) return pre;
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 1);
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
-    if (kStageAhead && ahead && c > 0) {
+    if (ahead && c > 0) {
       store_ahead(next, cols, B, act);
     } else {
       with_fold(in, [&](auto fold) {
@@ -563,7 +563,7 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     consumer_sync();
     if (c == 0) phase_stamp(0);  // first activation chunk staged
     if (kQuietInputs >= 2 && c == 0 && tid == 0) set_flag(ring.quiet, 0);
-    if (kStageAhead && ahead && c + 1 < g.nchunks)
+    if (ahead && c + 1 < g.nchunks)
       load_ahead(in, col0 + g.kc, g.chunk_cols(c + 1), B, next);
     for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<false>>(a, ring, it, [&](const unsigned char* page) {

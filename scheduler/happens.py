@@ -53,13 +53,13 @@ def contains_many(sets: list, sig: np.ndarray, x: np.ndarray) -> np.ndarray:
     for idx in np.split(order, bounds) if len(order) else []:
         p, bits = sets[int(sig[idx[0]])]
         d = x[idx] - p
-        below = d < 0
+        hit = d < 0
         if bits:
             raw = bits.to_bytes((bits.bit_length() + 7) // 8, "little")
             arr = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little").astype(bool)
             inside = (d >= 0) & (d < len(arr))
-            below[inside] = arr[d[inside]]
-        out[idx] = below
+            hit[inside] = arr[d[inside]]
+        out[idx] = hit
     return out
 
 
