@@ -20,8 +20,6 @@ ATTN_CONFIGS = {**OP_CONFIGS, "d256_g2_D128": ModelConfig(
 
 
 LL = ("-DMK_LL_PARTIALS=1",)
-
-
 LL_Q = ("-DMK_LL_Q=1",)
 PAIR = ("-DMK_ATTN_PAIR=1",)
 
@@ -49,7 +47,7 @@ def test_attn(name, splits, split, flags):
                           poison=[("o_part", 1), ("lse", 1)], build_flags=flags,
                           gpu_only_poison=[(c, (1, r, slice(None), positions[r])) for c in
                                            ("k_cache", "v_cache") for r in range(batch)]
-                          if "-DMK_LL_Q=1" in flags else ())
+                          if LL_Q[0] in flags else ())
         assert_close(got, ref, "o_part")
         assert_close(got, ref, "lse")
         if flags == LL:
