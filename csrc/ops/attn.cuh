@@ -58,13 +58,14 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
   constexpr bool kPair = kAttnPair && kExact;
   constexpr int kPass = kPair ? 2 * kStep : kStep;  // positions per block pass
   uint4 kn = make_uint4(0, 0, 0, 0), vn = kn, kn2 = kn, vn2 = kn;
-  if (s0 + warp * PW + sub < s1) {
-    kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
-    vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+  const int first = s0 + warp * PW + sub;  // this lane's first position
+  if (first < s1) {
+    kn = ldcg16(kcache + static_cast<size_t>(first) * D);
+    vn = ldcg16(vcache + static_cast<size_t>(first) * D);
   }
-  if (kPair && s0 + warp * PW + sub + kStep < s1) {
-    kn2 = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub + kStep) * D);
-    vn2 = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub + kStep) * D);
+  if (kPair && first + kStep < s1) {
+    kn2 = ldcg16(kcache + static_cast<size_t>(first + kStep) * D);
+    vn2 = ldcg16(vcache + static_cast<size_t>(first + kStep) * D);
   }
 
   // smem: ms [warps][G], ls [warps][G], os [warps][G][D], the scaled queries qs [G][D], then
