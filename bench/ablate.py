@@ -132,8 +132,6 @@ def grid(num_sms: int = 132) -> list[Row]:
              "execute (their L2 loads do not queue behind landing pages)"),
         flag("MK_QUIET_INPUTS", 2, "as MK_QUIET_INPUTS=1, and during a CUDA-core matvec's "
              "activation staging too"),
-        flag("MK_ATTN_PAIR", 1, "ATTN's exact 4-head code takes two positions per lane a "
-             "pass (two score chains interleaved, half the serial steps)"),
         flag("MK_ATTN_EXACT_G", 0, "ATTN unrolled for 8 q heads with an exit after the "
              "group's last, one head after the other, not exactly 4 heads interleaved where "
              "G == 4 (D 64, 128)"),

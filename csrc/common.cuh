@@ -150,10 +150,6 @@ constexpr int kMaxG = MK_MAX_G;                   // q heads per kv head the att
 #define MK_ATTN_EXACT_G 1  // ATTN unrolled for exactly 4 q heads per kv head where G == 4 (D 64,
 #endif                     // 128), heads interleaved; 0: the 8-head code with per-head exits
 constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
-#ifndef MK_ATTN_PAIR
-#define MK_ATTN_PAIR 0   // ATTN's exact-G code: each lane takes positions t and t + a block step
-#endif                   // in one pass (two independent score chains), half the serial steps
-constexpr bool kAttnPair = MK_ATTN_PAIR != 0;
 #ifndef MK_ATTN_TWICE
 #define MK_ATTN_TWICE 0  // diagnostic: every ATTN and ATTN_REDUCE runs twice (same outputs);
 #endif                   // the phase stamps then time the second run: its code just fetched

@@ -452,17 +452,6 @@ def test_b1_down_chunks_match_fp32(cfg, batch, ahead):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} stage_ahead={ahead}")
 
 
-@pytest.mark.parametrize("batch,variant", [(1, "b1"), (1, "default"), (2, "b1"), (8, "default")])
-@pytest.mark.parametrize("cfg", [AHEAD_CONFIGS[0], ModelConfig.preset("llama-3.2-1b")],
-                         ids=lambda c: c.name)
-def test_attn_pair_build_matches_fp32(cfg, batch, variant):
-    """-DMK_ATTN_PAIR=1: ATTN's exact 4-head code takes two positions per lane a pass (D 128
-    and 64, both builds; positions 0, 37 and 1000 over the plans' splits)."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], variant=variant,
-                                     build_flags=("-DMK_ATTN_PAIR=1",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {variant} attn_pair")
-
-
 def test_variant_choice():
     """auto: the b1 build at batches 1-2 where the program fits it, the default one elsewhere;
     asking for b1 where it does not fit is an error naming why."""

@@ -51,21 +51,11 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
 
   // K/V of this lane's first position load while the queries are staged (they do not depend
   // on each other), and every step loads the next step's: one L2/HBM round trip in flight
-  // ahead of the math instead of one per step. kPair (MK_ATTN_PAIR, exact-G code): a pass
-  // takes two positions per lane, t and t + kStep, whose score chains (dot product,
-  // shuffles) interleave; one online-softmax update takes both. At position 512 over 16
-  // splits a split has 33 positions: one pass instead of two steps, the second for one lane.
-  constexpr bool kPair = kAttnPair && kExact;
-  constexpr int kPass = kPair ? 2 * kStep : kStep;  // positions per block pass
-  uint4 kn = make_uint4(0, 0, 0, 0), vn = kn, kn2 = kn, vn2 = kn;
-  const int first = s0 + warp * PW + sub;  // this lane's first position
-  if (first < s1) {
-    kn = ldcg16(kcache + static_cast<size_t>(first) * D);
-    vn = ldcg16(vcache + static_cast<size_t>(first) * D);
-  }
-  if (kPair && first + kStep < s1) {
-    kn2 = ldcg16(kcache + static_cast<size_t>(first + kStep) * D);
-    vn2 = ldcg16(vcache + static_cast<size_t>(first + kStep) * D);
+  // ahead of the math instead of one per step.
+  uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
+  if (s0 + warp * PW + sub < s1) {
+    kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
+    vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
   }
 
   // smem: ms [warps][G], ls [warps][G], os [warps][G][D], the scaled queries qs [G][D], then
@@ -114,35 +104,23 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
 #pragma unroll
     for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
   }
-  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kPass) {
-    const int t = t0 + sub, t2 = t + kStep;  // t2: kPair's second position
-    const bool valid = t < s1, valid2 = kPair && t2 < s1;
-    float kf[8], vf[8], kf2[8], vf2[8];
+  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
+    const int t = t0 + sub;
+    const bool valid = t < s1;
+    float kf[8], vf[8];
     if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
       if (t == p) {
         kn = *reinterpret_cast<const uint4*>(kvp + part * 8);
         vn = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
       }
-      if (kPair && t2 == p) {
-        kn2 = *reinterpret_cast<const uint4*>(kvp + part * 8);
-        vn2 = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
-      }
     }
     bf16x8_to_float(kn, kf);
     bf16x8_to_float(vn, vf);
-    if constexpr (kPair) {
-      bf16x8_to_float(kn2, kf2);
-      bf16x8_to_float(vn2, vf2);
+    if (t + kStep < s1) {
+      kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
+      vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
     }
-    if (t + kPass < s1) {
-      kn = ldcg16(kcache + static_cast<size_t>(t + kPass) * D);
-      vn = ldcg16(vcache + static_cast<size_t>(t + kPass) * D);
-    }
-    if (kPair && t2 + kPass < s1) {
-      kn2 = ldcg16(kcache + static_cast<size_t>(t2 + kPass) * D);
-      vn2 = ldcg16(vcache + static_cast<size_t>(t2 + kPass) * D);
-    }
-    float scs[NG], scs2[NG];  // kExact: every head's score first, their shuffles interleaved
+    float scs[NG];  // kExact: every head's score first, their shuffles interleaved
     if constexpr (kExact) {
 #pragma unroll
       for (int h = 0; h < NG; ++h) {
@@ -150,17 +128,11 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
         const float4 q0 = qv[0], q1 = qv[1];
         scs[h] = (fmaf(q0.y, kf[1], q0.x * kf[0]) + fmaf(q0.w, kf[3], q0.z * kf[2])) +
                  (fmaf(q1.y, kf[5], q1.x * kf[4]) + fmaf(q1.w, kf[7], q1.z * kf[6]));
-        if constexpr (kPair)
-          scs2[h] = (fmaf(q0.y, kf2[1], q0.x * kf2[0]) + fmaf(q0.w, kf2[3], q0.z * kf2[2])) +
-                    (fmaf(q1.y, kf2[5], q1.x * kf2[4]) + fmaf(q1.w, kf2[7], q1.z * kf2[6]));
       }
 #pragma unroll
       for (int off = LP / 2; off > 0; off >>= 1) {
 #pragma unroll
-        for (int h = 0; h < NG; ++h) {
-          scs[h] += __shfl_xor_sync(0xffffffffu, scs[h], off);
-          if constexpr (kPair) scs2[h] += __shfl_xor_sync(0xffffffffu, scs2[h], off);
-        }
+        for (int h = 0; h < NG; ++h) scs[h] += __shfl_xor_sync(0xffffffffu, scs[h], off);
       }
     }
 #pragma unroll
@@ -176,17 +148,6 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
              q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
 #pragma unroll
         for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
-      }
-      if constexpr (kPair) {
-        if (valid2) {  // implies valid: both positions in one update
-          const float sc2 = scs2[h], mn = fmaxf(m[h], fmaxf(sc, sc2)), c = expf(m[h] - mn);
-          const float p1 = expf(sc - mn), p2 = expf(sc2 - mn);
-          lsum[h] = lsum[h] * c + (p1 + p2);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) o[h][k] = o[h][k] * c + (p1 * vf[k] + p2 * vf2[k]);
-          m[h] = mn;
-          continue;
-        }
       }
       if (valid) {
         const float mn = fmaxf(m[h], sc), c = expf(m[h] - mn), p = expf(sc - mn);
