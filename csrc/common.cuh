@@ -44,12 +44,6 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_TC_SPLIT
 #define MK_TC_SPLIT 1       // tensor-core matvec: activations as bf16 hi + lo, two MMAs a step
 #endif                      // (0, a diagnostic: hi only, half the MMAs, bf16 activations)
-// 1: a tensor-core matvec's activation chunk comes in one bulk copy (TMA) per batch row,
-// issued by thread 0 and completing on an mbarrier, instead of 16-byte cp.async by every
-// consumer thread (rows not 16-byte aligned still take those). 0 (default): cp.async.
-#ifndef MK_CHUNK_BULK
-#define MK_CHUNK_BULK 0
-#endif
 #ifndef MK_TC_WARP_ACC
 #define MK_TC_WARP_ACC 1    // tensor-core matvec, where 8 copies of acc fit, each warp adds its
 #endif                      // tiles into its own (0: CAS-spin shared atomics per page)
@@ -130,7 +124,6 @@ constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr bool kTcSplit = MK_TC_SPLIT != 0;
 constexpr bool kTcWarpAcc = MK_TC_WARP_ACC != 0;
-constexpr bool kChunkBulk = MK_CHUNK_BULK != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;
@@ -330,19 +323,6 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       " [%0], [%1], %2, [%3], %4;"
       :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
-}
-
-// The same without the L2 hint: an activation chunk, which every SM reads.
-__device__ __forceinline__ void bulk_load_shared(void* dst, const void* src, uint32_t bytes,
-                                                 uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-      :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-// Orders this thread's generic-proxy accesses (an acquire of data other SMs wrote, reads of
-// the shared memory a bulk copy will overwrite) before its later async-proxy ones.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async;" ::: "memory");
 }
 
 // Per-thread asynchronous 16-byte copy global -> shared through L2 only (cp.async.cg, a

@@ -26,8 +26,7 @@
 namespace mk {
 
 struct SmemLayout {
-  // kChunkBulk: its mbarrier and parity word first (ChunkBar, matvec_tc.cuh).
-  static constexpr size_t pages = kChunkBulk ? 128 : 0;
+  static constexpr size_t pages = 0;
   // The tensor-core matvec's raw activation chunk (cp.async destinations) right after the
   // ring's slots: with kRawSlot, batches on CUDA cores use it as slot kNumPages.
   static constexpr size_t raw = pages + static_cast<size_t>(kNumPages) * kSlotBytes;
@@ -312,7 +311,6 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
       mbar_init(&ring.full[s], 1);
       mbar_init(&ring.empty[s], kEmptyArrivals);
     }
-    if (kChunkBulk) chunk_bar_init();
     flags[0] = 0;
     flags[1] = ERR_NONE;
     flags[2] = 0;

@@ -60,69 +60,19 @@ constexpr int kRawFloats = kActFloats + kMaxBatch * kRawPad;
 constexpr int kStageSteps = kActFloats / (16 * 8 * kConsumerWarps);
 static_assert(kActFloats % (16 * 8 * kConsumerWarps) == 0, "whole k-steps per consumer warp");
 
-// kChunkBulk: thread 0's activation-chunk copies complete on an mbarrier at the start of
-// the dynamic shared memory (SmemLayout), beside the parity thread 0 waits on next (only
-// thread 0 touches either). A constant address: nothing held in registers across the ops.
-extern __shared__ __align__(128) unsigned char mk_dynamic_smem[];
-__device__ __forceinline__ uint64_t* chunk_bar() {
-  return reinterpret_cast<uint64_t*>(mk_dynamic_smem);
-}
-__device__ __forceinline__ uint32_t* chunk_phase() {
-  return reinterpret_cast<uint32_t*>(mk_dynamic_smem + sizeof(uint64_t));
-}
-__device__ __forceinline__ void chunk_bar_init() {  // thread 0, before the launch's first sync
-  mbar_init(chunk_bar(), 1);
-  *chunk_phase() = 0;
-}
-
-// kChunkBulk: whether x's chunks can come as bulk copies, one per batch row (every row's
-// start 16-byte aligned: col0 is a multiple of 16 columns). The same answer in every thread.
-__device__ __forceinline__ bool chunk_bulk(const MatvecInput& in) {
-  return kChunkBulk &&
-         ((reinterpret_cast<uintptr_t>(in.x) | static_cast<uintptr_t>(in.ld) * 4) & 15) == 0;
-}
-
-__device__ __noinline__ void issue_chunk_bulk(const float* x, int ld, int col0, int cols, int B,
-                                              float* raw, int rs) {
-  fence_proxy_async();
-  mbar_arrive_expect_tx(chunk_bar(), static_cast<uint32_t>(B * cols * 4));
-  for (int b = 0; b < B; ++b)
-    bulk_load_shared(raw + b * rs, x + static_cast<size_t>(b) * ld + col0, cols * 4, chunk_bar());
-}
-
 // Consumers: start the copies of x[b, col0 : col0+cols] for b < B into raw (row stride rs),
 // and pull the chunk's norm weights into L1 for stage_chunk_tc (registers holding them
-// across the pages would spill); then wait_chunk_tc + consumer_sync before it runs. Every
-// consumer is past a bar.sync that follows the instruction's wait and the last reads of raw.
-__device__ __forceinline__ void load_chunk_tc(const MatvecInput& in, int col0,
-                                              int cols, int B, float* raw, int rs) {
-  if (chunk_bulk(in)) {  // B bulk copies (the TMA engine) instead of B * cols / 4 cp.asyncs
-    if (threadIdx.x == 0) issue_chunk_bulk(in.x, in.ld, col0, cols, B, raw, rs);
-  } else {
-    const int v4 = cols >> 2;  // cols is a multiple of 8
-    for (int i = threadIdx.x; i < B * v4; i += kConsumerThreads) {
-      const int b = i / v4, v = i - b * v4;
-      cp_async16(raw + b * rs + 4 * v, in.x + static_cast<size_t>(b) * in.ld + col0 + 4 * v);
-    }
-    cp_async_commit();
+// across the pages would spill); then cp_async_wait_all + consumer_sync before it runs.
+__device__ __forceinline__ void load_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
+                                              float* raw, int rs) {
+  const int v4 = cols >> 2;  // cols is a multiple of 8
+  for (int i = threadIdx.x; i < B * v4; i += kConsumerThreads) {
+    const int b = i / v4, v = i - b * v4;
+    cp_async16(raw + b * rs + 4 * v, in.x + static_cast<size_t>(b) * in.ld + col0 + 4 * v);
   }
+  cp_async_commit();
   if (in.norm && threadIdx.x * 64 < cols)  // 64 bf16 per 128-byte line
     asm volatile("prefetch.global.L1 [%0];" :: "l"(in.norm + col0 + threadIdx.x * 64));
-}
-
-// Consumers: load_chunk_tc's copies have landed, as far as this thread is concerned; the
-// consumer_sync after it gives every thread the chunk (bulk: thread 0 waited for it all).
-__device__ __forceinline__ void wait_chunk_tc(const MatvecInput& in) {
-  if (chunk_bulk(in)) {
-    if (threadIdx.x == 0) {
-      const uint32_t phase = *chunk_phase();
-      while (!mbar_try_wait(chunk_bar(), phase)) {
-      }
-      *chunk_phase() = phase ^ 1u;
-    }
-  } else {
-    cp_async_wait_all();
-  }
 }
 
 // Consumers: the chunk in raw (times the norm weight) into `frag`. Thread t always holds
@@ -319,15 +269,14 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
   pre = pre_src.load();  // in flight with the chunk's copies
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
-    wait_chunk_tc(in);
+    cp_async_wait_all();
     consumer_sync();  // chunk c is in raw; every warp is done with frag (chunk c-1's pages)
     with_fold(in, [&](auto fold) {
       stage_chunk_tc<NT, decltype(fold)::value>(in, col0, cols, B, raw, rs, frag, sq);
     });
     consumer_sync();  // frag holds chunk c; raw is free
     if (c == 0) phase_stamp(0);  // first activation chunk staged (as matvec.cuh)
-    if (c + 1 < g.nchunks)
-      load_chunk_tc(in, col0 + g.kc, g.chunk_cols(c + 1), B, raw, rs);
+    if (c + 1 < g.nchunks) load_chunk_tc(in, col0 + g.kc, g.chunk_cols(c + 1), B, raw, rs);
     for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<true>>(a, ring, it, [&](const unsigned char* page) {
         page_mma<NT>(page, g.stride(cols), g.group_rows(grp), cols, grp * g.rpp, frag,
