@@ -118,8 +118,6 @@ def grid(num_sms: int = 132) -> list[Row]:
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),
         flag("MK_TC_WARP_ACC", 0, "tensor-core matvec: pages flush into the shared accumulators "
              "with CAS-spin atomics, not into per-warp copies of them"),
-        flag("MK_CHUNK_ROTATE", 1, "tensor-core matvec: each SM copies its activation chunk "
-             "starting at a line of its own, not every SM from column 0"),
         flag("MK_TC_SPLIT", 0, "tensor-core matvec: bf16 activations, one MMA a step, not hi + "
              "lo pairs and two (a diagnostic: what the second MMA costs; less precise)"),
         flag("MK_SETUP_FIRST", 0, "a matvec waits on its counters before it decodes and sets "

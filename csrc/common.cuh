@@ -44,12 +44,6 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_TC_SPLIT
 #define MK_TC_SPLIT 1       // tensor-core matvec: activations as bf16 hi + lo, two MMAs a step
 #endif                      // (0, a diagnostic: hi only, half the MMAs, bf16 activations)
-// 1: each SM starts its tensor-core activation-chunk copies at its own L2 line (13 lines
-// apart from the previous SM's), so 132 SMs reading the same chunk do not all ask for the
-// same lines first. 0 (default): every SM in column order.
-#ifndef MK_CHUNK_ROTATE
-#define MK_CHUNK_ROTATE 0
-#endif
 #ifndef MK_TC_WARP_ACC
 #define MK_TC_WARP_ACC 1    // tensor-core matvec, where 8 copies of acc fit, each warp adds its
 #endif                      // tiles into its own (0: CAS-spin shared atomics per page)
@@ -130,7 +124,6 @@ constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr bool kTcSplit = MK_TC_SPLIT != 0;
 constexpr bool kTcWarpAcc = MK_TC_WARP_ACC != 0;
-constexpr bool kChunkRotate = MK_CHUNK_ROTATE != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;

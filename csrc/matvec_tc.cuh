@@ -65,13 +65,8 @@ static_assert(kActFloats % (16 * 8 * kConsumerWarps) == 0, "whole k-steps per co
 // across the pages would spill); then cp_async_wait_all + consumer_sync before it runs.
 __device__ __forceinline__ void load_chunk_tc(const MatvecInput& in, int col0, int cols, int B,
                                               float* raw, int rs) {
-  const int v4 = cols >> 2, n = B * v4;  // cols is a multiple of 8
-  // kChunkRotate: start at a whole 128-byte line of its own per SM (a warp's 32 copies stay
-  // four whole lines, except where they wrap).
-  const int rot = kChunkRotate ? (blockIdx.x * 13 * 8) % n & ~7 : 0;
-  for (int j = threadIdx.x; j < n; j += kConsumerThreads) {
-    int i = j;
-    if constexpr (kChunkRotate) i = j + rot < n ? j + rot : j + rot - n;
+  const int v4 = cols >> 2;  // cols is a multiple of 8
+  for (int i = threadIdx.x; i < B * v4; i += kConsumerThreads) {
     const int b = i / v4, v = i - b * v4;
     cp_async16(raw + b * rs + 4 * v, in.x + static_cast<size_t>(b) * in.ld + col0 + 4 * v);
   }

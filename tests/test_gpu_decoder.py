@@ -193,17 +193,6 @@ def test_shared_tc_acc_build_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_TC_WARP_ACC=0")
 
 
-@pytest.mark.parametrize("batch", [3, 8, 16])
-@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
-                         ids=lambda c: c.name)
-def test_chunk_rotate_build_matches_fp32(cfg, batch):
-    """-DMK_CHUNK_ROTATE=1: each SM copies every tensor-core activation chunk starting at a
-    line of its own (the copy's order only: the same chunk must come out)."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     build_flags=("-DMK_CHUNK_ROTATE=1",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_CHUNK_ROTATE=1")
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)

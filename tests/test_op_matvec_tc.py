@@ -29,17 +29,14 @@ def _rows(op, batch, size):
     return row0, n & ~1  # QKV and GATEUP take row pairs
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_TC_WARP_ACC=0",), ("-DMK_CHUNK_ROTATE=1",)],
-                         ids=["default", "shared_acc", "chunk_rotate"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_TC_WARP_ACC=0",)], ids=["default", "shared_acc"])
 @pytest.mark.parametrize("size", ["few", "mid", "many"])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("op", [Op.QKV, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD],
                          ids=lambda o: o.name)
 def test_matvec_tc(op, batch, size, flags):
     """The default flushes `mid`'s shared tiles into per-warp copies of acc (8 fit);
-    -DMK_TC_WARP_ACC=0 flushes them with shared atomics, as `many`'s always are;
-    -DMK_CHUNK_ROTATE=1 copies each chunk from an SM-dependent line (d = 1096: a last chunk
-    of 72 columns, where the rotation wraps inside a warp)."""
+    -DMK_TC_WARP_ACC=0 flushes them with shared atomics, as `many`'s always are."""
     row0, n = _rows(op, batch, size)
     layer = 0 if op == Op.LMHEAD else 1
     fields = dict(row0=row0, nrows=n)
