@@ -154,17 +154,6 @@ constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
 #define MK_ATTN_TWICE 0  // diagnostic: every ATTN and ATTN_REDUCE runs twice (same outputs);
 #endif                   // the phase stamps then time the second run: its code just fetched
 constexpr bool kAttnTwice = MK_ATTN_TWICE != 0;
-// 1: ATTN's K/V cache rows stream through the ring like weight pages (the loader copies them
-// ahead, as it walks past the instruction; a page holds kPageBytes / (4 D) positions, K in
-// its first half, V in its second), so its position loop reads shared memory instead of
-// waiting on an L2/HBM round trip a step. The step's own position comes from global memory
-// after the wait (the ring's copy of that row may predate QKV's store). 0 (default): ATTN
-// loads its K/V itself, one step ahead.
-#ifndef MK_ATTN_RING
-#define MK_ATTN_RING 0
-#endif
-constexpr bool kAttnRing = MK_ATTN_RING != 0;
-static_assert(!(kAttnRing && kAttnTwice), "MK_ATTN_TWICE would consume ATTN's ring pages twice");
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 // 1: ATTN also writes its partials as flagged pairs (part_ll: {value, tag, value, tag}, tag =
 // epoch + 1, the LL format of NCCL's low-latency protocol) and ATTN_REDUCE polls those pairs

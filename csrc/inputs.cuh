@@ -6,7 +6,6 @@
 // at full rate), and the consumers' first reads of these inputs sit on the critical path.
 #pragma once
 #include "common.cuh"
-#include "matvec.cuh"
 
 namespace mk {
 
@@ -44,24 +43,6 @@ __device__ __forceinline__ size_t kv_offset(const KernelArgs& a, int l, int b, i
   return ((static_cast<size_t>(l) * a.B + b) * a.Hkv + g) * a.S * a.D;
 }
 
-// MK_ATTN_RING: the ring pages of an ATTN split over cache positions r, as a geometry of K
-// rows (positions) of D bf16, contiguous (ld = D), kPageBytes / (4 D) positions a page. The
-// loader copies each page's K rows to the slot's first half and the same V rows (v_cache at
-// the same offset) to its second; an empty split has no pages.
-__device__ __forceinline__ int attn_page_positions(int D) { return kPageBytes / (4 * D); }
-__device__ __forceinline__ MatvecGeometry attn_geometry(const KernelArgs& a, int l, int b, int g,
-                                                       AttnRange r) {
-  MatvecGeometry m;
-  m.w = a.k_cache + kv_offset(a, l, b, g) + static_cast<size_t>(r.s0) * a.D;
-  m.K = m.ld = m.kc = a.D;
-  m.n = r.s1 - r.s0;
-  m.rpp = attn_page_positions(a.D);
-  m.nchunks = 1;
-  m.ngroups = (m.n + m.rpp - 1) / m.rpp;
-  m.nt = 0;
-  return m;
-}
-
 // Pull the 128-byte lines of [p, p + bytes) into L2, one line per lane at a time.
 __device__ __forceinline__ void prefetch_lines(const void* p, size_t bytes, int lane) {
   const uintptr_t begin = reinterpret_cast<uintptr_t>(p), end = begin + bytes;
@@ -97,7 +78,7 @@ __device__ void prefetch_inputs(const KernelArgs& a, const int32_t* ins, int lan
       prefetch_lines(a.final_norm, dbytes, lane);
       break;
     case OP_ATTN: {
-      if (!kPrefetchKv || kAttnRing) break;  // kAttnRing: the ring's copies read them
+      if (!kPrefetchKv) break;
       const int b = __ldg(ins + W_ATTN_B), g = __ldg(ins + W_ATTN_KV_HEAD);
       const int p = a.pos[b];
       if (p < 0 || p >= a.S) break;

@@ -232,10 +232,10 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       switch (op) {
         case OP_EMBED: err = EmbedOp::run(a, ins); break;
         case OP_ATTN:
-          err = AttnOp::run<kTiming>(a, ring, it, ins, act, pos, epoch);
+          err = AttnOp::run(a, ins, act, pos, epoch);
           if (kAttnTwice && err == ERR_NONE) {
             consumer_sync();  // every warp done with the first run's scratch
-            err = AttnOp::run<kTiming>(a, ring, it, ins, act, pos, epoch);
+            err = AttnOp::run(a, ins, act, pos, epoch);
           }
           if (ins[W_ATTN_MERGE] && err == ERR_NONE) {  // Runtime refuses these without the flag
             if constexpr (kFuseReduce) {

@@ -17,7 +17,6 @@ struct PageWalk {
   const int32_t* queue;
   int qlen, i, p;          // instruction index (qlen: finished), page inside it
   bool inputs;
-  bool kv;                 // kAttnRing: the instruction is an ATTN, its pages K/V rows
   MatvecGeometry g;
 
   __device__ void start(const KernelArgs& a, const int32_t* q, int n, bool with_inputs) {
@@ -33,15 +32,7 @@ struct PageWalk {
       const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
       if (inputs && i + kInputLead < qlen)  // every instruction once (kInputLead: start)
         prefetch_inputs(a, ins + kInputLead * kWords, threadIdx.x & 31);
-      const int op = __ldg(ins + W_OPCODE);
-      kv = kAttnRing && op == OP_ATTN;
-      if (kv) {
-        const int b = __ldg(ins + W_ATTN_B), pos = a.pos[b];
-        if (pos < 0 || pos >= a.S) continue;  // the op reports it and consumes no page
-        g = attn_geometry(a, __ldg(ins + W_LAYER), b, __ldg(ins + W_ATTN_KV_HEAD),
-                          attn_range(a, pos, __ldg(ins + W_ATTN_SPLIT)));
-        if (g.pages() > 0) return;
-      } else if (has_pages(op)) {
+      if (has_pages(__ldg(ins + W_OPCODE))) {
         g = matvec_geometry(a, ins);
         if (g.pages() > 0) return;
       }
@@ -126,24 +117,9 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
     }
     const int rows = load.rows();
     const uint32_t row_bytes = load.row_bytes(), stride = load.row_stride();
-    unsigned char* dst = ring.slot_bytes(slot);
-    if (kAttnRing && load.kv) {  // rows contiguous: the K block, then the same V rows
-      const uint32_t bytes = row_bytes * rows, pieces = (bytes + kCopyBytes - 1) / kCopyBytes;
-      const __nv_bfloat16* k = load.row(0);
-      const unsigned char* src[2] = {reinterpret_cast<const unsigned char*>(k),
-                                     reinterpret_cast<const unsigned char*>(a.v_cache + (k - a.k_cache))};
-      if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], 2 * bytes);
-      __syncwarp();
-      for (uint32_t q = lane; q < 2 * pieces; q += 32) {
-        const uint32_t half = q / pieces, off = (q % pieces) * kCopyBytes;
-        bulk_load(dst + half * (kPageBytes / 2) + off, src[half] + off,
-                  min(kCopyBytes, bytes - off), &ring.full[slot], policy);
-      }
-      if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 6);
-      continue;
-    }
     if (lane == 0) mbar_arrive_expect_tx(&ring.full[slot], row_bytes * rows);
     __syncwarp();
+    unsigned char* dst = ring.slot_bytes(slot);
     // Rows go as copies of at most kCopyBytes (a 16 KB row as 4): a release's fence waits
     // for the copies in flight, and a short copy is done sooner.
     const uint32_t pieces = (row_bytes + kCopyBytes - 1) / kCopyBytes;

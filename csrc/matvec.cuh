@@ -131,10 +131,9 @@ __device__ __forceinline__ bool is_matvec(int op) {
   return op == OP_QKV || op == OP_OPROJ || op == OP_GATEUP || op == OP_DOWN || op == OP_LMHEAD;
 }
 
-// Ops whose weights stream through the ring: the matvecs, (-DMK_FUSE_OPROJ=1) ATTN_OPROJ
-// and (-DMK_ATTN_RING=1) ATTN's K/V (inputs.cuh attn_geometry).
+// Ops whose weights stream through the ring: the matvecs and (-DMK_FUSE_OPROJ=1) ATTN_OPROJ.
 __device__ __forceinline__ bool has_pages(int op) {
-  return is_matvec(op) || (kFuseOproj && op == OP_ATTN_OPROJ) || (kAttnRing && op == OP_ATTN);
+  return is_matvec(op) || (kFuseOproj && op == OP_ATTN_OPROJ);
 }
 
 // ATTN_OPROJ's block of wo_t ([.., ld]): n rows from row0, K columns from col0, in chunks

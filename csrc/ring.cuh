@@ -61,11 +61,10 @@ template <bool kTc>
 constexpr int kRingSlots = kTc ? kNumPages : kMaxSlots;
 
 // Consumers: take ring page `it` (wait for its copy to land), run use(page) on it unless
-// MODE_NO_COMPUTE (kAlways: regardless), give the slot back to the loader and advance
-// `it`. The timing build stamps the wait's start and end and the page's release (thread 0).
-// kSlots: the ring's slots (kRingSlots of the caller's path), or 0: Ring::slots, read at
-// run time.
-template <bool kTiming, int kSlots, bool kAlways = false, typename F>
+// MODE_NO_COMPUTE, give the slot back to the loader and advance `it`. The timing build
+// stamps the wait's start and end and the page's release (thread 0). kSlots: the ring's
+// slots (kRingSlots of the caller's path), or 0: Ring::slots, read at run time.
+template <bool kTiming, int kSlots, typename F>
 __device__ __forceinline__ void consume_page(const KernelArgs& a, const Ring& ring, uint32_t& it,
                                              F&& use) {
   const int slot = kSlots ? static_cast<int>(it % kSlots) : ring.slot_of(it);
@@ -74,7 +73,7 @@ __device__ __forceinline__ void consume_page(const KernelArgs& a, const Ring& ri
   if (stamp) page_stamp<kTiming>(a, it, 1);
   while (!mbar_try_wait(&ring.full[slot], parity)) {}
   if (stamp) page_stamp<kTiming>(a, it, 2);
-  if (kAlways || !(a.mode & MODE_NO_COMPUTE)) use(ring.slot_bytes(slot));
+  if (!(a.mode & MODE_NO_COMPUTE)) use(ring.slot_bytes(slot));
   release_slot(ring, slot);
   if (stamp) page_stamp<kTiming>(a, it, 3);
   ++it;

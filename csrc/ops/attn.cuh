@@ -9,7 +9,6 @@
 #pragma once
 #include "../common.cuh"
 #include "../inputs.cuh"
-#include "../ring.cuh"
 #include "attn_reduce.cuh"
 
 namespace mk {
@@ -35,10 +34,9 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* o, float 
 // (dot product, shuffles, exponentials); with exits each head ran after the other (the s10
 // ncu profile: the step's samples short-scoreboard and fixed-latency waits, none on loads).
 // Returns ERR_WATCHDOG where kLlQ's inputs did not come (the outputs are then garbage).
-// kAttnRing: the split's K/V come as ring pages (ring page `it` on), see common.cuh.
-template <int LP, int NG, bool kExact, bool kTiming>
-__device__ int attn_split(const KernelArgs& a, const Ring& ring, uint32_t& it,
-                          const int32_t* ins, float* smem, int p, int epoch) {
+template <int LP, int NG, bool kExact>
+__device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, int p,
+                          int epoch) {
   constexpr int PW = 32 / LP;                       // positions per warp step
   constexpr int kStep = kConsumerWarps * PW;        // positions per block step
   const int l = ins[W_LAYER], b = ins[W_ATTN_B], g = ins[W_ATTN_KV_HEAD], s = ins[W_ATTN_SPLIT];
@@ -55,13 +53,13 @@ __device__ int attn_split(const KernelArgs& a, const Ring& ring, uint32_t& it,
   // on each other), and every step loads the next step's: one L2/HBM round trip in flight
   // ahead of the math instead of one per step.
   uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
-  if (!kAttnRing && s0 + warp * PW + sub < s1) {
+  if (s0 + warp * PW + sub < s1) {
     kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
     vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
   }
 
   // smem: ms [warps][G], ls [warps][G], os [warps][G][D], the scaled queries qs [G][D], then
-  // (kLlQ, kAttnRing) position p's K and V rows, bf16 [2][kMaxD].
+  // (kLlQ) position p's K and V rows, bf16 [2][kMaxD].
   float* ms = smem;
   float* ls = ms + kConsumerWarps * kMaxG;
   float* os = ls + kConsumerWarps * kMaxG;
@@ -93,13 +91,6 @@ __device__ int attn_split(const KernelArgs& a, const Ring& ring, uint32_t& it,
     if (!ok) err = ERR_WATCHDOG;
   } else {
     const float* qsrc = a.q + ((static_cast<size_t>(l) * a.B + b) * a.H + g * G) * D;
-    if (kAttnRing && s0 <= p && p < s1 && tid < D / 4) {
-      // Position p's K (threads < D/8) and V rows, 16 bytes a thread: QKV stored them this
-      // step, after the loader may have copied the row into the ring.
-      const int u = tid % (D / 8), v = tid / (D / 8);
-      const size_t off = kv_offset(a, l, b, g) + static_cast<size_t>(p) * D + u * 8;
-      *reinterpret_cast<uint4*>(kvp + v * kMaxD + u * 8) = ldcg16((v ? a.v_cache : a.k_cache) + off);
-    }
     for (int i = tid; i < G * D; i += kConsumerThreads) qs[i] = scale * ldcg(qsrc + i);
   }
   consumer_sync();
@@ -113,8 +104,22 @@ __device__ int attn_split(const KernelArgs& a, const Ring& ring, uint32_t& it,
 #pragma unroll
     for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
   }
-  // One position per lane group: its K and V rows (kf, vf) into every head's state.
-  auto step = [&](const float (&kf)[8], const float (&vf)[8], bool valid) {
+  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
+    const int t = t0 + sub;
+    const bool valid = t < s1;
+    float kf[8], vf[8];
+    if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
+      if (t == p) {
+        kn = *reinterpret_cast<const uint4*>(kvp + part * 8);
+        vn = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
+      }
+    }
+    bf16x8_to_float(kn, kf);
+    bf16x8_to_float(vn, vf);
+    if (t + kStep < s1) {
+      kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
+      vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
+    }
     float scs[NG];  // kExact: every head's score first, their shuffles interleaved
     if constexpr (kExact) {
 #pragma unroll
@@ -151,50 +156,6 @@ __device__ int attn_split(const KernelArgs& a, const Ring& ring, uint32_t& it,
         for (int k = 0; k < 8; ++k) o[h][k] = o[h][k] * c + p * vf[k];
         m[h] = mn;
       }
-    }
-  };
-  if constexpr (kAttnRing) {
-    // Page by page: a page holds positions [ps, pe), K rows then V rows (attn_geometry).
-    const int P = attn_page_positions(D);
-    for (int ps = s0; ps < s1; ps += P) {
-      const int pe = min(s1, ps + P);
-      consume_page<kTiming, 0, true>(a, ring, it, [&](const unsigned char* page) {
-        const __nv_bfloat16* kp = reinterpret_cast<const __nv_bfloat16*>(page) + part * 8;
-        const __nv_bfloat16* vp = kp + kPageBytes / 4;  // the slot's second half
-        for (int t0 = ps + warp * PW; t0 < pe; t0 += kStep) {
-          const int t = t0 + sub;
-          uint4 kq = make_uint4(0, 0, 0, 0), vq = kq;
-          if (t == p) {  // loaded after the wait (kLlQ: from kv_ll)
-            kq = *reinterpret_cast<const uint4*>(kvp + part * 8);
-            vq = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
-          } else if (t < pe) {
-            kq = *reinterpret_cast<const uint4*>(kp + (t - ps) * D);
-            vq = *reinterpret_cast<const uint4*>(vp + (t - ps) * D);
-          }
-          float kf[8], vf[8];
-          bf16x8_to_float(kq, kf);
-          bf16x8_to_float(vq, vf);
-          step(kf, vf, t < pe);
-        }
-      });
-    }
-  } else {
-    for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
-      const int t = t0 + sub;
-      float kf[8], vf[8];
-      if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
-        if (t == p) {
-          kn = *reinterpret_cast<const uint4*>(kvp + part * 8);
-          vn = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
-        }
-      }
-      bf16x8_to_float(kn, kf);
-      bf16x8_to_float(vn, vf);
-      if (t + kStep < s1) {
-        kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
-        vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
-      }
-      step(kf, vf, t < s1);
     }
   }
   phase_stamp(1);  // warp 0's positions done (its K/V landed)
@@ -280,22 +241,20 @@ __device__ int attn_split(const KernelArgs& a, const Ring& ring, uint32_t& it,
 struct AttnOp {
   // smem: >= kConsumerWarps * kMaxG * (2 + kMaxD) + kMaxG * kMaxD floats; pos: the launch's
   // positions (shared memory).
-  // kAttnRing: the split's K/V are ring pages from `it` on.
-  template <bool kTiming>
-  __device__ static int run(const KernelArgs& a, const Ring& ring, uint32_t& it,
-                            const int32_t* ins, float* smem, const int* pos, int epoch) {
+  __device__ static int run(const KernelArgs& a, const int32_t* ins, float* smem,
+                            const int* pos, int epoch) {
     const int p = pos[ins[W_ATTN_B]];
     if (p < 0 || p >= a.S) return ERR_BAD_POSITION;
     if (a.H > kMaxG * a.Hkv) return ERR_BAD_INSTRUCTION;  // a -DMK_MAX_G build's limit
     const bool g4 = kAttnExactG && a.H == 4 * a.Hkv;  // Llama 3.2-1B, 3.1-8B
     switch (a.D) {
-      case 32: return attn_split<4, kMaxG, false, kTiming>(a, ring, it, ins, smem, p, epoch);
+      case 32: return attn_split<4, kMaxG, false>(a, ins, smem, p, epoch);
       case 64:
-        return g4 ? attn_split<8, 4, true, kTiming>(a, ring, it, ins, smem, p, epoch)
-                  : attn_split<8, kMaxG, false, kTiming>(a, ring, it, ins, smem, p, epoch);
+        return g4 ? attn_split<8, 4, true>(a, ins, smem, p, epoch)
+                  : attn_split<8, kMaxG, false>(a, ins, smem, p, epoch);
       default:  // 128; the runtime rejects other D
-        return g4 ? attn_split<16, 4, true, kTiming>(a, ring, it, ins, smem, p, epoch)
-                  : attn_split<16, kMaxG, false, kTiming>(a, ring, it, ins, smem, p, epoch);
+        return g4 ? attn_split<16, 4, true>(a, ins, smem, p, epoch)
+                  : attn_split<16, kMaxG, false>(a, ins, smem, p, epoch);
     }
   }
 
