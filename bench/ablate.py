@@ -116,6 +116,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
             "compiling it in costs the other plans)",
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),
+        flag("MK_ATTN_TWICE", 1, "every ATTN and ATTN_REDUCE runs twice, the same outputs (a "
+             "diagnostic: what one pass of them costs the step)"),
         flag("MK_TC_WARP_ACC", 0, "tensor-core matvec: pages flush into the shared accumulators "
              "with CAS-spin atomics, not into per-warp copies of them"),
         flag("MK_TC_SPLIT", 0, "tensor-core matvec: bf16 activations, one MMA a step, not hi + "
