@@ -116,8 +116,6 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
             "compiling it in costs the other plans)",
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),
-        flag("MK_ATTN_TILE", 1, "ATTN's position loop in warp tiles: D/32 lanes a position, one "
-             "max per tile, each lane D/32 output dims (not 8 lanes a position, step by step)"),
         flag("MK_ATTN_TWICE", 1, "every ATTN and ATTN_REDUCE runs twice, the same outputs (a "
              "diagnostic: what one pass of them costs the step)"),
         flag("MK_TC_WARP_ACC", 0, "tensor-core matvec: pages flush into the shared accumulators "

@@ -154,15 +154,6 @@ constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
 #define MK_ATTN_TWICE 0  // diagnostic: every ATTN and ATTN_REDUCE runs twice (same outputs);
 #endif                   // the phase stamps then time the second run: its code just fetched
 constexpr bool kAttnTwice = MK_ATTN_TWICE != 0;
-// 1: ATTN's position loop in tiles: D/32 lanes per position (32 dims each), a warp's tile
-// of up to 32 / (D/32) positions at a time; scores without a shuffle per step, one warp max
-// per tile and head, then the tile's V rows with each lane owning D/32 output dims (the
-// probabilities broadcast by shuffle). The next tile's K/V loads are in flight while a tile
-// computes. 0 (default): 8 lanes per position (8 dims each), one block step after another.
-#ifndef MK_ATTN_TILE
-#define MK_ATTN_TILE 0
-#endif
-constexpr bool kAttnTile = MK_ATTN_TILE != 0;
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 // 1: ATTN also writes its partials as flagged pairs (part_ll: {value, tag, value, tag}, tag =
 // epoch + 1, the LL format of NCCL's low-latency protocol) and ATTN_REDUCE polls those pairs

@@ -193,17 +193,6 @@ def test_shared_tc_acc_build_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_TC_WARP_ACC=0")
 
 
-@pytest.mark.parametrize("batch", [1, 2, 8])
-@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
-                         ids=lambda c: c.name)
-def test_attn_tile_build_matches_fp32(cfg, batch):
-    """-DMK_ATTN_TILE=1: ATTN's position loop in warp tiles (batch 1-2 on the b1 build, 8 on
-    the default one)."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     build_flags=("-DMK_ATTN_TILE=1",))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_ATTN_TILE=1")
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)

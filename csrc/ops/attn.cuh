@@ -7,8 +7,6 @@
 // 32/LP positions at a time; each lane keeps an online-softmax state for every q head of the
 // group. States merge across the lanes of a warp by shuffles, then across warps in smem.
 #pragma once
-#include <type_traits>
-
 #include "../common.cuh"
 #include "../inputs.cuh"
 #include "attn_reduce.cuh"
@@ -29,133 +27,6 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* o, float 
 #pragma unroll
   for (int k = 0; k < 8; ++k) o[k] = o[k] * c1 + o2[k] * c2;
   m = mn;
-}
-
-// kAttnTile (common.cuh): the bits of one lane's DPL = D/32 consecutive bf16 of a V row.
-template <int DPL> struct VBits;
-template <> struct VBits<1> { using T = unsigned short; };
-template <> struct VBits<2> { using T = unsigned int; };
-template <> struct VBits<4> { using T = uint2; };
-__device__ __forceinline__ float bf16_bits_lo(unsigned v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float bf16_bits_hi(unsigned v) { return __uint_as_float(v & 0xffff0000u); }
-template <int DPL>
-__device__ __forceinline__ void vbits_to_float(const typename VBits<DPL>::T& v, float (&f)[DPL]) {
-  if constexpr (DPL == 1) {
-    f[0] = bf16_bits_lo(v);
-  } else if constexpr (DPL == 2) {
-    f[0] = bf16_bits_lo(v); f[1] = bf16_bits_hi(v);
-  } else {
-    f[0] = bf16_bits_lo(v.x); f[1] = bf16_bits_hi(v.x);
-    f[2] = bf16_bits_lo(v.y); f[3] = bf16_bits_hi(v.y);
-  }
-}
-
-// kAttnTile: a warp tile's K/V loads, positions t0 .. t0 + cnt - 1 of the rows kb / vb:
-// lane (pi, part) = (lane / TLP, lane % TLP) holds K dims [32 part, 32 part + 32) of
-// position t0 + pi (pi < PT); every lane holds its DPL dims [DPL lane, DPL lane + DPL) of
-// each V row.
-template <int D>
-struct AttnTileLoads {
-  // PT: positions a tile, at most 16: D = 32's 32 V loads a lane would spill.
-  static constexpr int TLP = D / 32, PT = 32 / TLP < 16 ? 32 / TLP : 16, DPL = D / 32;
-  using VT = typename VBits<DPL>::T;
-  uint4 k[4];
-  VT v[PT];
-  __device__ __forceinline__ void load_k(const __nv_bfloat16* kb, int t0, int cnt) {
-    const int lane = threadIdx.x & 31, pi = lane / TLP, part = lane % TLP;
-    if (pi < cnt) {
-      const __nv_bfloat16* kr = kb + static_cast<size_t>(t0 + pi) * D + part * 32;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) k[u] = ldcg16(kr + 8 * u);
-    }
-  }
-  __device__ __forceinline__ void load_v(const __nv_bfloat16* vb, int t0, int cnt) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int j = 0; j < PT; ++j)
-      if (j < cnt)
-        v[j] = __ldcg(reinterpret_cast<const VT*>(vb + static_cast<size_t>(t0 + j) * D + lane * DPL));
-  }
-};
-
-// kAttnTile: one warp tile (positions t0 .. t0 + cnt - 1, loaded in `in`) into this lane's
-// online-softmax state: m and l per head (l: the sums of the lanes with part 0), o its DPL
-// output dims per head. kLlQ: position p's K/V from kvp (the cache rows race).
-template <int D, int NG, bool kExact>
-__device__ __forceinline__ void attn_tile(const AttnTileLoads<D>& in, int t0, int cnt, int p,
-                                          int G, const float* qs, const __nv_bfloat16* kvp,
-                                          float (&o)[NG][D / 32], float (&m)[NG],
-                                          float (&l)[NG]) {
-  using Tile = AttnTileLoads<D>;
-  constexpr int TLP = Tile::TLP, PT = Tile::PT, DPL = Tile::DPL;
-  const int lane = threadIdx.x & 31, pi = lane / TLP, part = lane % TLP;
-  const bool valid = pi < cnt, own = kLlQ && t0 + pi == p;
-  float s[NG];
-#pragma unroll
-  for (int h = 0; h < NG; ++h) s[h] = 0.f;
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const uint4 kq = own ? *reinterpret_cast<const uint4*>(kvp + part * 32 + 8 * u) : in.k[u];
-    float kf[8];
-    bf16x8_to_float(kq, kf);
-#pragma unroll
-    for (int h = 0; h < NG; ++h) {
-      if (!kExact && h >= G) break;
-      const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 32 + 8 * u);
-      const float4 q0 = qv[0], q1 = qv[1];
-      s[h] += (fmaf(q0.y, kf[1], q0.x * kf[0]) + fmaf(q0.w, kf[3], q0.z * kf[2])) +
-              (fmaf(q1.y, kf[5], q1.x * kf[4]) + fmaf(q1.w, kf[7], q1.z * kf[6]));
-    }
-  }
-  // A position's score: the sum over its TLP lanes. Then every head's max over the tile.
-  float mt[NG], pr[NG];
-#pragma unroll
-  for (int off = TLP / 2; off > 0; off >>= 1) {
-#pragma unroll
-    for (int h = 0; h < NG; ++h) {
-      if (!kExact && h >= G) break;
-      s[h] += __shfl_xor_sync(0xffffffffu, s[h], off);
-    }
-  }
-#pragma unroll
-  for (int h = 0; h < NG; ++h) mt[h] = valid ? s[h] : -INFINITY;
-#pragma unroll
-  for (int off = TLP; off < 32; off <<= 1) {
-#pragma unroll
-    for (int h = 0; h < NG; ++h) {
-      if (!kExact && h >= G) break;
-      mt[h] = fmaxf(mt[h], __shfl_xor_sync(0xffffffffu, mt[h], off));
-    }
-  }
-#pragma unroll
-  for (int h = 0; h < NG; ++h) {
-    if (!kExact && h >= G) break;
-    const float mn = fmaxf(m[h], mt[h]);  // finite: position t0 is in the tile
-    const float c = expf(m[h] - mn);
-    pr[h] = valid ? expf(s[h] - mn) : 0.f;
-    l[h] = l[h] * c + (part == 0 ? pr[h] : 0.f);
-#pragma unroll
-    for (int k = 0; k < DPL; ++k) o[h][k] *= c;
-    m[h] = mn;
-  }
-  // The tile's V rows, position j's probabilities from its lane group's first lane.
-#pragma unroll
-  for (int j = 0; j < PT; ++j) {
-    if (j >= cnt) break;
-    float vf[DPL];
-    if (kLlQ && t0 + j == p) {
-      vbits_to_float<DPL>(*reinterpret_cast<const typename Tile::VT*>(kvp + kMaxD + lane * DPL), vf);
-    } else {
-      vbits_to_float<DPL>(in.v[j], vf);
-    }
-#pragma unroll
-    for (int h = 0; h < NG; ++h) {
-      if (!kExact && h >= G) break;
-      const float ph = __shfl_sync(0xffffffffu, pr[h], j * TLP);
-#pragma unroll
-      for (int k = 0; k < DPL; ++k) o[h][k] = fmaf(ph, vf[k], o[h][k]);
-    }
-  }
 }
 
 // NG: the q heads of a group the per-lane state is unrolled for (G <= NG). kExact: G == NG,
@@ -182,20 +53,7 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
   // on each other), and every step loads the next step's: one L2/HBM round trip in flight
   // ahead of the math instead of one per step.
   uint4 kn = make_uint4(0, 0, 0, 0), vn = kn;
-  // kAttnTile: warp tiles of tlen positions, tile i of the split is warp i % 8's; the
-  // warp's first tile loads here, each next one after the tile before.
-  using Tile = AttnTileLoads<LP * 8>;
-  [[maybe_unused]] std::conditional_t<kAttnTile, Tile, char> tile{};
-  [[maybe_unused]] const __nv_bfloat16* kb = a.k_cache + kv_offset(a, l, b, g);
-  [[maybe_unused]] const __nv_bfloat16* vb = a.v_cache + kv_offset(a, l, b, g);
-  [[maybe_unused]] const int tlen =
-      min(Tile::PT, max(1, (s1 - s0 + kConsumerWarps - 1) / kConsumerWarps));
-  if constexpr (kAttnTile) {
-    if (s0 + warp * tlen < s1) {
-      tile.load_k(kb, s0 + warp * tlen, min(tlen, s1 - s0 - warp * tlen));
-      tile.load_v(vb, s0 + warp * tlen, min(tlen, s1 - s0 - warp * tlen));
-    }
-  } else if (s0 + warp * PW + sub < s1) {
+  if (s0 + warp * PW + sub < s1) {
     kn = ldcg16(kcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
     vn = ldcg16(vcache + static_cast<size_t>(s0 + warp * PW + sub) * D);
   }
@@ -238,120 +96,90 @@ __device__ int attn_split(const KernelArgs& a, const int32_t* ins, float* smem, 
   consumer_sync();
   phase_stamp(0);  // queries staged
 
-  if constexpr (kAttnTile) {
-    constexpr int DPL = Tile::DPL;
-    float o[NG][DPL], m[NG], lsum[NG];
+  float o[NG][8], m[NG], lsum[NG];
 #pragma unroll
-    for (int h = 0; h < NG; ++h) {
-      m[h] = -INFINITY;
-      lsum[h] = 0.f;
+  for (int h = 0; h < NG; ++h) {
+    m[h] = -INFINITY;
+    lsum[h] = 0.f;
 #pragma unroll
-      for (int k = 0; k < DPL; ++k) o[h][k] = 0.f;
-    }
-    for (int t0 = s0 + warp * tlen; t0 < s1; t0 += kConsumerWarps * tlen) {
-      attn_tile<LP * 8, NG, kExact>(tile, t0, min(tlen, s1 - t0), p, G, qs, kvp, o, m, lsum);
-      const int next = t0 + kConsumerWarps * tlen;
-      if (next < s1) {  // not in flight during the tile: with it the b1 build spills
-        tile.load_k(kb, next, min(tlen, s1 - next));
-        tile.load_v(vb, next, min(tlen, s1 - next));
+    for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
+  }
+  for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
+    const int t = t0 + sub;
+    const bool valid = t < s1;
+    float kf[8], vf[8];
+    if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
+      if (t == p) {
+        kn = *reinterpret_cast<const uint4*>(kvp + part * 8);
+        vn = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
       }
     }
-    phase_stamp(1);  // warp 0's positions done
+    bf16x8_to_float(kn, kf);
+    bf16x8_to_float(vn, vf);
+    if (t + kStep < s1) {
+      kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
+      vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
+    }
+    float scs[NG];  // kExact: every head's score first, their shuffles interleaved
+    if constexpr (kExact) {
+#pragma unroll
+      for (int h = 0; h < NG; ++h) {
+        const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
+        const float4 q0 = qv[0], q1 = qv[1];
+        scs[h] = (fmaf(q0.y, kf[1], q0.x * kf[0]) + fmaf(q0.w, kf[3], q0.z * kf[2])) +
+                 (fmaf(q1.y, kf[5], q1.x * kf[4]) + fmaf(q1.w, kf[7], q1.z * kf[6]));
+      }
+#pragma unroll
+      for (int off = LP / 2; off > 0; off >>= 1) {
+#pragma unroll
+        for (int h = 0; h < NG; ++h) scs[h] += __shfl_xor_sync(0xffffffffu, scs[h], off);
+      }
+    }
 #pragma unroll
     for (int h = 0; h < NG; ++h) {
       if (!kExact && h >= G) break;
+      float sc;
+      if constexpr (kExact) {
+        sc = scs[h];
+      } else {
+        const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
+        const float4 q0 = qv[0], q1 = qv[1];
+        sc = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
+             q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) lsum[h] += __shfl_xor_sync(0xffffffffu, lsum[h], off);
-      if (lane == 0) { ms[warp * kMaxG + h] = m[h]; ls[warp * kMaxG + h] = lsum[h]; }
+        for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+      }
+      if (valid) {
+        const float mn = fmaxf(m[h], sc), c = expf(m[h] - mn), p = expf(sc - mn);
+        lsum[h] = lsum[h] * c + p;
 #pragma unroll
-      for (int k = 0; k < DPL; ++k) os[(warp * kMaxG + h) * D + lane * DPL + k] = o[h][k];
+        for (int k = 0; k < 8; ++k) o[h][k] = o[h][k] * c + p * vf[k];
+        m[h] = mn;
+      }
     }
-  } else {
-    float o[NG][8], m[NG], lsum[NG];
+  }
+  phase_stamp(1);  // warp 0's positions done (its K/V landed)
+  // Merge the PW position groups of the warp (lanes part, part+LP, ...).
+#pragma unroll 1
+  for (int off = LP; off < 32; off <<= 1) {
 #pragma unroll
     for (int h = 0; h < NG; ++h) {
-      m[h] = -INFINITY;
-      lsum[h] = 0.f;
+      if (!kExact && h >= G) break;
+      float o2[8];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) o[h][k] = 0.f;
+      for (int k = 0; k < 8; ++k) o2[k] = __shfl_xor_sync(0xffffffffu, o[h][k], off);
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[h], off);
+      const float l2 = __shfl_xor_sync(0xffffffffu, lsum[h], off);
+      merge_state(m[h], lsum[h], o[h], m2, l2, o2);
     }
-    for (int t0 = s0 + warp * PW; t0 < s1; t0 += kStep) {
-      const int t = t0 + sub;
-      const bool valid = t < s1;
-      float kf[8], vf[8];
-      if constexpr (kLlQ) {  // position p: this step's K/V, from kv_ll (the cache row races)
-        if (t == p) {
-          kn = *reinterpret_cast<const uint4*>(kvp + part * 8);
-          vn = *reinterpret_cast<const uint4*>(kvp + kMaxD + part * 8);
-        }
-      }
-      bf16x8_to_float(kn, kf);
-      bf16x8_to_float(vn, vf);
-      if (t + kStep < s1) {
-        kn = ldcg16(kcache + static_cast<size_t>(t + kStep) * D);
-        vn = ldcg16(vcache + static_cast<size_t>(t + kStep) * D);
-      }
-      float scs[NG];  // kExact: every head's score first, their shuffles interleaved
-      if constexpr (kExact) {
+  }
+  if (sub == 0) {
 #pragma unroll
-        for (int h = 0; h < NG; ++h) {
-          const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
-          const float4 q0 = qv[0], q1 = qv[1];
-          scs[h] = (fmaf(q0.y, kf[1], q0.x * kf[0]) + fmaf(q0.w, kf[3], q0.z * kf[2])) +
-                   (fmaf(q1.y, kf[5], q1.x * kf[4]) + fmaf(q1.w, kf[7], q1.z * kf[6]));
-        }
+    for (int h = 0; h < NG; ++h) {
+      if (!kExact && h >= G) break;
+      if (part == 0) { ms[warp * kMaxG + h] = m[h]; ls[warp * kMaxG + h] = lsum[h]; }
 #pragma unroll
-        for (int off = LP / 2; off > 0; off >>= 1) {
-#pragma unroll
-          for (int h = 0; h < NG; ++h) scs[h] += __shfl_xor_sync(0xffffffffu, scs[h], off);
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < NG; ++h) {
-        if (!kExact && h >= G) break;
-        float sc;
-        if constexpr (kExact) {
-          sc = scs[h];
-        } else {
-          const float4* qv = reinterpret_cast<const float4*>(qs + h * D + part * 8);
-          const float4 q0 = qv[0], q1 = qv[1];
-          sc = q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] +
-               q1.x * kf[4] + q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
-#pragma unroll
-          for (int off = LP / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
-        }
-        if (valid) {
-          const float mn = fmaxf(m[h], sc), c = expf(m[h] - mn), p = expf(sc - mn);
-          lsum[h] = lsum[h] * c + p;
-#pragma unroll
-          for (int k = 0; k < 8; ++k) o[h][k] = o[h][k] * c + p * vf[k];
-          m[h] = mn;
-        }
-      }
-    }
-    phase_stamp(1);  // warp 0's positions done (its K/V landed)
-    // Merge the PW position groups of the warp (lanes part, part+LP, ...).
-#pragma unroll 1
-    for (int off = LP; off < 32; off <<= 1) {
-#pragma unroll
-      for (int h = 0; h < NG; ++h) {
-        if (!kExact && h >= G) break;
-        float o2[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) o2[k] = __shfl_xor_sync(0xffffffffu, o[h][k], off);
-        const float m2 = __shfl_xor_sync(0xffffffffu, m[h], off);
-        const float l2 = __shfl_xor_sync(0xffffffffu, lsum[h], off);
-        merge_state(m[h], lsum[h], o[h], m2, l2, o2);
-      }
-    }
-    if (sub == 0) {
-#pragma unroll
-      for (int h = 0; h < NG; ++h) {
-        if (!kExact && h >= G) break;
-        if (part == 0) { ms[warp * kMaxG + h] = m[h]; ls[warp * kMaxG + h] = lsum[h]; }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) os[(warp * kMaxG + h) * D + part * 8 + k] = o[h][k];
-      }
+      for (int k = 0; k < 8; ++k) os[(warp * kMaxG + h) * D + part * 8 + k] = o[h][k];
     }
   }
   consumer_sync();
