@@ -14,6 +14,8 @@
 //          mbarrier that every consumer waits on
 //   fresh  as ldcg, but each round first rewrites the next SM's region (and fences), so
 //          the lines read were written by another SM one round before, as activations are
+//   shared as ldcg, but every SM reads the same region (SM 0's), as every SM of a batch-8
+//          matvec stage reads the same activation chunk
 // Per row: the stream's TB/s and the median over SMs of the mean round, median over trials.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/staging_latency.cu \
@@ -29,8 +31,8 @@ constexpr int kThreads = 32 + kConsumers;
 constexpr int kIdleRounds = 100;       // timed rounds when nothing streams
 constexpr uint32_t kMaxStageBytes = 32 * 1024;
 constexpr int kSmem = kStreamSmem + kMaxStageBytes + 16;
-enum Mode { kLdcg = 0, kBulk = 1, kFresh = 2 };
-const char* const kModeNames[] = {"ldcg", "bulk", "fresh"};
+enum Mode { kLdcg = 0, kBulk = 1, kFresh = 2, kShared = 3 };
+const char* const kModeNames[] = {"ldcg", "bulk", "fresh", "shared"};
 
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" :: "n"(kConsumers) : "memory");
@@ -56,7 +58,8 @@ stream_and_stage(const unsigned char* data, uint32_t pages, int slots, float* ac
   }
   const int tid = threadIdx.x - 32;
   const uint32_t vecs = bytes / 16;
-  const float4* mine = reinterpret_cast<const float4*>(act + blockIdx.x * (kMaxStageBytes / 4));
+  const float4* mine = reinterpret_cast<const float4*>(
+      act + (mode == kShared ? 0 : blockIdx.x) * (kMaxStageBytes / 4));
   float4* next = reinterpret_cast<float4*>(act + ((blockIdx.x + 1) % gridDim.x) *
                                                      (kMaxStageBytes / 4));
   for (uint32_t v = tid; v < vecs; v += kConsumers) stage[v] = __ldcg(mine + v);  // warm L2
@@ -128,7 +131,7 @@ int main(int argc, char** argv) {
   CHECK(cudaFuncSetAttribute(stream_and_stage, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              kSmem));
   for (uint32_t kb : {8u, 32u}) {
-    for (int mode : {kLdcg, kBulk, kFresh}) {
+    for (int mode : {kLdcg, kBulk, kFresh, kShared}) {
       for (int slots : {0, 1, 2, 4}) {
         const StreamTrials::Result r = st.run(trials, [&] {
           stream_and_stage<<<sms, kThreads, kSmem>>>(st.data, st.pages(), slots, act, kb * 1024,
