@@ -16,6 +16,8 @@
 //          the lines read were written by another SM one round before, as activations are
 //   shared as ldcg, but every SM reads the same region (SM 0's), as every SM of a batch-8
 //          matvec stage reads the same activation chunk
+//   cpasync every thread copies its 16-byte vectors with cp.async.cg (the tensor-core
+//          matvec's load_chunk_tc), then waits for them, then the bar.sync
 // Per row: the stream's TB/s and the median over SMs of the mean round, median over trials.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/staging_latency.cu \
@@ -31,8 +33,8 @@ constexpr int kThreads = 32 + kConsumers;
 constexpr int kIdleRounds = 100;       // timed rounds when nothing streams
 constexpr uint32_t kMaxStageBytes = 32 * 1024;
 constexpr int kSmem = kStreamSmem + kMaxStageBytes + 16;
-enum Mode { kLdcg = 0, kBulk = 1, kFresh = 2, kShared = 3 };
-const char* const kModeNames[] = {"ldcg", "bulk", "fresh", "shared"};
+enum Mode { kLdcg = 0, kBulk = 1, kFresh = 2, kShared = 3, kCpAsync = 4 };
+const char* const kModeNames[] = {"ldcg", "bulk", "fresh", "shared", "cpasync"};
 
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" :: "n"(kConsumers) : "memory");
@@ -96,6 +98,12 @@ stream_and_stage(const unsigned char* data, uint32_t pages, int slots, float* ac
                      "selp.u32 %0, 1, 0, p; }" : "=r"(ok) : "r"(sa(bar)), "r"(parity) : "memory");
       parity ^= 1;
       sink += stage[tid].x;
+    } else if (mode == kCpAsync) {
+      for (uint32_t v = tid; v < vecs; v += kConsumers)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(sa(stage + v)),
+                     "l"(mine + v) : "memory");
+      asm volatile("cp.async.commit_group;" ::: "memory");
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
     } else {
       float4 x[8];  // up to 32 KB: 8 vectors per thread, all issued before the first use
 #pragma unroll
@@ -131,7 +139,7 @@ int main(int argc, char** argv) {
   CHECK(cudaFuncSetAttribute(stream_and_stage, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              kSmem));
   for (uint32_t kb : {8u, 32u}) {
-    for (int mode : {kLdcg, kBulk, kFresh, kShared}) {
+    for (int mode : {kLdcg, kBulk, kFresh, kShared, kCpAsync}) {
       for (int slots : {0, 1, 2, 4}) {
         const StreamTrials::Result r = st.run(trials, [&] {
           stream_and_stage<<<sms, kThreads, kSmem>>>(st.data, st.pages(), slots, act, kb * 1024,
