@@ -116,12 +116,6 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("MK_FUSE_OPROJ=0", "fuse_oproj=0 in a kernel built without ATTN_OPROJ (what "
             "compiling it in costs the other plans)",
             {"fuse_oproj": False, "build_flags": ("-DMK_FUSE_OPROJ=0",)}),
-        flag("MK_CHUNK_LDCG", 1, "tensor-core matvec: the first activation chunk loaded into "
-             "registers and stored, not copied by per-thread cp.async"),
-        flag("MK_TC_QUIET_STAGE", 1, "tensor-core matvec: the loader issues no page until the "
-             "first activation chunk is staged"),
-        flag("MK_CHUNK_LDCG", 1, "both: the first chunk by register loads behind a quiet loader",
-             "-DMK_TC_QUIET_STAGE=1"),
         flag("MK_ATTN_TWICE", 1, "every ATTN and ATTN_REDUCE runs twice, the same outputs (a "
              "diagnostic: what one pass of them costs the step)"),
         flag("MK_TC_WARP_ACC", 0, "tensor-core matvec: pages flush into the shared accumulators "

@@ -44,18 +44,6 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_TC_SPLIT
 #define MK_TC_SPLIT 1       // tensor-core matvec: activations as bf16 hi + lo, two MMAs a step
 #endif                      // (0, a diagnostic: hi only, half the MMAs, bf16 activations)
-// 1: a tensor-core matvec loads its first activation chunk into registers (ld.global.cg) and
-// stores it to the raw area, instead of per-thread cp.async copies (the staging probe: half
-// the time where at most one page is in flight, the same at two). 0 (default): cp.async.
-#ifndef MK_CHUNK_LDCG
-#define MK_CHUNK_LDCG 0
-#endif
-// 1: the loader issues no page from a tensor-core matvec's start until its first activation
-// chunk is staged (the ring.quiet flag), so that chunk's loads queue behind fewer page
-// bytes. 0 (default): it streams on.
-#ifndef MK_TC_QUIET_STAGE
-#define MK_TC_QUIET_STAGE 0
-#endif
 #ifndef MK_TC_WARP_ACC
 #define MK_TC_WARP_ACC 1    // tensor-core matvec, where 8 copies of acc fit, each warp adds its
 #endif                      // tiles into its own (0: CAS-spin shared atomics per page)
@@ -136,8 +124,6 @@ constexpr bool kWarpRelease = MK_WARP_RELEASE != 0;
 constexpr bool kWarpAcc = MK_WARP_ACC != 0;
 constexpr bool kTcSplit = MK_TC_SPLIT != 0;
 constexpr bool kTcWarpAcc = MK_TC_WARP_ACC != 0;
-constexpr bool kChunkLdcg = MK_CHUNK_LDCG != 0;
-constexpr bool kTcQuietStage = MK_TC_QUIET_STAGE != 0;
 constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;

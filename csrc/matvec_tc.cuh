@@ -75,28 +75,6 @@ __device__ __forceinline__ void load_chunk_tc(const MatvecInput& in, int col0, i
     asm volatile("prefetch.global.L1 [%0];" :: "l"(in.norm + col0 + threadIdx.x * 64));
 }
 
-// kChunkLdcg: as load_chunk_tc, but every thread loads its vectors into registers (all
-// issued before the first store) and stores them to raw; nothing to wait for after.
-__device__ __noinline__ void load_chunk_regs(const MatvecInput& in, int col0, int cols, int B,
-                                                float* raw, int rs) {
-  constexpr int kPer = (kActFloats / 4 + kConsumerThreads - 1) / kConsumerThreads;
-  const int v4 = cols >> 2, n = B * v4;
-  float4 x[kPer];
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) {
-    const int j = threadIdx.x + u * kConsumerThreads, b = j / v4, v = j - b * v4;
-    if (j < n)
-      x[u] = __ldcg(reinterpret_cast<const float4*>(in.x + static_cast<size_t>(b) * in.ld + col0 + 4 * v));
-  }
-  if (in.norm && threadIdx.x * 64 < cols)
-    asm volatile("prefetch.global.L1 [%0];" :: "l"(in.norm + col0 + threadIdx.x * 64));
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) {
-    const int j = threadIdx.x + u * kConsumerThreads, b = j / v4, v = j - b * v4;
-    if (j < n) *reinterpret_cast<float4*>(raw + b * rs + 4 * v) = x[u];
-  }
-}
-
 // Consumers: the chunk in raw (times the norm weight) into `frag`. Thread t always holds
 // batch row 8 (warp % NT) + lane/4, so its sum of x^2 is the one float `sq`.
 template <int NT, bool kFold>
@@ -287,14 +265,8 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
     consumer_sync();
     if (!*waited) return pre;
   }
-  if (kTcQuietStage && tid == 0) set_flag(ring.quiet, 1);  // cleared once chunk 0 is staged
-  if (kChunkLdcg) {
-    pre = pre_src.load();  // in flight with the chunk's loads
-    load_chunk_regs(in, 0, g.chunk_cols(0), B, raw, rs);
-  } else {
-    load_chunk_tc(in, 0, g.chunk_cols(0), B, raw, rs);
-    pre = pre_src.load();  // in flight with the chunk's copies
-  }
+  load_chunk_tc(in, 0, g.chunk_cols(0), B, raw, rs);
+  pre = pre_src.load();  // in flight with the chunk's copies
   for (int c = 0; c < g.nchunks; ++c) {
     const int cols = g.chunk_cols(c), col0 = c * g.kc;
     cp_async_wait_all();
@@ -304,7 +276,6 @@ __device__ float2 consumer_matvec_tc(const KernelArgs& a, const Ring& ring, cons
     });
     consumer_sync();  // frag holds chunk c; raw is free
     if (c == 0) phase_stamp(0);  // first activation chunk staged (as matvec.cuh)
-    if (kTcQuietStage && c == 0 && tid == 0) set_flag(ring.quiet, 0);
     if (c + 1 < g.nchunks) load_chunk_tc(in, col0 + g.kc, g.chunk_cols(c + 1), B, raw, rs);
     for (int grp = 0; grp < g.ngroups; ++grp) {
       consume_page<kTiming, kRingSlots<true>>(a, ring, it, [&](const unsigned char* page) {

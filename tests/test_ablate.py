@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 57 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 54 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -44,7 +44,6 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", False), ("fuse_oproj", True),
             ("build_flags", "-DMK_FUSE_OPROJ=0"), ("down_k_slices", 1), ("down_k_slices", 2), ("build_flags", "-DMK_TC_SPLIT=0"),
-            ("build_flags", "-DMK_CHUNK_LDCG=1"), ("build_flags", "-DMK_TC_QUIET_STAGE=1"),
             ("build_flags", "-DMK_ATTN_TWICE=1"), ("build_flags", "-DMK_TC_WARP_ACC=0"),
             ("oproj_col_slices", 1), ("variant", "default"), ("build_flags", "-DMK_B1_STAGE_AHEAD=0"),
             ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
@@ -71,7 +70,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
         "MK_RELEASE_QUIET=0", "MK_RELEASE_QUIET=2",
         "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
-        "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_CHUNK_LDCG=1", "MK_TC_QUIET_STAGE=1", "MK_CHUNK_LDCG=1+MK_TC_QUIET_STAGE=1", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
+        "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
         "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=1",
         "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0",
         "no_compute", "no_load"}

@@ -193,17 +193,6 @@ def test_shared_tc_acc_build_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_TC_WARP_ACC=0")
 
 
-@pytest.mark.parametrize("batch", [3, 8, 16])
-@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
-                         ids=lambda c: c.name)
-def test_chunk_ldcg_quiet_build_matches_fp32(cfg, batch):
-    """-DMK_CHUNK_LDCG=1 -DMK_TC_QUIET_STAGE=1: a tensor-core matvec's first activation chunk
-    by register loads while the loader holds its pages back (both switches in one build)."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     build_flags=("-DMK_CHUNK_LDCG=1", "-DMK_TC_QUIET_STAGE=1"))
-    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_CHUNK_LDCG+MK_TC_QUIET_STAGE")
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
