@@ -76,6 +76,27 @@ class Launcher {
     a.part = tensors.contains("part") && !tensors["part"].is_none()
                  ? ptr<float>(tensors, "part", torch::kFloat32) : nullptr;
     a.max_len = size(sizes, "max_len");
+    // Claims: a program of policy "queue" or with claim_tail (scheduler/program.py).
+    a.claim_len = sizes.contains("claim_len") ? size(sizes, "claim_len") : 0;
+    TORCH_CHECK(a.claim_len >= 0, "megakernel: claim_len must be >= 0, got ", a.claim_len);
+    if (a.claim_len > 0) {
+      a.claim = ptr<int32_t>(tensors, "claim", torch::kInt32);
+      a.claim_next = ptr<int32_t>(tensors, "claim_next", torch::kInt32);
+      TORCH_CHECK(tensors["claim"].cast<torch::Tensor>().numel() ==
+                      static_cast<int64_t>(a.claim_len) * mk::kWords,
+                  "megakernel: 'claim' must be [claim_len, ", mk::kWords, "]");
+      TORCH_CHECK(sizes.contains("tp") == false || size(sizes, "tp") == 1,
+                  "megakernel: claimed instructions need tp = 1");
+    }
+    a.claimed = a.claim && a.timing && tensors.contains("claimed") && !tensors["claimed"].is_none()
+                    ? ptr<int32_t>(tensors, "claimed", torch::kInt32) : nullptr;
+    TORCH_CHECK(!a.claimed || tensors["claimed"].cast<torch::Tensor>().numel() ==
+                                  static_cast<int64_t>(num_sms) * a.claim_len,
+                "megakernel: 'claimed' must be [num_sms, claim_len]");
+    a.timing_len = a.max_len + a.claim_len;
+    TORCH_CHECK(!a.timing || tensors["timing"].cast<torch::Tensor>().numel() ==
+                                 static_cast<int64_t>(num_sms) * a.timing_len * 4,
+                "megakernel: 'timing' must be [num_sms, max_len + claim_len, 4]");
     a.page_max = a.page_timing ? size(sizes, "page_max") : 0;
     TORCH_CHECK(!a.page_timing || (tensors["page_timing"].cast<torch::Tensor>().numel() ==
                                    static_cast<int64_t>(num_sms) * a.page_max * mk::kPageStamps),

@@ -95,6 +95,18 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_INFLIGHT_PAGES
 #define MK_INFLIGHT_PAGES 2
 #endif
+// Claimed instructions (KernelArgs::claim): the loader claims the next one only once the
+// consumers have started the instruction MK_CLAIM_AHEAD before it, so an SM holds at most
+// MK_CLAIM_AHEAD + 1 claimed instructions and the others stay free for idle SMs; the
+// loader streams the weights of the ones it holds.
+#ifndef MK_CLAIM_AHEAD
+#define MK_CLAIM_AHEAD 1
+#endif
+// 0: a kernel without the claim code (Runtime refuses programs with claims for it), to time
+// what compiling it in costs the static plans.
+#ifndef MK_CLAIMS
+#define MK_CLAIMS 1
+#endif
 #ifndef MK_RAW_SLOT
 #define MK_RAW_SLOT 1       // batches on CUDA cores: the tensor-core staging area is a ring slot
 #endif
@@ -117,6 +129,10 @@ constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
 constexpr bool kRawSlot = MK_RAW_SLOT != 0;
 constexpr int kMaxSlots = kNumPages + (kRawSlot ? 1 : 0);
 constexpr int kInflightPages = MK_INFLIGHT_PAGES;
+constexpr bool kClaims = MK_CLAIMS != 0;
+constexpr int kClaimAhead = MK_CLAIM_AHEAD;
+static_assert(kClaimAhead >= 0, "MK_CLAIM_AHEAD: instructions, >= 0");
+constexpr int kClaimSlots = kClaimAhead + 1;  // the claim FIFO (Ring::claimq)
 static_assert(kInflightPages >= 0, "MK_INFLIGHT_PAGES: 0 (no cap) or a page count");
 constexpr int kL2PrefetchPages = MK_L2_PREFETCH_PAGES;  // pages past the ring pulled into L2
 constexpr int kL2StallNs = MK_L2_STALL_NS;

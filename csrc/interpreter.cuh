@@ -42,8 +42,10 @@ struct SmemLayout {
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  // 5 flags: wait ok, error, abort, ready, quiet.
-  static constexpr size_t total = flags + 5 * sizeof(int);
+  // flags: wait ok, error, abort, ready, quiet, started, nclaimed, the claim index of the
+  // current instruction (consumers), then the claim FIFO (Ring).
+  static constexpr int kFlags = 8 + kClaimSlots;
+  static constexpr size_t total = flags + kFlags * sizeof(int);
 };
 // The attention op reuses act + acc as its scratch.
 static_assert((kActFloats + kAccFloats) >=
@@ -117,6 +119,29 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
   return true;
 }
 
+// Warp 0 of the consumers, at claimed queue index i: take the loader's claim i - qlen from
+// the FIFO (flags[7] <- its claim index, -1 when the list ran dry) and copy its record
+// into rec[i % 2]. Not inlined: it keeps the consumers' loop out of the register spill.
+__device__ __noinline__ void take_claim(const KernelArgs& a, volatile int* flags, int32_t* rec,
+                                        int i, int qlen) {
+  const int tid = threadIdx.x;
+  int k = 0;
+  if (tid == 0) {
+    const int j = i - qlen;
+    while (get_flag(flags + 6) <= j) {}  // Ring::nclaimed: every claim, -1 too
+    __threadfence_block();  // the count before the entry it publishes
+    k = get_flag(flags + 8 + j % kClaimSlots);  // Ring::claimq
+    flags[7] = k;
+  }
+  k = __shfl_sync(0xffffffffu, k, 0);
+  if (k >= 0 && tid < kWords)
+    rec[(i & 1) * kWords + tid] = a.claim[static_cast<size_t>(k) * kWords + tid];
+}
+
+// The timing build: thread 0's row of KernelArgs::timing for the current instruction (a
+// register pointer kept across the consumers' loop spilled at the 168-register cap).
+__shared__ int64_t* timing_row;
+
 // kTiming: record (wait start, wait end, end, outputs written) %globaltimer stamps of every
 // instruction (end: after the release add; written: before it, after the last bar.sync); a
 // compile-time switch, so the kernel without it carries no timing code at all. Inlined into
@@ -132,7 +157,6 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   float* rstd = reinterpret_cast<float*>(smem + SmemLayout::rstd);
   volatile int* flags = reinterpret_cast<volatile int*>(smem + SmemLayout::flags);
   int* pos = reinterpret_cast<int*>(smem + SmemLayout::pos);
-  int64_t* timing = kTiming ? a.timing + static_cast<size_t>(blockIdx.x) * a.max_len * 4 : nullptr;
   // Positions are fixed for the launch: one read here, not one L2 round trip per op. The
   // bar.sync after the first instruction's wait publishes them to every consumer.
   if (tid < a.B) pos[tid] = a.pos[tid];
@@ -146,9 +170,20 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   // kSetupFirst reads the record (and QKV's setup pos) before an instruction's first bar.sync.
   if (kSetupFirst) consumer_sync();
   uint32_t it = 0;
-  for (int i = 0; i < qlen; ++i) {
-    const int32_t* ins = kRecordSmem ? rec + (i & 1) * kWords
-                                     : queue + static_cast<size_t>(i) * kWords;
+  for (int i = 0;; ++i) {
+    // Ring::started: the loader may now claim queue index i + kClaimAhead.
+    if (kClaims && a.claim_len > 0 && tid == 0) set_flag(flags + 5, i);
+    if (i >= qlen) {
+      // A claimed instruction: its record comes from the loader's claim (not prefetched
+      // during the previous wait: the loader claims it about now); the bar.sync publishes
+      // it and flags[7]. The other copy's record (i - 1) is done with.
+      if (!kClaims || a.claim_len == 0) break;
+      if (tid < 32) take_claim(a, flags, rec, i, qlen);
+      consumer_sync();
+      if (flags[7] < 0) break;  // the claim list ran dry
+    }
+    const int32_t* ins = kRecordSmem || i >= qlen ? rec + (i & 1) * kWords
+                                                  : queue + static_cast<size_t>(i) * kWords;
     // Warp 0: the counter wait of instruction i (and the copy of record i+1). The bar.sync
     // after it orders every consumer after its acquires; flags[0] says how it went.
     auto wait = [&]() {
@@ -161,10 +196,14 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
                         (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
         if (tid == 0) {
           flags[0] = ok ? 1 : 0;
-          if (kTiming) { timing[4 * i] = t0; timing[4 * i + 1] = globaltimer(); }
+          if (kTiming) {
+            timing_row = a.timing + (static_cast<size_t>(blockIdx.x) * a.timing_len + i) * 4;
+            timing_row[0] = t0;
+            timing_row[1] = globaltimer();
+          }
 #if MK_PHASE_STAMPS
           phase_row = kTiming && a.phase_timing
-                          ? a.phase_timing + (static_cast<size_t>(blockIdx.x) * a.max_len + i) * 4
+                          ? a.phase_timing + (static_cast<size_t>(blockIdx.x) * a.timing_len + i) * 4
                           : nullptr;
 #endif
         }
@@ -276,7 +315,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       break;
     }
     if (tid == 0) {
-      if (kTiming) timing[4 * i + 3] = globaltimer();
+      if (kTiming) timing_row[3] = globaltimer();
       const int sig = ins[W_SIGNAL];
       // The bar.sync above ordered every consumer's writes before this thread; the release
       // add publishes them (cumulativity) to whoever acquires the counter.
@@ -287,7 +326,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
       } else if (sig >= 0) {
         red_release_add(a.counters + sig, 1);
       }
-      if (kTiming) timing[4 * i + 2] = globaltimer();
+      if (kTiming) timing_row[2] = globaltimer();
       if (kReleaseQuiet) set_flag(ring.quiet, 0);
     }
   }
@@ -306,6 +345,9 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   ring.abort = flags + 2;
   ring.ready = flags + 3;
   ring.quiet = flags + 4;
+  ring.started = flags + 5;
+  ring.nclaimed = flags + 6;
+  ring.claimq = flags + 8;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kMaxSlots; ++s) {
       mbar_init(&ring.full[s], 1);
@@ -316,6 +358,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[2] = 0;
     flags[3] = -1;
     flags[4] = 0;
+    flags[5] = -1;
+    flags[6] = 0;
     fence_mbar_init();
   }
   __syncthreads();
@@ -331,7 +375,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   if (threadIdx.x == 0 && a.counts_step && ld_volatile(a.error) == ERR_NONE) {
     __threadfence();
     const int old = atomicAdd(a.done, 1);
-    if (old == static_cast<int>(gridDim.x) * (epoch + 1) - 1) atomicExch(a.epoch, epoch + 1);
+    if (old == static_cast<int>(gridDim.x) * (epoch + 1) - 1) {
+      if (a.claim_next) *a.claim_next = 0;  // every loader has stopped claiming
+      atomicExch(a.epoch, epoch + 1);
+    }
   }
 }
 

@@ -33,10 +33,20 @@ struct KernelArgs {
   int32_t* epoch;                  // [1] steps completed since reset
   int32_t* done;                   // [1] blocks finished, monotonic
   int32_t* error;                  // [8] code, sm, queue index, uid, counter, value, target, opcode
-  int64_t* timing;                 // [num_sms, max_len, 4] wait start, wait end, end, outputs
+  int64_t* timing;                 // [num_sms, timing_len, 4] wait start, wait end, end, outputs
                                    // written (before the release add) (ns), or null:
                                    // null launches the instantiation built without timing code
   int max_len;
+  // Records the SMs claim at run time (plan policy "queue", option claim_tail): after its
+  // static queue every SM takes the next unclaimed one with an atomic add on claim_next and
+  // runs it, until the list runs dry. In uid order, every uid above the static queues'.
+  const int32_t* claim;            // [claim_len, kWords], or null (no claims)
+  int claim_len;
+  int32_t* claim_next;             // [1] next unclaimed record; 0 at a launch's start (the
+                                   // last block to finish a step puts it back to 0)
+  int32_t* claimed;                // [num_sms, claim_len] timing builds: SM s's claims in
+                                   // order, -1 after its last; or null
+  int timing_len;                  // rows of timing / phase_timing per SM: max_len + claim_len
   int64_t* page_timing;            // [num_sms, page_max, kPageStamps] per ring page (ns):
                                    // 0 loader issue, 1 consumer warp 0 wait start, 2 wait
                                    // end, 3 page done; the loader's own progress: 7 reached
@@ -44,7 +54,7 @@ struct KernelArgs {
                                    // (page it - cap landed), 6 its copies issued (lane 0);
                                    // null unless timing
   int page_max;
-  int64_t* phase_timing;           // [num_sms, max_len, 4] stamps an op takes inside an
+  int64_t* phase_timing;           // [num_sms, timing_len, 4] stamps an op takes inside an
                                    // instruction (ns, phase_stamp in common.cuh), or null;
                                    // written only by a build with -DMK_PHASE_STAMPS=1
 

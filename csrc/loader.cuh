@@ -12,34 +12,69 @@ namespace mk {
 
 // The pages of the matvec instructions of one SM queue, in the order the consumers take them.
 // With `inputs`, the walk prefetches the inputs (inputs.cuh) of every instruction it passes,
-// or (MK_INPUT_LEAD) of the one kInputLead instructions further on.
+// or (MK_INPUT_LEAD) of the one kInputLead instructions further on. With `claims` (the
+// loader's own walk, where KernelArgs::claim is set) the queue goes on past the static one
+// with the records this walk claims (claim_next), until the claim list runs dry.
 struct PageWalk {
   const int32_t* queue;
-  int qlen, i, p;          // instruction index (qlen: finished), page inside it
+  int qlen, i, p;          // instruction index (end: finished), page inside it
+  int end;                 // qlen, or (claims) the queue's end once known
   bool inputs;
+  bool claims;             // this walk claims (publishing to the ring's FIFO)
   MatvecGeometry g;
 
-  __device__ void start(const KernelArgs& a, const int32_t* q, int n, bool with_inputs) {
+  __device__ void start(const KernelArgs& a, const Ring& ring, const int32_t* q, int n,
+                        bool with_inputs, bool with_claims) {
     queue = q; qlen = n; i = -1; inputs = with_inputs;
+    claims = kClaims && with_claims && a.claim_len > 0;
+    end = claims ? INT32_MAX : qlen;
     for (int j = 0; inputs && j < kInputLead && j < qlen; ++j)
       prefetch_inputs(a, queue + static_cast<size_t>(j) * kWords, threadIdx.x & 31);
-    next_instruction(a);
+    next_instruction(a, ring);
   }
-  __device__ bool done() const { return i >= qlen; }
-  __device__ void next_instruction(const KernelArgs& a) {
+  __device__ bool done() const { return i >= end; }
+  // Every lane: claim the record of queue index i (> the static queue) once the consumers
+  // have begun index i - kClaimAhead, publish it in the FIFO (lane 0), and return it; null
+  // when the list ran dry or the block stops. Claims are taken in increasing order
+  // everywhere and static instructions never wait on claimed ones (validate.py), so the
+  // smallest unfinished claimed instruction always runs: no deadlock.
+  __device__ const int32_t* claim(const KernelArgs& a, const Ring& ring) {
+    const int j = i - qlen;
+    int k = -1;
+    if ((threadIdx.x & 31) == 0) {
+      while (get_flag(ring.started) < i - kClaimAhead && !*ring.abort) __nanosleep(64);
+      if (!*ring.abort) k = atomicAdd(a.claim_next, 1);
+      if (k >= a.claim_len) k = -1;
+      set_flag(ring.claimq + j % kClaimSlots, k);
+      __threadfence_block();  // the entry before the count that publishes it
+      set_flag(ring.nclaimed, j + 1);
+      if (a.claimed && j < a.claim_len)
+        a.claimed[static_cast<size_t>(blockIdx.x) * a.claim_len + j] = k;
+    }
+    k = __shfl_sync(0xffffffffu, k, 0);
+    return k < 0 ? nullptr : a.claim + static_cast<size_t>(k) * kWords;
+  }
+  __device__ void next_instruction(const KernelArgs& a, const Ring& ring) {
     p = 0;
-    for (++i; i < qlen; ++i) {
-      const int32_t* ins = queue + static_cast<size_t>(i) * kWords;
-      if (inputs && i + kInputLead < qlen)  // every instruction once (kInputLead: start)
-        prefetch_inputs(a, ins + kInputLead * kWords, threadIdx.x & 31);
+    for (++i; i < end; ++i) {
+      const int32_t* ins;
+      if (i < qlen) {
+        ins = queue + static_cast<size_t>(i) * kWords;
+        if (inputs && i + kInputLead < qlen)  // every instruction once (kInputLead: start)
+          prefetch_inputs(a, ins + kInputLead * kWords, threadIdx.x & 31);
+      } else {
+        ins = claim(a, ring);
+        if (!ins) { end = i; return; }
+        if (inputs) prefetch_inputs(a, ins, threadIdx.x & 31);
+      }
       if (has_pages(__ldg(ins + W_OPCODE))) {
         g = matvec_geometry(a, ins);
         if (g.pages() > 0) return;
       }
     }
   }
-  __device__ void advance(const KernelArgs& a) {
-    if (++p >= g.pages()) next_instruction(a);
+  __device__ void advance(const KernelArgs& a, const Ring& ring) {
+    if (++p >= g.pages()) next_instruction(a, ring);
   }
   // Row segments of the current page: rows, bytes per row, first element of row 0.
   __device__ int rows() const { return g.group_rows(p % g.ngroups); }
@@ -70,10 +105,10 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
   // The queue itself first: the walks below and the consumers read every instruction.
   if (kInputPrefetch && lane == 0 && qlen > 0) prefetch_l2(queue, qlen * kWords * sizeof(int32_t));
   PageWalk load, ahead;  // ahead: the next page to pull into L2 (each lane its own rows)
-  load.start(a, queue, qlen, kInputPrefetch);
-  ahead.start(a, queue, qlen, false);
+  load.start(a, ring, queue, qlen, kInputPrefetch, true);
+  ahead.start(a, ring, queue, qlen, false, false);  // static pages only: it claims nothing
   uint32_t it = 0, ahead_it = 0;
-  for (; !load.done(); load.advance(a), ++it) {
+  for (; !load.done(); load.advance(a, ring), ++it) {
     // The timing build stamps the loader's progress per page (KernelArgs::page_timing):
     // reached it (7), its slot free (4), the in-flight cap passed (5), issue (0), copies
     // issued (6): which wait holds the stream where the ring has room.
@@ -82,7 +117,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       while (*ring.ready < load.i && !*ring.abort) {}
       if (*ring.abort) break;
     }
-    for (; l2_ahead && !ahead.done() && ahead_it < it; ahead.advance(a), ++ahead_it) {}
+    for (; l2_ahead && !ahead.done() && ahead_it < it; ahead.advance(a, ring), ++ahead_it) {}
     const int slot = ring.slot_of(it);
     const uint64_t wait_start = l2_ahead ? globaltimer() : 0;
     bool stop = false;
@@ -92,7 +127,7 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
           ahead_it < it + kL2PrefetchPages &&
           globaltimer() - wait_start >= static_cast<uint64_t>(kL2StallNs)) {
         for (int r = 0; r < ahead.rows(); ++r) prefetch_lines(ahead.row(r), ahead.row_bytes(), lane);
-        ahead.advance(a);
+        ahead.advance(a, ring);
         ++ahead_it;
       }
     }

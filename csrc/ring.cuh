@@ -15,6 +15,11 @@ struct Ring {
   volatile int* abort;     // set by consumers when the block stops early
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
   volatile int* quiet;     // kReleaseQuiet: the consumers' release is near, issue nothing
+  // Claims (KernelArgs::claim): the loader claims records and hands them to the consumers
+  // in order through a FIFO of kClaimSlots claim indices (-1: the list ran dry).
+  volatile int* started;   // queue index (static, then claimed) the consumers have begun
+  volatile int* nclaimed;  // claims published so far (the dry one included)
+  volatile int* claimq;    // [kClaimSlots] claim j in claimq[j % kClaimSlots]
   __device__ unsigned char* slot_bytes(int s) const {
     return pages + static_cast<size_t>(s) * kSlotBytes;
   }

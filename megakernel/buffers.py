@@ -29,7 +29,7 @@ STEP_OUTPUTS = ("tokens", "pos", "resid", "q", "k_cache", "v_cache", "o_part", "
                 "act", "logits", "amax_val", "amax_idx", "out_tokens", "part")
 # Synchronisation state: zeroed by reset(). The flagged copies' (*_ll) tags are epoch + 1 of
 # the step that wrote them: they must start over with the epoch.
-SYNC_STATE = ("counters", "epoch", "done", "error", "part_ll", "q_ll", "kv_ll")
+SYNC_STATE = ("counters", "epoch", "done", "error", "claim_next", "part_ll", "q_ll", "kv_ll")
 
 
 @dataclasses.dataclass
@@ -55,6 +55,8 @@ class Buffers:
     epoch: torch.Tensor       # [1] int32
     done: torch.Tensor        # [1] int32
     error: torch.Tensor       # [8] int32 watchdog record
+    claim_next: torch.Tensor  # [1] int32 next unclaimed record of Program.claim (the kernel
+                              # puts it back to 0 at a step's end; reset() after an error)
     rope_cos: torch.Tensor    # [S, D/2] fp32
     rope_sin: torch.Tensor    # [S, D/2] fp32
     part: torch.Tensor | None = None   # [2L, TP, B, d] under tp > 1
@@ -86,6 +88,7 @@ class Buffers:
             act=f32(L, B, I), logits=f32(B, V), amax_val=f32(B, NLM), amax_idx=i32(B, NLM),
             out_tokens=torch.zeros(B, dtype=torch.int64, device=device),
             counters=i32(int(program.num_counters)), epoch=i32(1), done=i32(1), error=i32(8),
+            claim_next=i32(1),
             rope_cos=cos.contiguous(), rope_sin=sin.contiguous(),
             part=f32(2 * L, tp, B, d) if tp > 1 else None)
 

@@ -111,9 +111,17 @@ def accumulator_floats(program) -> int:
     matvec's rows x batch, an ATTN_OPROJ's dims x batch (the kernel's kAccFloats bound)."""
     ins = program.instructions
     live = np.arange(ins.shape[1])[None] < np.asarray(program.queue_len)[:, None]
-    need = [ins[..., w][live & (ins[..., 0] == int(op))] for op, w in _ROWS_WORD.items()]
-    need.append(ins[..., _NDIMS_WORD][live & (ins[..., 0] == int(Op.ATTN_OPROJ))])
+    rec = np.concatenate([ins[live], _claim(program)])   # every record, static and claimed
+    need = [rec[:, w][rec[:, 0] == int(op)] for op, w in _ROWS_WORD.items()]
+    need.append(rec[:, _NDIMS_WORD][rec[:, 0] == int(Op.ATTN_OPROJ)])
     return int(max((int(n.max()) for n in need if n.size), default=0)) * program.batch
+
+
+def _claim(program) -> np.ndarray:
+    """int32 [claim_len, WORDS]: the records `program`'s SMs claim at run time (policy "queue",
+    option claim_tail; none for a Program without them)."""
+    return np.asarray(getattr(program, "claim", np.zeros((0, isa.WORDS), np.int32)),
+                      dtype=np.int32).reshape(-1, isa.WORDS)
 
 
 def b1_misfit(program, limits: dict) -> str | None:
@@ -189,6 +197,10 @@ class Runtime:
                 raise ValueError(f"the Program was planned with {option}=True: {what}, which "
                                  f"a kernel built with {flag} does not do (plan with "
                                  f"{option}=False)")
+        if len(_claim(program)) and "-DMK_CLAIMS=0" in build_flags:
+            raise ValueError("the Program has claimed instructions (policy 'queue', "
+                             "claim_tail), which a kernel built with -DMK_CLAIMS=0 does not "
+                             "run; plan it with a static policy and claim_tail='none'")
         if "no_load" in ablate and not any(f.startswith("-DMK_RAW_SLOT") for f in build_flags):
             # no_load times a 4-slot ring: with the raw slot (the default's 5th, batches on
             # CUDA cores) that diagnostic hung at llama-3.2-1b batch 1, positions 300 and 512.
@@ -223,11 +235,22 @@ class Runtime:
             "counter_targets": dev(program.counter_targets if program.num_counters else [0])}
         if program.num_counters == 0:
             self.buffers.counters = torch.zeros(1, dtype=torch.int32, device=device)
+        claim = _claim(program)
+        if len(claim):
+            if program.tp > 1:
+                raise ValueError("claimed instructions (policy 'queue', claim_tail) need tp = 1")
+            self._program_tensors["claim"] = dev(claim)
         if timing and program.tp > 1:
             raise ValueError("timing=True is not supported under tensor parallelism (tp > 1)")
-        # Per instruction: wait start, wait end, end, outputs written (before the release).
-        self.timing = (torch.zeros(program.num_sms, program.instructions.shape[1], 4,
+        # Per instruction: wait start, wait end, end, outputs written (before the release);
+        # an SM's claimed instructions follow its static queue (timing_len rows).
+        timing_len = int(program.instructions.shape[1]) + len(claim)
+        self.timing = (torch.zeros(program.num_sms, timing_len, 4,
                                    dtype=torch.int64, device=device) if timing else None)
+        # Timing builds: which claim each SM took, in order (-1 after its last): the trace
+        # rebuilds the queues as executed from it (Program.as_executed).
+        self.claimed = (torch.full((program.num_sms, len(claim)), -1, dtype=torch.int32,
+                                   device=device) if timing and len(claim) else None)
         # Per ring page (ns): loader issue, consumer warp 0 wait start, wait end, done, then
         # the loader's slot free, cap passed, copies issued, page reached (KernelArgs).
         self.page_timing = (torch.zeros(program.num_sms, PAGE_TIMING_MAX, PAGE_STAMPS,
@@ -242,9 +265,10 @@ class Runtime:
                    "final_norm": packed.final_norm, "attn_norm": packed.attn_norm,
                    "mlp_norm": packed.mlp_norm, "wqkv": packed.wqkv, "wo": packed.wo,
                    "wgu": packed.wgu, "wdown": packed.wdown, "wo_t": packed.wo_t,
-                   "timing": self.timing,
+                   "timing": self.timing, "claimed": self.claimed,
                    "page_timing": self.page_timing, "phase_timing": self.phase_timing}
-        sizes = dict(max_len=int(program.instructions.shape[1]), page_max=PAGE_TIMING_MAX,
+        sizes = dict(max_len=int(program.instructions.shape[1]), claim_len=len(claim),
+                     page_max=PAGE_TIMING_MAX,
                      B=program.batch, d=cfg.d, I=cfg.I,
                      L=cfg.L, H=cfg.H, Hkv=cfg.Hkv, D=cfg.D, V=cfg.V, S=max_seq,
                      NS=program.attn_splits, NLM=program.lm_slices,
