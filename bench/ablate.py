@@ -7,9 +7,10 @@ A row is Decoder kwargs: plan arguments and options (policy, granularity, num_sm
 attn_splits, ...) go to plan() together with the device's calibration and the timed position,
 and `ablate` / `build_flags` go to the Runtime. Diagnostic rows give wrong results and exist
 only to time one part of the pipeline (see bench/NOTES.md): `no_waits` zeroes every
-instruction's wait words (3..6), `no_compute` / `no_load` skip the consumers' math / the
-weight copies. A run's records carry ms_per_step (None with a `note` when the row was skipped
-or failed) and predicted_ms; `derive` adds the ratios to the default row and the bandwidth.
+instruction's wait words (3..6), queued or claimed, `no_compute` / `no_load` skip the
+consumers' math / the weight copies. A run's records carry ms_per_step (None with a `note`
+when the row was skipped or failed) and predicted_ms; `derive` adds the ratios to the
+default row and the bandwidth.
 """
 from __future__ import annotations
 
@@ -54,6 +55,19 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("policy=rr", "round-robin SM assignment", {"policy": "rr"}),
         Row("policy=lpt", "cost-balanced SM assignment, no dependency model",
             {"policy": "lpt"}),
+        Row("policy=queue", "global work queue: every instruction claimed at run time with "
+            "an atomic, in the dag policy's order", {"policy": "queue"}),
+        Row("policy=queue+MK_CLAIM_AHEAD=0", "the global work queue, an SM claiming its "
+            "next instruction only once it has begun the one before, not one ahead (no "
+            "cross-instruction prefetch of claimed weights)",
+            {"policy": "queue", "build_flags": ("-DMK_CLAIM_AHEAD=0",)}),
+        Row("lmhead_slices=4xSMs", f"{4 * num_sms} LM head slices (4 per SM, each a quarter "
+            "of the default's), still queued statically", {"lmhead_slices": 4 * num_sms}),
+        Row("claim_tail=lmhead", f"as lmhead_slices=4xSMs, with the {4 * num_sms} LMHEADs and "
+            "the argmax claimed at run time (the SM that is free first takes the next)",
+            {"lmhead_slices": 4 * num_sms, "claim_tail": "lmhead"}),
+        flag("MK_CLAIMS", 0, "a kernel without the claim code (what compiling it in costs "
+             "the static plans)"),
         Row("granularity=layer", "one counter per stage and layer", {"granularity": "layer"}),
         Row("granularity=head", "one counter per head", {"granularity": "head"}),
         Row("attn_splits=4", "4 KV splits per (sequence, KV head)", {"attn_splits": 4}),
@@ -188,8 +202,10 @@ def plan_row(row: Row, cfg, batch: int, pos: int, num_sms: int, gpu):
     if not row.strip_waits:
         return program
     lo, hi = isa.HEADER.index("wait0_first"), isa.HEADER.index("wait1_count") + 1
-    stripped = dataclasses.replace(program, instructions=program.instructions.copy())
-    stripped.instructions[..., lo:hi] = 0
+    stripped = dataclasses.replace(program, instructions=program.instructions.copy(),
+                                   claim=program.claim.copy())
+    for records in (stripped.instructions, stripped.claim):
+        records[..., lo:hi] = 0
     stripped.predicted_us = simulate(stripped, gpu).total_us
     return stripped
 

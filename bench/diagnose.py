@@ -38,8 +38,9 @@ def ms(dec, iters=60):
 
 def without_waits(prog):
     p = copy.copy(prog)
-    p.instructions = prog.instructions.copy()
+    p.instructions, p.claim = prog.instructions.copy(), prog.claim.copy()
     p.instructions[..., 3:7] = 0
+    p.claim[..., 3:7] = 0
     return p
 
 

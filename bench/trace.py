@@ -7,6 +7,10 @@ Trace JSON: process 0, one thread (track) per SM named "SM s"; every instruction
 complete event named by its opcode from wait end to end, args uid / layer / its record's
 fields / MB moved; the wait before it is its own "wait" event. Times are microseconds since
 the step's first wait start.
+
+Everything here reads per-SM arrays by (SM, queue index), so a program with claims
+(Program.claim) is passed as program.as_executed(claimed), the queues its SMs ran that step;
+the functions that take the program refuse one with claims.
 """
 from __future__ import annotations
 
@@ -149,6 +153,7 @@ def page_table(program, timing: np.ndarray, pages: np.ndarray) -> str:
     same instruction (the consumers' page rate); then the share of pages warp 0 waited for
     (over 50 ns) and the median lead of those: how long a copy took when it mattered. A page
     belongs to the instruction whose execution (timing's wait end .. end) holds its wait end."""
+    program.require_static("trace.page_table")
     rows = {}
     for sm, k, idx in _pages_by_instruction(program, timing, pages):
         p = pages[sm, k].astype(np.float64) / 1e3
@@ -186,6 +191,7 @@ def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: i
     idle (bench/NOTES.md, session 22). Then the pages/us of each opcode whose pages the
     consumers took (_pages_by_instruction; pages no consumer stamped are in the total only):
     whose pages stream where, e.g. the next QKV's at the DOWN's end (session 23)."""
+    program.require_static("trace.issue_timeline")
     ops, layer = program.instructions[..., 0], program.instructions[..., 1]
     live = np.arange(program.instructions.shape[1])[None] < program.queue_len[:, None]
     down = live & (ops == int(isa.Op.DOWN))
@@ -231,6 +237,7 @@ def loader_table(program, timing: np.ndarray, pages: np.ndarray) -> str | None:
     issuing its copies, and walking to it from the page before (the walk's geometry and the
     input prefetches: previous copies issued -> reached); then the share of pages whose slot
     and cap waits took over 50 ns. The means add up to the loader's time per page."""
+    program.require_static("trace.loader_table")
     if pages.shape[-1] < 8:
         return None
     rows = {}
@@ -270,6 +277,7 @@ def phase_table(program, timing: np.ndarray, phases: np.ndarray) -> str:
     ns, a -DMK_PHASE_STAMPS=1 timing build; 0: not stamped): the median us from the wait's
     end to each phase and to the outputs written (timing column 3), over the instructions
     that stamped it, and what each phase marks (PHASES)."""
+    program.require_static("trace.phase_table")
     t = program.table()
     s = timing[t.sm, t.index].astype(np.int64)
     ph = phases[t.sm, t.index].astype(np.int64)
@@ -295,6 +303,7 @@ def release_line(program, timing: np.ndarray) -> str | None:
     """Per opcode, the median us from an instruction's outputs written (its last bar.sync)
     to its end (after the release add that publishes them): the release's own cost. None for
     a 3-stamp timing array (kept before the stamp existed)."""
+    program.require_static("trace.release_line")
     if timing.shape[2] < 4:
         return None
     t = program.table()
@@ -309,6 +318,7 @@ def save_npz(path, timing: np.ndarray, program, meta: dict, pages=None, phases=N
     re-planning the same program needs, and the measured times); `pages`: the ring-page
     stamps, when recorded (load_pages); `phases`: the ops' phase stamps, kept when any was
     taken (load_phases)."""
+    program.require_static("trace.save_npz")
     path = Path(path)
     extra = {}
     if phases is not None and (np.asarray(phases) != 0).any():

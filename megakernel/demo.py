@@ -13,10 +13,10 @@ from .config import ModelConfig
 from .cpu_interpreter import CpuInterpreter
 from .reference import ReferenceModel
 from .scheduler import plan
+from .scheduler.assign import POLICIES
 from .weights import Weights
 
 REL_TOL = 1e-5   # fp32 against fp32: only the summation order differs
-POLICIES = ("rr", "lpt", "dag")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def main(args) -> int:
         err, same = compare(cfg, weights, prog, args.steps, args.seed)
         ok = err <= REL_TOL and same
         failed += not ok
-        print(f"{policy:<8}{int(prog.queue_len.sum()):>13}{prog.num_counters:>10}{err:>13.2e}"
+        print(f"{policy:<8}{prog.num_instructions:>13}{prog.num_counters:>10}{err:>13.2e}"
               f"{'yes' if same else 'NO':>14}{time.perf_counter() - start:>9.2f}  "
               f"{'ok' if ok else 'FAIL'}")
     return 1 if failed else 0

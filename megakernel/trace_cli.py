@@ -87,12 +87,28 @@ def offline(path: Path, args):
     program = plan(meta["model"], batch=meta["batch"], num_sms=meta["num_sms"],
                    policy=meta["policy"], granularity=meta["granularity"],
                    gpu=meta["gpu_spec"], kv_position=meta["pos"], **meta.get("options", {}))
+    if program.claim_len:   # kept as executed: each SM's claims follow its static queue
+        program = program.as_executed(_claims_of(program, instructions, queue_len))
     if not (np.array_equal(program.instructions, instructions)
             and np.array_equal(program.queue_len, queue_len)):
         raise ValueError(f"{path}: planning {meta['model']} batch {meta['batch']} now gives "
                          "another program than the one traced (the scheduler changed); "
                          "trace it again")
     return program, timing, meta
+
+
+def _claims_of(program, instructions, queue_len):
+    """The claim map (Program.as_executed's argument) of a claimed step kept as executed:
+    the records past each SM's static queue, by uid."""
+    import numpy as np
+
+    from megakernel.scheduler import isa
+    claimed = np.full((program.num_sms, program.claim_len), -1, np.int64)
+    first = int(program.queue_len.sum())      # claim k has uid first + k
+    for s, (n0, n) in enumerate(zip(program.queue_len, queue_len)):
+        uids = instructions[s, n0:n, isa.HEADER.index("uid")]
+        claimed[s, :len(uids)] = uids - first
+    return claimed
 
 
 class Traced:
@@ -111,6 +127,7 @@ class Traced:
         self.name = torch.cuda.get_device_name(device)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.pages = self.phases = None   # ring-page and phase stamps of the last traced replay
+        self.executed = None              # a program with claims: its last traced replay's queues
         if args.phases and PHASE_FLAG not in args.build_flag:
             args.build_flag.append(PHASE_FLAG)
 
@@ -145,10 +162,16 @@ class Traced:
         ms = self.harness.time_steps(step, a.iters, a.warmup,
                                      before=lambda: (self.flush(), before()))
         dec.runtime.check()
-        if timing:
-            self.pages = dec.runtime.page_timing.cpu().numpy()
-            self.phases = dec.runtime.phase_timing.cpu().numpy()
-        return ms, (dec.runtime.timing.cpu().numpy() if timing else None)
+        if not timing:
+            return ms, None
+        stamps = dec.runtime.timing.cpu().numpy()
+        self.pages = dec.runtime.page_timing.cpu().numpy()
+        self.phases = dec.runtime.phase_timing.cpu().numpy()
+        if program.claim_len:   # the queues the SMs ran in the last replay (Program.as_executed)
+            self.executed = program.as_executed(dec.runtime.claimed.cpu().numpy())
+            stamps = stamps[:, :self.executed.max_len]
+            self.phases = self.phases[:, :self.executed.max_len]
+        return ms, stamps
 
     def trace_planned(self, gpu=None):
         """Plan, time timing off and on, keep <out>/trace.npz -> (program, timing, meta)."""
@@ -157,6 +180,7 @@ class Traced:
         program = self.plan(gpu)
         off, _ = self.run(program, timing=False)
         on, stamps = self.run(program, timing=True)
+        program = self.executed or program
         a = self.args
         meta = dict(model=a.model, batch=a.batch, pos=a.pos, policy=a.policy,
                     granularity=a.granularity, num_sms=self.num_sms,

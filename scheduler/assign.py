@@ -2,13 +2,18 @@
 for each. Every policy returns (order, sm): order[k] = lowering index of the k-th instruction
 (its uid will be k), sm[i] = SM of lowering index i. Each SM's queue is its instructions in
 `order`, so every queue is a subsequence of one topological order (deadlock freedom).
+Instructions plan() makes claimed (policy queue, option claim_tail) ignore their SM and
+run in `order` from Program.claim, whichever SM is free first taking the next.
 
-    rr   round-robin over the lowering order
-    lpt  stage by stage (a wave), longest predicted instruction first onto the SM least
-         loaded in this wave, ties to the least loaded overall; blind to ready times
-    dag  list scheduling: among instructions whose producers are all placed, take the one
-         with the longest predicted path to the end; put it on the SM that can start it
-         earliest (best fit: of the SMs idle by its ready time, the one idle latest)
+    rr     round-robin over the lowering order
+    lpt    stage by stage (a wave), longest predicted instruction first onto the SM least
+           loaded in this wave, ties to the least loaded overall; blind to ready times
+    dag    list scheduling: among instructions whose producers are all placed, take the one
+           with the longest predicted path to the end; put it on the SM that can start it
+           earliest (best fit: of the SMs idle by its ready time, the one idle latest)
+    queue  a global work queue: dag's order, every instruction claimed at run time (plan()
+           puts them all in Program.claim; the static queues stay empty), so the SM that is
+           free first takes the next, whatever SM dag predicted
 Dependencies are tracked per distinct wait range (a "range node"), not per instruction
 pair, so the work is linear in instructions + counters.
 """
@@ -21,7 +26,7 @@ import numpy as np
 
 from .lowering import Lowered
 
-POLICIES = ("rr", "lpt", "dag")
+POLICIES = ("rr", "lpt", "dag", "queue")
 
 
 def assign(low: Lowered, cost_us: np.ndarray, policy: str, num_sms: int,
@@ -31,7 +36,7 @@ def assign(low: Lowered, cost_us: np.ndarray, policy: str, num_sms: int,
         return order, (order % num_sms).astype(np.int32)
     if policy == "lpt":
         return _lpt(low, cost_us, num_sms)
-    return _dag(low, cost_us, num_sms, counter_latency_us)
+    return _dag(low, cost_us, num_sms, counter_latency_us)     # dag, and queue's order
 
 
 def _lpt(low: Lowered, cost: np.ndarray, num_sms: int):

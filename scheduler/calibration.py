@@ -4,8 +4,10 @@ trace, save them per GPU, and hand them to plan() (`resolve`, the hook).
 A trace is the kernel's timing array int64 [num_sms, max_len, 4]: %globaltimer ns of every
 queued instruction's (wait start, wait end = compute start, end, and outputs written, the
 moment before its release add, which the fit does not use); entries past an SM's queue_len
-are 0. The simulator (simulate.py) models an instruction as: it starts when its
-SM is free and its counters are complete + counter_latency_us, then holds the SM for
+are 0. A program with claims (Program.claim) is traced through program.as_executed(claimed),
+the queues its SMs ran that step (the kernel's timing then has max_len + claim_len rows).
+The simulator (simulate.py) models an instruction as: it starts when its SM is free and its
+counters are complete + counter_latency_us, then holds the SM for
 instruction_us = instr_latency_us + bytes / sm_bandwidth. The fit measures those quantities:
     occupancy_i = end_i - (wait end_i if it waited longer than wait_eps_us, else the end of
                   the previous instruction on its SM: fetch and a satisfied counter check
@@ -76,12 +78,17 @@ class Measured:
 
 
 def measure(program, timing) -> Measured:
-    """timing: int64 [num_sms, max_len, 3 or 4] (numpy) of one step of `program`: wait start,
-    wait end, end (and outputs written, unused here)."""
+    """timing: int64 [num_sms, >= max_len, 3 or 4] (numpy) of one step of `program`: wait
+    start, wait end, end (and outputs written, unused here), by (SM, queue index). A program
+    with claims is measured through program.as_executed(claimed), whose queues may be
+    shorter than the kernel's timing rows (max_len + claim_len of the claimed program)."""
+    program.require_static("calibration.measure")
     timing = np.asarray(timing)
     want = (program.num_sms, program.max_len)
-    if timing.shape[:2] != want or timing.ndim != 3 or timing.shape[2] not in (3, 4):
-        raise ValueError(f"timing has shape {timing.shape}, the program needs {want + (4,)}")
+    if timing.ndim != 3 or timing.shape[0] != want[0] or timing.shape[1] < want[1] \
+            or timing.shape[2] not in (3, 4):
+        raise ValueError(f"timing has shape {timing.shape}, the program needs [{want[0]}, "
+                         f">= {want[1]}, 3 or 4]")
     t = program.table()
     stamps = timing[t.sm, t.index, :3].astype(np.int64)                 # [N, 3]
     bad = (stamps[:, 0] <= 0) | (np.diff(stamps, axis=1) < 0).any(axis=1)

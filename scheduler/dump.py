@@ -1,9 +1,11 @@
 """`python -m megakernel plan`: plan a decode step and print a readable digest of it.
 
 Prints the program summary, a table per opcode (instructions, bytes, predicted time), the
-spread of work over SMs, the counters, and the predicted step time against the HBM floor;
-summaries only, never one line per instruction. --trace writes the predicted timeline as
-Chrome/Perfetto trace JSON (one track per SM).
+spread of work over SMs (claimed records on the SMs the simulator predicts take them), the
+claim list (the records the SMs claim at run time: its opcodes and uids), the counters, and
+the predicted step time against the HBM floor; summaries only, never one line per
+instruction. --trace writes the predicted timeline as Chrome/Perfetto trace JSON (one track
+per SM).
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from . import isa
 from .assign import POLICIES
 from .cost import instruction_bytes_flops
 from .lowering import GRANULARITIES
-from .plan import plan
+from .plan import CLAIM_TAILS, plan
 from .simulate import simulate
+from .table import CLAIMED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--granularity", choices=GRANULARITIES, default="chunk")
     parser.add_argument("--attn-splits", type=int, default=None)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--claim-tail", choices=tuple(CLAIM_TAILS), default="none",
+                        help="claim the step's tail (LMHEAD, ARGMAX) at run time: lmhead")
     parser.add_argument("--slices", type=int, default=None,
                         help="target slices per weight matrix (default num_sms)")
     parser.add_argument("--kv-position", type=int, default=512,
@@ -47,7 +52,7 @@ def _config(model: str) -> ModelConfig:
 
 
 def main(args) -> int:
-    options = {"kv_position": args.kv_position}
+    options = {"kv_position": args.kv_position, "claim_tail": args.claim_tail}
     if args.slices is not None:
         options["slices"] = args.slices
     t0 = time.perf_counter()
@@ -70,6 +75,9 @@ def main(args) -> int:
     print()
     print(_per_sm(prog, timeline))
     print()
+    if prog.claim_len:
+        print(_claims(prog, timeline))
+        print()
     print(_counters(prog))
     print()
     weight_floor = prog.config.weight_bytes(prog.gpu.weight_bytes) / prog.gpu.hbm_bytes_per_s
@@ -100,7 +108,7 @@ def _per_opcode(prog, timeline) -> str:
 
 def _per_sm(prog, timeline) -> str:
     busy = timeline.busy_us()
-    q = prog.queue_len
+    q = np.bincount(timeline.sm, minlength=prog.num_sms)    # claims where predicted
     total = timeline.total_us
 
     def spread(x, fmt):
@@ -114,6 +122,23 @@ def _per_sm(prog, timeline) -> str:
         f"  idle share    {spread(1 - busy / total, '.1%')}",
         "  least busy SMs: " + ", ".join(f"{s} ({busy[s]:.0f} us)" for s in order[:3]),
         "  busiest SMs:    " + ", ".join(f"{s} ({busy[s]:.0f} us)" for s in order[::-1][:3]),
+    ])
+
+
+def _claims(prog, timeline) -> str:
+    """The claim list: its length, uids, opcodes, and how many claims each SM is predicted
+    to take (the simulator's: the SM free first takes the next)."""
+    t = prog.table()
+    claimed = t.take(np.flatnonzero(t.sm == CLAIMED))
+    ops = ", ".join(f"{op.name} {int((claimed.op == op).sum())}" for op in isa.Op
+                    if (claimed.op == op).any())
+    taken = np.bincount(timeline.sm[timeline.uid >= prog.num_instructions - prog.claim_len],
+                        minlength=prog.num_sms)
+    return "\n".join([
+        f"claim list: {prog.claim_len} records claimed at run time, uids "
+        f"{int(claimed.uid[0])}..{int(claimed.uid[-1])}: {ops}",
+        f"  predicted claims per SM: min {taken.min()}  median {np.median(taken):.0f}  "
+        f"max {taken.max()}",
     ])
 
 

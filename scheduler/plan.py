@@ -1,6 +1,7 @@
 """plan(): the scheduler's entry point. Checks the arguments, lowers the step (lowering.py),
-prices every instruction (cost.py), assigns SMs (assign.py), encodes the per-SM queues,
-validates the result (validate.py) and predicts the step time (simulate.py).
+prices every instruction (cost.py), assigns SMs (assign.py), encodes the per-SM queues and
+the claim list (the records SMs claim at run time: policy "queue", option claim_tail;
+program.py), validates the result (validate.py) and predicts the step time (simulate.py).
 tp > 1 (sharding.py): every rank is lowered on the shard config; rank 0's costs pick one
 order and SM assignment for all ranks (their stages and counters are identical), so uids
 match across ranks; the result is a TpProgram of per-rank Programs.
@@ -41,6 +42,11 @@ Options (plan(..., name=value); Program.options holds them all, defaults filled 
                     accumulator copies within the kernel's; measured best at 1B batch 5, 8
                     and 16 and 8B batch 8 and 16, bench/NOTES.md session 17). n > 1
                     makes the residual's sums order-nondeterministic, as ATTN_OPROJ's are
+    claim_tail      "none" (default) or "lmhead": the step's tail, every LMHEAD and ARGMAX, is
+                    claimed at run time (Program.claim: an idle SM takes the next with an
+                    atomic) instead of queued on an SM by the policy; its instructions get
+                    the last uids (they depend on everything before them). For rr, lpt and
+                    dag; policy "queue" claims every instruction anyway. tp = 1
     kv_position     sequence position the cost model assumes for ATTN's KV reads (512)
     fold            tp > 1: the residual's readers sum the tp partials (True; the kernel
                     built with -DMK_FOLD=1, which Decoder adds), or RESID_SUM stages do
@@ -66,24 +72,26 @@ from .simulate import simulate
 from .validate import validate
 
 OPTIONS = ("slices", *(f"{op}_slices" for op in SLICED_OPS), "oproj_col_slices",
-           "down_k_slices", "kv_position", "fold", "fuse_reduce", "fuse_oproj", "validate")
+           "down_k_slices", "claim_tail", "kv_position", "fold", "fuse_reduce", "fuse_oproj",
+           "validate")
 BOOL_OPTIONS = {"fold": False, "fuse_reduce": False, "fuse_oproj": None,
                 "validate": True}   # and their defaults (None: decided by plan())
 FUSE_OPROJ_MAX_BATCH = 8   # ATTN_OPROJ keeps a batch row's sums in registers
 FUSE_OPROJ_DEFAULT_MAX_BATCH = 7   # fuse_oproj's default: on up to this batch
 WHOLE_DOWN_MAX_BATCH = 4   # fused plans up to this batch keep whole DOWN rows by default
+CLAIM_TAILS = {"none": (), "lmhead": (isa.Op.LMHEAD, isa.Op.ARGMAX)}   # -> the opcodes claimed
 
 
 def parse_options(text: str) -> dict:
     """plan() keywords from "k=v,k2=v2" (command lines): the options above, attn_splits,
     num_sms, policy and granularity; True/False options take 1/0 or true/false."""
-    words, ints = ("policy", "granularity"), ("attn_splits", "num_sms")
+    words, ints = ("policy", "granularity", "claim_tail"), ("attn_splits", "num_sms")
     out = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in OPTIONS + words + ints:
             raise ValueError(f"plan option {item!r}: expected k=v with k one of "
-                             f"{list(OPTIONS + words + ints)}")
+                             f"{list(dict.fromkeys(OPTIONS + words + ints))}")
         if key in words:
             out[key] = value
         elif key in BOOL_OPTIONS:
@@ -129,6 +137,8 @@ def _resolve_options(cfg: ModelConfig, num_sms: int, options: dict) -> dict:
     out["oproj_col_slices"] = _int("oproj_col_slices", options.get("oproj_col_slices", 0), 0)
     k = options.get("down_k_slices")
     out["down_k_slices"] = None if k is None else _int("down_k_slices", k, 1)
+    out["claim_tail"] = _choice("claim_tail", options.get("claim_tail", "none"),
+                                tuple(CLAIM_TAILS))
     out["kv_position"] = _int("kv_position", options.get("kv_position", 512), 0)
     for key, default in BOOL_OPTIONS.items():
         out[key] = options.get(key, default)
@@ -208,6 +218,10 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
         else _int("attn_splits", attn_splits, 1)
     spec = calibration.resolve(gpu)
     opts = _resolve_options(cfg, num_sms, options)
+    if tp > 1 and (policy == "queue" or opts["claim_tail"] != "none"):
+        raise ValueError(f"policy='queue' and claim_tail need tp=1 (the SMs of one GPU claim "
+                         f"from its work queue), got tp={tp} with policy={policy!r}, "
+                         f"claim_tail={opts['claim_tail']!r}")
     opts["fuse_oproj"] = _resolve_fuse_oproj(tp, batch, opts)
     opts["down_k_slices"] = _resolve_down_k_slices(cfg, batch, num_sms, tp, opts)
 
@@ -220,16 +234,19 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
     cost = instruction_us(lows[0].instrs, cfg, batch, attn_splits, lows[0].lm_slices, spec,
                           num_sms, opts["kv_position"], tp)
     order, sm = assign(lows[0], cost, policy, num_sms, spec.counter_latency_us)
+    claimed = np.full(len(order), policy == "queue") | np.isin(
+        lows[0].instrs.op, CLAIM_TAILS[opts["claim_tail"]])
+    order = _claims_last(lows[0], order, claimed)
     programs = []
     for rank, low in enumerate(lows):
-        instructions, queue_len = _encode(low, order, sm, num_sms)
+        instructions, queue_len, claim = _encode(low, order, sm, claimed, num_sms)
         programs.append(Program(
             config=cfg, batch=batch, num_sms=num_sms, tp=tp, policy=policy,
             granularity=granularity, attn_splits=attn_splits, lm_slices=low.lm_slices,
             instructions=instructions, queue_len=queue_len,
             counter_targets=low.counter_targets.astype(np.int32),
             num_counters=len(low.counter_targets), num_instructions=len(order), options=opts,
-            predicted_us=0.0, gpu=spec, rank=rank))
+            predicted_us=0.0, gpu=spec, rank=rank, claim=claim))
     program = programs[0] if tp == 1 else TpProgram(full, tp, programs)
     if opts["validate"]:
         validate(program)
@@ -238,16 +255,41 @@ def plan(cfg, batch=1, num_sms=132, policy="dag", tp=1, granularity="chunk", att
     return program
 
 
-def _encode(low: Lowered, order: np.ndarray, sm: np.ndarray, num_sms: int):
-    """-> (instructions int32 [num_sms, max_len, WORDS], queue_len int32 [num_sms])."""
+def _claims_last(low: Lowered, order: np.ndarray, claimed: np.ndarray) -> np.ndarray:
+    """`order` with the claimed instructions (bool [N], lowering index) moved to its end,
+    each part in its own order: an SM claims only after its whole static queue, so every
+    claimed uid must follow every static one. That keeps the order topological unless a
+    static instruction waits on a counter a claimed one signals: then ValueError."""
+    ins = low.instrs
+    signals = np.zeros(len(low.counter_targets), bool)
+    signals[ins.signal[claimed & (ins.signal >= 0)]] = True
+    prefix = np.r_[0, np.cumsum(signals)]
+    first, count = ins.waits[:, 0::2], ins.waits[:, 1::2]
+    waits = (prefix[first + count] - prefix[first] > 0).any(axis=1)
+    bad = np.flatnonzero(~claimed & waits)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"cannot claim {int(claimed.sum())} instructions at run time after the "
+                         f"static queues: {isa.Op(int(ins.op[i])).name} (layer "
+                         f"{int(ins.layer[i])}) is not claimed but waits on a counter a claimed "
+                         "instruction signals")
+    return np.r_[order[~claimed[order]], order[claimed[order]]]
+
+
+def _encode(low: Lowered, order: np.ndarray, sm: np.ndarray, claimed: np.ndarray,
+            num_sms: int):
+    """-> (instructions int32 [num_sms, max_len, WORDS], queue_len int32 [num_sms], claim
+    int32 [claim_len, WORDS]): the static instructions in per-SM queues, the claimed ones
+    (the end of `order`, _claims_last) in uid order."""
     N = len(order)
     uid = np.empty(N, np.int32)
     uid[order] = np.arange(N, dtype=np.int32)
     records = low.instrs.to_records(uid)
-    queue_len = np.bincount(sm, minlength=num_sms).astype(np.int32)
-    by_queue = np.lexsort((uid, sm))
+    static = np.flatnonzero(~claimed)
+    queue_len = np.bincount(sm[static], minlength=num_sms).astype(np.int32)
+    by_queue = static[np.lexsort((uid[static], sm[static]))]
     sm_sorted = sm[by_queue]
-    index = np.arange(N) - (np.cumsum(queue_len) - queue_len)[sm_sorted]
-    instructions = np.zeros((num_sms, int(queue_len.max()), isa.WORDS), np.int32)
+    index = np.arange(len(by_queue)) - (np.cumsum(queue_len) - queue_len)[sm_sorted]
+    instructions = np.zeros((num_sms, max(1, int(queue_len.max())), isa.WORDS), np.int32)
     instructions[sm_sorted, index] = records[by_queue]
-    return instructions, queue_len
+    return instructions, queue_len, records[order[len(static):]]

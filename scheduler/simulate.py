@@ -2,10 +2,14 @@
 
 Each SM runs its queue in order. An instruction starts when its SM is free and every
 counter it waits on is complete (all signalers ended) plus counter_latency_us; it then
-runs for its predicted time (cost.instruction_us). Instructions are visited in uid order,
-which the validator guarantees is a topological order consistent with every queue, so
-one pass suffices. The dag policy places instructions with this same rule, so its
-schedule and this replay agree exactly.
+runs for its predicted time (cost.instruction_us). Then each record of the claim list
+(Program.claim), in claim order, goes to the SM that is free earliest (ties: the lowest
+SM index), as the SM that finishes first claims next at run time, and starts by the same
+rule: the predicted timeline of the queue policy and of claim_tail. Instructions are
+visited in uid order, which the validator guarantees is a topological order consistent
+with every queue and with the claim order (claimed uids follow every static one), so one
+pass suffices. The dag policy places instructions with this same rule, so its schedule
+and this replay agree exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 
 from . import isa
 from .cost import GpuSpec, instruction_us
+from .table import CLAIMED
 
 
 @dataclasses.dataclass
@@ -24,7 +29,7 @@ class Timeline:
     gpu: str
     num_sms: int
     uid: np.ndarray       # int32 [N], increasing (index == uid)
-    sm: np.ndarray        # int32 [N]
+    sm: np.ndarray        # int32 [N] (a claimed record: the SM predicted to claim it)
     op: np.ndarray        # int32 [N]
     layer: np.ndarray     # int32 [N]
     start_us: np.ndarray  # float64 [N]
@@ -69,8 +74,11 @@ def simulate(program, spec=None) -> Timeline:
     start = np.empty(len(t))
     end = np.empty(len(t))
     lat = spec.counter_latency_us
-    waits, signal, sms = t.waits.tolist(), t.signal.tolist(), t.sm.tolist()
-    for i, (w, c, s) in enumerate(zip(waits, signal, sms)):
+    sms = t.sm.copy()
+    waits, signal = t.waits.tolist(), t.signal.tolist()
+    for i, (w, c, s) in enumerate(zip(waits, signal, t.sm.tolist())):
+        if s == CLAIMED:
+            s = sms[i] = int(np.argmin(sm_free))       # the first SM free, lowest on ties
         ready = 0.0
         for k in range(0, len(w), 2):
             if w[k + 1]:
@@ -79,4 +87,4 @@ def simulate(program, spec=None) -> Timeline:
         end[i] = sm_free[s] = start[i] + cost[i]
         if c >= 0:
             done[c] = max(done[c], end[i])
-    return Timeline(spec.name, program.num_sms, t.uid, t.sm, t.op, t.layer, start, end)
+    return Timeline(spec.name, program.num_sms, t.uid, sms, t.op, t.layer, start, end)

@@ -1,8 +1,10 @@
 """Validator, run on every plan: proves a Program safe to hand to co-resident SM blocks.
 
 Checks, in order (the first failure raises ValueError naming the instruction as "uid U
-OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
-  1 shape: [num_sms, max_len, WORDS] int32; queue_len in range; all-zero NOP padding.
+OPCODE (layer l) on SM s at queue index k", or "... at claim index k" for a record the SMs
+claim at run time (Program.claim), and the counter or buffer element):
+  1 shape: [num_sms, max_len, WORDS] int32; queue_len in range; all-zero NOP padding; the
+    claim list int32 [claim_len, WORDS] without NOPs; claims only under tp = 1.
   2 fields: known opcodes, layer, every opcode field in range (rows even where isa.py says,
     n * batch <= MAX_ROWS_TIMES_BATCH), waits and signal inside the counter array; ATTN_OPROJ
     (dims in whole 4-dim vectors, as the kernel requires) and EMBED/OPROJ/DOWN copy = 1 only
@@ -15,10 +17,14 @@ OPCODE (layer l) on SM s at queue index k" and the counter or buffer element):
     is NS. Whichever split merges, readers of attn waiting on that counter follow it, so
     dataflow (5) books the merge's writes on split NS-1 and skips its reads of the group's
     partials (ordered by the ticket's acq_rel add, not by counters).
-  4 order: uids are 0..N-1, each queue is sorted by uid, and every signaler of a waited
-    counter has a smaller uid than the waiter. uid order is then one global topological
-    order that every queue follows, so all-resident blocks cannot deadlock: the unfinished
-    instruction with the smallest uid always heads its queue and has all inputs complete.
+  4 order: uids are 0..N-1 over the queues and the claim list, claim[k] has uid
+    num_static + k (num_static = queue_len.sum(): claimed uids follow every static uid, in
+    claim order), each queue is sorted by uid, and every signaler of a waited counter has a
+    smaller uid than the waiter. uid order is then one global topological order that every
+    queue and the claim order follow, so all-resident blocks cannot deadlock: the unfinished
+    instruction with the smallest uid always has all inputs complete and either heads its
+    queue, or is claimed, or (every static instruction and earlier claim being done) is the
+    next claim of an SM that is free to take it.
   5 dataflow (dataflow.py): buffers are SSA, every read is written, and every writer of a
     read element happens-before the reader through counters; accumulations (ATTN_OPROJ,
     K-sliced DOWN) follow the element's initial value and precede its readers.
@@ -37,7 +43,7 @@ from . import isa
 from .dataflow import check_dataflow
 from .isa import Op
 from .ranks import counter_namer, merge
-from .table import NUM_ARGS, Placed
+from .table import CLAIMED, NUM_ARGS, Placed
 
 REMOTE_OPS = (Op.OPROJ, Op.DOWN, Op.LMHEAD)
 
@@ -62,6 +68,9 @@ def _validate(program) -> None:
     tables = []
     for p in programs:
         _check_shape(p)
+        if p.claim_len and (len(programs) > 1 or p.tp > 1):
+            raise ValueError(f"invalid plan: rank {p.rank} has {p.claim_len} claimed records: "
+                             "claims need tp = 1 (the work queue is one GPU's)")
         tables.append(p.table())
         _check_fields(p, tables[-1], len(p.counter_targets), len(programs))
     if len(programs) == 1:
@@ -111,10 +120,26 @@ def _check_shape(p) -> None:
         sm, k = np.argwhere(spare)[0]
         raise ValueError(f"invalid plan: uid {ins[sm, k, 2]} on SM {sm} at queue index {k}: "
                          f"words past the opcode's fields must be 0")
-    if p.num_instructions != int(ql.sum()) or p.num_counters != len(p.counter_targets):
+    claim = p.claim
+    if not isinstance(claim, np.ndarray) or claim.dtype != np.int32 or claim.ndim != 2 \
+            or claim.shape[1] != isa.WORDS:
+        raise ValueError(f"invalid plan: claim must be int32 [claim_len, {isa.WORDS}], got "
+                         f"{getattr(claim, 'dtype', type(claim))} {getattr(claim, 'shape', '')}")
+    if (claim[:, 0] == Op.NOP).any():
+        k = int(np.flatnonzero(claim[:, 0] == Op.NOP)[0])
+        raise ValueError(f"invalid plan: claim index {k} is a NOP: every claimed record is an "
+                         "instruction")
+    spare = claim[:, len(isa.HEADER) + NUM_ARGS:isa.ALL_RANKS_WORD].any(axis=1)
+    if spare.any():
+        k = int(np.flatnonzero(spare)[0])
+        raise ValueError(f"invalid plan: uid {claim[k, 2]} at claim index {k}: words past the "
+                         "opcode's fields must be 0")
+    if p.num_instructions != int(ql.sum()) + len(claim) \
+            or p.num_counters != len(p.counter_targets):
         raise ValueError(f"invalid plan: num_instructions {p.num_instructions} / num_counters "
-                         f"{p.num_counters} disagree with queue_len sum {int(ql.sum())} / "
-                         f"len(counter_targets) {len(p.counter_targets)}")
+                         f"{p.num_counters} disagree with queue_len sum {int(ql.sum())} + "
+                         f"claim_len {len(claim)} / len(counter_targets) "
+                         f"{len(p.counter_targets)}")
 
 
 def _check_fields(p, t: Placed, C: int, tp: int) -> None:
@@ -317,7 +342,16 @@ def _check_order(t: Placed, C: int, name) -> Placed:
                     _fail(t, i, f"uids must be 0..{N - 1}, each once (uid {u} repeated or "
                           "outside)")
                 seen[u] = True
-    same_sm = (t.sm[1:] == t.sm[:-1]) & (rank[1:] == rank[:-1])
+    claimed = t.sm == CLAIMED          # claims only under tp = 1 (_validate): one rank
+    num_static = len(t) - int(claimed.sum())
+    want = num_static + t.index.astype(np.int64)
+    _first(t, claimed & (uid != want), lambda i: (
+        f"claimed uid {uid[i]} is smaller than a static uid ({num_static} static "
+        f"instructions, uids 0..{num_static - 1}): an SM claims only after its whole static "
+        "queue, so claimed uids must follow every static one" if uid[i] < num_static else
+        f"claim index {t.index[i]} must hold uid {want[i]}: claims must be in uid order "
+        "(claim[k] has uid num_static + k), the order the SMs take them in"))
+    same_sm = (t.sm[1:] == t.sm[:-1]) & ~claimed[1:] & (rank[1:] == rank[:-1])
     _first(t, np.r_[False, same_sm & (uid[1:] <= uid[:-1])], lambda i: (
         f"follows uid {uid[i - 1]} in SM {t.sm[i]}'s queue: queues must be sorted by uid (one "
         "global topological order); this order can deadlock co-resident blocks"))

@@ -26,21 +26,24 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 54 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 59 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
     changes = set()
     for r in rows:
         assert isinstance(r.kwargs, dict) and set(r.kwargs) <= allowed, r.name
-        # one change, or one more than another row (a variant of it: fuse_oproj_rows)
+        # one change, or one more than another row (a variant of it: fuse_oproj_rows,
+        # claim_tail=lmhead)
         assert len(r.kwargs) + r.strip_waits <= 1 or any(
             o.kwargs.items() < r.kwargs.items() and len(r.kwargs) == len(o.kwargs) + 1
             for o in rows), f"{r.name} changes more than one thing"
         assert set(r.kwargs.get("ablate", ())) <= set(MODES)
         assert all(f.startswith("-DMK_") for f in r.kwargs.get("build_flags", ()))
         changes |= {(k, v if not isinstance(v, tuple) else v[0]) for k, v in r.kwargs.items()}
-    assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"),
+    assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"), ("policy", "queue"),
+            ("claim_tail", "lmhead"), ("lmhead_slices", 528), ("build_flags", "-DMK_CLAIMS=0"),
+            ("build_flags", "-DMK_CLAIM_AHEAD=0"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", False), ("fuse_oproj", True),
             ("build_flags", "-DMK_FUSE_OPROJ=0"), ("down_k_slices", 1), ("down_k_slices", 2), ("build_flags", "-DMK_TC_SPLIT=0"),
@@ -72,8 +75,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
         "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
         "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=1",
-        "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0",
-        "no_compute", "no_load"}
+        "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_CLAIMS=0",
+        "policy=queue+MK_CLAIM_AHEAD=0", "no_compute", "no_load"}
     by_name = {r.name: r for r in rows}
     combined = by_name["MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0"]
     assert combined.kwargs["build_flags"] == ("-DMK_L2_PREFETCH_PAGES=8", "-DMK_L2_STALL_NS=0")
@@ -99,6 +102,10 @@ def test_every_row_plans_with_a_prediction():
     assert progs["half_sms"].num_sms == 66 and progs["policy=rr"].policy == "rr"
     assert progs["attn_splits=32"].attn_splits == 32
     assert progs["granularity=layer"].num_counters < base.num_counters
+    queue, tail = progs["policy=queue"], progs["claim_tail=lmhead"]
+    assert queue.claim_len == queue.num_instructions and not queue.queue_len.any()
+    assert tail.lm_slices == 4 * 132 and tail.claim_len == tail.lm_slices + 1 and \
+        set(tail.claim[:, 0]) == {isa.Op.LMHEAD, isa.Op.ARGMAX} and not base.claim_len
 
 
 def test_rows_subset():

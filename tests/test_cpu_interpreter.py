@@ -59,6 +59,7 @@ def staged_program(cfg, batch, num_sms=3, splits=2, lm_slices=3, pieces=3):
     return SimpleNamespace(
         config=cfg, batch=batch, num_sms=num_sms, attn_splits=splits, lm_slices=len(lm),
         instructions=instructions, queue_len=np.array(list(map(len, queues)), np.int32),
+        claim=np.zeros((0, isa.WORDS), np.int32),
         counter_targets=np.array(list(map(len, stages)), np.int32), num_counters=len(stages),
         policy="staged")
 
@@ -98,7 +99,7 @@ def test_staged_program_matches_reference(splits):
     assert compare(TINY, staged_program(TINY, batch=3, splits=splits), steps=5) <= REL_TOL
 
 
-@pytest.mark.parametrize("policy", ["rr", "lpt", "dag"])
+@pytest.mark.parametrize("policy", ["rr", "lpt", "dag", "queue"])
 @pytest.mark.parametrize("granularity", ["layer", "head", "chunk"])
 def test_tiny_matches_reference(policy, granularity):
     for seed, batch in ((0, 1), (1, 2), (2, 5)):
@@ -226,6 +227,8 @@ def test_attn_oproj_needs_wo_t():
     assert cpu.weights.wo_t.is_contiguous()
     unfused = mk.plan(TINY, num_sms=4, fuse_oproj=False)
     assert CpuInterpreter(TINY, w, unfused, max_seq=8).weights.wo_t is None
+    claimed = mk.plan(TINY, batch=1, num_sms=4, policy="queue")    # ATTN_OPROJ only claimed
+    assert CpuInterpreter(TINY, w, claimed, max_seq=8).weights.wo_t is not None
     cpu.rank_weights = [dataclasses.replace(cpu.weights, wo_t=None)]
     with pytest.raises(ValueError, match="ATTN_OPROJ reads wo_t.*add_wo_t"):
         cpu.step(torch.tensor([1]))
@@ -264,6 +267,36 @@ def test_counters_monotonic_and_interleavings_legal():
     assert int(cpu.buffers.epoch) == 0 and not cpu.buffers.counters.any()
 
 
+@pytest.mark.parametrize("policy", ["rr", "dag"])
+def test_claimed_tail_matches_reference(policy):
+    """claim_tail: the LM head and argmax claimed at run time, several LMHEADs per SM."""
+    for seed, batch in ((0, 1), (1, 2)):
+        prog = mk.plan(TINY, batch=batch, num_sms=4, policy=policy, claim_tail="lmhead",
+                       lmhead_slices=12)
+        assert prog.claim_len == 13
+        assert compare(TINY, prog, steps=4, seed=seed) <= REL_TOL
+
+
+def test_claims_follow_the_interleaving():
+    """Each step claims differently; what the SMs ran (trace) is Program.as_executed of the
+    step's claim record, which validates."""
+    prog = mk.plan(TINY, batch=2, num_sms=4, policy="queue")
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=8, seed=3)
+    maps = set()
+    for _ in range(3):
+        cpu.step(torch.tensor([1, 2]))
+        assert cpu.claimed.shape == (4, prog.num_instructions)
+        ran = prog.as_executed(cpu.claimed)
+        mk.scheduler.validate(ran)
+        for sm in range(4):
+            assert [u for s, u in cpu.trace if s == sm] == [
+                int(r[2]) for r in ran.instructions[sm, :ran.queue_len[sm]]]
+        assert (ran.queue_len > 0).all()
+        maps.add(cpu.claimed.tobytes())
+    assert len(maps) > 1, "the seed should vary who claims what"
+
+
 def test_counters_wrap_around_int32():
     prog = staged_program(TINY, batch=1)
     w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
@@ -294,6 +327,24 @@ def test_unsatisfiable_wait_reports_deadlock():
                           f"on counter {counter}: value {value}, needs {needed}") in str(report.value)
 
 
+def test_blocked_claim_reports_deadlock():
+    """The first LM head slice waits on its own counter: it blocks its SM, then ARGMAX the
+    other SM; the report names the claimed record's queue index and claim index."""
+    prog = mk.plan(TINY, batch=1, num_sms=2, claim_tail="lmhead")
+    lm = int(prog.claim[0, isa.word_index(Op.LMHEAD, "signal")])
+    prog.claim[0, isa.word_index(Op.LMHEAD, "wait0_first")] = lm
+    prog.claim[0, isa.word_index(Op.LMHEAD, "wait0_count")] = 1
+    w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
+    cpu = CpuInterpreter(TINY, w, prog, max_seq=8)
+    uid = int(prog.claim[0, 2])
+    with pytest.raises(RuntimeError, match=rf"queue index \d+ \(claim index 0\) uid {uid} "
+                                           rf"opcode LMHEAD waits on counter {lm}: value "
+                                           rf"{prog.lm_slices - 1}, needs {prog.lm_slices}"):
+        cpu.step(torch.tensor([0]))
+    code, sm, index, *_ = cpu.buffers.error.tolist()
+    assert code == 1 and index >= prog.queue_len[sm]
+
+
 def test_bad_inputs_raise_and_write_nothing():
     prog = staged_program(TINY, batch=2)
     w = mk.Weights.random(TINY, seed=0, dtype=torch.float32, device="cpu")
@@ -321,7 +372,7 @@ def test_demo_passes_and_fails_on_a_planted_fault(monkeypatch, capsys):
     demo.add_arguments(parser)
     args = parser.parse_args(["--steps", "3"])
     assert demo.main(args) == 0
-    assert capsys.readouterr().out.count(" ok") == 3
+    assert capsys.readouterr().out.count(" ok") == len(demo.POLICIES) == 4
     monkeypatch.setitem(ops_ref.OPS, Op.ARGMAX, lambda rec, w, buf, prog: buf.out_tokens.zero_())
     assert demo.main(parser.parse_args(["--steps", "3", "--policy", "dag"])) == 1
     assert "FAIL" in capsys.readouterr().out

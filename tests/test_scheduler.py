@@ -213,7 +213,7 @@ def test_fuse_oproj_is_the_default_where_it_applies(kw, fused):
 @pytest.mark.parametrize("kw, match", [
     (dict(batch=0), "batch"), (dict(batch=17), "batch"), (dict(batch=1.5), "batch"),
     (dict(batch=True), "batch"), (dict(num_sms=0), "num_sms"),
-    (dict(policy="fifo"), r"policy must be one of \['rr', 'lpt', 'dag'\]"),
+    (dict(policy="fifo"), r"policy must be one of \['rr', 'lpt', 'dag', 'queue'\]"),
     (dict(granularity="row"), r"granularity must be one of \['layer', 'head', 'chunk'\]"),
     (dict(tp=0), "tp"), (dict(attn_splits=0), "attn_splits"), (dict(slices=0), "slices"),
     (dict(prefetch=2), "unknown plan options"), (dict(validate="yes"), "validate"),
