@@ -66,8 +66,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         Row("claim_tail=lmhead", f"as lmhead_slices=4xSMs, with the {4 * num_sms} LMHEADs and "
             "the argmax claimed at run time (the SM that is free first takes the next)",
             {"lmhead_slices": 4 * num_sms, "claim_tail": "lmhead"}),
-        flag("MK_CLAIMS", 0, "a kernel without the claim code (what compiling it in costs "
-             "the static plans)"),
+        flag("MK_CLAIMS", 1, "the claim code compiled in (what it costs the static plans; "
+             "Decoder builds it for policy=queue and claim_tail)"),
         Row("granularity=layer", "one counter per stage and layer", {"granularity": "layer"}),
         Row("granularity=head", "one counter per head", {"granularity": "head"}),
         Row("attn_splits=4", "4 KV splits per (sequence, KV head)", {"attn_splits": 4}),

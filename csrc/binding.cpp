@@ -18,6 +18,7 @@ int launch(const mk::KernelArgs& args, int num_sms, void* stream);
 int max_batch();
 int acc_floats();
 int max_group();
+bool claims_compiled();
 }  // namespace mk_b1
 
 namespace {
@@ -126,6 +127,8 @@ class Launcher {
     TORCH_CHECK(!sizes.contains("variant") || size(sizes, "variant") == 0 || b1_,
                 "megakernel: variant must be 0 (default) or 1 (batch 1-2), got ",
                 size(sizes, "variant"));
+    TORCH_CHECK(a.claim_len == 0 || (b1_ ? mk_b1::claims_compiled() : mk::claims_compiled()),
+                "megakernel: claimed instructions need a kernel built with -DMK_CLAIMS=1");
     TORCH_CHECK(!b1_ || (a.B <= mk_b1::max_batch() && a.H <= mk_b1::max_group() * a.Hkv),
                 "megakernel: the batch-1/2 variant takes batches up to ", mk_b1::max_batch(),
                 " and groups of up to ", mk_b1::max_group(), " q heads, got B=", a.B,

@@ -358,8 +358,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[2] = 0;
     flags[3] = -1;
     flags[4] = 0;
-    flags[5] = -1;
-    flags[6] = 0;
+    if (kClaims) {
+      flags[5] = -1;
+      flags[6] = 0;
+    }
     fence_mbar_init();
   }
   __syncthreads();
@@ -376,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     __threadfence();
     const int old = atomicAdd(a.done, 1);
     if (old == static_cast<int>(gridDim.x) * (epoch + 1) - 1) {
-      if (a.claim_next) *a.claim_next = 0;  // every loader has stopped claiming
+      if (kClaims && a.claim_next) *a.claim_next = 0;  // every loader has stopped claiming
       atomicExch(a.epoch, epoch + 1);
     }
   }

@@ -126,5 +126,7 @@ int threads_per_block();
 int launch(const KernelArgs& args, int num_sms, void* stream);
 // Largest number of co-resident blocks of this kernel per SM on the current device.
 int max_blocks_per_sm();
+// Whether this build runs claimed records (-DMK_CLAIMS=1); without, it would skip them.
+bool claims_compiled();
 
 }  // namespace mk

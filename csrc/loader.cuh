@@ -58,7 +58,7 @@ struct PageWalk {
     p = 0;
     for (++i; i < end; ++i) {
       const int32_t* ins;
-      if (i < qlen) {
+      if (!kClaims || i < qlen) {
         ins = queue + static_cast<size_t>(i) * kWords;
         if (inputs && i + kInputLead < qlen)  // every instruction once (kInputLead: start)
           prefetch_inputs(a, ins + kInputLead * kWords, threadIdx.x & 31);

@@ -69,11 +69,17 @@ OPTION_FLAGS_OFF = {
 }
 
 
+# Programs with claimed records (policy "queue", option claim_tail) run on a kernel with the
+# claim code, which the default build leaves out (csrc/common.cuh MK_CLAIMS).
+CLAIMS_FLAG = "-DMK_CLAIMS=1"
+
+
 def option_build_flags(program) -> tuple[str, ...]:
-    """The build flags `program`'s plan options need (OPTION_FLAGS); a TpProgram's ranks
-    share their options."""
-    options = getattr(program, "ranks", [program])[0].options
-    return tuple(flag for option, (flag, _) in OPTION_FLAGS.items() if options.get(option))
+    """The build flags `program`'s plan options need (OPTION_FLAGS, and CLAIMS_FLAG where it
+    has claims); a TpProgram's ranks share their options."""
+    first = getattr(program, "ranks", [program])[0]
+    flags = [flag for option, (flag, _) in OPTION_FLAGS.items() if first.options.get(option)]
+    return tuple(flags + [CLAIMS_FLAG] * bool(first.claim_len))
 
 
 def load_extension(verbose: bool = False, build_flags: tuple[str, ...] = ()):
@@ -111,17 +117,10 @@ def accumulator_floats(program) -> int:
     matvec's rows x batch, an ATTN_OPROJ's dims x batch (the kernel's kAccFloats bound)."""
     ins = program.instructions
     live = np.arange(ins.shape[1])[None] < np.asarray(program.queue_len)[:, None]
-    rec = np.concatenate([ins[live], _claim(program)])   # every record, static and claimed
+    rec = np.concatenate([ins[live], program.claim])   # every record, static and claimed
     need = [rec[:, w][rec[:, 0] == int(op)] for op, w in _ROWS_WORD.items()]
     need.append(rec[:, _NDIMS_WORD][rec[:, 0] == int(Op.ATTN_OPROJ)])
     return int(max((int(n.max()) for n in need if n.size), default=0)) * program.batch
-
-
-def _claim(program) -> np.ndarray:
-    """int32 [claim_len, WORDS]: the records `program`'s SMs claim at run time (policy "queue",
-    option claim_tail; none for a Program without them)."""
-    return np.asarray(getattr(program, "claim", np.zeros((0, isa.WORDS), np.int32)),
-                      dtype=np.int32).reshape(-1, isa.WORDS)
 
 
 def b1_misfit(program, limits: dict) -> str | None:
@@ -197,10 +196,10 @@ class Runtime:
                 raise ValueError(f"the Program was planned with {option}=True: {what}, which "
                                  f"a kernel built with {flag} does not do (plan with "
                                  f"{option}=False)")
-        if len(_claim(program)) and "-DMK_CLAIMS=0" in build_flags:
-            raise ValueError("the Program has claimed instructions (policy 'queue', "
-                             "claim_tail), which a kernel built with -DMK_CLAIMS=0 does not "
-                             "run; plan it with a static policy and claim_tail='none'")
+        if program.claim_len and CLAIMS_FLAG not in build_flags:
+            raise ValueError(f"the Program has claimed instructions (policy 'queue', "
+                             f"claim_tail), which only a kernel built with {CLAIMS_FLAG} runs "
+                             "(Decoder adds it; pass it in build_flags)")
         if "no_load" in ablate and not any(f.startswith("-DMK_RAW_SLOT") for f in build_flags):
             # no_load times a 4-slot ring: with the raw slot (the default's 5th, batches on
             # CUDA cores) that diagnostic hung at llama-3.2-1b batch 1, positions 300 and 512.
@@ -235,7 +234,7 @@ class Runtime:
             "counter_targets": dev(program.counter_targets if program.num_counters else [0])}
         if program.num_counters == 0:
             self.buffers.counters = torch.zeros(1, dtype=torch.int32, device=device)
-        claim = _claim(program)
+        claim = program.claim
         if len(claim):
             if program.tp > 1:
                 raise ValueError("claimed instructions (policy 'queue', claim_tail) need tp = 1")

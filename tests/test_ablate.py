@@ -42,7 +42,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         assert all(f.startswith("-DMK_") for f in r.kwargs.get("build_flags", ()))
         changes |= {(k, v if not isinstance(v, tuple) else v[0]) for k, v in r.kwargs.items()}
     assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"), ("policy", "queue"),
-            ("claim_tail", "lmhead"), ("lmhead_slices", 528), ("build_flags", "-DMK_CLAIMS=0"),
+            ("claim_tail", "lmhead"), ("lmhead_slices", 528), ("build_flags", "-DMK_CLAIMS=1"),
             ("build_flags", "-DMK_CLAIM_AHEAD=0"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", False), ("fuse_oproj", True),
@@ -75,7 +75,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
         "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
         "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=1",
-        "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_CLAIMS=0",
+        "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_CLAIMS=1",
         "policy=queue+MK_CLAIM_AHEAD=0", "no_compute", "no_load"}
     by_name = {r.name: r for r in rows}
     combined = by_name["MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0"]

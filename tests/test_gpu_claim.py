@@ -1,7 +1,7 @@
 """Claimed instructions on the GPU (plan policy "queue", option claim_tail): SMs take records
 of Program.claim with an atomic at run time. The steps match the fp32 oracle, every record
 runs exactly once, a stuck wait among them is reported, and a kernel built without the claim
-code refuses such programs."""
+code (the default build: Decoder adds -DMK_CLAIMS=1 for them) is not handed such programs."""
 from __future__ import annotations
 
 import numpy as np
@@ -86,12 +86,15 @@ def test_watchdog_reports_a_claimed_wait():
     assert int(dec.runtime.buffers.claim_next.item()) == 0
 
 
-def test_static_plan_in_a_kernel_without_claims():
-    """-DMK_CLAIMS=0 (the ablate row timing what the claim code costs the static plans):
-    static plans still match, and a Program with claims is refused before any launch."""
+def test_claims_need_the_claim_build():
+    """-DMK_CLAIMS=1 (Decoder adds it for a Program with claims; the ablate row MK_CLAIMS=1
+    times what the claim code costs the static plans): static plans match in that build too,
+    and a Runtime given a Program with claims but not the flag refuses it before a launch."""
+    from megakernel.packing import pack_weights
+    from megakernel.runtime import Runtime
     cfg = ModelConfig.preset("tiny")
-    err_mk, err_bf = relative_errors(cfg, 2, positions=[0, 200], build_flags=("-DMK_CLAIMS=0",))
-    assert_within_bf16(err_mk, err_bf, "tiny MK_CLAIMS=0")
-    w = Weights.random(cfg, seed=3, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match="MK_CLAIMS=0"):
-        Decoder(cfg, w, batch=2, max_seq=16, policy="queue", build_flags=("-DMK_CLAIMS=0",))
+    err_mk, err_bf = relative_errors(cfg, 2, positions=[0, 200], build_flags=("-DMK_CLAIMS=1",))
+    assert_within_bf16(err_mk, err_bf, "tiny static plan, MK_CLAIMS=1")
+    packed = pack_weights(Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(ValueError, match="MK_CLAIMS=1"):
+        Runtime(packed, plan(cfg, num_sms=8, policy="queue"), 16)
