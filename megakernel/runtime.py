@@ -280,6 +280,15 @@ class Runtime:
         self._launchers = [self.ext.Launcher(tensors, sizes, program.num_sms)] \
             if program.tp == 1 else []
 
+    def claim_map(self) -> np.ndarray:
+        """The last launch's claims (a timing Runtime of a Program with claims): row s the
+        claim indices SM s took, in order, then -1, as Program.as_executed takes them. What
+        the row holds past the kernel's -1 (its dry claim) is an earlier launch's: masked."""
+        if self.claimed is None:
+            raise ValueError("claim_map() needs timing=True and a Program with claims")
+        c = self.claimed.cpu().numpy()
+        return np.where(np.cumsum(c < 0, axis=1) > 0, -1, c)
+
     def peer_tensors(self) -> dict:
         """The buffers other ranks store into and signal (csrc/kernel_args.h PeerBuffers)."""
         b = self.buffers

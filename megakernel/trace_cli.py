@@ -168,7 +168,7 @@ class Traced:
         self.pages = dec.runtime.page_timing.cpu().numpy()
         self.phases = dec.runtime.phase_timing.cpu().numpy()
         if program.claim_len:   # the queues the SMs ran in the last replay (Program.as_executed)
-            self.executed = program.as_executed(dec.runtime.claimed.cpu().numpy())
+            self.executed = program.as_executed(dec.runtime.claim_map())
             stamps = stamps[:, :self.executed.max_len]
             self.phases = self.phases[:, :self.executed.max_len]
         return ms, stamps
