@@ -4,6 +4,10 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGAKERNEL_JIT=1 MEGAKERNEL_CACHE_DIR=/tmp/mkcache
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} NCCL_NVLS_ENABLE=0
+# A call killed by its time limit can leave a JIT build's lock file behind, and the next call
+# on the same warm machine then waits on it forever (session 28: test_folding_readers hung in
+# torch's file_baton.wait). Calls run one at a time, so no lock is live when one starts.
+rm -f "$MEGAKERNEL_CACHE_DIR"/*/lock 2>/dev/null
 # Results carry MK_COMMIT: the device copy's .git can be stale (it answered an old commit).
 [ -n "${MK_COMMIT:-}" ] || echo "warning: MK_COMMIT unset: results will carry the device copy's git commit, which can be stale"
 
