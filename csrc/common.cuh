@@ -132,6 +132,14 @@ constexpr bool kRawSlot = MK_RAW_SLOT != 0;
 constexpr int kMaxSlots = kNumPages + (kRawSlot ? 1 : 0);
 constexpr int kInflightPages = MK_INFLIGHT_PAGES;
 constexpr bool kClaims = MK_CLAIMS != 0;
+// 1: the loader leaves a claimed record in shared memory beside its FIFO entry (Ring::
+// claimrec) for the consumers; 0 (measured in session 28): they read it from L2 at the
+// instruction's head, a round trip behind the pages in flight (its queue traces: claimed
+// instructions 0.5-1.8 us longer after their waits than static ones). Not yet run on a GPU.
+#ifndef MK_CLAIM_REC
+#define MK_CLAIM_REC 0
+#endif
+constexpr bool kClaimRec = MK_CLAIM_REC != 0;
 constexpr int kClaimAhead = MK_CLAIM_AHEAD;
 static_assert(kClaimAhead >= 0, "MK_CLAIM_AHEAD: instructions, >= 0");
 constexpr int kClaimSlots = kClaimAhead + 1;  // the claim FIFO (Ring::claimq)

@@ -43,8 +43,8 @@ struct SmemLayout {
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
   // flags: wait ok, error, abort, ready, quiet, started, nclaimed, the claim index of the
-  // current instruction (consumers), then the claim FIFO (Ring).
-  static constexpr int kFlags = 8 + kClaimSlots;
+  // current instruction (consumers), then the claim FIFO and (kClaims) its records (Ring).
+  static constexpr int kFlags = 8 + kClaimSlots + (kClaims && kClaimRec ? kClaimSlots * kWords : 0);
   static constexpr size_t total = flags + kFlags * sizeof(int);
 };
 // The attention op reuses act + acc as its scratch.
@@ -120,22 +120,24 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
 }
 
 // Warp 0 of the consumers, at claimed queue index i: take the loader's claim i - qlen from
-// the FIFO (flags[7] <- its claim index, -1 when the list ran dry) and copy its record
-// into rec[i % 2]. Not inlined: it keeps the consumers' loop out of the register spill.
+// the FIFO (flags[7] <- its claim index, -1 when the list ran dry) and copy its record,
+// which the loader left beside it (kClaimRec; else from L2), into rec[i % 2]. Not inlined: it keeps the consumers'
+// loop out of the register spill.
 __device__ __noinline__ void take_claim(const KernelArgs& a, volatile int* flags, int32_t* rec,
                                         int i, int qlen) {
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, j = i - qlen;
   int k = 0;
   if (tid == 0) {
-    const int j = i - qlen;
     while (get_flag(flags + 6) <= j) {}  // Ring::nclaimed: every claim, -1 too
-    __threadfence_block();  // the count before the entry it publishes
+    __threadfence_block();  // the count before the entry and record it publishes
     k = get_flag(flags + 8 + j % kClaimSlots);  // Ring::claimq
     flags[7] = k;
   }
-  k = __shfl_sync(0xffffffffu, k, 0);
-  if (k >= 0 && tid < kWords)
-    rec[(i & 1) * kWords + tid] = a.claim[static_cast<size_t>(k) * kWords + tid];
+  k = __shfl_sync(0xffffffffu, k, 0);  // also orders the lanes' reads after thread 0's wait
+  if (k >= 0 && tid < kWords)            // Ring::claimrec, or L2
+    rec[(i & 1) * kWords + tid] =
+        kClaimRec ? get_flag(flags + 8 + kClaimSlots + (j % kClaimSlots) * kWords + tid)
+                  : a.claim[static_cast<size_t>(k) * kWords + tid];
 }
 
 // The timing build: thread 0's row of KernelArgs::timing for the current instruction (a
@@ -348,6 +350,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   ring.started = flags + 5;
   ring.nclaimed = flags + 6;
   ring.claimq = flags + 8;
+  ring.claimrec = flags + 8 + kClaimSlots;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kMaxSlots; ++s) {
       mbar_init(&ring.full[s], 1);

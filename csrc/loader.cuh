@@ -34,25 +34,32 @@ struct PageWalk {
   }
   __device__ bool done() const { return i >= end; }
   // Every lane: claim the record of queue index i (> the static queue) once the consumers
-  // have begun index i - kClaimAhead, publish it in the FIFO (lane 0), and return it; null
-  // when the list ran dry or the block stops. Claims are taken in increasing order
-  // everywhere and static instructions never wait on claimed ones (validate.py), so the
-  // smallest unfinished claimed instruction always runs: no deadlock.
+  // have begun index i - kClaimAhead, publish it in the FIFO with a copy of its record
+  // (lanes 0-15; the consumers read it there, not from L2), and return it; null when the
+  // list ran dry or the block stops. Claims are taken in increasing order everywhere and
+  // static instructions never wait on claimed ones (validate.py), so the smallest
+  // unfinished claimed instruction always runs: no deadlock.
   __device__ const int32_t* claim(const KernelArgs& a, const Ring& ring) {
-    const int j = i - qlen;
+    const int j = i - qlen, lane = threadIdx.x & 31;
     int k = -1;
-    if ((threadIdx.x & 31) == 0) {
+    if (lane == 0) {
       while (get_flag(ring.started) < i - kClaimAhead && !*ring.abort) __nanosleep(64);
       if (!*ring.abort) k = atomicAdd(a.claim_next, 1);
       if (k >= a.claim_len) k = -1;
+    }
+    k = __shfl_sync(0xffffffffu, k, 0);
+    const int32_t* rec = k < 0 ? nullptr : a.claim + static_cast<size_t>(k) * kWords;
+    if (kClaimRec && rec && lane < kWords)
+      set_flag(ring.claimrec + (j % kClaimSlots) * kWords + lane, rec[lane]);
+    __syncwarp();
+    if (lane == 0) {
       set_flag(ring.claimq + j % kClaimSlots, k);
-      __threadfence_block();  // the entry before the count that publishes it
+      __threadfence_block();  // the entry and its record before the count that publishes them
       set_flag(ring.nclaimed, j + 1);
       if (a.claimed && j < a.claim_len)
         a.claimed[static_cast<size_t>(blockIdx.x) * a.claim_len + j] = k;
     }
-    k = __shfl_sync(0xffffffffu, k, 0);
-    return k < 0 ? nullptr : a.claim + static_cast<size_t>(k) * kWords;
+    return rec;
   }
   __device__ void next_instruction(const KernelArgs& a, const Ring& ring) {
     p = 0;

@@ -20,6 +20,7 @@ struct Ring {
   volatile int* started;   // queue index (static, then claimed) the consumers have begun
   volatile int* nclaimed;  // claims published so far (the dry one included)
   volatile int* claimq;    // [kClaimSlots] claim j in claimq[j % kClaimSlots]
+  volatile int* claimrec;  // [kClaimSlots][kWords] claim j's record (kClaimRec)
   __device__ unsigned char* slot_bytes(int s) const {
     return pages + static_cast<size_t>(s) * kSlotBytes;
   }
