@@ -133,8 +133,9 @@ __device__ __noinline__ void take_claim(const KernelArgs& a, volatile int* flags
     k = get_flag(flags + 8 + j % kClaimSlots);  // Ring::claimq
     flags[7] = k;
   }
-  k = __shfl_sync(0xffffffffu, k, 0);  // also orders the lanes' reads after thread 0's wait
-  if (k >= 0 && tid < kWords)            // Ring::claimrec, or L2
+  k = __shfl_sync(0xffffffffu, k, 0);
+  __syncwarp();                 // the lanes' reads of the record after thread 0's wait
+  if (k >= 0 && tid < kWords)  // Ring::claimrec, or L2
     rec[(i & 1) * kWords + tid] =
         kClaimRec ? get_flag(flags + 8 + kClaimSlots + (j % kClaimSlots) * kWords + tid)
                   : a.claim[static_cast<size_t>(k) * kWords + tid];
