@@ -104,8 +104,8 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #endif
 // 1: the claim code (Program.claim: plan policy "queue", option claim_tail; Decoder adds
 // the flag for such programs, Runtime refuses them without it). Off by default: compiled
-// in, it cost the static default 1.1% at 1B batch 1 on the H100 (1.086 against 1.074 ms,
-// same process), without a claimed record in sight.
+// in, it cost the static default 1.1-1.7% at 1B batch 1 on the H100 (1.086 against 1.074
+// ms, then 1.088 against 1.070-1.073; same process), without a claimed record in sight.
 #ifndef MK_CLAIMS
 #define MK_CLAIMS 0
 #endif

@@ -42,9 +42,12 @@ struct SmemLayout {
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  // flags: wait ok, error, abort, ready, quiet, started, nclaimed, the claim index of the
-  // current instruction (consumers), then the claim FIFO and (kClaims) its records (Ring).
-  static constexpr int kFlags = 8 + kClaimSlots + (kClaims && kClaimRec ? kClaimSlots * kWords : 0);
+  // flags: wait ok, error, abort, ready, quiet (0-4), then the claims' (Ring): started,
+  // nclaimed, the claim index of the consumers' current instruction, the claim FIFO and
+  // (kClaimRec) its records.
+  static constexpr int kStarted = 5, kNclaimed = 6, kClaimIndex = 7, kClaimq = 8;
+  static constexpr int kClaimRecs = kClaimq + kClaimSlots;
+  static constexpr int kFlags = kClaimRecs + (kClaims && kClaimRec ? kClaimSlots * kWords : 0);
   static constexpr size_t total = flags + kFlags * sizeof(int);
 };
 // The attention op reuses act + acc as its scratch.
@@ -120,24 +123,24 @@ __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, in
 }
 
 // Warp 0 of the consumers, at claimed queue index i: take the loader's claim i - qlen from
-// the FIFO (flags[7] <- its claim index, -1 when the list ran dry) and copy its record,
-// which the loader left beside it (kClaimRec; else from L2), into rec[i % 2]. Not inlined: it keeps the consumers'
-// loop out of the register spill.
+// the FIFO (flags[kClaimIndex] <- its claim index, -1 when the list ran dry) and copy its
+// record, which the loader left beside it (kClaimRec; else from L2), into rec[i % 2]. Not
+// inlined: it keeps the consumers' loop out of the register spill.
 __device__ __noinline__ void take_claim(const KernelArgs& a, volatile int* flags, int32_t* rec,
                                         int i, int qlen) {
   const int tid = threadIdx.x, j = i - qlen;
   int k = 0;
   if (tid == 0) {
-    while (get_flag(flags + 6) <= j) {}  // Ring::nclaimed: every claim, -1 too
+    while (get_flag(flags + SmemLayout::kNclaimed) <= j) {}  // every claim, -1 too
     __threadfence_block();  // the count before the entry and record it publishes
-    k = get_flag(flags + 8 + j % kClaimSlots);  // Ring::claimq
-    flags[7] = k;
+    k = get_flag(flags + SmemLayout::kClaimq + j % kClaimSlots);
+    flags[SmemLayout::kClaimIndex] = k;
   }
   k = __shfl_sync(0xffffffffu, k, 0);
   __syncwarp();                 // the lanes' reads of the record after thread 0's wait
   if (k >= 0 && tid < kWords)  // Ring::claimrec, or L2
     rec[(i & 1) * kWords + tid] =
-        kClaimRec ? get_flag(flags + 8 + kClaimSlots + (j % kClaimSlots) * kWords + tid)
+        kClaimRec ? get_flag(flags + SmemLayout::kClaimRecs + (j % kClaimSlots) * kWords + tid)
                   : a.claim[static_cast<size_t>(k) * kWords + tid];
 }
 
@@ -175,15 +178,15 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
   uint32_t it = 0;
   for (int i = 0;; ++i) {
     // Ring::started: the loader may now claim queue index i + kClaimAhead.
-    if (kClaims && a.claim_len > 0 && tid == 0) set_flag(flags + 5, i);
+    if (kClaims && a.claim_len > 0 && tid == 0) set_flag(flags + SmemLayout::kStarted, i);
     if (i >= qlen) {
       // A claimed instruction: its record comes from the loader's claim (not prefetched
       // during the previous wait: the loader claims it about now); the bar.sync publishes
-      // it and flags[7]. The other copy's record (i - 1) is done with.
+      // it and flags[kClaimIndex]. The other copy's record (i - 1) is done with.
       if (!kClaims || a.claim_len == 0) break;
       if (tid < 32) take_claim(a, flags, rec, i, qlen);
       consumer_sync();
-      if (flags[7] < 0) break;  // the claim list ran dry
+      if (flags[SmemLayout::kClaimIndex] < 0) break;  // the claim list ran dry
     }
     const int32_t* ins = kRecordSmem || i >= qlen ? rec + (i & 1) * kWords
                                                   : queue + static_cast<size_t>(i) * kWords;
@@ -348,10 +351,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   ring.abort = flags + 2;
   ring.ready = flags + 3;
   ring.quiet = flags + 4;
-  ring.started = flags + 5;
-  ring.nclaimed = flags + 6;
-  ring.claimq = flags + 8;
-  ring.claimrec = flags + 8 + kClaimSlots;
+  ring.started = flags + SmemLayout::kStarted;
+  ring.nclaimed = flags + SmemLayout::kNclaimed;
+  ring.claimq = flags + SmemLayout::kClaimq;
+  ring.claimrec = flags + SmemLayout::kClaimRecs;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kMaxSlots; ++s) {
       mbar_init(&ring.full[s], 1);
@@ -363,8 +366,8 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[3] = -1;
     flags[4] = 0;
     if (kClaims) {
-      flags[5] = -1;
-      flags[6] = 0;
+      flags[SmemLayout::kStarted] = -1;
+      flags[SmemLayout::kNclaimed] = 0;
     }
     fence_mbar_init();
   }
