@@ -61,9 +61,9 @@ def grid(num_sms: int = 132) -> list[Row]:
             "next instruction only once it has begun the one before, not one ahead (no "
             "cross-instruction prefetch of claimed weights)",
             {"policy": "queue", "build_flags": ("-DMK_CLAIM_AHEAD=0",)}),
-        Row("policy=queue+MK_CLAIM_REC=1", "the global work queue, the loader leaving each "
-            "claimed record in shared memory for the consumers, not them reading it from L2",
-            {"policy": "queue", "build_flags": ("-DMK_CLAIM_REC=1",)}),
+        Row("policy=queue+MK_CLAIM_REC=0", "the global work queue, the consumers reading each "
+            "claimed record from L2 at its head, not from the copy the loader left in shared "
+            "memory", {"policy": "queue", "build_flags": ("-DMK_CLAIM_REC=0",)}),
         Row("lmhead_slices=4xSMs", f"{4 * num_sms} LM head slices (4 per SM, each a quarter "
             "of the default's), still queued statically", {"lmhead_slices": 4 * num_sms}),
         Row("claim_tail=lmhead", f"as lmhead_slices=4xSMs, with the {4 * num_sms} LMHEADs and "

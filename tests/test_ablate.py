@@ -43,7 +43,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         changes |= {(k, v if not isinstance(v, tuple) else v[0]) for k, v in r.kwargs.items()}
     assert {("ablate", "no_prefetch"), ("policy", "rr"), ("policy", "lpt"), ("policy", "queue"),
             ("claim_tail", "lmhead"), ("lmhead_slices", 528), ("build_flags", "-DMK_CLAIMS=1"),
-            ("build_flags", "-DMK_CLAIM_AHEAD=0"), ("build_flags", "-DMK_CLAIM_REC=1"),
+            ("build_flags", "-DMK_CLAIM_AHEAD=0"), ("build_flags", "-DMK_CLAIM_REC=0"),
             ("granularity", "layer"), ("granularity", "head"), ("attn_splits", 4),
             ("attn_splits", 8), ("attn_splits", 32), ("reduce_slices", 1), ("fuse_reduce", True), ("fuse_oproj", False), ("fuse_oproj", True),
             ("build_flags", "-DMK_FUSE_OPROJ=0"), ("down_k_slices", 1), ("down_k_slices", 2), ("build_flags", "-DMK_TC_SPLIT=0"),
@@ -76,7 +76,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
         "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=1",
         "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_CLAIMS=1",
-        "policy=queue+MK_CLAIM_AHEAD=0", "policy=queue+MK_CLAIM_REC=1", "no_compute", "no_load"}
+        "policy=queue+MK_CLAIM_AHEAD=0", "policy=queue+MK_CLAIM_REC=0", "no_compute", "no_load"}
     by_name = {r.name: r for r in rows}
     combined = by_name["MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0"]
     assert combined.kwargs["build_flags"] == ("-DMK_L2_PREFETCH_PAGES=8", "-DMK_L2_STALL_NS=0")
