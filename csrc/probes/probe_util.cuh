@@ -141,35 +141,38 @@ struct StreamTrials {
 
   struct Result {
     double wall_us;   // the stream's span, first block's start to last block's end
-    double tbps;      // bytes over that span
+    double tbps;      // the launched blocks' bytes over that span
     double value_ns;  // median over blocks of the measured value
   };
   // trials + 2 launches (the first two warm up), each after an L2 flush; medians over trials.
   template <typename Launch>
   Result run(int trials, Launch launch) {
     std::vector<int64_t> host(4 * sms);
-    std::vector<double> wall, value;
+    std::vector<double> wall, tbps, value;
     for (int t = 0; t < trials + 2; ++t) {
       fill<<<4 * sms, 256>>>(flush, kFlushBytes / 4, t);
+      CHECK(cudaMemset(out, 0, 4 * sms * sizeof(int64_t)));  // blocks of a smaller grid stay 0
       launch();
       CHECK(cudaGetLastError());
       CHECK(cudaMemcpy(host.data(), out, host.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
       if (t < 2) continue;
-      int64_t first = host[0], last = host[1];
+      int64_t first = INT64_MAX, last = 0;
       std::vector<double> per_block;
       for (int b = 0; b < sms; ++b) {
+        if (host[4 * b + 1] == 0) continue;  // no such block in this launch's grid
         first = std::min(first, host[4 * b]);
         last = std::max(last, host[4 * b + 1]);
         per_block.push_back(host[4 * b + 2] / 1e3);
       }
       std::sort(per_block.begin(), per_block.end());
       wall.push_back((last - first) / 1e3);
+      tbps.push_back(per_block.size() * kStreamKbPerSm * 1024.0 / (last - first) / 1e3);
       value.push_back(per_block[per_block.size() / 2]);
     }
     std::sort(wall.begin(), wall.end());
+    std::sort(tbps.begin(), tbps.end());
     std::sort(value.begin(), value.end());
-    const double w = wall[wall.size() / 2];
-    return {w, bytes / (w * 1e-6) / 1e12, value[value.size() / 2]};
+    return {wall[wall.size() / 2], tbps[tbps.size() / 2], value[value.size() / 2]};
   }
 };
 
