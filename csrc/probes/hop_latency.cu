@@ -19,6 +19,9 @@
 //   global  the piece stored to global memory; bar.sync; thread 0 red.release.gpu.add on the
 //           group's counter (the kernel's signal) and polls it with ld.acquire.gpu until C x
 //           (round + 1); bar.sync; each thread loads its word of every piece (ld.global.cg)
+//   nofence as global with red.relaxed and ld.relaxed (a diagnostic of what the release and
+//           acquire cost: nothing orders the pieces before the count, so a word read wrong is
+//           possible and reported, not an error of the probe)
 //   flag    the piece as {value, tag} pairs (tag = round + 1: MK_LL_*'s format) with no fence
 //           or counter; each thread polls its word of every piece until the tags match
 //   dsmem   a cluster launch of C blocks: st.async of the piece into every peer's shared
@@ -49,8 +52,8 @@ constexpr uint32_t kRecvOffset = (kStreamSmem + 127) & ~127u;
 constexpr uint32_t kRecvBytes = 2 * kMaxGroup * kPieceBytes;
 constexpr uint32_t kSmem = kRecvOffset + kRecvBytes + 2 * 8;
 static_assert(kSmem <= 227 * 1024, "one block an SM");
-enum Mode { kGlobal = 0, kFlag = 1, kDsmem = 2 };
-const char* const kModeNames[] = {"global", "flag", "dsmem"};
+enum Mode { kGlobal = 0, kFlag = 1, kDsmem = 2, kNoFence = 3 };
+const char* const kModeNames[] = {"global", "flag", "dsmem", "nofence"};
 
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" :: "n"(kConsumers) : "memory");
@@ -99,17 +102,23 @@ stream_and_hop(const unsigned char* data, uint32_t pages, int slots, int mode, i
     for (int r = 0; r < kRounds; ++r) {
       const int par = r & 1;
       const uint64_t t = now();
-      if (mode == kGlobal) {
+      if (mode == kGlobal || mode == kNoFence) {
         gbuf[(static_cast<size_t>(par) * gridDim.x + blockIdx.x) * kPieceWords + tid] =
             piece_word(r, blockIdx.x, tid);
         consumer_sync();
         if (tid == 0) {
           int32_t* c = counters + blockIdx.x / group;
-          asm volatile("red.release.gpu.global.add.s32 [%0], 1;" :: "l"(c) : "memory");
+          if (mode == kGlobal)
+            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" :: "l"(c) : "memory");
+          else
+            asm volatile("red.relaxed.gpu.global.add.s32 [%0], 1;" :: "l"(c) : "memory");
           const int32_t target = group * (r + 1);
           int32_t v;
           do {
-            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
+            if (mode == kGlobal)
+              asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
+            else
+              asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
           } while (v - target < 0);
         }
         consumer_sync();
@@ -180,7 +189,8 @@ stream_and_hop(const unsigned char* data, uint32_t pages, int slots, int mode, i
 
 int main(int argc, char** argv) {
   const int trials = argc > 1 ? std::atoi(argv[1]) : 9;
-  const int only = argc > 2 ? std::atoi(argv[2]) : -1;  // one mode (0 global, 1 flag, 2 dsmem)
+  const int only = argc > 2 ? std::atoi(argv[2]) : -1;  // one mode (0 global, 1 flag, 2 dsmem,
+                                                        // 3 nofence)
   const int sms = sms_with_banner(trials);
   StreamTrials st(sms);
   uint32_t* gbuf;
@@ -218,7 +228,7 @@ int main(int argc, char** argv) {
                 clusters * group, grid);
     if (grid == 0) continue;
     cfg.gridDim = dim3(grid);
-    for (int mode : {kGlobal, kFlag, kDsmem}) {
+    for (int mode : {kGlobal, kFlag, kDsmem, kNoFence}) {
       if (only >= 0 && mode != only) continue;
       cfg.numAttrs = mode == kDsmem ? 1 : 0;
       for (int slots : {0, 2, 4}) {
