@@ -33,8 +33,13 @@
 // while the SM's warp 0 still streams (every round where it does not stream). Per row: the
 // median over blocks of the mean round, median over trials; the stream's TB/s.
 //
+// With quiet_sms > 0 the first groups covering that many SMs do not stream while the others
+// do, and their rounds count while any block still streams: whether a hop waits for its own
+// SM's pages in flight or for everyone's (a chain on SMs that do not stream), and what the
+// rest stream without them.
+//
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a csrc/probes/hop_latency.cu \
-//        -o /tmp/hopprobe && /tmp/hopprobe [trials=9 [mode]]
+//        -o /tmp/hopprobe && /tmp/hopprobe [trials=9 [mode [quiet_sms]]]
 #include "probe_util.cuh"
 
 namespace {
@@ -73,7 +78,7 @@ __device__ __forceinline__ uint32_t piece_word(int r, int block, uint32_t word) 
 // read back wrong, summed over the blocks.
 __global__ void __launch_bounds__(kThreads, 1)
 stream_and_hop(const unsigned char* data, uint32_t pages, int slots, int mode, int group,
-               uint32_t* gbuf, int32_t* counters, int* err, int64_t* out) {
+               int quiet_groups, uint32_t* gbuf, int32_t* counters, int* err, int64_t* out) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ volatile int done;
   uint32_t* recv = reinterpret_cast<uint32_t*>(smem + kRecvOffset);  // [2][group][words]
@@ -86,8 +91,22 @@ stream_and_hop(const unsigned char* data, uint32_t pages, int slots, int mode, i
   }
   __syncthreads();
   if (mode == kDsmem) cluster_sync_all();  // every peer's mbarriers initialised
+  // A quiet group's blocks do not stream while the others do; they count their rounds while
+  // any streaming block still streams (streams_done, after the groups' counters, below the
+  // number of streaming blocks).
+  const bool quiet = slots > 0 && static_cast<int>(blockIdx.x) / group < quiet_groups;
+  int32_t* streams_done = counters + gridDim.x;
+  const int streamers = static_cast<int>(gridDim.x) - quiet_groups * group;
   if (threadIdx.x < 32) {
-    stream_role(smem, data, pages, slots, out, done);
+    if (quiet) {
+      if (threadIdx.x == 0) {
+        out[4 * blockIdx.x] = -1;
+        out[4 * blockIdx.x + 1] = 1;
+      }
+    } else {
+      stream_role(smem, data, pages, slots, out, done);
+      if (threadIdx.x == 0 && slots > 0) atomicAdd(streams_done, 1);
+    }
   } else {
     const uint32_t tid = threadIdx.x - 32;
     const int rank = blockIdx.x % group, first = blockIdx.x - rank;
@@ -170,7 +189,9 @@ stream_and_hop(const unsigned char* data, uint32_t pages, int slots, int mode, i
           errors += recv[(par * group + j) * kPieceWords + tid] != piece_word(r, first + j, tid);
       }
       consumer_sync();
-      const bool streaming = slots == 0 || !done;
+      const bool streaming =
+          slots == 0 || (quiet ? *reinterpret_cast<volatile int32_t*>(streams_done) < streamers
+                               : !done);
       if (streaming) {
         total += now() - t;
         ++counted;
@@ -191,6 +212,8 @@ int main(int argc, char** argv) {
   const int trials = argc > 1 ? std::atoi(argv[1]) : 9;
   const int only = argc > 2 ? std::atoi(argv[2]) : -1;  // one mode (0 global, 1 flag, 2 dsmem,
                                                         // 3 nofence)
+  const int quiet_sms = argc > 3 ? std::atoi(argv[3]) : 0;  // SMs (whole groups) that do not
+                                                            // stream while the others do
   const int sms = sms_with_banner(trials);
   StreamTrials st(sms);
   uint32_t* gbuf;
@@ -199,7 +222,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&err, sizeof(int)));
   const size_t gbuf_bytes = static_cast<size_t>(2) * sms * kPieceWords * 8;  // flag: pairs
   CHECK(cudaMalloc(&gbuf, gbuf_bytes));
-  CHECK(cudaMalloc(&counters, sms * sizeof(int32_t)));
+  CHECK(cudaMalloc(&counters, (sms + 1) * sizeof(int32_t)));  // groups', then streams_done
   CHECK(cudaFuncSetAttribute(stream_and_hop, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   CHECK(cudaFuncSetAttribute(stream_and_hop, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   std::printf("block: %d threads, %u B of dynamic shared memory; piece %u B, %d rounds\n",
@@ -228,6 +251,9 @@ int main(int argc, char** argv) {
                 clusters * group, grid);
     if (grid == 0) continue;
     cfg.gridDim = dim3(grid);
+    const int quiet_groups = std::min((quiet_sms + group - 1) / group, grid / group - 1);
+    if (quiet_groups > 0)
+      std::printf("C=%2d: %d SMs of %d do not stream\n", group, quiet_groups * group, grid);
     for (int mode : {kGlobal, kFlag, kDsmem, kNoFence}) {
       if (only >= 0 && mode != only) continue;
       cfg.numAttrs = mode == kDsmem ? 1 : 0;
@@ -235,15 +261,17 @@ int main(int argc, char** argv) {
         CHECK(cudaMemset(err, 0, sizeof(int)));
         const StreamTrials::Result r = st.run(trials, [&] {
           CHECK(cudaMemsetAsync(gbuf, 0, gbuf_bytes));
-          CHECK(cudaMemsetAsync(counters, 0, sms * sizeof(int32_t)));
+          CHECK(cudaMemsetAsync(counters, 0, (sms + 1) * sizeof(int32_t)));
           CHECK(cudaLaunchKernelEx(&cfg, stream_and_hop, static_cast<const unsigned char*>(st.data),
-                                   st.pages(), slots, mode, group, gbuf, counters, err, st.out));
+                                   st.pages(), slots, mode, group, quiet_groups, gbuf, counters,
+                                   err, st.out));
         });
         int errors = 0;
         CHECK(cudaMemcpy(&errors, err, sizeof(int), cudaMemcpyDeviceToHost));
         std::printf("C=%2d %-6s %d page(s) in flight: round %6.0f ns", group, kModeNames[mode],
                     slots, r.value_ns);
         if (slots) std::printf(", stream %.3f TB/s", r.tbps);
+        if (slots && quiet_groups > 0) std::printf(", quiet groups' round %6.0f ns", r.quiet_ns);
         std::printf("%s", slots ? "\n" : " (no stream)\n");
         if (errors)
           std::printf(mode == kNoFence ? "  %d words read stale (nothing orders them here)\n"

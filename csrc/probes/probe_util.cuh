@@ -143,12 +143,15 @@ struct StreamTrials {
     double wall_us;   // the stream's span, first block's start to last block's end
     double tbps;      // the launched blocks' bytes over that span
     double value_ns;  // median over blocks of the measured value
+    double quiet_ns;  // the same over the blocks that were told not to stream (0 if none)
   };
   // trials + 2 launches (the first two warm up), each after an L2 flush; medians over trials.
+  // A block that did not stream while others did marks itself with a stream start of -1: its
+  // value counts in quiet_ns, not in value_ns, wall_us or tbps.
   template <typename Launch>
   Result run(int trials, Launch launch) {
     std::vector<int64_t> host(4 * sms);
-    std::vector<double> wall, tbps, value;
+    std::vector<double> wall, tbps, value, quiet;
     for (int t = 0; t < trials + 2; ++t) {
       fill<<<4 * sms, 256>>>(flush, kFlushBytes / 4, t);
       CHECK(cudaMemset(out, 0, 4 * sms * sizeof(int64_t)));  // blocks of a smaller grid stay 0
@@ -157,9 +160,13 @@ struct StreamTrials {
       CHECK(cudaMemcpy(host.data(), out, host.size() * sizeof(int64_t), cudaMemcpyDeviceToHost));
       if (t < 2) continue;
       int64_t first = INT64_MAX, last = 0;
-      std::vector<double> per_block;
+      std::vector<double> per_block, per_quiet;
       for (int b = 0; b < sms; ++b) {
         if (host[4 * b + 1] == 0) continue;  // no such block in this launch's grid
+        if (host[4 * b] < 0) {
+          per_quiet.push_back(host[4 * b + 2] / 1e3);
+          continue;
+        }
         first = std::min(first, host[4 * b]);
         last = std::max(last, host[4 * b + 1]);
         per_block.push_back(host[4 * b + 2] / 1e3);
@@ -168,11 +175,15 @@ struct StreamTrials {
       wall.push_back((last - first) / 1e3);
       tbps.push_back(per_block.size() * kStreamKbPerSm * 1024.0 / (last - first) / 1e3);
       value.push_back(per_block[per_block.size() / 2]);
+      std::sort(per_quiet.begin(), per_quiet.end());
+      quiet.push_back(per_quiet.empty() ? 0.0 : per_quiet[per_quiet.size() / 2]);
     }
     std::sort(wall.begin(), wall.end());
     std::sort(tbps.begin(), tbps.end());
     std::sort(value.begin(), value.end());
-    return {wall[wall.size() / 2], tbps[tbps.size() / 2], value[value.size() / 2]};
+    std::sort(quiet.begin(), quiet.end());
+    return {wall[wall.size() / 2], tbps[tbps.size() / 2], value[value.size() / 2],
+            quiet[quiet.size() / 2]};
   }
 };
 
