@@ -95,6 +95,18 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_INFLIGHT_PAGES
 #define MK_INFLIGHT_PAGES 2
 #endif
+// Pages in flight at most while the consumers are on the attention chain (0: the cap above
+// throughout). A dependent L2 round trip waits for the SM's own pages in flight to land
+// (probes/hop_latency.cu: the counter hop 1.2 us idle, 6.0 with 2 pages in flight, 17 with
+// 4), and at 1B batch 1 the ring is full ~7 us before the chain ends anyway: a narrower
+// window from the chain's first instruction (ATTN, ATTN_REDUCE, ATTN_OPROJ, OPROJ; with
+// MK_CHAIN_QKV=1 QKV too) through the wait of the next instruction off it.
+#ifndef MK_CHAIN_INFLIGHT
+#define MK_CHAIN_INFLIGHT 0
+#endif
+#ifndef MK_CHAIN_QKV
+#define MK_CHAIN_QKV 0
+#endif
 // Claimed instructions (KernelArgs::claim): the loader claims the next one only once the
 // consumers have started the instruction MK_CLAIM_AHEAD before it, so an SM holds at most
 // MK_CLAIM_AHEAD + 1 claimed instructions and the others stay free for idle SMs; the
@@ -132,6 +144,14 @@ constexpr bool kRawSlot = MK_RAW_SLOT != 0;
 constexpr int kMaxSlots = kNumPages + (kRawSlot ? 1 : 0);
 constexpr int kInflightPages = MK_INFLIGHT_PAGES;
 constexpr bool kClaims = MK_CLAIMS != 0;
+constexpr int kChainInflight = MK_CHAIN_INFLIGHT;
+static_assert(kChainInflight >= 0, "MK_CHAIN_INFLIGHT: 0 (off) or a page count");
+// The opcodes during which (and through the next off-chain instruction's wait) the loader
+// keeps at most kChainInflight pages in flight.
+__host__ __device__ constexpr bool chain_op(int op) {
+  return op == OP_ATTN || op == OP_ATTN_REDUCE || op == OP_ATTN_OPROJ || op == OP_OPROJ ||
+         (MK_CHAIN_QKV != 0 && op == OP_QKV);
+}
 // 1 (default): the loader leaves a claimed record in shared memory beside its FIFO entry
 // (Ring::claimrec) for the consumers; 0 (session 28's path): they read it from L2 at the
 // instruction's head, a round trip behind the pages in flight (its queue traces: claimed

@@ -42,10 +42,11 @@ struct SmemLayout {
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  // flags: wait ok, error, abort, ready, quiet (0-4), then the claims' (Ring): started,
-  // nclaimed, the claim index of the consumers' current instruction, the claim FIFO and
-  // (kClaimRec) its records.
-  static constexpr int kStarted = 5, kNclaimed = 6, kClaimIndex = 7, kClaimq = 8;
+  // flags: wait ok, error, abort, ready, quiet, chain (0-5), then the claims' (Ring):
+  // started, nclaimed, the claim index of the consumers' current instruction, the claim
+  // FIFO and (kClaimRec) its records.
+  static constexpr int kChain = 5;
+  static constexpr int kStarted = 6, kNclaimed = 7, kClaimIndex = 8, kClaimq = 9;
   static constexpr int kClaimRecs = kClaimq + kClaimSlots;
   static constexpr int kFlags = kClaimRecs + (kClaims && kClaimRec ? kClaimSlots * kWords : 0);
   static constexpr size_t total = flags + kFlags * sizeof(int);
@@ -190,6 +191,10 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
     }
     const int32_t* ins = kRecordSmem || i >= qlen ? rec + (i & 1) * kWords
                                                   : queue + static_cast<size_t>(i) * kWords;
+    // kChainInflight: the loader narrows its window from a chain instruction's start, its
+    // wait included (thread 0 has the record: warp 0 wrote it before a __syncwarp, or a
+    // bar.sync of instruction i-1 published it), until an off-chain one has passed its wait.
+    if (kChainInflight && tid == 0 && chain_op(ins[W_OPCODE])) set_flag(ring.chain, 1);
     // Warp 0: the counter wait of instruction i (and the copy of record i+1). The bar.sync
     // after it orders every consumer after its acquires; flags[0] says how it went.
     auto wait = [&]() {
@@ -202,6 +207,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
                         (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
         if (tid == 0) {
           flags[0] = ok ? 1 : 0;
+          if (kChainInflight && !chain_op(ins[W_OPCODE])) set_flag(ring.chain, 0);
           if (kTiming) {
             timing_row = a.timing + (static_cast<size_t>(blockIdx.x) * a.timing_len + i) * 4;
             timing_row[0] = t0;
@@ -351,6 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   ring.abort = flags + 2;
   ring.ready = flags + 3;
   ring.quiet = flags + 4;
+  ring.chain = flags + SmemLayout::kChain;
   ring.started = flags + SmemLayout::kStarted;
   ring.nclaimed = flags + SmemLayout::kNclaimed;
   ring.claimq = flags + SmemLayout::kClaimq;
@@ -365,6 +372,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[2] = 0;
     flags[3] = -1;
     flags[4] = 0;
+    if (kChainInflight) flags[SmemLayout::kChain] = 0;
     if (kClaims) {
       flags[SmemLayout::kStarted] = -1;
       flags[SmemLayout::kNclaimed] = 0;

@@ -141,12 +141,15 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
     if (stop) break;
     if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 4);
     // kInflightPages: page it - kInflightPages has landed before page it is issued. That
-    // page's slot is not refilled before page it, so its full barrier's parity is unambiguous.
+    // page's slot is not refilled before page it (the cap is below the slots), so its full
+    // barrier's parity is unambiguous.
     // Before the quiet check: a release that turns quiet during this wait must not find a
     // copy issued after it (measured: ATTN's release 0.58 -> 1.28 us in that order).
-    if (kInflightPages > 0 && kInflightPages < ring.slots && it >= kInflightPages &&
+    // kChainInflight: the cap while the consumers are on the attention chain.
+    const int cap = kChainInflight && get_flag(ring.chain) ? kChainInflight : kInflightPages;
+    if (cap > 0 && cap < ring.slots && it >= static_cast<uint32_t>(cap) &&
         !(a.mode & MODE_NO_LOAD)) {
-      const uint32_t back = it - kInflightPages;
+      const uint32_t back = it - cap;
       while (!mbar_try_wait(&ring.full[ring.slot_of(back)], ring.phase_of(back))) {}
     }
     if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 5);

@@ -15,6 +15,7 @@ struct Ring {
   volatile int* abort;     // set by consumers when the block stops early
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
   volatile int* quiet;     // kReleaseQuiet: the consumers' release is near, issue nothing
+  volatile int* chain;     // kChainInflight: the consumers are on the attention chain
   // Claims (KernelArgs::claim): the loader claims records and hands them to the consumers
   // in order through a FIFO of kClaimSlots claim indices (-1: the list ran dry).
   volatile int* started;   // queue index (static, then claimed) the consumers have begun

@@ -204,6 +204,20 @@ def test_wait_first_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} wait_first")
 
 
+@pytest.mark.parametrize("flags", [("-DMK_CHAIN_INFLIGHT=1",),
+                                   ("-DMK_CHAIN_INFLIGHT=1", "-DMK_CHAIN_QKV=1")],
+                         ids=["chain_inflight", "chain_inflight_qkv"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_chain_inflight_matches_fp32(cfg, batch, flags):
+    """-DMK_CHAIN_INFLIGHT=1 (and with MK_CHAIN_QKV=1): the loader keeps one page in
+    flight, not two, while the consumers are on the attention chain; the ring's slot reuse
+    under the changing cap must keep every page's parity right."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], build_flags=flags)
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {flags}")
+
+
 def broken_tiny(batch, waiter=None):
     """tiny's config, weights and a plan whose counter c (waited on by the last waiting
     instruction, or the first `waiter` op that waits) needs one more signal than any step
