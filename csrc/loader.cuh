@@ -35,10 +35,10 @@ struct PageWalk {
   __device__ bool done() const { return i >= end; }
   // Every lane: claim the record of queue index i (> the static queue) once the consumers
   // have begun index i - kClaimAhead, publish it in the FIFO (kClaimRec: with a copy of
-  // its record by lanes 0-15, which the consumers read there, not from L2), and return it; null when the
-  // list ran dry or the block stops. Claims are taken in increasing order everywhere and
-  // static instructions never wait on claimed ones (validate.py), so the smallest
-  // unfinished claimed instruction always runs: no deadlock.
+  // its record by lanes 0-15, which the consumers read there, not from L2), and return it;
+  // null when the list ran dry or the block stops. Claims are taken in increasing order
+  // everywhere and static instructions never wait on claimed ones (validate.py), so the
+  // smallest unfinished claimed instruction always runs: no deadlock.
   __device__ const int32_t* claim(const KernelArgs& a, const Ring& ring) {
     const int j = i - qlen, lane = threadIdx.x & 31;
     int k = -1;
