@@ -10,6 +10,7 @@ import torch
 from megakernel import ModelConfig, Weights, ops_ref, pack_weights
 from megakernel.runtime import Runtime
 from megakernel.scheduler import isa
+from megakernel.scheduler.program import no_claims
 
 # Awkward shapes: hidden sizes that are not multiples of 128, K chunked with a partial last
 # chunk, GQA 1/3/8, head dims 32/64/128.
@@ -29,7 +30,8 @@ def one_instruction_program(cfg, batch, rec, attn_splits=3, lm_slices=2, counter
         config=cfg, batch=batch, num_sms=1, tp=1, rank=0, policy="test", attn_splits=attn_splits,
         lm_slices=lm_slices, instructions=np.asarray([[rec]], dtype=np.int32),
         queue_len=np.asarray([1], dtype=np.int32),
-        counter_targets=np.asarray(counter_targets, np.int32), num_counters=len(counter_targets))
+        counter_targets=np.asarray(counter_targets, np.int32), num_counters=len(counter_targets),
+        claim=no_claims(), claim_len=0)   # static only, as Runtime expects of every Program
 
 
 def random_inputs(buf, cfg, max_seq, seed, positions=None):

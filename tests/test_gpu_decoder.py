@@ -204,16 +204,18 @@ def test_wait_first_matches_fp32(cfg, batch):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} wait_first")
 
 
-@pytest.mark.parametrize("flags", [("-DMK_CHAIN_INFLIGHT=1",),
+@pytest.mark.parametrize("flags", [("-DMK_CHAIN_INFLIGHT=0",),
+                                   ("-DMK_CHAIN_INFLIGHT=1", "-DMK_CHAIN_QKV=0"),
                                    ("-DMK_CHAIN_INFLIGHT=1", "-DMK_CHAIN_QKV=1")],
-                         ids=["chain_inflight", "chain_inflight_qkv"])
+                         ids=["chain_inflight_off", "chain_inflight", "chain_inflight_qkv"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
 def test_chain_inflight_matches_fp32(cfg, batch, flags):
-    """-DMK_CHAIN_INFLIGHT=1 (and with MK_CHAIN_QKV=1): the loader keeps one page in
-    flight, not two, while the consumers are on the attention chain; the ring's slot reuse
-    under the changing cap must keep every page's parity right."""
+    """The loader's cap on the attention chain (MK_CHAIN_INFLIGHT; the batch-1/2 build's
+    default is one page from QKV's start, the other build's off), each setting in both
+    builds: the ring's slot reuse under the changing cap must keep every page's parity
+    right."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], build_flags=flags)
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {flags}")
 
