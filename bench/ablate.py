@@ -159,6 +159,8 @@ def grid(num_sms: int = 132) -> list[Row]:
              "-DMK_CHAIN_QKV=0"),
         flag("MK_CHAIN_INFLIGHT", 1, "as MK_CHAIN_INFLIGHT=1+MK_CHAIN_QKV=0, from QKV's start "
              "(the batch-1/2 build's default)", "-DMK_CHAIN_QKV=1"),
+        flag("MK_CHAIN_INFLIGHT", 1, "as MK_CHAIN_INFLIGHT=1+MK_CHAIN_QKV=1, and through DOWN's "
+             "wait (the hop from the last GATEUP)", "-DMK_CHAIN_QKV=1", "-DMK_CHAIN_DOWN=1"),
         flag("MK_ATTN_EXACT_G", 0, "ATTN unrolled for 8 q heads with an exit after the "
              "group's last, one head after the other, not exactly 4 heads interleaved where "
              "G == 4 (D 64, 128)"),

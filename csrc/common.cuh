@@ -107,6 +107,10 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #ifndef MK_CHAIN_QKV
 #define MK_CHAIN_QKV 0
 #endif
+// MK_CHAIN_DOWN=1: the cap also holds through DOWN's wait (the hop from the last GATEUP).
+#ifndef MK_CHAIN_DOWN
+#define MK_CHAIN_DOWN 0
+#endif
 // Claimed instructions (KernelArgs::claim): the loader claims the next one only once the
 // consumers have started the instruction MK_CLAIM_AHEAD before it, so an SM holds at most
 // MK_CLAIM_AHEAD + 1 claimed instructions and the others stay free for idle SMs; the
@@ -151,6 +155,11 @@ static_assert(kChainInflight >= 0, "MK_CHAIN_INFLIGHT: 0 (off) or a page count")
 __host__ __device__ constexpr bool chain_op(int op) {
   return op == OP_ATTN || op == OP_ATTN_REDUCE || op == OP_ATTN_OPROJ || op == OP_OPROJ ||
          (MK_CHAIN_QKV != 0 && op == OP_QKV);
+}
+// The opcodes that set the cap at their start: the chain's, and (MK_CHAIN_DOWN) DOWN, which
+// is off the chain and so clears it again once its own wait has passed.
+__host__ __device__ constexpr bool chain_cap_op(int op) {
+  return chain_op(op) || (MK_CHAIN_DOWN != 0 && op == OP_DOWN);
 }
 // 1 (default): the loader leaves a claimed record in shared memory beside its FIFO entry
 // (Ring::claimrec) for the consumers; 0 (session 28's path): they read it from L2 at the

@@ -194,7 +194,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
     // kChainInflight: the loader narrows its window from a chain instruction's start, its
     // wait included (thread 0 has the record: warp 0 wrote it before a __syncwarp, or a
     // bar.sync of instruction i-1 published it), until an off-chain one has passed its wait.
-    if (kChainInflight && tid == 0 && chain_op(ins[W_OPCODE])) set_flag(ring.chain, 1);
+    if (kChainInflight && tid == 0 && chain_cap_op(ins[W_OPCODE])) set_flag(ring.chain, 1);
     // Warp 0: the counter wait of instruction i (and the copy of record i+1). The bar.sync
     // after it orders every consumer after its acquires; flags[0] says how it went.
     auto wait = [&]() {

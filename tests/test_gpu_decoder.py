@@ -206,8 +206,11 @@ def test_wait_first_matches_fp32(cfg, batch):
 
 @pytest.mark.parametrize("flags", [("-DMK_CHAIN_INFLIGHT=0",),
                                    ("-DMK_CHAIN_INFLIGHT=1", "-DMK_CHAIN_QKV=0"),
-                                   ("-DMK_CHAIN_INFLIGHT=1", "-DMK_CHAIN_QKV=1")],
-                         ids=["chain_inflight_off", "chain_inflight", "chain_inflight_qkv"])
+                                   ("-DMK_CHAIN_INFLIGHT=1", "-DMK_CHAIN_QKV=1"),
+                                   ("-DMK_CHAIN_INFLIGHT=1", "-DMK_CHAIN_QKV=1",
+                                    "-DMK_CHAIN_DOWN=1")],
+                         ids=["chain_inflight_off", "chain_inflight", "chain_inflight_qkv",
+                              "chain_inflight_down"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
