@@ -151,16 +151,12 @@ def grid(num_sms: int = 132) -> list[Row]:
              "execute (their L2 loads do not queue behind landing pages)"),
         flag("MK_QUIET_INPUTS", 2, "as MK_QUIET_INPUTS=1, and during a CUDA-core matvec's "
              "activation staging too"),
-        flag("MK_CHAIN_INFLIGHT", 0, "two pages in flight throughout, also on the attention "
-             "chain (the batch-1/2 build keeps one there, from QKV's start)"),
-        flag("MK_CHAIN_INFLIGHT", 1, "one page in flight, not two, while the consumers are "
-             "on the attention chain (ATTN, ATTN_OPROJ, ATTN_REDUCE, OPROJ, through the next "
-             "instruction's wait): its L2 round trips queue behind fewer page bytes",
-             "-DMK_CHAIN_QKV=0"),
-        flag("MK_CHAIN_INFLIGHT", 1, "as MK_CHAIN_INFLIGHT=1+MK_CHAIN_QKV=0, from QKV's start "
-             "(the batch-1/2 build's default)", "-DMK_CHAIN_QKV=1"),
-        flag("MK_CHAIN_INFLIGHT", 1, "as MK_CHAIN_INFLIGHT=1+MK_CHAIN_QKV=1, and through DOWN's "
-             "wait (the hop from the last GATEUP)", "-DMK_CHAIN_QKV=1", "-DMK_CHAIN_DOWN=1"),
+        flag("MK_CHAIN_INFLIGHT", 0, "two pages in flight throughout, not one from QKV's "
+             "start to GATEUP's wait and through DOWN's (the attention chain's hops and "
+             "staging queue behind the SM's own pages in flight)"),
+        flag("MK_CHAIN_QKV", 0, "the chain's one-page cap from ATTN's start, not QKV's"),
+        flag("MK_CHAIN_DOWN", 0, "the chain's one-page cap not through DOWN's wait (the hop "
+             "from the last GATEUP)"),
         flag("MK_ATTN_EXACT_G", 0, "ATTN unrolled for 8 q heads with an exit after the "
              "group's last, one head after the other, not exactly 4 heads interleaved where "
              "G == 4 (D 64, 128)"),

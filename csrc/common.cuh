@@ -97,19 +97,22 @@ constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last
 #endif
 // Pages in flight at most while the consumers are on the attention chain (0: the cap above
 // throughout). A dependent L2 round trip waits for the SM's own pages in flight to land
-// (probes/hop_latency.cu: the counter hop 1.2 us idle, 6.0 with 2 pages in flight, 17 with
-// 4), and at 1B batch 1 the ring is full ~7 us before the chain ends anyway: a narrower
-// window from the chain's first instruction (ATTN, ATTN_REDUCE, ATTN_OPROJ, OPROJ; with
-// MK_CHAIN_QKV=1 QKV too) through the wait of the next instruction off it.
+// (probes/hop_latency.cu, H100: the counter hop 1.2 us idle, 6.0 with 2 pages in flight on
+// every SM, 2.7 for SMs that do not stream while 116 others do), and at 1B batch 1 the ring
+// is full ~7 us before the chain ends anyway: a narrower window from the chain's first
+// instruction (QKV; ATTN with MK_CHAIN_QKV=0; then ATTN_REDUCE, ATTN_OPROJ, OPROJ) through
+// the wait of the next instruction off it (GATEUP), and (MK_CHAIN_DOWN) through DOWN's wait,
+// the hop from the last GATEUP. Same-process rows on one H100 (bench/NOTES.md, session 31),
+// all three against none: 1B b1 1.048-1.050 vs 1.073-1.075 ms, b2 1.122 vs 1.162-1.165, b8
+// 1.504-1.509 vs 1.513-1.521, 8B b8 6.690 vs 6.758; 8B b1 loses, 5.323 vs 5.289.
 #ifndef MK_CHAIN_INFLIGHT
-#define MK_CHAIN_INFLIGHT 0
+#define MK_CHAIN_INFLIGHT 1
 #endif
 #ifndef MK_CHAIN_QKV
-#define MK_CHAIN_QKV 0
+#define MK_CHAIN_QKV 1
 #endif
-// MK_CHAIN_DOWN=1: the cap also holds through DOWN's wait (the hop from the last GATEUP).
 #ifndef MK_CHAIN_DOWN
-#define MK_CHAIN_DOWN 0
+#define MK_CHAIN_DOWN 1
 #endif
 // Claimed instructions (KernelArgs::claim): the loader claims the next one only once the
 // consumers have started the instruction MK_CLAIM_AHEAD before it, so an SM holds at most

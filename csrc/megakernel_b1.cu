@@ -35,18 +35,6 @@ using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated in
 #define MK_STAGE_AHEAD MK_B1_STAGE_AHEAD
 #endif
 
-// The attention chain's loader cap (csrc/common.cuh MK_CHAIN_INFLIGHT), on from QKV's start:
-// at 1B batch 1 the ring is full well before the chain ends, and its hops and staging round
-// trips queue behind one page, not two: 1.087 -> 1.066 ms (two rounds, one H100; from ATTN
-// only 1.081); 8B batch 1 5.383 -> 5.418 (+0.6%), where the default build at batch 8 loses
-// 0.5% too and keeps it off (bench/NOTES.md, session 31).
-#ifndef MK_CHAIN_INFLIGHT
-#define MK_CHAIN_INFLIGHT 1
-#endif
-#ifndef MK_CHAIN_QKV
-#define MK_CHAIN_QKV 1
-#endif
-
 #define mk mk_b1
 #include "megakernel.cu"
 #undef mk
