@@ -98,9 +98,12 @@ def grid(num_sms: int = 132) -> list[Row]:
              "activation chunk after the previous chunk's pages, not into registers during them"),
         flag("MK_NUM_PAGES", 2, "shallow shared-memory ring: 2 pages"),
         flag("MK_INFLIGHT_PAGES", 0, "no cap on the pages the loader keeps in flight "
-             "(issued, not landed): as many as the ring has free slots, not 2"),
-        flag("MK_INFLIGHT_PAGES", 1, "at most 1 page in flight per SM, not 2"),
-        flag("MK_INFLIGHT_PAGES", 3, "at most 3 pages in flight per SM, not 2"),
+             "(issued, not landed) off the attention chain: as many as the ring has free "
+             "slots, not 2"),
+        flag("MK_INFLIGHT_PAGES", 1, "at most 1 page in flight per SM off the attention "
+             "chain too, not 2"),
+        flag("MK_INFLIGHT_PAGES", 3, "at most 3 pages in flight per SM off the attention "
+             "chain, not 2"),
         flag("MK_INPUT_LEAD", 3, "the loader prefetches an instruction's small inputs 3 "
              "instructions ahead of its page walk, not as the walk passes it"),
         flag("MK_INPUT_LEAD", 6, "the input prefetch 6 instructions (about a layer) ahead"),
