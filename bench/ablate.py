@@ -171,6 +171,10 @@ def grid(num_sms: int = 132) -> list[Row]:
             {"fuse_oproj": False, "build_flags": ("-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0")}),
         flag("MK_LL_Q", 1, "QKV also stores q and the new k / v as flagged pairs and ATTN "
              "polls them, not the QKV counters"),
+        flag("MK_B1_TC", 0, "the batch-1/2 build without the tensor-core matvec (dead code "
+             "at its batches, but it holds registers)"),
+        flag("MK_B1_TC", 0, "as MK_B1_TC=0, with MK_LL_Q=1 (which spills 8 bytes in the "
+             "batch-1/2 build with the tensor-core code, none without)", "-DMK_LL_Q=1"),
         Row("MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_FUSE_OPROJ=0, and both hops "
             "flagged: QKV -> ATTN and ATTN -> ATTN_REDUCE",
             {"fuse_oproj": False,

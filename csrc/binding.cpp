@@ -19,6 +19,7 @@ int max_batch();
 int acc_floats();
 int max_group();
 bool claims_compiled();
+bool ll_q_compiled();
 }  // namespace mk_b1
 
 namespace {
@@ -247,6 +248,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["max_blocks_per_sm"] = mk_b1::max_blocks_per_sm();
     return d;
   }, "What the batch-1/2 build (csrc/megakernel_b1.cu) takes: the runtime's variant check.");
+  m.def("ll_q_compiled",
+        [](bool b1) { return b1 ? mk_b1::ll_q_compiled() : mk::ll_q_compiled(); },
+        py::arg("b1"), "Whether that build's ATTN takes q and the new k / v from the flagged "
+        "pairs QKV writes (MK_LL_Q; q_ll, kv_ll) instead of waiting on QKV's counters.");
   m.def("enable_peer_access", &enable_peer_access, py::arg("device"), py::arg("peer"),
         "Let kernels on `device` access `peer`'s memory (idempotent); raises if impossible.");
 }

@@ -143,6 +143,19 @@ static_assert(MK_COPY_KB >= 1, "bulk copies of at least 1 KB");
 // 16 rows x 1024 columns keeps its 16 rows. More would not fit 5 pages in 227 KB.
 constexpr int kSlotBytes = kPageBytes + 16 * 16;
 constexpr int kTcMinBucket = MK_TC_MIN_BUCKET;
+// The largest batch a build takes (megakernel_b1.cu: 2; 0: kMaxBatch, the instruction set's).
+#ifndef MK_VARIANT_MAX_BATCH
+#define MK_VARIANT_MAX_BATCH 0
+#endif
+constexpr int kVariantMaxBatch = MK_VARIANT_MAX_BATCH > 0 ? MK_VARIANT_MAX_BATCH : kMaxBatch;
+// MK_TC_COMPILED=0 (megakernel_b1.cu's MK_B1_TC=0): the interpreter without the tensor-core
+// matvec, which only a build whose every batch runs on CUDA cores can leave out.
+#ifndef MK_TC_COMPILED
+#define MK_TC_COMPILED 1
+#endif
+constexpr bool kTcCompiled = MK_TC_COMPILED != 0;
+static_assert(kTcCompiled || kTcMinBucket > kVariantMaxBatch,
+              "MK_TC_COMPILED=0 needs every batch of the build below MK_TC_MIN_BUCKET");
 constexpr int kNumPages = MK_NUM_PAGES;           // prefetch depth, in pages
 // kRawSlot: where no tensor-core matvec runs (batch buckets below kTcMinBucket), the raw
 // activation area of matvec_tc.cuh (33 KB, otherwise idle) is ring slot kNumPages: one more

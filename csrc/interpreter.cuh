@@ -263,8 +263,8 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
 #define MK_MATVEC_TC(n) \
   consumer_matvec_tc<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, raw, wait, \
                                  flags, setup_first)
-      if (nt == 1) pre = MK_MATVEC_TC(1);
-      else if (nt == 2) pre = MK_MATVEC_TC(2);
+      if (kTcCompiled && nt == 1) pre = MK_MATVEC_TC(1);
+      else if (kTcCompiled && nt == 2) pre = MK_MATVEC_TC(2);
       else if (a.B == 1) pre = MK_MATVEC(consumer_matvec, 1);
       else if (a.B == 2) pre = MK_MATVEC(consumer_matvec, 2);
       else if (kTcMinBucket > 4 && a.B <= 4) pre = MK_MATVEC(consumer_matvec, 4);

@@ -128,5 +128,7 @@ int launch(const KernelArgs& args, int num_sms, void* stream);
 int max_blocks_per_sm();
 // Whether this build runs claimed records (-DMK_CLAIMS=1); without, it would skip them.
 bool claims_compiled();
+// Whether QKV hands ATTN its q and new k / v as flagged pairs (MK_LL_Q; q_ll, kv_ll).
+bool ll_q_compiled();
 
 }  // namespace mk

@@ -9,6 +9,7 @@ namespace mk {
 size_t smem_bytes() { return SmemLayout::total; }
 int threads_per_block() { return kThreads; }
 bool claims_compiled() { return kClaims; }
+bool ll_q_compiled() { return kLlQ; }
 
 // The shared-memory opt-in is a per-device function attribute: set it once per device
 // (tensor parallelism launches on several GPUs from one process).

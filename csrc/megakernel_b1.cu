@@ -34,6 +34,17 @@ using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated in
 #ifndef MK_STAGE_AHEAD
 #define MK_STAGE_AHEAD MK_B1_STAGE_AHEAD
 #endif
+// This variant's batches (1-2) run on CUDA cores unless MK_TC_MIN_BUCKET <= 2. MK_B1_TC=0
+// leaves the tensor-core matvec out of it (dead code there, but it holds registers): with
+// -DMK_LL_Q=1 the variant then compiles without spills (with the tensor-core code, 8 bytes;
+// bench/NOTES.md, session 32). 1 (default): compiled in, as measured so far.
+#define MK_VARIANT_MAX_BATCH 2
+#ifndef MK_B1_TC
+#define MK_B1_TC 1
+#endif
+#if !MK_B1_TC
+#define MK_TC_COMPILED 0
+#endif
 
 #define mk mk_b1
 #include "megakernel.cu"
@@ -41,7 +52,7 @@ using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated in
 
 namespace mk_b1 {
 // What the runtime checks a program against before it picks this variant.
-int max_batch() { return 2; }
+int max_batch() { return kVariantMaxBatch; }
 int acc_floats() { return kAccFloats; }
 int max_group() { return kMaxG; }
 }  // namespace mk_b1

@@ -208,6 +208,9 @@ class Runtime:
         self.ext = load_extension(build_flags=tuple(build_flags))
         b1_limits = self.ext.b1_limits()
         self.variant = choose_variant(program, variant, b1_limits)
+        # Whether this build's ATTN polls the flagged q / k / v pairs QKV writes (MK_LL_Q):
+        # whoever hands an ATTN its inputs by hand (op tests) flags them then.
+        self.ll_q = bool(self.ext.ll_q_compiled(self.variant == "b1"))
         limits = b1_limits if self.variant == "b1" else {
             "max_blocks_per_sm": self.ext.max_blocks_per_sm(), "smem_bytes": self.ext.smem_bytes()}
         if limits["max_blocks_per_sm"] < 1:

@@ -52,14 +52,15 @@ def random_inputs(buf, cfg, max_seq, seed, positions=None):
 
 def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
            positions=None, poison=(), counter_targets=(), build_flags=(), watchdog_ms=None,
-           gpu_only_poison=()):
+           gpu_only_poison=(), info=None):
     """Run one instruction on the GPU and through ops_ref on the CPU.
     poison: (buffer name, index) pairs set to NaN/INT_MIN on both sides first;
     gpu_only_poison: (float buffer, index) pairs set to NaN on the GPU side only.
     counter_targets: of the program's counters (all 0 at the launch; an ATTN ticket);
     build_flags: of the kernel (e.g. -DMK_FUSE_REDUCE=1 for an ATTN merge; with
     -DMK_LL_PARTIALS=1 an ATTN_REDUCE finds its inputs flagged in part_ll, with -DMK_LL_Q=1
-    an ATTN in q_ll / kv_ll, before poison).
+    an ATTN in q_ll / kv_ll (Runtime.ll_q: the build that runs has it), before poison);
+    info: a dict that gets "ll_q" (Runtime.ll_q) and "variant" (the build that ran).
     Returns (gpu Buffers moved to the CPU, reference Buffers)."""
     w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
     packed = pack_weights(w)
@@ -69,7 +70,9 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     random_inputs(rt.buffers, cfg, max_seq, seed + 1, positions)
     if op == isa.Op.ATTN_REDUCE and "-DMK_LL_PARTIALS=1" in build_flags:
         rt.buffers.flag_partials(tag=1)   # it polls these (the epoch is 0)
-    if op == isa.Op.ATTN and "-DMK_LL_Q=1" in build_flags:
+    if info is not None:
+        info.update(ll_q=rt.ll_q, variant=rt.variant)
+    if op == isa.Op.ATTN and rt.ll_q:
         rt.buffers.flag_queries(tag=1)
     for name, index in poison:
         t = getattr(rt.buffers, name)

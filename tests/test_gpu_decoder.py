@@ -132,7 +132,8 @@ def test_unfused_oproj_matches_fp32(cfg, batch, build):
 # (relaxed_signal): the polled partials hop is the unfused plan's, in that build.
 LL_BUILDS = {"ll_partials": ("-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0"),
              "ll_partials_fused": ("-DMK_LL_PARTIALS=1",), "ll_q": ("-DMK_LL_Q=1",),
-             "ll_both": ("-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0")}
+             "ll_both": ("-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0"),
+             "ll_q_b1_no_tc": ("-DMK_LL_Q=1", "-DMK_B1_TC=0")}
 
 
 def build_kwargs(flags: tuple[str, ...]) -> dict:
@@ -149,8 +150,9 @@ def test_flagged_builds_match_fp32(cfg, batch, build):
     """-DMK_LL_PARTIALS=1: ATTN_REDUCE polls its partials' tags, not the ATTN counters
     (ll_partials_fused: the fused default plan, whose ATTN_OPROJ waits on the counters,
     in the build that also stores the tags); -DMK_LL_Q=1: ATTN polls q's and the new K/V's,
-    not the QKV counters. Three steps per position (tags of epochs 1-3), reset between
-    positions (tags zeroed)."""
+    not the QKV counters (ll_q_b1_no_tc: in a b1 build without the tensor-core matvec,
+    which then compiles without spills). Three steps per position (tags of epochs 1-3),
+    reset between positions (tags zeroed)."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
                                      **build_kwargs(LL_BUILDS[build]))
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
@@ -431,14 +433,17 @@ def test_phase_stamps_only_with_their_build_flag():
                 assert (got >= t[sm, i, 1]).all() and (got <= t[sm, i, 3]).all()
 
 
-@pytest.mark.parametrize("variant", ["b1", "default"])
+@pytest.mark.parametrize("variant", ["b1", "default", "b1_no_tc"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS[:2] + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
 def test_batch_variants_match_fp32(cfg, batch, variant):
     """Both builds at batches 1-2: megakernel_b1.cu (6 ring slots, 4096 accumulators, groups
-    of up to 4 q heads; what "auto" picks at batch 1) and megakernel.cu."""
-    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000], variant=variant)
+    of up to 4 q heads; what "auto" picks at batch 1) and megakernel.cu; b1_no_tc: the b1
+    build without the tensor-core matvec (-DMK_B1_TC=0)."""
+    flags = ("-DMK_B1_TC=0",) if variant == "b1_no_tc" else ()
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
+                                     variant=variant.removesuffix("_no_tc"), build_flags=flags)
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {variant}")
 
 

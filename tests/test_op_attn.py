@@ -55,6 +55,26 @@ def test_attn(name, splits, split, flags):
             assert not rest.any()
 
 
+@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",), ("-DMK_LL_Q=1", "-DMK_B1_TC=0")],
+                         ids=["default", "ll_q", "ll_q_b1_no_tc"])
+@pytest.mark.parametrize("name", list(ATTN_CONFIGS))
+def test_attn_b1(name, flags):
+    """Batch 1, where "auto" runs the b1 build wherever the group fits it (G <= 4; the
+    default build for G = 8): the counters and the cache, or (MK_LL_Q=1) q and the
+    position's K/V from the flagged pairs (the GPU's cache row at the position then holds
+    NaN, so a read of it shows), also in a b1 build without the tensor-core matvec."""
+    cfg = ATTN_CONFIGS[name]
+    pos, g, info = 1234, cfg.Hkv - 1, {}
+    poison = [(c, (1, 0, slice(None), pos)) for c in ("k_cache", "v_cache")]
+    got, ref = run_op(cfg, 1, Op.ATTN, dict(b=0, kv_head=g, split=2), layer=1, attn_splits=3,
+                      max_seq=1300, positions=[pos], poison=[("o_part", 1), ("lse", 1)],
+                      build_flags=flags, info=info, gpu_only_poison=poison if flags else ())
+    assert info["variant"] == ("b1" if cfg.G <= 4 else "default")
+    assert info["ll_q"] == bool(flags)
+    assert_close(got, ref, "o_part")
+    assert_close(got, ref, "lse")
+
+
 @pytest.mark.parametrize("target", [1, 2])
 @pytest.mark.parametrize("name", list(OP_CONFIGS))
 def test_attn_merge(name, target):

@@ -7,25 +7,30 @@ from megakernel.scheduler.isa import Op
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",)], ids=["default", "ll_q"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",), ("-DMK_LL_Q=0",)],
+                         ids=["default", "ll_q", "ll_q_off"])
 @pytest.mark.parametrize("batch", [1, 3, 16])
 @pytest.mark.parametrize("name", list(OP_CONFIGS))
 def test_qkv(name, batch, flags):
     """MK_LL_Q=1 also writes every q pair and the position's k / v pairs it stores as
-    flagged pairs tagged 1 (epoch 0) into q_ll / kv_ll, and nothing else there."""
+    flagged pairs tagged 1 (epoch 0) into q_ll / kv_ll, and nothing else there; the default
+    build writes nothing there."""
     cfg = OP_CONFIGS[name]
     rows = cfg.Hkv * (cfg.G + 2) * cfg.D
     row0, n = 2 * (rows // 7), min(2 * (rows // 3), (8192 // batch) & ~1)
     positions = [(7 * b + 3) % 96 for b in range(batch)]
     poison = [("q", 1)] + [(c, (1, b, slice(None), positions[b])) for c in ("k_cache", "v_cache")
                            for b in range(batch)]
+    info = {}
     got, ref = run_op(cfg, batch, Op.QKV, dict(row0=row0, nrows=n), layer=1,
-                      positions=positions, poison=poison, build_flags=flags)
+                      positions=positions, poison=poison, build_flags=flags, info=info)
     assert_close(got, ref, "q")
     # bf16 stores: one rounding step of 2^-8 relative
     assert_close(got, ref, "k_cache", rtol=1e-2, atol=1e-2)
     assert_close(got, ref, "v_cache", rtol=1e-2, atol=1e-2)
-    if not flags:
+    assert info["ll_q"] == bool(flags)
+    if not info["ll_q"]:
+        assert not got.q_ll.any() and not got.kv_ll.any()
         return
     want = Buffers(**{k: v.clone() for k, v in got.tensors().items()}).flag_queries(tag=1)
     for name in ("q_ll", "kv_ll"):
