@@ -7,8 +7,7 @@ from megakernel.scheduler.isa import Op
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",), ("-DMK_LL_Q=0",)],
-                         ids=["default", "ll_q", "ll_q_off"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",)], ids=["default", "ll_q"])
 @pytest.mark.parametrize("batch", [1, 3, 16])
 @pytest.mark.parametrize("name", list(OP_CONFIGS))
 def test_qkv(name, batch, flags):
