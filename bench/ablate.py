@@ -169,12 +169,14 @@ def grid(num_sms: int = 132) -> list[Row]:
             "partials as flagged pairs and ATTN_REDUCE polls them, not the ATTN counters (no "
             "release, counter round trip or bar.sync between them)",
             {"fuse_oproj": False, "build_flags": ("-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0")}),
-        flag("MK_LL_Q", 1, "QKV also stores q and the new k / v as flagged pairs and ATTN "
-             "polls them, not the QKV counters"),
-        flag("MK_B1_TC", 0, "the batch-1/2 build without the tensor-core matvec (dead code "
-             "at its batches, but it holds registers)"),
-        flag("MK_B1_TC", 0, "as MK_B1_TC=0, with MK_LL_Q=1 (which spills 8 bytes in the "
-             "batch-1/2 build with the tensor-core code, none without)", "-DMK_LL_Q=1"),
+        flag("MK_LL_Q", 0, "ATTN waits on the QKV counters and reads q and the new k / v "
+             "from their buffers, not polls the flagged pairs QKV also stores (the batch-1/2 "
+             "build's default; the other build has it off)"),
+        flag("MK_LL_Q", 1, "the flagged QKV -> ATTN hop in the batch-8 build too (the "
+             "batch-1/2 build has it already: there this row is the default's code)"),
+        flag("MK_B1_TC", 1, "the tensor-core matvec compiled into the batch-1/2 build (dead "
+             "code at its batches that holds registers), and so MK_LL_Q off there (with it "
+             "the build spills 8 bytes): that build's default up to session 32"),
         Row("MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_FUSE_OPROJ=0, and both hops "
             "flagged: QKV -> ATTN and ATTN -> ATTN_REDUCE",
             {"fuse_oproj": False,

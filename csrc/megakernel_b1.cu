@@ -34,16 +34,35 @@ using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated in
 #ifndef MK_STAGE_AHEAD
 #define MK_STAGE_AHEAD MK_B1_STAGE_AHEAD
 #endif
-// This variant's batches (1-2) run on CUDA cores unless MK_TC_MIN_BUCKET <= 2. MK_B1_TC=0
-// leaves the tensor-core matvec out of it (dead code there, but it holds registers): with
-// -DMK_LL_Q=1 the variant then compiles without spills (with the tensor-core code, 8 bytes;
-// bench/NOTES.md, session 32). 1 (default): compiled in, as measured so far.
+// This variant's batches (1-2) run on CUDA cores unless MK_TC_MIN_BUCKET <= 2, so by default
+// it leaves the tensor-core matvec out (dead code here that still holds registers):
+// MK_B1_TC=1 compiles it in. Without it the plain kernel has the registers MK_LL_Q needs
+// (with it, 8 bytes spill). 1B batch 1: 1.045 ms against 1.052 with it; batch 2 1.115
+// against 1.127 (bench/NOTES.md, session 33).
 #define MK_VARIANT_MAX_BATCH 2
 #ifndef MK_B1_TC
+#if defined(MK_TC_MIN_BUCKET) && MK_TC_MIN_BUCKET <= MK_VARIANT_MAX_BATCH
 #define MK_B1_TC 1
+#else
+#define MK_B1_TC 0
+#endif
 #endif
 #if !MK_B1_TC
 #define MK_TC_COMPILED 0
+#endif
+// MK_LL_Q (common.cuh) is on in this variant wherever the tensor-core code is out (it needs
+// the registers that frees) and the tp partials are not folded (with MK_FOLD, whose QKV
+// keeps its release for its other readers, it spills 28 bytes, 16 without): QKV hands q
+// and the new k / v to ATTN as flagged pairs, no counter hop. 1B batch 1: 1.034 ms against
+// 1.045 (both with MK_B1_TC=0), batch 2 1.109 against 1.115, 8B batch 1 5.288 against
+// 5.320. At batch 8 (the other build) it costs 0.5-0.8% (session 32), so that one keeps it
+// off. -DMK_LL_Q=0 / 1 sets it here too.
+#ifndef MK_LL_Q
+#if MK_B1_TC || MK_FOLD
+#define MK_LL_Q 0
+#else
+#define MK_LL_Q 1
+#endif
 #endif
 
 #define mk mk_b1

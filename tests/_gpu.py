@@ -50,6 +50,18 @@ def random_inputs(buf, cfg, max_seq, seed, positions=None):
     buf.lse.mul_(3.0)
 
 
+def ll_q_expected(build_flags, variant: str) -> bool:
+    """Whether ATTN polls the flagged q / k / v (MK_LL_Q) in this build at this variant: as
+    -DMK_LL_Q says, else the variant's default (csrc/megakernel_b1.cu: on in "b1" where its
+    tensor-core matvec is left out, i.e. unless -DMK_B1_TC=1 or MK_TC_MIN_BUCKET <= 2, and
+    not with -DMK_FOLD=1)."""
+    flags = dict(f[2:].split("=", 1) for f in build_flags if f.startswith("-D") and "=" in f)
+    if "MK_LL_Q" in flags:
+        return flags["MK_LL_Q"] != "0"
+    tc = flags.get("MK_B1_TC", "1" if int(flags.get("MK_TC_MIN_BUCKET", 4)) <= 2 else "0")
+    return variant == "b1" and tc == "0" and flags.get("MK_FOLD", "0") == "0"
+
+
 def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
            positions=None, poison=(), counter_targets=(), build_flags=(), watchdog_ms=None,
            gpu_only_poison=(), info=None):

@@ -51,7 +51,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("oproj_col_slices", 1), ("variant", "default"), ("build_flags", "-DMK_B1_STAGE_AHEAD=0"),
             ("num_sms", 66), ("build_flags", "-DMK_NUM_PAGES=2"),
             ("build_flags", "-DMK_RAW_SLOT=0"), ("build_flags", "-DMK_LL_PARTIALS=1"),
-            ("build_flags", "-DMK_LL_Q=1"), ("build_flags", "-DMK_B1_TC=0"),
+            ("build_flags", "-DMK_LL_Q=1"), ("build_flags", "-DMK_LL_Q=0"),
+            ("build_flags", "-DMK_B1_TC=1"),
             ("build_flags", "-DMK_SETUP_FIRST=0"),
             ("build_flags", "-DMK_INFLIGHT_PAGES=0"),
             ("build_flags", "-DMK_INFLIGHT_PAGES=1"), ("build_flags", "-DMK_INFLIGHT_PAGES=3"),
@@ -78,7 +79,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
         "MK_CHAIN_INFLIGHT=0", "MK_CHAIN_QKV=0", "MK_CHAIN_DOWN=0",
         "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
-        "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=1", "MK_B1_TC=0", "MK_B1_TC=0+MK_LL_Q=1",
+        "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=0", "MK_LL_Q=1", "MK_B1_TC=1",
         "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_CLAIMS=1",
         "policy=queue+MK_CLAIM_AHEAD=0", "policy=queue+MK_CLAIM_REC=0", "no_compute", "no_load"}
     by_name = {r.name: r for r in rows}

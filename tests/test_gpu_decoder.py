@@ -133,7 +133,7 @@ def test_unfused_oproj_matches_fp32(cfg, batch, build):
 LL_BUILDS = {"ll_partials": ("-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0"),
              "ll_partials_fused": ("-DMK_LL_PARTIALS=1",), "ll_q": ("-DMK_LL_Q=1",),
              "ll_both": ("-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0"),
-             "ll_q_b1_no_tc": ("-DMK_LL_Q=1", "-DMK_B1_TC=0")}
+             "no_ll_q": ("-DMK_LL_Q=0",)}
 
 
 def build_kwargs(flags: tuple[str, ...]) -> dict:
@@ -150,9 +150,9 @@ def test_flagged_builds_match_fp32(cfg, batch, build):
     """-DMK_LL_PARTIALS=1: ATTN_REDUCE polls its partials' tags, not the ATTN counters
     (ll_partials_fused: the fused default plan, whose ATTN_OPROJ waits on the counters,
     in the build that also stores the tags); -DMK_LL_Q=1: ATTN polls q's and the new K/V's,
-    not the QKV counters (ll_q_b1_no_tc: in a b1 build without the tensor-core matvec,
-    which then compiles without spills). Three steps per position (tags of epochs 1-3),
-    reset between positions (tags zeroed)."""
+    not the QKV counters (the batch-1/2 build's default; ll_q: in the other build too);
+    no_ll_q: the counters in both. Three steps per position (tags of epochs 1-3), reset
+    between positions (tags zeroed)."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
                                      **build_kwargs(LL_BUILDS[build]))
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
@@ -433,17 +433,18 @@ def test_phase_stamps_only_with_their_build_flag():
                 assert (got >= t[sm, i, 1]).all() and (got <= t[sm, i, 3]).all()
 
 
-@pytest.mark.parametrize("variant", ["b1", "default", "b1_no_tc"])
+@pytest.mark.parametrize("variant", ["b1", "default", "b1_tc"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("cfg", RANDOM_CONFIGS[:2] + [ModelConfig.preset("llama-3.2-1b")],
                          ids=lambda c: c.name)
 def test_batch_variants_match_fp32(cfg, batch, variant):
     """Both builds at batches 1-2: megakernel_b1.cu (6 ring slots, 4096 accumulators, groups
-    of up to 4 q heads; what "auto" picks at batch 1) and megakernel.cu; b1_no_tc: the b1
-    build without the tensor-core matvec (-DMK_B1_TC=0)."""
-    flags = ("-DMK_B1_TC=0",) if variant == "b1_no_tc" else ()
+    of up to 4 q heads; what "auto" picks at batch 1) and megakernel.cu; b1_tc: the b1
+    build with the tensor-core matvec compiled in (-DMK_B1_TC=1; its batches never reach it;
+    MK_LL_Q then off: the b1 build's defaults up to session 32)."""
+    flags = ("-DMK_B1_TC=1",) if variant == "b1_tc" else ()
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     variant=variant.removesuffix("_no_tc"), build_flags=flags)
+                                     variant=variant.removesuffix("_tc"), build_flags=flags)
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {variant}")
 
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from _gpu import OP_CONFIGS, assert_close, run_op
+from _gpu import OP_CONFIGS, assert_close, ll_q_expected, run_op
 from megakernel.buffers import flagged_partials
 from megakernel.config import ModelConfig
 from megakernel.scheduler.isa import Op
@@ -55,22 +55,24 @@ def test_attn(name, splits, split, flags):
             assert not rest.any()
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",), ("-DMK_LL_Q=1", "-DMK_B1_TC=0")],
-                         ids=["default", "ll_q", "ll_q_b1_no_tc"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=0",), ("-DMK_B1_TC=1",)],
+                         ids=["default", "no_ll_q", "b1_tc"])
 @pytest.mark.parametrize("name", list(ATTN_CONFIGS))
 def test_attn_b1(name, flags):
     """Batch 1, where "auto" runs the b1 build wherever the group fits it (G <= 4; the
-    default build for G = 8): the counters and the cache, or (MK_LL_Q=1) q and the
-    position's K/V from the flagged pairs (the GPU's cache row at the position then holds
-    NaN, so a read of it shows), also in a b1 build without the tensor-core matvec."""
+    default build for G = 8): q and the position's K/V from the flagged pairs (the b1
+    build's default, MK_LL_Q; the GPU's cache row at the position then holds NaN, so a read
+    of it shows), or the counters and the cache (the other build, -DMK_LL_Q=0, or the b1
+    build with its tensor-core matvec compiled in, -DMK_B1_TC=1, which turns MK_LL_Q off)."""
     cfg = ATTN_CONFIGS[name]
     pos, g, info = 1234, cfg.Hkv - 1, {}
+    variant = "b1" if cfg.G <= 4 else "default"
+    ll_q = ll_q_expected(flags, variant)
     poison = [(c, (1, 0, slice(None), pos)) for c in ("k_cache", "v_cache")]
     got, ref = run_op(cfg, 1, Op.ATTN, dict(b=0, kv_head=g, split=2), layer=1, attn_splits=3,
                       max_seq=1300, positions=[pos], poison=[("o_part", 1), ("lse", 1)],
-                      build_flags=flags, info=info, gpu_only_poison=poison if flags else ())
-    assert info["variant"] == ("b1" if cfg.G <= 4 else "default")
-    assert info["ll_q"] == bool(flags)
+                      build_flags=flags, info=info, gpu_only_poison=poison if ll_q else ())
+    assert (info["variant"], info["ll_q"]) == (variant, ll_q)
     assert_close(got, ref, "o_part")
     assert_close(got, ref, "lse")
 

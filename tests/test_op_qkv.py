@@ -1,19 +1,21 @@
 import pytest
 import torch
-from _gpu import OP_CONFIGS, assert_close, run_op
+from _gpu import OP_CONFIGS, assert_close, ll_q_expected, run_op
 from megakernel.buffers import Buffers
 from megakernel.scheduler.isa import Op
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",)], ids=["default", "ll_q"])
+@pytest.mark.parametrize("flags", [(), ("-DMK_LL_Q=1",), ("-DMK_LL_Q=0",)],
+                         ids=["default", "ll_q", "no_ll_q"])
 @pytest.mark.parametrize("batch", [1, 3, 16])
 @pytest.mark.parametrize("name", list(OP_CONFIGS))
 def test_qkv(name, batch, flags):
-    """MK_LL_Q=1 also writes every q pair and the position's k / v pairs it stores as
-    flagged pairs tagged 1 (epoch 0) into q_ll / kv_ll, and nothing else there; the default
-    build writes nothing there."""
+    """With MK_LL_Q (the batch-1/2 build's default, or -DMK_LL_Q=1) QKV also writes every q
+    pair and the position's k / v pairs it stores as flagged pairs tagged 1 (epoch 0) into
+    q_ll / kv_ll, and nothing else there; without it (the other build's default, or
+    -DMK_LL_Q=0) nothing there."""
     cfg = OP_CONFIGS[name]
     rows = cfg.Hkv * (cfg.G + 2) * cfg.D
     row0, n = 2 * (rows // 7), min(2 * (rows // 3), (8192 // batch) & ~1)
@@ -27,7 +29,7 @@ def test_qkv(name, batch, flags):
     # bf16 stores: one rounding step of 2^-8 relative
     assert_close(got, ref, "k_cache", rtol=1e-2, atol=1e-2)
     assert_close(got, ref, "v_cache", rtol=1e-2, atol=1e-2)
-    assert info["ll_q"] == bool(flags)
+    assert info["ll_q"] == ll_q_expected(flags, info["variant"])
     if not info["ll_q"]:
         assert not got.q_ll.any() and not got.kv_ll.any()
         return
