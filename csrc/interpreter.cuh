@@ -94,29 +94,31 @@ __device__ __forceinline__ int32_t acquire_counter(const KernelArgs& a, const in
 }
 
 // Warp 0 of the consumers: true when every waited counter reached its target. Lane i polls
-// counters first+i, first+i+32, ... so a wait on many counters costs one round trip to L2,
-// not one per counter. The bar.sync that follows orders every consumer after these acquires.
+// the i-th, (i+32)-th, ... counter of the two ranges taken as one list, so a wait on up to 32
+// counters costs one round trip to L2, not one per counter or per range (the stage after
+// the attention block waits on a long-complete range too, lowering.py).
 __device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, int epoch) {
+  static_assert(kNumWaits == 2, "wait_counters polls two ranges as one list");
   const int lane = threadIdx.x & 31;
-  for (int w = 0; w < kNumWaits; ++w) {
-    const int first = ins[W_WAIT0_FIRST + 2 * w], count = ins[W_WAIT0_COUNT + 2 * w];
-    for (int c0 = first; c0 < first + count; c0 += 32) {
-      const int c = c0 + lane;
-      const bool mine = c < first + count;
-      const int32_t target = mine ? __ldg(a.counter_targets + c) * (epoch + 1) : 0;
-      int32_t v = mine ? acquire_counter(a, a.counters + c) : 0;
-      if (__all_sync(0xffffffffu, !mine || v - target >= 0)) continue;
-      const uint64_t start = globaltimer();
-      uint32_t spins = 0;
-      bool done = !mine || v - target >= 0;
-      while (!__all_sync(0xffffffffu, done)) {
-        if (!done) done = (v = acquire_counter(a, a.counters + c)) - target >= 0;
-        if ((++spins & 255) == 0) {
-          const bool stop = ld_volatile(a.error) != ERR_NONE;
-          const bool late = !done && static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns;
-          if (late) report_error(a, ERR_WATCHDOG, i, ins, c, v, target);
-          if (__any_sync(0xffffffffu, stop || late)) return false;
-        }
+  const int first0 = ins[W_WAIT0_FIRST], n0 = ins[W_WAIT0_COUNT];
+  const int first1 = ins[W_WAIT1_FIRST], n = n0 + ins[W_WAIT1_COUNT];
+  for (int j0 = 0; j0 < n; j0 += 32) {
+    const int j = j0 + lane;
+    const bool mine = j < n;
+    const int c = j < n0 ? first0 + j : first1 + (j - n0);
+    const int32_t target = mine ? __ldg(a.counter_targets + c) * (epoch + 1) : 0;
+    int32_t v = mine ? acquire_counter(a, a.counters + c) : 0;
+    if (__all_sync(0xffffffffu, !mine || v - target >= 0)) continue;
+    const uint64_t start = globaltimer();
+    uint32_t spins = 0;
+    bool done = !mine || v - target >= 0;
+    while (!__all_sync(0xffffffffu, done)) {
+      if (!done) done = (v = acquire_counter(a, a.counters + c)) - target >= 0;
+      if ((++spins & 255) == 0) {
+        const bool stop = ld_volatile(a.error) != ERR_NONE;
+        const bool late = !done && static_cast<int64_t>(globaltimer() - start) > a.watchdog_ns;
+        if (late) report_error(a, ERR_WATCHDOG, i, ins, c, v, target);
+        if (__any_sync(0xffffffffu, stop || late)) return false;
       }
     }
   }

@@ -7,7 +7,8 @@ whose structure validate.py has already proven:
   - every element an instruction reads is written by some instruction;
   - every buffer element is written (each exactly once, with the second check);
   - every writer of an element an instruction reads happens-before that reader through
-    counters (happens.py), which covers reads ordered only transitively.
+    counters (happens.py), which covers reads ordered only transitively; ATTN's waits
+    count as flagged hops (FLAGGED_READERS): no transitive order passes through them.
 Accumulating writes (ATTN_OPROJ's atomic adds) are not SSA writes. An accumulation reads
 the element's initial value: the checks of a read (written, and its writer happens-before)
 apply to it. One stage's accumulations cover identical or disjoint ranges, and every
@@ -29,6 +30,15 @@ from . import happens
 from .access import BUFFERS, accesses, buffer_dims
 from .isa import Op
 from .table import Placed
+
+# Readers whose wait a build may replace by polling flagged data, MK_LL_Q's ATTN (QKV's q /
+# k / v pairs; the batch-1/2 build's default): their counter edges order only the
+# signalers' own writes before them (happens.py, shallow), whatever the build. The
+# ablation build MK_LL_PARTIALS makes ATTN_REDUCE such a reader too; the lowering's waits
+# cover it (OPROJ waits on its residual's writer itself), but it is not modelled here: its
+# two shallow hops in a row leave QKV no later descendant, which no prefix set represents
+# cheaply (a 70B tp=8 plan then validates in 15 s, not 4).
+FLAGGED_READERS = (int(Op.ATTN),)
 
 # (verb, producer) of a checked read, by kind: an ordinary read of a written value, an
 # accumulation's read of its initial value, an ordinary read after the accumulations.
@@ -154,8 +164,9 @@ def _after_accumulations(t: Placed, a, acc, gstart, gstop, first: int, name, fai
 def _check_ordered(t: Placed, rs, re, ri, i0, i1, kind, ws, wi, name, counter_name) -> None:
     """Every write [i0, i1) (starts ws, writers wi) of every read (rs, re, reader ri, kind
     an index into READS) happens-before the reader."""
+    shallow = np.isin(t.op, FLAGGED_READERS)
     w = t.waits[ri].astype(np.int64)
-    keys = [w[:, 0] << 32 | w[:, 1], w[:, 2] << 32 | w[:, 3], rs, re, kind]
+    keys = [w[:, 0] << 32 | w[:, 1], w[:, 2] << 32 | w[:, 3], shallow[ri], rs, re, kind]
     by_key = np.lexsort(keys[::-1])
     new = np.zeros(len(by_key), bool)
     new[0] = True
@@ -169,8 +180,8 @@ def _check_ordered(t: Placed, rs, re, ri, i0, i1, kind, ws, wi, name, counter_na
     writer, reader = wi[write], ri[first][key_of]
     tracked = np.zeros(len(t), bool)
     tracked[writer] = True
-    sig_of, sets, position = happens.ancestor_sets(t.waits, t.signal, tracked)
-    prefix = np.array([p for p, _ in sets], np.int64)
+    sig_of, sets, position = happens.ancestor_sets(t.waits, t.signal, tracked, shallow)
+    prefix = np.array([happens.prefix(s) for s in sets], np.int64)
     wpos = position[writer]
     maybe = np.flatnonzero(wpos >= prefix[sig_of[reader]])
     bad = maybe[~happens.contains_many(sets, sig_of[reader[maybe]], wpos[maybe])]

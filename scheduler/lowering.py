@@ -3,8 +3,8 @@
 `lower` returns the instructions in a topological order, stage by stage: EMBED; per layer
 QKV, ATTN, ATTN_REDUCE, OPROJ, GATEUP, DOWN (fuse_oproj: QKV, ATTN, ATTN_OPROJ, GATEUP, DOWN);
 then LMHEAD, ARGMAX. A stage is one (layer, opcode); no instruction depends on another of
-its own stage. Each instruction has at most one wait range and one signal counter (ARGMAX
-signals none).
+its own stage. Each instruction has one signal counter (ARGMAX signals none) and one wait
+range, two for the first stage after the attention block (below).
 
 Counters are numbered stage by stage in the producers' output order. A stage's producers
 are grouped into buckets, one counter per bucket, by the granularity:
@@ -36,7 +36,13 @@ resid[2l+3] holds resid[2l+2] before the next ATTN_OPROJ adds to it. Both copies
 before every add: the DOWNs wait on the whole GATEUP stage, and the next layer's QKV on them.
 A consumer waits on the contiguous counter range of the buckets holding the producers
 whose outputs it reads directly (isa.py says what each opcode reads); reads that are
-ordered transitively (OPROJ's resid[2l], DOWN's resid[2l+1]) get no wait of their own.
+ordered transitively (DOWN's resid[2l+1]) get no wait of their own, except across the
+attention block: a build may have ATTN poll QKV's flagged outputs and ATTN_REDUCE ATTN's
+(MK_LL_Q, MK_LL_PARTIALS) instead of acquiring their counters, and a relaxed store seen
+orders nothing else, so no order passes through those two stages (the validator assumes so
+of ATTN in every build, dataflow.py). The stage after them (ATTN_OPROJ, or OPROJ) also waits,
+first, on the stage before the layer's QKV (EMBED, DOWN, RESID_SUM: one counter), whose
+residual it reads or adds to; under fold on the layer's QKV, whose residual GATEUP reads.
 
 Tensor parallelism (`shard` given, isa.py): the rank lowers its shard config; OPROJ, DOWN
 and LMHEAD are all-rank stages (peer stores, one counter bumped by every rank, its target
@@ -88,7 +94,8 @@ class _Builder:
         self.num_counters = 0
 
     def stage(self, op: Op, layer: int, args, waits, buckets, all_ranks: int = 0) -> np.ndarray:
-        """Append one stage. args [n, <=NUM_ARGS]; waits [n, 2] (first, count) or None;
+        """Append one stage. args [n, <=NUM_ARGS]; waits [n, 2k] (first, count) pairs, k <=
+        NUM_WAITS, or None;
         buckets [n] nondecreasing bucket keys, or None for no signal; all_ranks: the number
         of ranks whose copies signal the same counters (0: a rank-local stage). Returns the
         counter index each instruction signals."""
@@ -98,7 +105,7 @@ class _Builder:
         padded[:, :args.shape[1]] = args
         w = np.zeros((n, 2 * isa.NUM_WAITS), np.int32)
         if waits is not None:
-            w[:, :2] = waits
+            w[:, :waits.shape[1]] = waits
         if buckets is None:
             signal = np.full(n, -1, np.int32)
         else:
@@ -221,8 +228,16 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
     prev = b.stage(Op.EMBED, -1, _copying(embed, copy), None, zeros[len(embed)])
     for layer in range(L):
         args = _folding(qkv, d) if fold and layer > 0 else qkv
-        c = b.stage(Op.QKV, layer, args, _all(prev, len(qkv)), qkv_buckets)
+        c = qkv_c = b.stage(Op.QKV, layer, args, _all(prev, len(qkv)), qkv_buckets)
         qkv_waits = _span(c, g_i0[attn[:, 1]], g_i1[attn[:, 1]])
+        # The first stage after the attention block also waits on what it reads from before
+        # it (flagged hops: ATTN and ATTN_REDUCE may poll data, not acquire counters, so no
+        # order passes through them): the residual level `prev` wrote (a 1-counter stage),
+        # or under fold the one this layer's QKV wrote (GATEUP reads it). First of the two
+        # ranges: complete long before, its poll overlaps the wait for the block's end.
+        def after_attn(waits):
+            n = len(waits)
+            return np.column_stack([_all(qkv_c if fold else prev, n), waits])
         if fuse_reduce:
             ticket = b.tickets(B * Hkv, NS)[attn[:, 0] * Hkv + attn[:, 1]]
             merged = np.column_stack([attn, np.ones(len(attn), np.int64), ticket])
@@ -230,8 +245,8 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
         else:
             c = b.stage(Op.ATTN, layer, attn, qkv_waits, attn_buckets)
             if fuse_oproj:
-                c = b.stage(Op.ATTN_OPROJ, layer, fused, _span(c, first_attn, last_attn),
-                            zeros[len(fused)])
+                c = b.stage(Op.ATTN_OPROJ, layer, fused,
+                            after_attn(_span(c, first_attn, last_attn)), zeros[len(fused)])
             else:
                 c = b.stage(Op.ATTN_REDUCE, layer, reduce, _span(c, bg * NS, (bg + 1) * NS),
                             zeros[len(reduce)])
@@ -242,7 +257,9 @@ def lower(cfg: ModelConfig, batch: int, granularity: str, attn_splits: int,
         for op, rows in (mlp if fuse_oproj else ((Op.OPROJ, oproj_copy),) + mlp):
             remote = 0 if op == Op.GATEUP else peers
             args = _folding(rows, d) if fold and op == Op.GATEUP else rows
-            c = b.stage(op, layer, args, _all(c, len(rows)), zeros[len(rows)], remote)
+            waits = _all(c, len(rows))
+            c = b.stage(op, layer, args, after_attn(waits) if op == Op.OPROJ else waits,
+                        zeros[len(rows)], remote)
             if remote and not fold:
                 sums = np.column_stack([embed, np.full(len(embed), int(op == Op.DOWN))])
                 c = b.stage(Op.RESID_SUM, layer, sums, _all(c, len(sums)), zeros[len(embed)])

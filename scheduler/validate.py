@@ -27,7 +27,9 @@ claim at run time (Program.claim), and the counter or buffer element):
     next claim of an SM that is free to take it.
   5 dataflow (dataflow.py): buffers are SSA, every read is written, and every writer of a
     read element happens-before the reader through counters; accumulations (ATTN_OPROJ,
-    K-sliced DOWN) follow the element's initial value and precede its readers.
+    K-sliced DOWN) follow the element's initial value and precede its readers. ATTN's
+    waits are taken as flagged hops (a build may poll its inputs' flagged pairs instead):
+    no order passes through them to its descendants.
 A TpProgram is checked as one table of all its ranks (ranks.py): fields per rank (all_ranks
 set exactly on OPROJ, DOWN and LMHEAD), counters with global ids (an all-rank counter's
 target counts every rank's signalers), one global order (uid, rank), and dataflow over

@@ -303,9 +303,10 @@ def test_dump_cli_prints_summaries_and_writes_a_trace(tmp_path, capsys):
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_fuse_oproj_records(granularity):
     """fuse_oproj: per layer QKV, ATTN, ATTN_OPROJ (H heads x dim slices x column slices,
-    head-major, each waiting on its kv group's ATTN counters of every b), GATEUP (waiting on
-    the whole ATTN_OPROJ stage), DOWN; EMBED and every DOWN but the last copy into the next
-    level. Column slices: by default the most (a power of two) up to oproj_slices // H."""
+    head-major, each waiting first on the stage that stored its residual's initial value,
+    EMBED or the previous DOWN, then on its kv group's ATTN counters of every b), GATEUP
+    (waiting on the whole ATTN_OPROJ stage), DOWN; EMBED and every DOWN but the last copy
+    into the next level. Column slices: by default the most (a power of two) up to oproj_slices // H."""
     cfg = ModelConfig("g", 300, 320, 384, 3, 8, 2, head_dim=64)     # G = 4, d = 320
     for batch, oproj_slices, col_slices, ndims, ncols in (
             (1, 132, 0, 32, 40), (3, 8, 0, 64, 320), (4, 20, 0, 64, 160), (1, 132, 1, 4, 320),
@@ -324,8 +325,11 @@ def test_fuse_oproj_records(granularity):
                 (h, j, ndims, c, ncols) for h in range(cfg.H) for j in range(0, cfg.D, ndims)
                 for c in range(0, cfg.d, ncols)]
             attn = [r for r in recs if r["op"] == Op.ATTN and r["layer"] == layer]
+            writer = (Op.DOWN, layer - 1) if layer else (Op.EMBED, -1)
+            resid = {r["signal"] for r in recs if (r["op"], r["layer"]) == writer}
             for r in stage:
-                waited = set(range(r["wait0_first"], r["wait0_first"] + r["wait0_count"]))
+                assert set(range(r["wait0_first"], r["wait0_first"] + r["wait0_count"])) == resid
+                waited = set(range(r["wait1_first"], r["wait1_first"] + r["wait1_count"]))
                 group = {a["signal"] for a in attn if a["kv_head"] == r["head"] // cfg.G}
                 assert group <= waited <= {a["signal"] for a in attn}
                 if granularity != "layer":   # from the group's b = 0 bucket to its b = B-1

@@ -18,7 +18,8 @@ WIDE = ModelConfig.preset("tiny").replace(name="wide", num_heads=8, num_kv_heads
 # (model, batch, num_sms, policy, granularity) -> sha256[:16] of instructions, queue_len and
 # counter_targets as planned by main at 017a7ec. ATTN_REDUCE has since gained the words
 # head0, nheads (a group's q heads cut into several reduces): with reduce_slices=1 a plan is
-# the old one with (0, G) in them, zeroed here before hashing.
+# the old one with (0, G) in them, zeroed here before hashing. OPROJ has since gained a first
+# wait range, on the stage before its layer's QKV (one counter; lowering.py): moved out here.
 TP1_GOLDEN = {
     ("tiny", 1, 8, "dag", "chunk"): "755716f9f2274fd6",
     ("tiny", 3, 5, "lpt", "head"): "cc340dc0cc992364",
@@ -38,6 +39,11 @@ def test_tp1_programs_are_unchanged(case):
     reduce = ins[..., 0] == Op.ATTN_REDUCE
     assert (ins[reduce][:, words] == [0, p.config.G]).all()
     ins[..., words] = np.where(reduce[..., None], 0, ins[..., words])
+    oproj = ins[..., 0] == Op.OPROJ
+    w0, w1 = isa.HEADER.index("wait0_first"), isa.HEADER.index("wait1_first")
+    assert (ins[oproj][:, w0 + 1] == 1).all() and (ins[oproj][:, w1 + 1] > 0).all()
+    ins[oproj, w0:w0 + 2] = ins[oproj, w1:w1 + 2]
+    ins[oproj, w1:w1 + 2] = 0
     blob = ins.tobytes() + p.queue_len.tobytes() + p.counter_targets.tobytes()
     assert hashlib.sha256(blob).hexdigest()[:16] == TP1_GOLDEN[case]
 
@@ -93,11 +99,14 @@ def at(prog, op, nth=0, rank=0):
 @pytest.mark.parametrize("program, reader", [("tp2_sums", Op.RESID_SUM),
                                              ("tp2_fold", Op.GATEUP)])
 def test_missing_cross_rank_wait_is_caught(request, program, reader):
-    """The first reader of the O-proj partials (RESID_SUM, or a folding GATEUP)."""
+    """The first reader of the O-proj partials (RESID_SUM, or a folding GATEUP), layer 0."""
     p = copy.deepcopy(request.getfixturevalue(program))
     reduce = int(p.ranks[1].instructions[at(p, Op.ATTN_REDUCE, rank=1)][7])
+    embed = int(p.ranks[1].instructions[at(p, Op.EMBED, rank=1)][7])
     rec = p.ranks[1].instructions[at(p, reader, rank=1)]
-    rec[3:5] = (reduce, 1)      # its own attention is done, the peers' partials may not be
+    # Its own attention is done and its residual (EMBED's: no order passes through ATTN's
+    # wait, a flagged hop) written; the peers' partials may not be.
+    rec[3:7] = (reduce, 1, embed, 1)
     with pytest.raises(ValueError, match=rf"rank 1 uid \d+ {reader.name}.*reads part\[.*of rank "
                                          r"1, written by rank \d .*OPROJ.*does not happen before"):
         validate(p)

@@ -288,12 +288,34 @@ def _word(p, at, field):
     return int(p.instructions[at][isa.word_index(Op(p.instructions[at][0]), field)])
 
 
+@pytest.mark.parametrize("op,layer", [(Op.ATTN_OPROJ, 1), (Op.ATTN_OPROJ, 0), (Op.OPROJ, 1)])
+def test_residual_ordered_only_through_the_attention_block_is_caught(fused_oproj, base, op,
+                                                                      layer):
+    """The stage after the attention block waits on the residual's writer itself (its first
+    range: the previous DOWN, layer 0 EMBED), since ATTN's waits may be flagged polls that
+    carry no order (MK_LL_Q). Without that range the residual is ordered only through
+    ATTN, which does not count."""
+    p = copy.deepcopy(fused_oproj if op == Op.ATTN_OPROJ else base)
+    at = find(p, op, layer=layer)
+    assert _word(p, at, "wait0_count") == 1 and _word(p, at, "wait1_count") > 0
+    put(p, at, "wait0_first", 0)
+    put(p, at, "wait0_count", 0)
+    writer = "DOWN" if layer else "EMBED"
+    if op == Op.OPROJ:   # its input, resid[2l]
+        what = rf"reads resid\[level={2 * layer},.*written by uid \d+ {writer} "
+    else:                # the initial value of resid[2l+1], which the previous DOWN copies
+        what = (rf"accumulates into resid\[level={2 * layer + 1},.*whose initial value is "
+                rf"written by uid \d+ {writer} ")
+    caught(p, rf"{op.name} \(layer {layer}\).*: {what}.*does not happen before it")
+
+
 def test_attn_oproj_not_waiting_on_its_group_is_caught(fused_oproj):
-    """Head 0's ATTN_OPROJ waits on kv group 1's ATTN counters (the range shifted by one):
-    the residual's initial value is still ordered (through QKV), group 0's partials not."""
+    """Head 0's ATTN_OPROJ waits on kv group 1's ATTN counters (its second range, shifted by
+    one): the residual's initial value is still ordered (its first range, the previous
+    DOWN's counter), group 0's partials not."""
     p = copy.deepcopy(fused_oproj)
     at = find(p, Op.ATTN_OPROJ, layer=1, head=0)
-    put(p, at, "wait0_first", _word(p, at, "wait0_first") + 1)
+    put(p, at, "wait1_first", _word(p, at, "wait1_first") + 1)
     msg = caught(p, r"ATTN_OPROJ .*: reads (o_part|lse)\[layer=1, b=0, head=0.*written by uid "
                  r"\d+ ATTN .*does not happen before it")
     assert re.search(WHERE.format(op="ATTN_OPROJ"), msg)
@@ -385,12 +407,13 @@ def test_qkv_accesses_match_a_row_by_row_mapping():
 
 
 def test_prefix_bitsets_match_python_sets():
+    """Prefix sets and (the flagged hops') frozensets, mixed, against python sets."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         sets, ref = [], []
-        for _ in range(3):
+        for i in range(3):
             xs = rng.choice(200, size=int(rng.integers(0, 120)), replace=False)
-            s = happens.EMPTY
+            s = happens.EMPTY if i or rng.integers(2) else frozenset()
             for x in xs.tolist():
                 s = happens.add(s, x)
             sets.append(s)
@@ -404,6 +427,22 @@ def test_prefix_bitsets_match_python_sets():
         x = rng.integers(0, 260, 500)
         got = happens.contains_many(sets, sig, x)
         assert got.tolist() == [int(xk) in ref[sk] for sk, xk in zip(sig.tolist(), x.tolist())]
+
+
+def test_shallow_waiters_pass_on_their_signalers_alone():
+    """A chain 0 -> 1 -> 2 -> 3 (instruction u signals counter u and waits on u - 1); 2 is
+    shallow (a flagged hop): its ancestors are {1}, not {0, 1}, and 3 then has {1, 2}
+    unless it also waits on counter 0 itself."""
+    waits = np.array([[0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [2, 1, 0, 0]])
+    signal, tracked = np.arange(4), np.ones(4, bool)
+    shallow = np.array([False, False, True, False])
+    for w3, want in (((2, 1, 0, 0), {1, 2}), ((0, 1, 2, 1), {0, 1, 2})):
+        waits[3] = w3
+        for flagged, want3 in ((None, {0, 1, 2}), (shallow, want)):
+            sig_of, sets, position = happens.ancestor_sets(waits, signal, tracked, flagged)
+            got = [{x for x in range(4) if happens.contains(sets[sig_of[u]], position[x])}
+                   for u in range(4)]
+            assert got == [set(), {0}, {1} if flagged is not None else {0, 1}, want3]
 
 
 @pytest.fixture(scope="module")
