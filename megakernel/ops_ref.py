@@ -207,7 +207,9 @@ def lmhead(rec, w, buf, prog, peers=None):
     cfg, r0, n, slot = w.config, rec["row0"], rec["nrows"], rec["slot"]
     x = rmsnorm(matvec_input(rec, buf, 2 * cfg.L), w.final_norm, cfg.rms_norm_eps)
     logits = x @ w.lm_head[r0 - w.vocab0:r0 - w.vocab0 + n].float().T      # [B, n]
-    best = logits.argmax(-1)                                               # first max on ties
+    # first max on ties; a NaN logit never wins (as the kernel's compare: torch's argmax
+    # would pick it)
+    best = logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).argmax(-1)
     for out in peers or [buf]:
         out.logits[:, r0:r0 + n] = logits
         out.amax_val[:, slot] = logits.gather(1, best[:, None]).squeeze(1)

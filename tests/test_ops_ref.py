@@ -200,6 +200,22 @@ def test_lmhead_logits_and_partial_argmax(cfg):
     assert (buf.amax_idx[:, [0, 2]] == INT_POISON).all()
 
 
+def test_lmhead_nan_logit_never_wins():
+    """A NaN weight row gives NaN logits, which the partial argmax skips (the kernel's
+    compare never prefers NaN; torch's argmax alone would return it)."""
+    cfg = CONFIGS[0]
+    _, pw, buf, prog = setup(cfg, lm_slices=3)
+    r0, n = 11, 29
+    pw.lm_head[r0 + 3] = float("nan")
+    buf.resid[2 * cfg.L] = torch.randn(B, cfg.d)
+    run(Op.LMHEAD, buf, pw, prog, row0=r0, nrows=n, slot=1)
+    rows = buf.logits[:, r0:r0 + n]
+    assert torch.isnan(rows[:, 3]).all()
+    want = rows.nan_to_num(nan=-float("inf")).max(-1)
+    assert torch.equal(buf.amax_val[:, 1], want.values)
+    assert torch.equal(buf.amax_idx[:, 1], (want.indices + r0).to(torch.int32))
+
+
 def test_argmax_lowest_index_on_ties():
     cfg = CONFIGS[0]
     _, pw, buf, prog = setup(cfg, lm_slices=4)
