@@ -242,6 +242,40 @@ constexpr bool kLlPartials = MK_LL_PARTIALS != 0;
 #define MK_LL_Q 0
 #endif
 constexpr bool kLlQ = MK_LL_Q != 0;
+// 1: DOWN also writes the residual it stores (resid[2l+2]) as flagged elements (x_ll[l],
+// st_ll1), and its tp = 1 readers on CUDA cores (QKV of layer l + 1, LMHEAD after the last
+// layer) poll those while staging instead of waiting on the DOWN counter (matvec.cuh
+// x_ll_input): no release, counter round trip and bar.sync between the residual's store
+// and its load. DOWN keeps its release: the stage after the attention block waits on it
+// for the residual it adds to (lowering.py). A poll sweep that finds an element missing
+// sleeps MK_LL_X_SLEEP_NS before the next (132 SMs re-reading the whole residual compete
+// with the ring's copies for L2). 0 (default): off. The batch-1/2 build only: in the other,
+// whose tensor-core code holds the registers, it spills 36 bytes, and its batches 1-2
+// (the only ones that would poll) run in the batch-1/2 build anyway.
+#ifndef MK_LL_X
+#define MK_LL_X 0
+#endif
+#if MK_VARIANT_MAX_BATCH == 0 || MK_VARIANT_MAX_BATCH > 2
+#undef MK_LL_X
+#define MK_LL_X 0
+#endif
+constexpr bool kLlX = MK_LL_X != 0;
+#ifndef MK_LL_X_SLEEP_NS
+#define MK_LL_X_SLEEP_NS 128
+#endif
+// Pairs of x_ll elements a thread's poll keeps in flight (16 bytes each): with 4, 2048
+// columns a round, one round at 1B batch 1. The b1 kernel spills 4 bytes with MK_LL_X (with
+// 2 as well: its peak is not the poll's).
+#ifndef MK_LL_X_PER
+#define MK_LL_X_PER 4
+#endif
+// 1: the LM head's epilogue stores the logits and finds every batch row's argmax in one
+// pass per 8 batch rows (lmhead.cuh one_pass); 0 (default): a pass per batch row, with two
+// bar.syncs and thread 0 merging the warps' bests in each.
+#ifndef MK_LMHEAD_ONEPASS
+#define MK_LMHEAD_ONEPASS 0
+#endif
+constexpr bool kLmheadOnePass = MK_LMHEAD_ONEPASS != 0;
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");
 static_assert(kPageBytes % 16 == 0, "bulk copies move multiples of 16 bytes");
@@ -342,6 +376,29 @@ __device__ __forceinline__ uint4 ld_ll(const void* p) {
                : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
   return u;
 }
+// One flagged element {x, tag} (x_ll): a 64-bit scalar store, single-copy atomic. ld_ll2
+// reads two of them as two 64-bit elements, each atomic, each checked by its own tag.
+__device__ __forceinline__ void st_ll1(void* p, float x, int tag) {
+  const uint64_t v = static_cast<uint64_t>(static_cast<uint32_t>(tag)) << 32 |
+                     static_cast<uint32_t>(__float_as_int(x));
+  asm volatile("st.volatile.global.b64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ ulonglong2 ld_ll2(const void* p) {
+  ulonglong2 u;
+  asm volatile("ld.volatile.global.v2.b64 {%0, %1}, [%2];" : "=l"(u.x), "=l"(u.y) : "l"(p));
+  return u;
+}
+// Element x and its tag of an x_ll element read by ld_ll2.
+__device__ __forceinline__ float ll1_value(unsigned long long e) {
+  return __int_as_float(static_cast<int>(static_cast<uint32_t>(e)));
+}
+__device__ __forceinline__ bool ll1_ready(unsigned long long e, int tag) {
+  return static_cast<int>(static_cast<uint32_t>(e >> 32)) == tag;
+}
+// Row b of x_ll[l] ([d][2]: x, tag per column): DOWN of layer l's output, resid[2l+2].
+__device__ __forceinline__ int32_t* x_ll_row(const KernelArgs& a, int l, int b) {
+  return a.x_ll + (static_cast<size_t>(l) * a.B + b) * a.d * 2;
+}
 __device__ __forceinline__ bool ll_ready(const uint4& u, int tag) {
   return static_cast<int>(u.y) == tag && static_cast<int>(u.w) == tag;
 }
@@ -411,6 +468,10 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;" ::: "memory");
 }
 
+// Hint: pull the line holding p into L1, asynchronously.
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" :: "l"(p));
+}
 // Hint: pull `bytes` (multiple of 16, 16-byte aligned) from HBM into L2, asynchronously.
 __device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(bytes) : "memory");

@@ -204,9 +204,12 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         const bool more = kRecordSmem && tid < kWords && i + 1 < qlen;
         const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
         const uint64_t t0 = kTiming ? globaltimer() : 0;
-        // kLlPartials / kLlQ: ATTN_REDUCE / ATTN poll their inputs' tags instead.
+        // kLlPartials / kLlQ / kLlX: ATTN_REDUCE / ATTN / QKV and LMHEAD (x_ll_input) poll
+        // their inputs' tags instead.
         const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
-                        (kLlQ && ins[W_OPCODE] == OP_ATTN) || wait_counters(a, ins, i, epoch);
+                        (kLlQ && ins[W_OPCODE] == OP_ATTN) ||
+                        (kLlX && x_ll_input(a, ins) != nullptr) ||
+                        wait_counters(a, ins, i, epoch);
         if (tid == 0) {
           flags[0] = ok ? 1 : 0;
           if (kChainInflight && !chain_op(ins[W_OPCODE])) set_flag(ring.chain, 0);
@@ -261,7 +264,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         pre_src.x = GateUpOp::copy_src(a, ins, tid);
       float2 pre = make_float2(0.f, 0.f);
 #define MK_MATVEC(f, n) \
-  f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, wait, flags, setup_first)
+  f<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, wait, flags, setup_first, epoch)
 #define MK_MATVEC_TC(n) \
   consumer_matvec_tc<n, kTiming>(a, ring, ins, it, act, acc, red, rstd, pre_src, raw, wait, \
                                  flags, setup_first)
@@ -279,7 +282,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         case OP_QKV: err = QkvOp::epilogue(a, ins, acc, pos, pre, epoch); break;
         case OP_GATEUP: err = GateUpOp::epilogue(a, ins, acc, pre.x); break;
         case OP_LMHEAD: err = LmHeadOp::epilogue(a, ins, acc, red); break;
-        default: err = ResidualOp::epilogue(a, ins, acc, pre.x); break;  // OPROJ, DOWN
+        default: err = ResidualOp::epilogue(a, ins, acc, pre.x, epoch); break;  // OPROJ, DOWN
       }
     } else {
       switch (op) {

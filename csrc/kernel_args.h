@@ -107,6 +107,8 @@ struct KernelArgs {
   float eps;
   int64_t watchdog_ns;             // budget of one wait before the kernel reports and stops
   int mode;                        // ablation switches (Mode), 0 = everything on
+  int32_t* x_ll;                   // [L, B, d, 2] resid[2l+2] as flagged elements {x, tag}
+                                   // (-DMK_LL_X=1: DOWN of layer l writes, tag epoch + 1)
 };
 
 // Ablation switches. NO_COMPUTE / NO_LOAD give wrong results: they time one half of the
@@ -130,5 +132,7 @@ int max_blocks_per_sm();
 bool claims_compiled();
 // Whether QKV hands ATTN its q and new k / v as flagged pairs (MK_LL_Q; q_ll, kv_ll).
 bool ll_q_compiled();
+// Whether DOWN hands QKV / LMHEAD the residual as flagged elements (MK_LL_X; x_ll).
+bool ll_x_compiled();
 
 }  // namespace mk

@@ -62,6 +62,9 @@ struct MatvecInput {
   const float* x;
   int ld;
   const __nv_bfloat16* norm;  // null: no RMSNorm
+#if MK_LL_X
+  const int32_t* ll = nullptr;  // x as flagged elements (x_ll_input), polled; else null
+#endif
 #if MK_FOLD
   const float* parts = nullptr;
   int nparts = 0;
@@ -233,18 +236,48 @@ __device__ __forceinline__ MatvecInput resid_input(const KernelArgs& a, const in
   return in;
 }
 
+// kLlX: where this record's input is the residual DOWN hands over as flagged elements,
+// row 0 of them (x_ll[l - 1] for QKV of layer l >= 1, x_ll[L - 1] for LMHEAD), which the
+// matvec polls instead of waiting on DOWN's counter; null where it waits and reads resid:
+// tp > 1 (the residual comes from RESID_SUM or a fold), layer 0 (EMBED's), tensor cores
+// (their staging copies resid asynchronously).
+__device__ __forceinline__ const int32_t* x_ll_input(const KernelArgs& a, const int32_t* ins) {
+  if (!kLlX || a.tp != 1 || (kTcCompiled && tc_ntiles(a.B) != 0)) return nullptr;
+  const int op = ins[W_OPCODE], l = ins[W_LAYER];
+  if (op == OP_QKV && l > 0) return x_ll_row(a, l - 1, 0);
+  if (op == OP_LMHEAD) return x_ll_row(a, a.L - 1, 0);
+  return nullptr;
+}
+
+// in with its flagged source (kLlX builds; the field exists only there).
+__device__ __forceinline__ MatvecInput with_x_ll(const KernelArgs& a, const int32_t* ins,
+                                                 MatvecInput in) {
+#if MK_LL_X
+  in.ll = x_ll_input(a, ins);
+#endif
+  return in;
+}
+__device__ __forceinline__ const int32_t* x_ll_of(const MatvecInput& in) {
+#if MK_LL_X
+  return in.ll;
+#else
+  return nullptr;
+#endif
+}
+
 __device__ __forceinline__ MatvecInput matvec_input(const KernelArgs& a, const int32_t* ins) {
   const int op = ins[W_OPCODE], l = ins[W_LAYER];
   switch (op) {
     case OP_QKV:
-      return resid_input(a, ins, 2 * l, W_QKV_FOLD, a.attn_norm + static_cast<size_t>(l) * a.d);
+      return with_x_ll(a, ins, resid_input(a, ins, 2 * l, W_QKV_FOLD,
+                                           a.attn_norm + static_cast<size_t>(l) * a.d));
     case OP_OPROJ: return {a.attn + static_cast<size_t>(l) * a.B * a.H * a.D, a.H * a.D, nullptr};
     case OP_GATEUP:
       return resid_input(a, ins, 2 * l + 1, W_GATEUP_FOLD,
                          a.mlp_norm + static_cast<size_t>(l) * a.d);
     case OP_DOWN:  // from column k0 (0 unless a K slice)
       return {a.act + static_cast<size_t>(l) * a.B * a.I + ins[W_DOWN_K0], a.I, nullptr};
-    default: return resid_input(a, ins, 2 * a.L, W_LMHEAD_FOLD, a.final_norm);
+    default: return with_x_ll(a, ins, resid_input(a, ins, 2 * a.L, W_LMHEAD_FOLD, a.final_norm));
   }
 }
 
@@ -431,6 +464,66 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
   }
 }
 
+// kLlX: stage_chunk's work (x * norm into act, sums of x^2 into sums) on x[b, col0 :
+// col0+cols] taken from the flagged elements at in.ll, two per 16-byte load, polled until
+// every element's tag reads `tag`: MK_LL_X_PER loads of a thread in flight, the norm
+// weights' lines prefetched into L1 before them (a prefetch holds no register), a sleep of
+// MK_LL_X_SLEEP_NS after a sweep that left some missing. false: the wait ran past the
+// watchdog or another SM reported an error (act then holds garbage).
+template <int BT>
+__device__ bool stage_chunk_ll(const KernelArgs& a, const MatvecInput& in, int col0, int cols,
+                               int B, float* act, float (&sums)[BT], int tag) {
+  constexpr int kPer = MK_LL_X_PER;  // pairs a thread polls at once
+  const int half = cols >> 1, n = B * half, tid = threadIdx.x;
+  // Pair i: batch row b, columns c, c + 1 of the chunk; its elements at in.ll + 2 * (b * ld
+  // + col0 + c) int32s. Batches 1 and 2 without a division: the addresses stay one base
+  // register plus constants where they can.
+  auto row_of = [&](int i) { return BT == 1 ? 0 : BT == 2 ? int(i >= half) : i / half; };
+  const int32_t* src = x_ll_of(in) + 2 * col0;
+  const int row_step = 2 * in.ld - 4 * half;  // int32s from pair i of row b to row b + 1
+  for (int base = 0; base < n; base += kPer * kConsumerThreads) {
+    uint32_t pending = 0;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = base + tid + k * kConsumerThreads;
+      if (i < n) {
+        pending |= 1u << k;
+        if (in.norm) prefetch_l1(in.norm + col0 + 2 * (i - row_of(i) * half));
+      }
+    }
+    uint64_t start = 0;
+#pragma unroll 1
+    for (uint32_t spins = 0; pending; ++spins) {
+      ulonglong2 u[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int i = base + tid + k * kConsumerThreads;
+        if (pending >> k & 1) u[k] = ld_ll2(src + 4 * i + row_of(i) * row_step);
+      }
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        if (!(pending >> k & 1) || !ll1_ready(u[k].x, tag) || !ll1_ready(u[k].y, tag)) continue;
+        pending &= ~(1u << k);
+        const int i = base + tid + k * kConsumerThreads, b = row_of(i), c = 2 * (i - b * half);
+        const float x0 = ll1_value(u[k].x), x1 = ll1_value(u[k].y);
+        const uint32_t nw =
+            in.norm ? __ldg(reinterpret_cast<const uint32_t*>(in.norm + col0 + c)) : 0x3f803f80u;
+#pragma unroll
+        for (int bb = 0; bb < BT; ++bb)
+          if (bb == b) sums[bb] += x0 * x0 + x1 * x1;
+        // columns c, c + 1 of vector (c / 4) / 2, plane (c / 4) % 2 (stage_chunk's layout)
+        const int v = c >> 2;
+        *reinterpret_cast<float2*>(act + b * cols + (v & 1) * (cols >> 1) + (v >> 1) * 4 +
+                                   (c & 3)) = make_float2(x0 * bf16_lo(nw), x1 * bf16_hi(nw));
+      }
+      if (!pending) break;
+      if (ll_give_up(a, spins, start)) return false;
+      if (MK_LL_X_SLEEP_NS > 0) __nanosleep(MK_LL_X_SLEEP_NS);
+    }
+  }
+  return true;
+}
+
 // Stage-ahead (kStageAhead; batch 1-2, no norm, no fold): this thread's float4s of the
 // [B, cols] chunk at col0 into registers, issued before the previous chunk's pages and
 // stored to act (the layout of stage_chunk) after them, so the chunk's L2 round trip hides
@@ -524,7 +617,7 @@ template <int BT, bool kTiming, typename Wait>
 __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const int32_t* ins,
                                  uint32_t& it, float* act, float* acc, float* red, float* rstd,
                                   const PreLoad& pre_src, Wait&& wait, volatile int* waited,
-                                  bool late) {
+                                  bool late, int epoch) {
   const int tid = threadIdx.x, B = a.B;
   if (kStageStamps == 2) phase_stamp(1);  // entered
   float2 pre = make_float2(0.f, 0.f);
@@ -554,6 +647,9 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     if (ahead && c > 0) {
       store_ahead(next, cols, B, act);
+    } else if (kLlX && x_ll_of(in)) {
+      if (!stage_chunk_ll<BT>(a, in, col0, cols, B, act, sums, epoch + 1))
+        waited[1] = ERR_WATCHDOG;  // flags[1]: reported after the epilogue
     } else {
       with_fold(in, [&](auto fold) {
         stage_chunk<BT, decltype(fold)::value>(in, col0, cols, B, act, sums);

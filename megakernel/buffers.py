@@ -29,7 +29,8 @@ STEP_OUTPUTS = ("tokens", "pos", "resid", "q", "k_cache", "v_cache", "o_part", "
                 "act", "logits", "amax_val", "amax_idx", "out_tokens", "part")
 # Synchronisation state: zeroed by reset(). The flagged copies' (*_ll) tags are epoch + 1 of
 # the step that wrote them: they must start over with the epoch.
-SYNC_STATE = ("counters", "epoch", "done", "error", "claim_next", "part_ll", "q_ll", "kv_ll")
+SYNC_STATE = ("counters", "epoch", "done", "error", "claim_next", "part_ll", "q_ll", "kv_ll",
+              "x_ll")
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class Buffers:
     q: torch.Tensor           # [L, B, H, D]
     q_ll: torch.Tensor        # [L, B, H, D/2, 4] int32: q as flagged pairs (dims u, u + D/2)
     kv_ll: torch.Tensor       # [L, B, Hkv, 2, D/2, 4] int32: this step's k (dims u, u + D/2), v
+    x_ll: torch.Tensor        # [L, B, d, 2] int32: resid[2l+2] as flagged elements {x, tag}
     k_cache: torch.Tensor     # [L, B, Hkv, S, D] kv_dtype
     v_cache: torch.Tensor     # [L, B, Hkv, S, D] kv_dtype
     o_part: torch.Tensor      # [L, B, H, NS, D]
@@ -81,6 +83,7 @@ class Buffers:
             tokens=torch.zeros(B, dtype=torch.int64, device=device), pos=i32(B),
             resid=f32(2 * L + 1, B, d), q=f32(L, B, H, D),
             q_ll=i32(L, B, H, D // 2, 4), kv_ll=i32(L, B, Hkv, 2, D // 2, 4),
+            x_ll=i32(L, B, d, 2),
             k_cache=torch.zeros(L, B, Hkv, S, D, dtype=kv_dtype, device=device),
             v_cache=torch.zeros(L, B, Hkv, S, D, dtype=kv_dtype, device=device),
             o_part=f32(L, B, H, NS, D), lse=f32(L, B, H, NS),
@@ -126,6 +129,13 @@ class Buffers:
         v = self.v_cache.float().gather(3, at.expand(L, B, self.v_cache.shape[2], 1, D))[:, :, :, 0]
         self.kv_ll[:, :, :, 0] = _units(k[..., :half], k[..., half:], tag)
         self.kv_ll[:, :, :, 1] = _units(v[..., 0::2], v[..., 1::2], tag)
+        return self
+
+    def flag_resid(self, tag: int) -> "Buffers":
+        """x_ll[l] <- resid[2l+2] as flagged elements {x, tag}: what DOWN of layer l writes in a
+        -DMK_LL_X=1 build at epoch tag - 1 (op tests hand QKV / LMHEAD their input so)."""
+        x = self.resid[2::2].contiguous().view(torch.int32)
+        self.x_ll.copy_(torch.stack([x, torch.full_like(x, tag)], dim=-1))
         return self
 
     def nbytes(self) -> int:

@@ -211,6 +211,16 @@ class Runtime:
         # Whether this build's ATTN polls the flagged q / k / v pairs QKV writes (MK_LL_Q):
         # whoever hands an ATTN its inputs by hand (op tests) flags them then.
         self.ll_q = bool(self.ext.ll_q_compiled(self.variant == "b1"))
+        # Whether QKV (layers >= 1) and LMHEAD poll the residual DOWN writes as flagged
+        # elements (MK_LL_X; tp = 1, batches on CUDA cores): only a DOWN of whole rows writes
+        # them, so K-sliced DOWNs would leave those polls waiting.
+        self.ll_x = bool(self.ext.ll_x_compiled(self.variant == "b1"))
+        k_slices = getattr(program, "options", {}).get("down_k_slices") or 1
+        if self.ll_x and k_slices > 1:
+            raise ValueError(f"the Program was planned with down_k_slices={k_slices}: its DOWNs "
+                             "add K slices onto GATEUP's copy of the residual, and a -DMK_LL_X=1 "
+                             "kernel's QKV / LMHEAD poll the residual a DOWN of whole rows "
+                             "writes (plan with down_k_slices=1)")
         limits = b1_limits if self.variant == "b1" else {
             "max_blocks_per_sm": self.ext.max_blocks_per_sm(), "smem_bytes": self.ext.smem_bytes()}
         if limits["max_blocks_per_sm"] < 1:

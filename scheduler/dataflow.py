@@ -7,8 +7,9 @@ whose structure validate.py has already proven:
   - every element an instruction reads is written by some instruction;
   - every buffer element is written (each exactly once, with the second check);
   - every writer of an element an instruction reads happens-before that reader through
-    counters (happens.py), which covers reads ordered only transitively; ATTN's waits
-    count as flagged hops (FLAGGED_READERS): no transitive order passes through them.
+    counters (happens.py), which covers reads ordered only transitively; the waits of
+    flagged readers (ATTN; at tp = 1 QKV and LMHEAD, flagged_readers) count as flagged hops:
+    no transitive order passes through them.
 Accumulating writes (ATTN_OPROJ's atomic adds) are not SSA writes. An accumulation reads
 the element's initial value: the checks of a read (written, and its writer happens-before)
 apply to it. One stage's accumulations cover identical or disjoint ranges, and every
@@ -26,19 +27,34 @@ import numpy as np
 
 from megakernel.config import ModelConfig
 
-from . import happens
+from . import happens, isa
 from .access import BUFFERS, accesses, buffer_dims
 from .isa import Op
 from .table import Placed
 
-# Readers whose wait a build may replace by polling flagged data, MK_LL_Q's ATTN (QKV's q /
-# k / v pairs; the batch-1/2 build's default): their counter edges order only the
-# signalers' own writes before them (happens.py, shallow), whatever the build. The
-# ablation build MK_LL_PARTIALS makes ATTN_REDUCE such a reader too; the lowering's waits
-# cover it (OPROJ waits on its residual's writer itself), but it is not modelled here: its
-# two shallow hops in a row leave QKV no later descendant, which no prefix set represents
-# cheaply (a 70B tp=8 plan then validates in 15 s, not 4).
+# Readers whose wait a build may replace by polling flagged data: their counter edges order
+# only the signalers' own writes before them (happens.py, shallow), whatever the build.
+# MK_LL_Q's ATTN (QKV's q / k / v pairs; the batch-1/2 build's default) in every plan;
+# MK_LL_X's QKV of layers >= 1 and LMHEAD (DOWN's residual as flagged elements) at tp = 1
+# where DOWN holds whole rows (flagged_readers; K-sliced DOWNs only add onto GATEUP's copy,
+# and that build refuses such plans). The ablation build MK_LL_PARTIALS makes ATTN_REDUCE
+# such a reader too; the lowering's waits cover it (OPROJ waits on its residual's writer
+# itself), but it is not modelled here: its two shallow hops in a row leave QKV no later
+# descendant, which no prefix set represents cheaply (a 70B tp=8 plan then validates in
+# 15 s, not 4).
 FLAGGED_READERS = (int(Op.ATTN),)
+X_LL_READERS = (int(Op.QKV), int(Op.LMHEAD))
+_DOWN_KN = isa.ARGS[Op.DOWN].index("kn")
+
+
+def flagged_readers(t: Placed, tp: int) -> np.ndarray:
+    """bool [N]: the instructions whose waits count as flagged hops (FLAGGED_READERS, and
+    X_LL_READERS of DOWN's residual where tp = 1 and no DOWN is a K slice)."""
+    flagged = np.isin(t.op, FLAGGED_READERS)
+    down = t.op == Op.DOWN
+    if tp == 1 and not t.args[down, _DOWN_KN].any():
+        flagged |= np.isin(t.op, X_LL_READERS) & ((t.op == Op.LMHEAD) | (t.layer > 0))
+    return flagged
 
 # (verb, producer) of a checked read, by kind: an ordinary read of a written value, an
 # accumulation's read of its initial value, an ordinary read after the accumulations.
@@ -121,7 +137,7 @@ def check_dataflow(t: Placed, cfg: ModelConfig, B: int, NS: int, NLM: int, tp: i
         later, As, Ai = _after_accumulations(t, a, acc, gstart, gstop, len(ws), name, fail)
         reads = [np.r_[x, y] for x, y in zip(reads, later)]
         ws, wi = np.r_[ws, As], np.r_[wi, Ai]
-    _check_ordered(t, *reads, ws, wi, name, counter_name)
+    _check_ordered(t, *reads, ws, wi, name, counter_name, flagged_readers(t, tp))
 
 
 def _after_accumulations(t: Placed, a, acc, gstart, gstop, first: int, name, fail):
@@ -161,10 +177,10 @@ def _after_accumulations(t: Placed, a, acc, gstart, gstop, first: int, name, fai
             Ps, Pi)
 
 
-def _check_ordered(t: Placed, rs, re, ri, i0, i1, kind, ws, wi, name, counter_name) -> None:
+def _check_ordered(t: Placed, rs, re, ri, i0, i1, kind, ws, wi, name, counter_name,
+                   shallow) -> None:
     """Every write [i0, i1) (starts ws, writers wi) of every read (rs, re, reader ri, kind
     an index into READS) happens-before the reader."""
-    shallow = np.isin(t.op, FLAGGED_READERS)
     w = t.waits[ri].astype(np.int64)
     keys = [w[:, 0] << 32 | w[:, 1], w[:, 2] << 32 | w[:, 3], shallow[ri], rs, re, kind]
     by_key = np.lexsort(keys[::-1])

@@ -33,6 +33,11 @@ Buffers (all activations fp32 unless said; "SSA": every element is written once 
                                k (the same) and v (dims 2u, 2u+1, bf16 values) as flagged
                                pairs (see part_ll), which ATTN polls instead of waiting on the
                                QKV counters; synchronisation state (reset)
+    x_ll    [L, B, d, 2] int32     GPU build -DMK_LL_X=1 only: resid[2l+2] again as flagged
+                               elements {x, tag} (one 8-byte store each), written by DOWN of
+                               layer l, which QKV of layer l+1 (LMHEAD after the last layer)
+                               polls instead of waiting on the DOWN counter at tp = 1 on CUDA
+                               cores; synchronisation state (reset)
     k_cache, v_cache [L, B, Hkv, S, D]   weight dtype (bf16 on the GPU)
     o_part  [L, B, H, NS, D]   attention partial outputs (normalised per split)
     lse     [L, B, H, NS]      natural-log sum-exp of the scaled scores per split (-inf if empty)

@@ -64,7 +64,7 @@ def ll_q_expected(build_flags, variant: str) -> bool:
 
 def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
            positions=None, poison=(), counter_targets=(), build_flags=(), watchdog_ms=None,
-           gpu_only_poison=(), info=None):
+           gpu_only_poison=(), info=None, edit_weights=None):
     """Run one instruction on the GPU and through ops_ref on the CPU.
     poison: (buffer name, index) pairs set to NaN/INT_MIN on both sides first;
     gpu_only_poison: (float buffer, index) pairs set to NaN on the GPU side only.
@@ -72,9 +72,14 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     build_flags: of the kernel (e.g. -DMK_FUSE_REDUCE=1 for an ATTN merge; with
     -DMK_LL_PARTIALS=1 an ATTN_REDUCE finds its inputs flagged in part_ll, with -DMK_LL_Q=1
     an ATTN in q_ll / kv_ll (Runtime.ll_q: the build that runs has it), before poison);
-    info: a dict that gets "ll_q" (Runtime.ll_q) and "variant" (the build that ran).
+    edit_weights: called with the random Weights (on the GPU) before they are packed;
+    info: a dict that gets "ll_q" (Runtime.ll_q), "ll_x" (Runtime.ll_x: with it a QKV of
+    layer >= 1 or an LMHEAD finds its input flagged in x_ll) and "variant" (the build that
+    ran).
     Returns (gpu Buffers moved to the CPU, reference Buffers)."""
     w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
+    if edit_weights is not None:
+        edit_weights(w)
     packed = pack_weights(w)
     rec = isa.encode(op, layer=layer, **fields)
     prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices, counter_targets)
@@ -83,9 +88,11 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     if op == isa.Op.ATTN_REDUCE and "-DMK_LL_PARTIALS=1" in build_flags:
         rt.buffers.flag_partials(tag=1)   # it polls these (the epoch is 0)
     if info is not None:
-        info.update(ll_q=rt.ll_q, variant=rt.variant)
+        info.update(ll_q=rt.ll_q, ll_x=rt.ll_x, variant=rt.variant)
     if op == isa.Op.ATTN and rt.ll_q:
         rt.buffers.flag_queries(tag=1)
+    if rt.ll_x and (op == isa.Op.LMHEAD or (op == isa.Op.QKV and layer > 0)):
+        rt.buffers.flag_resid(tag=1)   # it polls these where it runs on CUDA cores
     for name, index in poison:
         t = getattr(rt.buffers, name)
         t[index] = float("nan") if t.is_floating_point() else -(2 ** 31)

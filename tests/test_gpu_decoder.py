@@ -136,6 +136,33 @@ LL_BUILDS = {"ll_partials": ("-DMK_LL_PARTIALS=1", "-DMK_FUSE_OPROJ=0"),
              "no_ll_q": ("-DMK_LL_Q=0",)}
 
 
+WIDE = ModelConfig("d2560", vocab_size=3000, hidden_size=2560, intermediate_size=1024,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [WIDE, ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_ll_x_build_matches_fp32(cfg, batch):
+    """-DMK_LL_X=1 (the batch-1/2 build): every DOWN also stores the residual as flagged
+    elements and QKV of layers >= 1 and LMHEAD poll them instead of waiting on the DOWN
+    counter (d2560 at batch 2: chunks of 2048 + 512 columns). Three steps per position (tags
+    of epochs 1-3), reset between positions (tags zeroed)."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
+                                     build_flags=("-DMK_LL_X=1",))
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_LL_X=1")
+
+
+def test_ll_x_build_refuses_k_sliced_down():
+    """A -DMK_LL_X=1 kernel's QKV polls what a DOWN of whole rows writes: a plan of K-sliced
+    DOWNs is refused with the option to change, not left to the watchdog."""
+    cfg = RANDOM_CONFIGS[0]
+    w = Weights.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="down_k_slices=1"):
+        Decoder(cfg, w, batch=1, max_seq=64, down_k_slices=2, fuse_oproj=False, variant="b1",
+                build_flags=("-DMK_LL_X=1",))
+
+
 def build_kwargs(flags: tuple[str, ...]) -> dict:
     """Decoder keywords of a build: a kernel without ATTN_OPROJ runs the unfused plan."""
     return dict(build_flags=flags, **({"fuse_oproj": False} if "-DMK_FUSE_OPROJ=0" in flags

@@ -8,7 +8,7 @@ import pytest
 
 from megakernel.config import ModelConfig
 from megakernel.scheduler import Op, isa, plan, validate
-from megakernel.scheduler import happens
+from megakernel.scheduler import dataflow, happens
 from megakernel.scheduler.access import BUFFERS, accesses
 
 WHERE = r"uid \d+ {op} \(layer -?\d+\) on SM \d+ at queue index \d+"
@@ -555,3 +555,29 @@ def test_whole_down_with_a_k0_is_caught(base):
     p = copy.deepcopy(base)
     put(p, find(p, Op.DOWN, layer=0), "k0", 64)
     caught(p, WHERE.format(op="DOWN") + r": DOWN \(k0, kn\) = \(64, 0\): \(0, 0\) for the whole")
+
+
+def test_x_ll_readers_are_flagged_where_down_holds_whole_rows(fused_oproj, base, down_k):
+    """MK_LL_X's QKV (layers >= 1) and LMHEAD poll the residual DOWN stores, so at tp = 1 the
+    validator counts their waits as flagged hops, like ATTN's, in every plan of whole DOWN
+    rows (both of these validate so); not in K-sliced plans, which that build refuses."""
+    for p in (fused_oproj, base):
+        t = p.table()
+        want = (t.op == Op.ATTN) | (t.op == Op.LMHEAD) | ((t.op == Op.QKV) & (t.layer > 0))
+        np.testing.assert_array_equal(dataflow.flagged_readers(t, 1), want)
+        validate(p)
+    t = down_k.table()
+    np.testing.assert_array_equal(dataflow.flagged_readers(t, 1), t.op == Op.ATTN)
+    np.testing.assert_array_equal(dataflow.flagged_readers(base.table(), 2), base.table().op
+                                  == Op.ATTN)
+
+
+def test_flagged_qkv_after_k_sliced_down_would_be_caught(fused_down_k, monkeypatch):
+    """Why K-sliced plans keep QKV's hop deep: their resid[2l] is GATEUP's copy plus the
+    DOWN slices' adds, and a polled QKV (if a build let them) would see the adds ordered but
+    not the copy, which only DOWN's own wait orders."""
+    validate(fused_down_k)
+    monkeypatch.setattr(dataflow, "flagged_readers", lambda t, tp: np.isin(
+        t.op, [Op.ATTN, Op.LMHEAD]) | ((t.op == Op.QKV) & (t.layer > 0)))
+    caught(fused_down_k, r"QKV \(layer 1\).*: reads resid\[level=2,.*written by uid \d+ GATEUP "
+           r".*does not happen before it")
