@@ -179,9 +179,6 @@ def grid(num_sms: int = 132) -> list[Row]:
              "tp = 1: elsewhere this row is the default's code)"),
         flag("MK_LL_X", 1, "as MK_LL_X=1, the polls re-read at once instead of sleeping "
              "128 ns between sweeps", "-DMK_LL_X_SLEEP_NS=0"),
-        flag("MK_LMHEAD_ONEPASS", 1, "the LM head's epilogue stores logits and finds the "
-             "argmax of 8 batch rows in one pass, not one pass (two bar.syncs, a serial merge "
-             "of the warps) per batch row"),
         flag("MK_B1_TC", 1, "the tensor-core matvec compiled into the batch-1/2 build (dead "
              "code at its batches that holds registers), and so MK_LL_Q off there (with it "
              "the build spills 8 bytes): that build's default up to session 32"),

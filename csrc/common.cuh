@@ -269,13 +269,6 @@ constexpr bool kLlX = MK_LL_X != 0;
 #ifndef MK_LL_X_PER
 #define MK_LL_X_PER 4
 #endif
-// 1: the LM head's epilogue stores the logits and finds every batch row's argmax in one
-// pass per 8 batch rows (lmhead.cuh one_pass); 0 (default): a pass per batch row, with two
-// bar.syncs and thread 0 merging the warps' bests in each.
-#ifndef MK_LMHEAD_ONEPASS
-#define MK_LMHEAD_ONEPASS 0
-#endif
-constexpr bool kLmheadOnePass = MK_LMHEAD_ONEPASS != 0;
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");
 static_assert(kPageBytes % 16 == 0, "bulk copies move multiples of 16 bytes");

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from _gpu import OP_CONFIGS, assert_close, ll_q_expected, run_op
+from _gpu import OP_CONFIGS, assert_close, ll_q_expected, ll_x_expected, run_op
 from megakernel.buffers import Buffers
 from megakernel.scheduler.isa import Op
 
@@ -15,9 +15,9 @@ def test_qkv(name, batch, flags):
     """With MK_LL_Q (the batch-1/2 build's default, or -DMK_LL_Q=1) QKV also writes every q
     pair and the position's k / v pairs it stores as flagged pairs tagged 1 (epoch 0) into
     q_ll / kv_ll, and nothing else there; without it (the other build's default, or
-    -DMK_LL_Q=0) nothing there. -DMK_LL_X=1: at batches on CUDA cores (1, 2) it stages its
-    input from the flagged elements of x_ll[0], not from resid[2], which the GPU then holds
-    as NaN."""
+    -DMK_LL_Q=0) nothing there. -DMK_LL_X=1: where the batch-1/2 build runs (batch 1 of
+    groups of at most 4 heads) it stages its input from the flagged elements of x_ll[0],
+    not from resid[2], which the GPU then holds as NaN (run_op)."""
     cfg = OP_CONFIGS[name]
     rows = cfg.Hkv * (cfg.G + 2) * cfg.D
     row0, n = 2 * (rows // 7), min(2 * (rows // 3), (8192 // batch) & ~1)
@@ -25,11 +25,9 @@ def test_qkv(name, batch, flags):
     poison = [("q", 1)] + [(c, (1, b, slice(None), positions[b])) for c in ("k_cache", "v_cache")
                            for b in range(batch)]
     info = {}
-    polls = "-DMK_LL_X=1" in flags and batch <= 2
     got, ref = run_op(cfg, batch, Op.QKV, dict(row0=row0, nrows=n), layer=1,
-                      positions=positions, poison=poison, build_flags=flags, info=info,
-                      gpu_only_poison=[("resid", 2)] if polls else [])
-    assert info["ll_x"] == polls   # the batch-1/2 build's (csrc/common.cuh MK_LL_X)
+                      positions=positions, poison=poison, build_flags=flags, info=info)
+    assert info["ll_x"] == ll_x_expected(flags, cfg, batch)
     assert_close(got, ref, "q")
     # bf16 stores: one rounding step of 2^-8 relative
     assert_close(got, ref, "k_cache", rtol=1e-2, atol=1e-2)

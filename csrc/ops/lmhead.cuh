@@ -22,17 +22,13 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
 }
 
 struct LmHeadOp {
-  // red: >= 2 * kConsumerWarps * kGroup floats of scratch (kConsumerWarps * kMaxBatch).
+  // red: >= 2 * kConsumerWarps floats of scratch.
   __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc,
                                  float* red) {
     const int row0 = ins[W_LMHEAD_ROW0], n = ins[W_LMHEAD_NROWS], slot = ins[W_LMHEAD_SLOT];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const bool all = ins[W_ALL_RANKS] != 0;
     const int p0 = all ? first_peer(a) : a.rank, p1 = all ? end_peer(a) : a.rank + 1;
-    if constexpr (kLmheadOnePass) {
-      one_pass(a, acc, red, row0, n, slot, p0, p1);
-      return ERR_NONE;
-    }
     for (int i = tid; i < n * a.B; i += kConsumerThreads) {
       const int b = i / n, r = i - b * n;  // batch-major, as ResidualOp's peer stores
       const float v = acc[r * a.B + b];
@@ -63,61 +59,6 @@ struct LmHeadOp {
       consumer_sync();
     }
     return ERR_NONE;
-  }
-
-  // kLmheadOnePass: batch rows in groups of kGroup, each group in one pass over the rows: a
-  // thread stores its rows' logits and keeps every batch row's best (value, index) in
-  // registers; the warps' bests meet in red (one bar.sync), and thread j of the group
-  // merges batch row j's over the warps. Two bar.syncs a group, not two a batch row, and no
-  // thread walks the warps for every batch row in turn: the per-row passes took ~1.2 us
-  // each (1B batch 8: 10.8 us from the accumulators' completion to the outputs, 1.7 at
-  // batch 1; session 27's phase traces).
-  static constexpr int kGroup = 8;
-  __device__ static void one_pass(const KernelArgs& a, const float* acc, float* red, int row0,
-                                  int n, int slot, int p0, int p1) {
-    static_assert(2 * kGroup <= kMaxBatch, "a group's (value, index) pairs fit red");
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, B = a.B;
-    int* red_i = reinterpret_cast<int*>(red + kConsumerWarps * kGroup);
-    for (int b0 = 0; b0 < B; b0 += kGroup) {
-      const int nb = min(kGroup, B - b0);
-      float bv[kGroup];
-      int bi[kGroup];
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) { bv[j] = -INFINITY; bi[j] = 0x7fffffff; }
-      for (int r = tid; r < n; r += kConsumerThreads) {
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          if (j >= nb) break;
-          const float v = acc[r * B + b0 + j];
-          const size_t o = static_cast<size_t>(b0 + j) * a.V + row0 + r;
-          for (int p = p0; p < p1; ++p) (a.tp > 1 ? a.peers[p].logits : a.logits)[o] = v;
-          if (argmax_better(v, row0 + r, bv[j], bi[j])) { bv[j] = v; bi[j] = row0 + r; }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        if (j >= nb) break;
-        warp_argmax(bv[j], bi[j]);
-        if (lane == 0) { red[warp * kGroup + j] = bv[j]; red_i[warp * kGroup + j] = bi[j]; }
-      }
-      consumer_sync();
-      if (tid < nb) {
-        float v = red[tid];
-        int i = red_i[tid];
-        for (int w = 1; w < kConsumerWarps; ++w)
-          if (argmax_better(red[w * kGroup + tid], red_i[w * kGroup + tid], v, i)) {
-            v = red[w * kGroup + tid];
-            i = red_i[w * kGroup + tid];
-          }
-        for (int p = p0; p < p1; ++p) {
-          float* val = a.tp > 1 ? a.peers[p].amax_val : a.amax_val;
-          int32_t* idx = a.tp > 1 ? a.peers[p].amax_idx : a.amax_idx;
-          val[static_cast<size_t>(b0 + tid) * a.NLM + slot] = v;
-          idx[static_cast<size_t>(b0 + tid) * a.NLM + slot] = i;
-        }
-      }
-      consumer_sync();  // red free for the next group
-    }
   }
 };
 }  // namespace mk
