@@ -176,7 +176,7 @@ def grid(num_sms: int = 132) -> list[Row]:
              "batch-1/2 build has it already: there this row is the default's code)"),
         flag("MK_LL_X", 1, "DOWN also stores the residual as flagged elements and QKV "
              "(layers >= 1) and LMHEAD poll them, not the DOWN counter (the batch-1/2 build, "
-             "tp = 1, batch x hidden <= 2048: elsewhere this row is the default's code)"),
+             "tp = 1: elsewhere this row is the default's code)"),
         flag("MK_LL_X", 1, "as MK_LL_X=1, the polls re-read at once instead of sleeping "
              "128 ns between sweeps", "-DMK_LL_X_SLEEP_NS=0"),
         flag("MK_B1_TC", 1, "the tensor-core matvec compiled into the batch-1/2 build (dead "

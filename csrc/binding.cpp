@@ -20,7 +20,7 @@ int acc_floats();
 int max_group();
 bool claims_compiled();
 bool ll_q_compiled();
-int ll_x_max_floats();
+bool ll_x_compiled();
 }  // namespace mk_b1
 
 namespace {
@@ -254,11 +254,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](bool b1) { return b1 ? mk_b1::ll_q_compiled() : mk::ll_q_compiled(); },
         py::arg("b1"), "Whether that build's ATTN takes q and the new k / v from the flagged "
         "pairs QKV writes (MK_LL_Q; q_ll, kv_ll) instead of waiting on QKV's counters.");
-  m.def("ll_x_max_floats",
-        [](bool b1) { return b1 ? mk_b1::ll_x_max_floats() : mk::ll_x_max_floats(); },
-        py::arg("b1"), "The largest batch * hidden size at which that build's QKV (layers >= "
-        "1) and LMHEAD take the residual from the flagged elements DOWN writes (MK_LL_X; "
-        "x_ll) instead of waiting on DOWN's counters (tp = 1); 0 without MK_LL_X.");
+  m.def("ll_x_compiled",
+        [](bool b1) { return b1 ? mk_b1::ll_x_compiled() : mk::ll_x_compiled(); },
+        py::arg("b1"), "Whether that build's QKV (layers >= 1) and LMHEAD take the residual "
+        "from the flagged elements DOWN writes (MK_LL_X; x_ll) instead of waiting on DOWN's "
+        "counters (tp = 1, batches on CUDA cores).");
   m.def("enable_peer_access", &enable_peer_access, py::arg("device"), py::arg("peer"),
         "Let kernels on `device` access `peer`'s memory (idempotent); raises if impossible.");
 }

@@ -263,14 +263,12 @@ constexpr bool kLlX = MK_LL_X != 0;
 #ifndef MK_LL_X_SLEEP_NS
 #define MK_LL_X_SLEEP_NS 128
 #endif
-// Pairs of x_ll elements a thread's poll keeps in flight (16 bytes each): the hop is taken
-// where one round of them holds the whole residual, B * d <= 2 * MK_LL_X_PER * 256 floats
-// (2048 with 4: 1B batch 1). Two rounds, one after the other, lost: 1B batch 2 +3.2%, 8B
-// batch 1 +0.2% (session 34).
+// Pairs of x_ll elements a thread's poll keeps in flight (16 bytes each): with 4, 2048
+// columns a round, one round at 1B batch 1. The b1 kernel spills 4 bytes with MK_LL_X (with
+// 2 as well: its peak is not the poll's).
 #ifndef MK_LL_X_PER
 #define MK_LL_X_PER 4
 #endif
-constexpr int kLlXMaxFloats = 2 * MK_LL_X_PER * kConsumerThreads;
 
 static_assert(kActFloats >= kMaxBatch * 8, "activation chunk must hold 8 columns per batch row");
 static_assert(kPageBytes % 16 == 0, "bulk copies move multiples of 16 bytes");

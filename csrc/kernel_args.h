@@ -132,8 +132,7 @@ int max_blocks_per_sm();
 bool claims_compiled();
 // Whether QKV hands ATTN its q and new k / v as flagged pairs (MK_LL_Q; q_ll, kv_ll).
 bool ll_q_compiled();
-// The largest B * d whose residual DOWN hands QKV / LMHEAD as flagged elements (MK_LL_X;
-// x_ll); 0 without MK_LL_X.
-int ll_x_max_floats();
+// Whether DOWN hands QKV / LMHEAD the residual as flagged elements (MK_LL_X; x_ll).
+bool ll_x_compiled();
 
 }  // namespace mk

@@ -236,21 +236,13 @@ __device__ __forceinline__ MatvecInput resid_input(const KernelArgs& a, const in
   return in;
 }
 
-// kLlX: whether this launch hands the residual from DOWN to its readers as flagged
-// elements: tp = 1 (else it comes from RESID_SUM or a fold), batches on CUDA cores (the
-// tensor cores' staging copies resid asynchronously), and a residual one round of a
-// thread's polls holds (kLlXMaxFloats; then it is also one activation chunk).
-__device__ __forceinline__ bool x_ll_on(const KernelArgs& a) {
-  return kLlX && a.tp == 1 && !(kTcCompiled && tc_ntiles(a.B) != 0) &&
-         a.B * a.d <= kLlXMaxFloats;
-}
-
 // kLlX: where this record's input is the residual DOWN hands over as flagged elements,
 // row 0 of them (x_ll[l - 1] for QKV of layer l >= 1, x_ll[L - 1] for LMHEAD), which the
-// matvec polls instead of waiting on DOWN's counter; null where it waits and reads resid
-// (layer 0: EMBED's; x_ll_on false).
+// matvec polls instead of waiting on DOWN's counter; null where it waits and reads resid:
+// tp > 1 (the residual comes from RESID_SUM or a fold), layer 0 (EMBED's), tensor cores
+// (their staging copies resid asynchronously).
 __device__ __forceinline__ const int32_t* x_ll_input(const KernelArgs& a, const int32_t* ins) {
-  if (!x_ll_on(a)) return nullptr;
+  if (!kLlX || a.tp != 1 || (kTcCompiled && tc_ntiles(a.B) != 0)) return nullptr;
   const int op = ins[W_OPCODE], l = ins[W_LAYER];
   if (op == OP_QKV && l > 0) return x_ll_row(a, l - 1, 0);
   if (op == OP_LMHEAD) return x_ll_row(a, a.L - 1, 0);
@@ -472,60 +464,62 @@ __device__ void stage_chunk(const MatvecInput& in, int col0, int cols, int B, fl
   }
 }
 
-// kLlX: stage_chunk's work (x * norm into act, sums of x^2 into sums) on x[b, 0 : cols]
-// (the whole residual: x_ll_on) taken from the flagged elements at in.ll, two per 16-byte
-// load, polled until every element's tag reads `tag`: a thread's MK_LL_X_PER loads in
-// flight together, the norm weights' lines prefetched into L1 before them (a prefetch
-// holds no register), a sleep of MK_LL_X_SLEEP_NS after a sweep that left some missing.
-// false: the wait ran past the watchdog or another SM reported an error (act then holds
-// garbage).
+// kLlX: stage_chunk's work (x * norm into act, sums of x^2 into sums) on x[b, col0 :
+// col0+cols] taken from the flagged elements at in.ll, two per 16-byte load, polled until
+// every element's tag reads `tag`: MK_LL_X_PER loads of a thread in flight, the norm
+// weights' lines prefetched into L1 before them (a prefetch holds no register), a sleep of
+// MK_LL_X_SLEEP_NS after a sweep that left some missing. false: the wait ran past the
+// watchdog or another SM reported an error (act then holds garbage).
 template <int BT>
-__device__ bool stage_chunk_ll(const KernelArgs& a, const MatvecInput& in, int cols, int B,
-                               float* act, float (&sums)[BT], int tag) {
-  constexpr int kPer = MK_LL_X_PER;
+__device__ bool stage_chunk_ll(const KernelArgs& a, const MatvecInput& in, int col0, int cols,
+                               int B, float* act, float (&sums)[BT], int tag) {
+  constexpr int kPer = MK_LL_X_PER;  // pairs a thread polls at once
   const int half = cols >> 1, n = B * half, tid = threadIdx.x;
-  // Pair i = tid + k * 256 (< n <= kPer * 256): batch row b, columns c, c + 1; its elements
-  // at in.ll + 2 * (b * ld + c) int32s. Batches 1 and 2 without a division.
+  // Pair i: batch row b, columns c, c + 1 of the chunk; its elements at in.ll + 2 * (b * ld
+  // + col0 + c) int32s. Batches 1 and 2 without a division: the addresses stay one base
+  // register plus constants where they can.
   auto row_of = [&](int i) { return BT == 1 ? 0 : BT == 2 ? int(i >= half) : i / half; };
-  const int32_t* src = x_ll_of(in);
+  const int32_t* src = x_ll_of(in) + 2 * col0;
   const int row_step = 2 * in.ld - 4 * half;  // int32s from pair i of row b to row b + 1
-  uint32_t pending = 0;
+  for (int base = 0; base < n; base += kPer * kConsumerThreads) {
+    uint32_t pending = 0;
 #pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int i = tid + k * kConsumerThreads;
-    if (i < n) {
-      pending |= 1u << k;
-      if (in.norm) prefetch_l1(in.norm + 2 * (i - row_of(i) * half));
+    for (int k = 0; k < kPer; ++k) {
+      const int i = base + tid + k * kConsumerThreads;
+      if (i < n) {
+        pending |= 1u << k;
+        if (in.norm) prefetch_l1(in.norm + col0 + 2 * (i - row_of(i) * half));
+      }
     }
-  }
-  uint64_t start = 0;
+    uint64_t start = 0;
 #pragma unroll 1
-  for (uint32_t spins = 0; pending; ++spins) {
-    ulonglong2 u[kPer];
+    for (uint32_t spins = 0; pending; ++spins) {
+      ulonglong2 u[kPer];
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int i = tid + k * kConsumerThreads;
-      if (pending >> k & 1) u[k] = ld_ll2(src + 4 * i + row_of(i) * row_step);
+      for (int k = 0; k < kPer; ++k) {
+        const int i = base + tid + k * kConsumerThreads;
+        if (pending >> k & 1) u[k] = ld_ll2(src + 4 * i + row_of(i) * row_step);
+      }
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        if (!(pending >> k & 1) || !ll1_ready(u[k].x, tag) || !ll1_ready(u[k].y, tag)) continue;
+        pending &= ~(1u << k);
+        const int i = base + tid + k * kConsumerThreads, b = row_of(i), c = 2 * (i - b * half);
+        const float x0 = ll1_value(u[k].x), x1 = ll1_value(u[k].y);
+        const uint32_t nw =
+            in.norm ? __ldg(reinterpret_cast<const uint32_t*>(in.norm + col0 + c)) : 0x3f803f80u;
+#pragma unroll
+        for (int bb = 0; bb < BT; ++bb)
+          if (bb == b) sums[bb] += x0 * x0 + x1 * x1;
+        // columns c, c + 1 of vector (c / 4) / 2, plane (c / 4) % 2 (stage_chunk's layout)
+        const int v = c >> 2;
+        *reinterpret_cast<float2*>(act + b * cols + (v & 1) * (cols >> 1) + (v >> 1) * 4 +
+                                   (c & 3)) = make_float2(x0 * bf16_lo(nw), x1 * bf16_hi(nw));
+      }
+      if (!pending) break;
+      if (ll_give_up(a, spins, start)) return false;
+      if (MK_LL_X_SLEEP_NS > 0) __nanosleep(MK_LL_X_SLEEP_NS);
     }
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      if (!(pending >> k & 1) || !ll1_ready(u[k].x, tag) || !ll1_ready(u[k].y, tag)) continue;
-      pending &= ~(1u << k);
-      const int i = tid + k * kConsumerThreads, b = row_of(i), c = 2 * (i - b * half);
-      const float x0 = ll1_value(u[k].x), x1 = ll1_value(u[k].y);
-      const uint32_t nw =
-          in.norm ? __ldg(reinterpret_cast<const uint32_t*>(in.norm + c)) : 0x3f803f80u;
-#pragma unroll
-      for (int bb = 0; bb < BT; ++bb)
-        if (bb == b) sums[bb] += x0 * x0 + x1 * x1;
-      // columns c, c + 1 of vector (c / 4) / 2, plane (c / 4) % 2 (stage_chunk's layout)
-      const int v = c >> 2;
-      *reinterpret_cast<float2*>(act + b * cols + (v & 1) * (cols >> 1) + (v >> 1) * 4 +
-                                 (c & 3)) = make_float2(x0 * bf16_lo(nw), x1 * bf16_hi(nw));
-    }
-    if (!pending) break;
-    if (ll_give_up(a, spins, start)) return false;
-    if (MK_LL_X_SLEEP_NS > 0) __nanosleep(MK_LL_X_SLEEP_NS);
   }
   return true;
 }
@@ -653,8 +647,8 @@ __device__ float2 consumer_matvec(const KernelArgs& a, const Ring& ring, const i
     if (c == 0) pre = pre_src.load();  // in flight with the chunk's loads
     if (ahead && c > 0) {
       store_ahead(next, cols, B, act);
-    } else if (kLlX && x_ll_of(in)) {  // the whole residual: one chunk (x_ll_on)
-      if (!stage_chunk_ll<BT>(a, in, cols, B, act, sums, epoch + 1))
+    } else if (kLlX && x_ll_of(in)) {
+      if (!stage_chunk_ll<BT>(a, in, col0, cols, B, act, sums, epoch + 1))
         waited[1] = ERR_WATCHDOG;  // flags[1]: reported after the epilogue
     } else {
       with_fold(in, [&](auto fold) {

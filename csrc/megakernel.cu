@@ -10,7 +10,7 @@ size_t smem_bytes() { return SmemLayout::total; }
 int threads_per_block() { return kThreads; }
 bool claims_compiled() { return kClaims; }
 bool ll_q_compiled() { return kLlQ; }
-int ll_x_max_floats() { return kLlX ? kLlXMaxFloats : 0; }
+bool ll_x_compiled() { return kLlX; }
 
 // The shared-memory opt-in is a per-device function attribute: set it once per device
 // (tensor parallelism launches on several GPUs from one process).

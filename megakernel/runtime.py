@@ -212,10 +212,9 @@ class Runtime:
         # whoever hands an ATTN its inputs by hand (op tests) flags them then.
         self.ll_q = bool(self.ext.ll_q_compiled(self.variant == "b1"))
         # Whether QKV (layers >= 1) and LMHEAD poll the residual DOWN writes as flagged
-        # elements (MK_LL_X: tp = 1, a residual of at most ll_x_max_floats): only a DOWN of
-        # whole rows writes them, so K-sliced DOWNs would leave those polls waiting.
-        self.ll_x = (getattr(program, "tp", 1) == 1 and program.batch * cfg.d
-                     <= self.ext.ll_x_max_floats(self.variant == "b1"))
+        # elements (MK_LL_X; tp = 1, batches on CUDA cores): only a DOWN of whole rows writes
+        # them, so K-sliced DOWNs would leave those polls waiting.
+        self.ll_x = bool(self.ext.ll_x_compiled(self.variant == "b1"))
         k_slices = getattr(program, "options", {}).get("down_k_slices") or 1
         if self.ll_x and k_slices > 1:
             raise ValueError(f"the Program was planned with down_k_slices={k_slices}: its DOWNs "

@@ -64,10 +64,8 @@ def ll_q_expected(build_flags, variant: str) -> bool:
 
 def ll_x_expected(build_flags, cfg, batch: int) -> bool:
     """Whether a -DMK_LL_X build polls x_ll here: the batch-1/2 build only (csrc/common.cuh),
-    which runs batches 1-2 of groups of at most 4 q heads (its MK_MAX_G), and a residual of
-    at most 2048 floats (one round of polls, kLlXMaxFloats)."""
-    return ("-DMK_LL_X=1" in build_flags and batch <= 2 and cfg.G <= 4
-            and batch * cfg.d <= 2048)
+    which runs batches 1-2 of groups of at most 4 q heads (its MK_MAX_G)."""
+    return "-DMK_LL_X=1" in build_flags and batch <= 2 and cfg.G <= 4
 
 
 def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=96, seed=0,
@@ -82,8 +80,8 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     an ATTN in q_ll / kv_ll (Runtime.ll_q: the build that runs has it), before poison);
     edit_weights: called with the random Weights (on the GPU) before they are packed;
     info: a dict that gets "ll_q" (Runtime.ll_q), "ll_x" (Runtime.ll_x: with it a QKV of
-    layer >= 1 or an LMHEAD finds its input flagged in x_ll, and its resid input NaN on the
-    GPU) and "variant" (the build that ran).
+    layer >= 1 or an LMHEAD finds its input flagged in x_ll, and at batch 1-2 its resid
+    input NaN on the GPU) and "variant" (the build that ran).
     Returns (gpu Buffers moved to the CPU, reference Buffers)."""
     w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
     if edit_weights is not None:
@@ -100,11 +98,12 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     if op == isa.Op.ATTN and rt.ll_q:
         rt.buffers.flag_queries(tag=1)
     if rt.ll_x and (op == isa.Op.LMHEAD or (op == isa.Op.QKV and layer > 0)):
-        # It polls these (Runtime.ll_x): its resid input then holds NaN on the GPU, so only
-        # the flagged copy gives the right answer.
+        # It polls these (on CUDA cores; tensor-core batches wait and read resid): its resid
+        # input then holds NaN on the GPU, so only the flagged copy gives the right answer.
         rt.buffers.flag_resid(tag=1)
-        level = 2 * cfg.L if op == isa.Op.LMHEAD else 2 * layer
-        gpu_only_poison = [*gpu_only_poison, ("resid", level)]
+        if batch <= 2:
+            level = 2 * cfg.L if op == isa.Op.LMHEAD else 2 * layer
+            gpu_only_poison = [*gpu_only_poison, ("resid", level)]
     for name, index in poison:
         t = getattr(rt.buffers, name)
         t[index] = float("nan") if t.is_floating_point() else -(2 ** 31)

@@ -146,10 +146,8 @@ WIDE = ModelConfig("d2560", vocab_size=3000, hidden_size=2560, intermediate_size
 def test_ll_x_build_matches_fp32(cfg, batch):
     """-DMK_LL_X=1 (the batch-1/2 build): every DOWN also stores the residual as flagged
     elements and QKV of layers >= 1 and LMHEAD poll them instead of waiting on the DOWN
-    counter, where one round of polls holds the residual (B * d <= 2048: not d2560, nor 1B
-    at batch 2, nor the 8-head groups of d64g8, which run the other build; those wait as
-    before). Three steps per position (tags of epochs 1-3), reset between positions (tags
-    zeroed)."""
+    counter (d2560 at batch 2: chunks of 2048 + 512 columns). Three steps per position (tags
+    of epochs 1-3), reset between positions (tags zeroed)."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
                                      build_flags=("-DMK_LL_X=1",))
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_LL_X=1")

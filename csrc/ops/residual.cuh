@@ -9,7 +9,7 @@
 //   elements batch-major, so a warp's 32 stores to a peer are one contiguous 128-B run
 //   (row-major order split them into B runs of 128/B bytes, each its own NVLink write).
 #pragma once
-#include "../matvec.cuh"  // x_ll_on
+#include "../common.cuh"
 
 namespace mk {
 
@@ -33,8 +33,7 @@ struct ResidualOp {
   }
 
   // pre: this thread's first element's residual entry, loaded before the matvec. kLlX: a
-  // DOWN also stores its output into x_ll[l] as flagged elements tagged epoch + 1, where
-  // its readers poll them (x_ll_on).
+  // DOWN also stores its output into x_ll[l] as flagged elements tagged epoch + 1.
   __device__ static int epilogue(const KernelArgs& a, const int32_t* ins, const float* acc,
                                  float pre, int epoch) {
     const int l = ins[W_LAYER], row0 = ins[W_OPROJ_ROW0], n = ins[W_OPROJ_NROWS];
@@ -65,14 +64,13 @@ struct ResidualOp {
     // -DMK_FUSE_OPROJ=1 build has it: Runtime refuses a fuse_oproj Program without it),
     // OPROJ's the value the K-sliced DOWNs add to (isa.py).
     const bool copy = down ? kFuseOproj && ins[W_DOWN_COPY] != 0 : ins[W_OPROJ_COPY] != 0;
-    const bool flag = kLlX && down && x_ll_on(a);
-    int32_t* const ll = flag ? x_ll_row(a, l, 0) + 2 * row0 : nullptr;
+    int32_t* const ll = kLlX && down ? x_ll_row(a, l, 0) + 2 * row0 : nullptr;
     for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
       float* in = residual_in(a, ins, i);
       const float x = (i == threadIdx.x ? pre : ldcg(in)) + acc[i];
       in[Bd] = x;  // resid[src + 1], same entry
       if (copy) in[2 * Bd] = x;
-      if (flag) {
+      if (kLlX && down) {
         const int r = i / a.B, b = i - r * a.B;
         st_ll1(ll + (static_cast<size_t>(b) * a.d + r) * 2, x, epoch + 1);
       }
