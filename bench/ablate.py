@@ -179,6 +179,10 @@ def grid(num_sms: int = 132) -> list[Row]:
              "tp = 1: elsewhere this row is the default's code)"),
         flag("MK_LL_X", 1, "as MK_LL_X=1, the polls re-read at once instead of sleeping "
              "128 ns between sweeps", "-DMK_LL_X_SLEEP_NS=0"),
+        flag("MK_WARPGROUPS", 1, "a 12-warp block: the loader's warpgroup gives its "
+             "registers to the consumers (setmaxnreg 56 / 224), not 9 warps at 168 each"),
+        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with MK_LL_X's flagged DOWN -> QKV "
+             "hop (spill-free there)", "-DMK_LL_X=1"),
         flag("MK_B1_TC", 1, "the tensor-core matvec compiled into the batch-1/2 build (dead "
              "code at its batches that holds registers), and so MK_LL_Q off there (with it "
              "the build spills 8 bytes): that build's default up to session 32"),

@@ -14,7 +14,23 @@ constexpr int kConsumerWarps = 8;
 constexpr int kLogConsumerWarps = 3;
 static_assert(kConsumerWarps == 1 << kLogConsumerWarps, "kLogConsumerWarps = log2(kConsumerWarps)");
 constexpr int kConsumerThreads = kConsumerWarps * 32;
-constexpr int kThreads = kConsumerThreads + 32;   // + one loader warp (the last warp)
+// 1: a block of 12 warps, the 8 consumer warps as two warpgroups and the loader warp first
+// in a third, whose registers go to the consumers (setmaxnreg: the loader warpgroup down to
+// kLoaderRegs, its 3 other warps exit at once, the consumers up to kConsumerRegs): 224
+// registers a consumer thread, not the 9-warp block's 168 (65536 / 288, rounded down to 8).
+// 0 (default): 9 warps, the last the loader.
+#ifndef MK_WARPGROUPS
+#define MK_WARPGROUPS 0
+#endif
+constexpr bool kWarpgroups = MK_WARPGROUPS != 0;
+constexpr int kThreads = kConsumerThreads + (kWarpgroups ? 128 : 32);  // + the loader's
+// setmaxnreg budgets: at launch every thread holds 168 (65536 / 384, rounded down to 8),
+// 384 * 168 in all; the loader warpgroup's 128 * (168 - 56) go to the 256 consumer threads
+// (with 40 the loader spilled).
+constexpr int kLaunchRegs = 168, kLoaderRegs = 56, kConsumerRegs = 224;
+static_assert(!kWarpgroups || 128 * (kLaunchRegs - kLoaderRegs) >=
+                                  kConsumerThreads * (kConsumerRegs - kLaunchRegs),
+              "the consumers' setmaxnreg.inc takes no more than the loader's .dec frees");
 // Ring geometry: build flags (-DMK_NUM_PAGES=..., ...) select it for ablations.
 #ifndef MK_PAGE_KB
 #define MK_PAGE_KB 32

@@ -388,12 +388,27 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   const int epoch = a.epoch[0];
   const int32_t* queue = a.instructions + static_cast<size_t>(blockIdx.x) * a.max_len * kWords;
   const int qlen = a.queue_len[blockIdx.x];
-  if (threadIdx.x >= kConsumerThreads) {
-    loader_main<kTiming>(a, ring, queue, qlen);
-  } else {
+  if (kWarpgroups) {
+    // Each side ends in the same named barrier (consumers + the loader warp) and never runs
+    // code of the other's register budget: the loader returns from its own branch.
+    if (threadIdx.x >= kConsumerThreads) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(kLoaderRegs));
+      if (threadIdx.x >= kConsumerThreads + 32) return;  // the warpgroup's idle warps
+      loader_main<kTiming>(a, ring, queue, qlen);
+      asm volatile("bar.sync 2, %0;" :: "n"(kConsumerThreads + 32) : "memory");
+      return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(kConsumerRegs));
     consumer_main<kTiming>(a, ring, queue, qlen, epoch, smem);
+    asm volatile("bar.sync 2, %0;" :: "n"(kConsumerThreads + 32) : "memory");
+  } else {
+    if (threadIdx.x >= kConsumerThreads) {
+      loader_main<kTiming>(a, ring, queue, qlen);
+    } else {
+      consumer_main<kTiming>(a, ring, queue, qlen, epoch, smem);
+    }
+    __syncthreads();
   }
-  __syncthreads();
   if (threadIdx.x == 0 && a.counts_step && ld_volatile(a.error) == ERR_NONE) {
     __threadfence();
     const int old = atomicAdd(a.done, 1);

@@ -27,6 +27,14 @@ static cudaError_t configure() {
   e = cudaFuncSetAttribute(megakernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(megakernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  // kWarpgroups: the consumers' setmaxnreg.inc waits until the CTA's pool holds what it asks
+  // for, which the loader's .dec frees only if the kernel launched at kLaunchRegs a thread
+  // (else it would wait forever): refuse any other count.
+  for (int t = 0; kWarpgroups && e == cudaSuccess && t < 2; ++t) {
+    cudaFuncAttributes attr{};
+    e = cudaFuncGetAttributes(&attr, t ? megakernel<true> : megakernel<false>);
+    if (e == cudaSuccess && attr.numRegs != kLaunchRegs) e = cudaErrorInvalidConfiguration;
+  }
   status[dev].store(e == cudaSuccess ? 1 : static_cast<int>(e) + 2);
   return e;
 }

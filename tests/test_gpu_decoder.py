@@ -163,6 +163,25 @@ def test_ll_x_build_refuses_k_sliced_down():
                 build_flags=("-DMK_LL_X=1",))
 
 
+WARPGROUP_BUILDS = {"wg": ("-DMK_WARPGROUPS=1",), "wg_ll_x": ("-DMK_WARPGROUPS=1", "-DMK_LL_X=1"),
+                    "wg_ll_q": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1")}
+
+
+@pytest.mark.parametrize("build", list(WARPGROUP_BUILDS))
+@pytest.mark.parametrize("batch", [1, 2, 8])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_warpgroup_builds_match_fp32(cfg, batch, build):
+    """-DMK_WARPGROUPS=1: a 12-warp block whose loader warpgroup hands its registers to the
+    consumers (setmaxnreg), the loader warpgroup's 3 idle warps gone at once, both sides
+    meeting in a named barrier at the end; with the flagged hops (MK_LL_X, MK_LL_Q in the
+    batch-8 build too) that spilled in the 9-warp block. Both builds (batch 8: the other).
+    Three steps per position, reset between positions."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
+                                     build_flags=WARPGROUP_BUILDS[build])
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
+
+
 def build_kwargs(flags: tuple[str, ...]) -> dict:
     """Decoder keywords of a build: a kernel without ATTN_OPROJ runs the unfused plan."""
     return dict(build_flags=flags, **({"fuse_oproj": False} if "-DMK_FUSE_OPROJ=0" in flags
