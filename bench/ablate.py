@@ -183,6 +183,9 @@ def grid(num_sms: int = 132) -> list[Row]:
              "registers to the consumers (setmaxnreg 56 / 224), not 9 warps at 168 each"),
         flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with MK_LL_X's flagged DOWN -> QKV "
              "hop (spill-free there)", "-DMK_LL_X=1"),
+        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with batch 1's row tiles of 4 (20 bytes "
+             "of spills and 1% slower at 168 registers; spill-free there)",
+             "-DMK_ROW_TILE_B1=4"),
         flag("MK_B1_TC", 1, "the tensor-core matvec compiled into the batch-1/2 build (dead "
              "code at its batches that holds registers), and so MK_LL_Q off there (with it "
              "the build spills 8 bytes): that build's default up to session 32"),
