@@ -17,8 +17,10 @@ constexpr int kConsumerThreads = kConsumerWarps * 32;
 // 1: a block of 12 warps, the 8 consumer warps as two warpgroups and the loader warp first
 // in a third, whose registers go to the consumers (setmaxnreg: the loader warpgroup down to
 // kLoaderRegs, its 3 other warps exit at once, the consumers up to kConsumerRegs): 224
-// registers a consumer thread, not the 9-warp block's 168 (65536 / 288, rounded down to 8).
-// 0 (default): 9 warps, the last the loader.
+// registers a consumer thread, not the 9-warp block's 168 (3 warps on one of the SM's 4
+// sub-partitions, 16K registers each). Per sub-partition then: 2 consumer warps at 224
+// and a loader-warpgroup warp at 56, 16128 registers. 0 (default): 9 warps, the last the
+// loader.
 #ifndef MK_WARPGROUPS
 #define MK_WARPGROUPS 0
 #endif
