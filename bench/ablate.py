@@ -186,6 +186,15 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with batch 1's row tiles of 4 (20 bytes "
              "of spills and 1% slower at 168 registers; spill-free there)",
              "-DMK_ROW_TILE_B1=4"),
+        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with the flagged QKV -> ATTN hop in the "
+             "batch-8 build too (which spills 60 + 132 bytes with it at 168 registers, none "
+             "there)", "-DMK_LL_Q=1"),
+        Row("MK_WARPGROUPS=1+MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_WARPGROUPS=1, "
+            "and both attention hops flagged in both builds: QKV -> ATTN and ATTN -> "
+            "ATTN_REDUCE (the unfused plan's, batch 8's default)",
+            {"fuse_oproj": False,
+             "build_flags": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1",
+                             "-DMK_FUSE_OPROJ=0")}),
         flag("MK_B1_TC", 1, "the tensor-core matvec compiled into the batch-1/2 build (dead "
              "code at its batches that holds registers), and so MK_LL_Q off there (with it "
              "the build spills 8 bytes): that build's default up to session 32"),

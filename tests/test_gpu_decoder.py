@@ -164,7 +164,9 @@ def test_ll_x_build_refuses_k_sliced_down():
 
 
 WARPGROUP_BUILDS = {"wg": ("-DMK_WARPGROUPS=1",), "wg_ll_x": ("-DMK_WARPGROUPS=1", "-DMK_LL_X=1"),
-                    "wg_ll_q": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1")}
+                    "wg_ll_q": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1"),
+                    "wg_ll_both": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1",
+                                   "-DMK_FUSE_OPROJ=0")}
 
 
 @pytest.mark.parametrize("build", list(WARPGROUP_BUILDS))
@@ -174,11 +176,12 @@ WARPGROUP_BUILDS = {"wg": ("-DMK_WARPGROUPS=1",), "wg_ll_x": ("-DMK_WARPGROUPS=1
 def test_warpgroup_builds_match_fp32(cfg, batch, build):
     """-DMK_WARPGROUPS=1: a 12-warp block whose loader warpgroup hands its registers to the
     consumers (setmaxnreg), the loader warpgroup's 3 idle warps gone at once, both sides
-    meeting in a named barrier at the end; with the flagged hops (MK_LL_X, MK_LL_Q in the
-    batch-8 build too) that spilled in the 9-warp block. Both builds (batch 8: the other).
-    Three steps per position, reset between positions."""
+    meeting in a named barrier at the end; with the flagged hops that spilled in the 9-warp
+    block (MK_LL_X; MK_LL_Q in the batch-8 build too; with MK_LL_PARTIALS both attention
+    hops, the unfused plan). Both builds (batch 8: the other). Three steps per position,
+    reset between positions."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
-                                     build_flags=WARPGROUP_BUILDS[build])
+                                     **build_kwargs(WARPGROUP_BUILDS[build]))
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
 
 
