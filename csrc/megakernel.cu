@@ -1,6 +1,7 @@
 // Host side of the interpreter: launch configuration and capability queries. No torch here:
 // csrc/binding.cpp is the only file that speaks torch.
 #include <atomic>
+#include <cstdio>
 #include <cuda_runtime.h>
 #include "interpreter.cuh"
 
@@ -33,7 +34,12 @@ static cudaError_t configure() {
   for (int t = 0; kWarpgroups && e == cudaSuccess && t < 2; ++t) {
     cudaFuncAttributes attr{};
     e = cudaFuncGetAttributes(&attr, t ? megakernel<true> : megakernel<false>);
-    if (e == cudaSuccess && attr.numRegs != kLaunchRegs) e = cudaErrorInvalidConfiguration;
+    if (e == cudaSuccess && attr.numRegs != kLaunchRegs) {
+      std::fprintf(stderr, "megakernel: -DMK_WARPGROUPS=1 needs the kernel at %d registers a "
+                   "thread at launch (its setmaxnreg budgets), ptxas gave it %d\n",
+                   kLaunchRegs, attr.numRegs);
+      e = cudaErrorInvalidConfiguration;
+    }
   }
   status[dev].store(e == cudaSuccess ? 1 : static_cast<int>(e) + 2);
   return e;
