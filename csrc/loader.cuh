@@ -5,7 +5,7 @@
 // sequence as the consumers (matvec.cuh), derived from `matvec_geometry` alone.
 #pragma once
 #include "inputs.cuh"
-#include "matvec.cuh"
+#include "matvec_geometry.cuh"
 #include "ring.cuh"
 
 namespace mk {
