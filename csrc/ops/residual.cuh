@@ -64,16 +64,15 @@ struct ResidualOp {
     // -DMK_FUSE_OPROJ=1 build has it: Runtime refuses a fuse_oproj Program without it),
     // OPROJ's the value the K-sliced DOWNs add to (isa.py).
     const bool copy = down ? kFuseOproj && ins[W_DOWN_COPY] != 0 : ins[W_OPROJ_COPY] != 0;
-    int32_t* const ll = kLlX && down ? x_ll_row(a, l, 0) + 2 * row0 : nullptr;
+    // x_ll[l] has resid[2l+2]'s [B, d] layout, two words an element.
+    const float* const level = a.resid + src * Bd;
+    int32_t* const ll = kLlX && down ? x_ll_row(a, l, 0) : nullptr;
     for (int i = threadIdx.x; i < n * a.B; i += kConsumerThreads) {
       float* in = residual_in(a, ins, i);
       const float x = (i == threadIdx.x ? pre : ldcg(in)) + acc[i];
       in[Bd] = x;  // resid[src + 1], same entry
       if (copy) in[2 * Bd] = x;
-      if (kLlX && down) {
-        const int r = i / a.B, b = i - r * a.B;
-        st_ll1(ll + (static_cast<size_t>(b) * a.d + r) * 2, x, epoch + 1);
-      }
+      if (kLlX && down) st_ll1(ll + 2 * (in - level), x, epoch + 1);
     }
     return ERR_NONE;
   }
