@@ -189,6 +189,13 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with the flagged QKV -> ATTN hop in the "
              "batch-8 build too (which spills 60 + 132 bytes with it at 168 registers, none "
              "there)", "-DMK_LL_Q=1"),
+        flag("MK_LL_PARTIALS", 1, "ATTN also stores its partials as flagged pairs and "
+             "ATTN_OPROJ polls them after waiting on its residual's writer alone, not on the "
+             "ATTN counters too (ATTN's signal then needs no release; spills at 168 registers)"),
+        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with the flagged ATTN -> ATTN_OPROJ hop "
+             "of MK_LL_PARTIALS=1 (spill-free there)", "-DMK_LL_PARTIALS=1"),
+        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with the flagged ATTN -> ATTN_OPROJ and "
+             "DOWN -> QKV hops", "-DMK_LL_PARTIALS=1", "-DMK_LL_X=1"),
         Row("MK_WARPGROUPS=1+MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_WARPGROUPS=1, "
             "and both attention hops flagged in both builds: QKV -> ATTN and ATTN -> "
             "ATTN_REDUCE (the unfused plan's, batch 8's default)",

@@ -81,11 +81,12 @@ __device__ void report_error(const KernelArgs& a, int code, int i, const int32_t
 }
 
 // A flagged hop's producer (kLlPartials: ATTN, kLlQ: QKV) counts its signal without the
-// release fence: its only waiter polls the flagged data instead, and the fence (~1 us for
-// ATTN) held the SM's next instruction. Builds whose records may wait on those counters
-// for unflagged data (fused plans, fold) keep the release.
+// release fence: its only waiter (ATTN_REDUCE or ATTN_OPROJ; ATTN) polls the flagged data
+// instead, and the fence (~1 us for ATTN) held the SM's next instruction. Builds whose
+// records may wait on those counters for unflagged data (fuse_reduce's OPROJ, fold) keep
+// the release.
 __device__ __forceinline__ bool relaxed_signal(int op) {
-  return (kLlPartials && !kFuseReduce && !kFuseOproj && op == OP_ATTN) ||
+  return (kLlPartials && !kFuseReduce && op == OP_ATTN) ||
          (kLlQ && !MK_FOLD && op == OP_QKV);
 }
 
@@ -97,11 +98,13 @@ __device__ __forceinline__ int32_t acquire_counter(const KernelArgs& a, const in
 // the i-th, (i+32)-th, ... counter of the two ranges taken as one list, so a wait on up to 32
 // counters costs one round trip to L2, not one per counter or per range (the stage after
 // the attention block waits on a long-complete range too, lowering.py).
-__device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, int epoch) {
+// first_only: the first range alone (a flagged reader's second range is its polled data's).
+__device__ bool wait_counters(const KernelArgs& a, const int32_t* ins, int i, int epoch,
+                              bool first_only = false) {
   static_assert(kNumWaits == 2, "wait_counters polls two ranges as one list");
   const int lane = threadIdx.x & 31;
   const int first0 = ins[W_WAIT0_FIRST], n0 = ins[W_WAIT0_COUNT];
-  const int first1 = ins[W_WAIT1_FIRST], n = n0 + ins[W_WAIT1_COUNT];
+  const int first1 = ins[W_WAIT1_FIRST], n = n0 + (first_only ? 0 : ins[W_WAIT1_COUNT]);
   for (int j0 = 0; j0 < n; j0 += 32) {
     const int j = j0 + lane;
     const bool mine = j < n;
@@ -205,11 +208,12 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         const int32_t next = more ? queue[static_cast<size_t>(i + 1) * kWords + tid] : 0;
         const uint64_t t0 = kTiming ? globaltimer() : 0;
         // kLlPartials / kLlQ / kLlX: ATTN_REDUCE / ATTN / QKV and LMHEAD (x_ll_input) poll
-        // their inputs' tags instead.
-        const bool ok = (kLlPartials && ins[W_OPCODE] == OP_ATTN_REDUCE) ||
-                        (kLlQ && ins[W_OPCODE] == OP_ATTN) ||
+        // their inputs' tags instead; ATTN_OPROJ polls its partials after waiting on its
+        // first range (the residual's writer, lowering.py) alone.
+        const int op = ins[W_OPCODE];
+        const bool ok = (kLlPartials && op == OP_ATTN_REDUCE) || (kLlQ && op == OP_ATTN) ||
                         (kLlX && x_ll_input(a, ins) != nullptr) ||
-                        wait_counters(a, ins, i, epoch);
+                        wait_counters(a, ins, i, epoch, kLlPartials && op == OP_ATTN_OPROJ);
         if (tid == 0) {
           flags[0] = ok ? 1 : 0;
           if (kChainInflight && !chain_op(ins[W_OPCODE])) set_flag(ring.chain, 0);
@@ -311,10 +315,12 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         case OP_ATTN_OPROJ:  // Runtime refuses these without the flag
           if constexpr (kFuseOproj) {
             if (!AttnOprojOp::valid(a, ins)) { err = ERR_BAD_INSTRUCTION; break; }
-            if (a.B == 1) AttnOprojOp::run<1, kTiming>(a, ring, ins, it, acc, act);
-            else if (a.B == 2) AttnOprojOp::run<2, kTiming>(a, ring, ins, it, acc, act);
-            else if (a.B <= 4) AttnOprojOp::run<4, kTiming>(a, ring, ins, it, acc, act);
-            else AttnOprojOp::run<8, kTiming>(a, ring, ins, it, acc, act);
+#define MK_ATTN_OPROJ(n) AttnOprojOp::run<n, kTiming>(a, ring, ins, it, acc, act, epoch)
+            if (a.B == 1) err = MK_ATTN_OPROJ(1);
+            else if (a.B == 2) err = MK_ATTN_OPROJ(2);
+            else if (a.B <= 4) err = MK_ATTN_OPROJ(4);
+            else err = MK_ATTN_OPROJ(8);
+#undef MK_ATTN_OPROJ
           } else {
             err = ERR_BAD_INSTRUCTION;
           }

@@ -43,8 +43,9 @@ Buffers (all activations fp32 unless said; "SSA": every element is written once 
     lse     [L, B, H, NS]      natural-log sum-exp of the scaled scores per split (-inf if empty)
     part_ll [L, B, H, NS, D/2+1, 4] int32   GPU build -DMK_LL_PARTIALS=1 only: o_part and
                                lse again as flagged pairs {x, tag, x', tag} (tag = epoch + 1;
-                               unit D/2 holds lse twice), which ATTN_REDUCE polls instead of
-                               waiting on the ATTN counters; synchronisation state (reset)
+                               unit D/2 holds lse twice), which ATTN_REDUCE (ATTN_OPROJ)
+                               polls instead of waiting on the ATTN counters;
+                               synchronisation state (reset)
     attn    [L, B, H*D]        merged attention output (head-major)
     act     [L, B, I]          silu(gate) * up
     logits  [B, V]

@@ -165,6 +165,7 @@ def test_ll_x_build_refuses_k_sliced_down():
 
 WARPGROUP_BUILDS = {"wg": ("-DMK_WARPGROUPS=1",), "wg_ll_x": ("-DMK_WARPGROUPS=1", "-DMK_LL_X=1"),
                     "wg_ll_q": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1"),
+                    "wg_ll_partials": ("-DMK_WARPGROUPS=1", "-DMK_LL_PARTIALS=1"),
                     "wg_ll_both": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1",
                                    "-DMK_FUSE_OPROJ=0")}
 
@@ -177,8 +178,9 @@ def test_warpgroup_builds_match_fp32(cfg, batch, build):
     """-DMK_WARPGROUPS=1: a 12-warp block whose loader warpgroup hands its registers to the
     consumers (setmaxnreg), the loader warpgroup's 3 idle warps gone at once, both sides
     meeting in a named barrier at the end; with the flagged hops that spilled in the 9-warp
-    block (MK_LL_X; MK_LL_Q in the batch-8 build too; with MK_LL_PARTIALS both attention
-    hops, the unfused plan). Both builds (batch 8: the other). Three steps per position,
+    block (MK_LL_X; MK_LL_Q in the batch-8 build too; MK_LL_PARTIALS, the fused plan's
+    ATTN -> ATTN_OPROJ; with MK_LL_Q and MK_LL_PARTIALS both attention hops, the unfused
+    plan). Both builds (batch 8: the other). Three steps per position,
     reset between positions."""
     err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
                                      **build_kwargs(WARPGROUP_BUILDS[build]))
@@ -197,8 +199,8 @@ def build_kwargs(flags: tuple[str, ...]) -> dict:
                          ids=lambda c: c.name)
 def test_flagged_builds_match_fp32(cfg, batch, build):
     """-DMK_LL_PARTIALS=1: ATTN_REDUCE polls its partials' tags, not the ATTN counters
-    (ll_partials_fused: the fused default plan, whose ATTN_OPROJ waits on the counters,
-    in the build that also stores the tags); -DMK_LL_Q=1: ATTN polls q's and the new K/V's,
+    (ll_partials_fused: the fused default plan, whose ATTN_OPROJ polls them after waiting on
+    its residual's writer alone); -DMK_LL_Q=1: ATTN polls q's and the new K/V's,
     not the QKV counters (the batch-1/2 build's default; ll_q: in the other build too);
     no_ll_q: the counters in both. Three steps per position (tags of epochs 1-3), reset
     between positions (tags zeroed)."""

@@ -45,19 +45,27 @@ struct AttnOprojOp {
   // interpreter is into the kernel: as a call it read the kernel's parameters through a
   // generic pointer, a load each (a.mode after every page's wait), and took ~2 us a page
   // where OPROJ takes 0.8.
+  // kLlPartials: the partials come from part_ll, polled for tag epoch + 1 (the interpreter
+  // waited on the first range alone: the residual's writer); ERR_WATCHDOG, before any page
+  // is taken, when they did not come.
   template <int BT, bool kTiming>
-  __device__ __forceinline__ static void run(const KernelArgs& a, const Ring& ring,
-                                             const int32_t* ins, uint32_t& it, float* coef,
-                                             float* part) {
+  __device__ __forceinline__ static int run(const KernelArgs& a, const Ring& ring,
+                                            const int32_t* ins, uint32_t& it, float* coef,
+                                            float* part, int epoch) {
     const int l = ins[W_LAYER], h = ins[W_ATTN_OPROJ_HEAD], dim0 = ins[W_ATTN_OPROJ_DIM0];
     const int nd = ins[W_ATTN_OPROJ_NDIMS], B = a.B, tid = threadIdx.x;
     const int nv = nd / 4;  // vectors per batch row
-    AttnReduceOp::merge_vectors(a, B * nv, [&](int v) {
+    const int err = AttnReduceOp::merge_vectors<kLlPartials>(a, B * nv, [&](int v) {
       const int b = v / nv;
       return AttnReduceOp::MergeSource{(static_cast<size_t>(l) * B + b) * a.H + h,
                                        dim0 + (v - b * nv) * 4};
-    }, [&](int v, float4 o) { *reinterpret_cast<float4*>(coef + v * 4) = o; }, true);
-    consumer_sync();  // coef[b * nd + j] complete
+    }, [&](int v, float4 o) { *reinterpret_cast<float4*>(coef + v * 4) = o; }, true, epoch + 1);
+    // coef[b * nd + j] complete (or, polled, some thread gave up: every consumer leaves)
+    if constexpr (kLlPartials) {
+      if (consumer_sync_or(err != ERR_NONE)) return ERR_WATCHDOG;
+    } else {
+      consumer_sync();
+    }
     phase_stamp(1);   // every thread's merge done (over thread 0's own, merge_vectors')
     const MatvecGeometry g = matvec_geometry(a, ins);
     const int tpr = g.kc / 8, rg = kConsumerThreads / tpr;  // threads per row, row groups
@@ -135,6 +143,7 @@ struct AttnOprojOp {
       }
     }
     phase_stamp(3);  // this thread's adds issued
+    return ERR_NONE;
   }
 };
 }  // namespace mk
