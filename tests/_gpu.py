@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from megakernel import ModelConfig, Weights, ops_ref, pack_weights
+from megakernel.packing import add_wo_t
 from megakernel.runtime import Runtime
 from megakernel.scheduler import isa
 from megakernel.scheduler.program import no_claims
@@ -76,7 +77,8 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     gpu_only_poison: (float buffer, index) pairs set to NaN on the GPU side only.
     counter_targets: of the program's counters (all 0 at the launch; an ATTN ticket);
     build_flags: of the kernel (e.g. -DMK_FUSE_REDUCE=1 for an ATTN merge; with
-    -DMK_LL_PARTIALS=1 an ATTN_REDUCE finds its inputs flagged in part_ll, with -DMK_LL_Q=1
+    -DMK_LL_PARTIALS=1 an ATTN_REDUCE or ATTN_OPROJ (wo_t packed for it) finds its inputs
+    flagged in part_ll, with -DMK_LL_Q=1
     an ATTN in q_ll / kv_ll (Runtime.ll_q: the build that runs has it), before poison);
     edit_weights: called with the random Weights (on the GPU) before they are packed;
     info: a dict that gets "ll_q" (Runtime.ll_q), "ll_x" (Runtime.ll_x: with it a QKV of
@@ -87,11 +89,13 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     if edit_weights is not None:
         edit_weights(w)
     packed = pack_weights(w)
+    if op == isa.Op.ATTN_OPROJ:
+        packed = add_wo_t(packed)
     rec = isa.encode(op, layer=layer, **fields)
     prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices, counter_targets)
     rt = Runtime(packed, prog, max_seq, build_flags=build_flags, watchdog_ms=watchdog_ms)
     random_inputs(rt.buffers, cfg, max_seq, seed + 1, positions)
-    if op == isa.Op.ATTN_REDUCE and "-DMK_LL_PARTIALS=1" in build_flags:
+    if op in (isa.Op.ATTN_REDUCE, isa.Op.ATTN_OPROJ) and "-DMK_LL_PARTIALS=1" in build_flags:
         rt.buffers.flag_partials(tag=1)   # it polls these (the epoch is 0)
     if info is not None:
         info.update(ll_q=rt.ll_q, ll_x=rt.ll_x, variant=rt.variant)
