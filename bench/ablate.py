@@ -125,7 +125,8 @@ def grid(num_sms: int = 132) -> list[Row]:
         flag("MK_MV_VEC4", 1, "CUDA-core matvec: four vectors' loads in flight per lane, not "
              "two (one shared-memory latency per page)"),
         flag("MK_ROW_TILE_B1", 4, "batch 1: row tiles of 4 on pages of 4+ rows (QKV, OPROJ, "
-             "GATEUP, LMHEAD), not 2: half the activation reads (spills 20 bytes)"),
+             "GATEUP, LMHEAD), not 2: half the activation reads (20 bytes of spills in the "
+             "9-warp block, none under the warpgroups)"),
         flag("MK_MV_SCATTER", 0, "CUDA-core matvec: every sum of a tile reduced with its own "
              "5 shuffles, not one reduce-scatter"),
         Row("down_k_slices=1", "DOWN rows whole, not in K slices that add into the residual "
@@ -179,29 +180,14 @@ def grid(num_sms: int = 132) -> list[Row]:
              "tp = 1: elsewhere this row is the default's code)"),
         flag("MK_LL_X", 1, "as MK_LL_X=1, the polls re-read at once instead of sleeping "
              "128 ns between sweeps", "-DMK_LL_X_SLEEP_NS=0"),
-        flag("MK_WARPGROUPS", 1, "a 12-warp block: the loader's warpgroup gives its "
-             "registers to the consumers (setmaxnreg 56 / 224), not 9 warps at 168 each"),
-        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with MK_LL_X's flagged DOWN -> QKV "
-             "hop (spill-free there)", "-DMK_LL_X=1"),
-        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with batch 1's row tiles of 4 (20 bytes "
-             "of spills and 1% slower at 168 registers; spill-free there)",
-             "-DMK_ROW_TILE_B1=4"),
-        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with the flagged QKV -> ATTN hop in the "
-             "batch-8 build too (which spills 60 + 132 bytes with it at 168 registers, none "
-             "there)", "-DMK_LL_Q=1"),
-        flag("MK_LL_PARTIALS", 1, "ATTN also stores its partials as flagged pairs and "
-             "ATTN_OPROJ polls them after waiting on its residual's writer alone, not on the "
-             "ATTN counters too (ATTN's signal then needs no release; spills at 168 registers)"),
-        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with the flagged ATTN -> ATTN_OPROJ hop "
-             "of MK_LL_PARTIALS=1 (spill-free there)", "-DMK_LL_PARTIALS=1"),
-        flag("MK_WARPGROUPS", 1, "as MK_WARPGROUPS=1, with the flagged ATTN -> ATTN_OPROJ and "
-             "DOWN -> QKV hops", "-DMK_LL_PARTIALS=1", "-DMK_LL_X=1"),
-        Row("MK_WARPGROUPS=1+MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "as MK_WARPGROUPS=1, "
-            "and both attention hops flagged in both builds: QKV -> ATTN and ATTN -> "
-            "ATTN_REDUCE (the unfused plan's, batch 8's default)",
-            {"fuse_oproj": False,
-             "build_flags": ("-DMK_WARPGROUPS=1", "-DMK_LL_Q=1", "-DMK_LL_PARTIALS=1",
-                             "-DMK_FUSE_OPROJ=0")}),
+        flag("MK_WARPGROUPS", 0, "9 warps at 168 registers each (session 34's block), not 12 "
+             "whose loader warpgroup gives its registers to the consumers (setmaxnreg 56 / "
+             "224); the batch-1/2 build then also without MK_LL_PARTIALS, which spills there"),
+        flag("MK_LL_PARTIALS", 0, "the batch-1/2 build's ATTN_OPROJ waits on the ATTN counters "
+             "and reads the plain partials, not polls the flagged pairs ATTN also stores (its "
+             "default; the other build has it off: there this row is the default's code)"),
+        flag("MK_LL_PARTIALS", 1, "the flagged ATTN -> ATTN_OPROJ (ATTN_REDUCE) hop in the "
+             "batch-8 build too (the batch-1/2 build has it already)"),
         flag("MK_B1_TC", 1, "the tensor-core matvec compiled into the batch-1/2 build (dead "
              "code at its batches that holds registers), and so MK_LL_Q off there (with it "
              "the build spills 8 bytes): that build's default up to session 32"),

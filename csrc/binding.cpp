@@ -21,6 +21,7 @@ int max_group();
 bool claims_compiled();
 bool ll_q_compiled();
 bool ll_x_compiled();
+bool ll_partials_compiled();
 }  // namespace mk_b1
 
 namespace {
@@ -254,6 +255,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](bool b1) { return b1 ? mk_b1::ll_q_compiled() : mk::ll_q_compiled(); },
         py::arg("b1"), "Whether that build's ATTN takes q and the new k / v from the flagged "
         "pairs QKV writes (MK_LL_Q; q_ll, kv_ll) instead of waiting on QKV's counters.");
+  m.def("ll_partials_compiled",
+        [](bool b1) {
+          return b1 ? mk_b1::ll_partials_compiled() : mk::ll_partials_compiled();
+        },
+        py::arg("b1"), "Whether that build's ATTN_REDUCE / ATTN_OPROJ take ATTN's partials "
+        "from the flagged pairs ATTN writes (MK_LL_PARTIALS; part_ll) instead of waiting on "
+        "ATTN's counters.");
   m.def("ll_x_compiled",
         [](bool b1) { return b1 ? mk_b1::ll_x_compiled() : mk::ll_x_compiled(); },
         py::arg("b1"), "Whether that build's QKV (layers >= 1) and LMHEAD take the residual "

@@ -19,10 +19,11 @@ constexpr int kConsumerThreads = kConsumerWarps * 32;
 // kLoaderRegs, its 3 other warps exit at once, the consumers up to kConsumerRegs): 224
 // registers a consumer thread, not the 9-warp block's 168 (3 warps on one of the SM's 4
 // sub-partitions, 16K registers each). Per sub-partition then: 2 consumer warps at 224
-// and a loader-warpgroup warp at 56, 16128 registers. 0 (default): 9 warps, the last the
-// loader.
+// and a loader-warpgroup warp at 56, 16128 registers. The default since session 35: 1B
+// batch 8 1.465 ms against 1.490 with 0, 8B batch 8 6.601 against 6.636 (H100, same
+// process); batch 1-2: megakernel_b1.cu. 0: 9 warps at 168 registers, the last the loader.
 #ifndef MK_WARPGROUPS
-#define MK_WARPGROUPS 0
+#define MK_WARPGROUPS 1
 #endif
 constexpr bool kWarpgroups = MK_WARPGROUPS != 0;
 constexpr int kThreads = kConsumerThreads + (kWarpgroups ? 128 : 32);  // + the loader's
@@ -246,9 +247,10 @@ constexpr bool kAttnExactG = MK_ATTN_EXACT_G != 0;
 constexpr bool kAttnTwice = MK_ATTN_TWICE != 0;
 constexpr int kMaxD = 128;                       // head dims 32, 64, 128
 // 1: ATTN also writes its partials as flagged pairs (part_ll: {value, tag, value, tag}, tag =
-// epoch + 1, the LL format of NCCL's low-latency protocol) and ATTN_REDUCE polls those pairs
-// instead of waiting on the ATTN counters: no release fence, counter round trip and
-// bar.sync between a partial's store and its reader's load. 0 (default): counters only.
+// epoch + 1, the LL format of NCCL's low-latency protocol) and their reader (ATTN_REDUCE, or
+// in fused plans ATTN_OPROJ) polls those pairs instead of waiting on the ATTN counters: no
+// release fence, counter round trip and bar.sync between a partial's store and its
+// reader's load. 0: counters only (this build's default; megakernel_b1.cu's is 1).
 #ifndef MK_LL_PARTIALS
 #define MK_LL_PARTIALS 0
 #endif

@@ -134,5 +134,8 @@ bool claims_compiled();
 bool ll_q_compiled();
 // Whether DOWN hands QKV / LMHEAD the residual as flagged elements (MK_LL_X; x_ll).
 bool ll_x_compiled();
+// Whether ATTN hands its partials' reader (ATTN_REDUCE / ATTN_OPROJ) flagged pairs
+// (MK_LL_PARTIALS; part_ll).
+bool ll_partials_compiled();
 
 }  // namespace mk

@@ -12,6 +12,7 @@ int threads_per_block() { return kThreads; }
 bool claims_compiled() { return kClaims; }
 bool ll_q_compiled() { return kLlQ; }
 bool ll_x_compiled() { return kLlX; }
+bool ll_partials_compiled() { return kLlPartials; }
 
 // The shared-memory opt-in is a per-device function attribute: set it once per device
 // (tensor parallelism launches on several GPUs from one process).

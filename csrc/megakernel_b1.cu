@@ -64,6 +64,19 @@ using namespace ::mk;  // the ABI (KernelArgs, PeerBuffers) and the generated in
 #define MK_LL_Q 1
 #endif
 #endif
+// MK_LL_PARTIALS (common.cuh) is on in this variant under the warpgroups (at 168 registers
+// it spills): the fused plan's ATTN_OPROJ polls ATTN's partials, so ATTN signals without a
+// release. 1B batch 1: 1.013 / 1.011 ms against 1.026 / 1.024 with the warpgroups alone
+// and 1.038 / 1.034 with neither (session 34's kernel), batch 2 1.081 against 1.098 and
+// 1.102, 8B batch 1 5.268 against 5.284 and 5.294 (H100, same process, session 35). At
+// batch 8 (the other build, the warpgroups on) it cost 0.5%, so that one keeps it off.
+#ifndef MK_LL_PARTIALS
+#if defined(MK_WARPGROUPS) && !MK_WARPGROUPS
+#define MK_LL_PARTIALS 0
+#else
+#define MK_LL_PARTIALS 1
+#endif
+#endif
 
 #define mk mk_b1
 #include "megakernel.cu"

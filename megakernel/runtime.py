@@ -211,6 +211,9 @@ class Runtime:
         # Whether this build's ATTN polls the flagged q / k / v pairs QKV writes (MK_LL_Q):
         # whoever hands an ATTN its inputs by hand (op tests) flags them then.
         self.ll_q = bool(self.ext.ll_q_compiled(self.variant == "b1"))
+        # Whether ATTN_REDUCE / ATTN_OPROJ poll ATTN's partials as flagged pairs
+        # (MK_LL_PARTIALS; the batch-1/2 build's default): op tests flag theirs then.
+        self.ll_partials = bool(self.ext.ll_partials_compiled(self.variant == "b1"))
         # Whether QKV (layers >= 1) and LMHEAD poll the residual DOWN writes as flagged
         # elements (MK_LL_X; tp = 1, batches on CUDA cores): only a DOWN of whole rows writes
         # them, so K-sliced DOWNs would leave those polls waiting.

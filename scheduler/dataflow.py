@@ -37,8 +37,9 @@ from .table import Placed
 # MK_LL_Q's ATTN (QKV's q / k / v pairs; the batch-1/2 build's default) in every plan;
 # MK_LL_X's QKV of layers >= 1 and LMHEAD (DOWN's residual as flagged elements) at tp = 1
 # where DOWN holds whole rows (flagged_readers; K-sliced DOWNs only add onto GATEUP's copy,
-# and that build refuses such plans). The ablation build MK_LL_PARTIALS makes ATTN_REDUCE,
-# and in fused plans ATTN_OPROJ (which still waits on its first range), such a reader too;
+# and that build refuses such plans). MK_LL_PARTIALS (the batch-1/2 build's default since
+# session 35) makes ATTN_REDUCE, and in fused plans ATTN_OPROJ (which still waits on its
+# first range), such a reader too;
 # the lowering's waits cover it (OPROJ and ATTN_OPROJ wait on their residual's writer
 # themselves), but it is not modelled here: its two shallow hops in a row leave QKV no later
 # descendant, which no prefix set represents cheaply (a 70B tp=8 plan then validates in

@@ -78,12 +78,12 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     counter_targets: of the program's counters (all 0 at the launch; an ATTN ticket);
     build_flags: of the kernel (e.g. -DMK_FUSE_REDUCE=1 for an ATTN merge; with
     -DMK_LL_PARTIALS=1 an ATTN_REDUCE or ATTN_OPROJ (wo_t packed for it) finds its inputs
-    flagged in part_ll, with -DMK_LL_Q=1
+    flagged in part_ll (Runtime.ll_partials: the build that runs has it), with -DMK_LL_Q=1
     an ATTN in q_ll / kv_ll (Runtime.ll_q: the build that runs has it), before poison);
     edit_weights: called with the random Weights (on the GPU) before they are packed;
-    info: a dict that gets "ll_q" (Runtime.ll_q), "ll_x" (Runtime.ll_x: with it a QKV of
-    layer >= 1 or an LMHEAD finds its input flagged in x_ll, and at batch 1-2 its resid
-    input NaN on the GPU) and "variant" (the build that ran).
+    info: a dict that gets "ll_q" (Runtime.ll_q), "ll_partials", "ll_x" (Runtime.ll_x: with
+    it a QKV of layer >= 1 or an LMHEAD finds its input flagged in x_ll, and at batch 1-2
+    its resid input NaN on the GPU) and "variant" (the build that ran).
     Returns (gpu Buffers moved to the CPU, reference Buffers)."""
     w = Weights.random(cfg, seed=seed, dtype=torch.bfloat16, device="cuda")
     if edit_weights is not None:
@@ -95,10 +95,10 @@ def run_op(cfg, batch, op, fields, layer=0, attn_splits=3, lm_slices=2, max_seq=
     prog = one_instruction_program(cfg, batch, rec, attn_splits, lm_slices, counter_targets)
     rt = Runtime(packed, prog, max_seq, build_flags=build_flags, watchdog_ms=watchdog_ms)
     random_inputs(rt.buffers, cfg, max_seq, seed + 1, positions)
-    if op in (isa.Op.ATTN_REDUCE, isa.Op.ATTN_OPROJ) and "-DMK_LL_PARTIALS=1" in build_flags:
+    if op in (isa.Op.ATTN_REDUCE, isa.Op.ATTN_OPROJ) and rt.ll_partials:
         rt.buffers.flag_partials(tag=1)   # it polls these (the epoch is 0)
     if info is not None:
-        info.update(ll_q=rt.ll_q, ll_x=rt.ll_x, variant=rt.variant)
+        info.update(ll_q=rt.ll_q, ll_x=rt.ll_x, ll_partials=rt.ll_partials, variant=rt.variant)
     if op == isa.Op.ATTN and rt.ll_q:
         rt.buffers.flag_queries(tag=1)
     if rt.ll_x and (op == isa.Op.LMHEAD or (op == isa.Op.QKV and layer > 0)):

@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 75 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 70 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -53,7 +53,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("build_flags", "-DMK_RAW_SLOT=0"), ("build_flags", "-DMK_LL_PARTIALS=1"),
             ("build_flags", "-DMK_LL_Q=1"), ("build_flags", "-DMK_LL_Q=0"),
             ("build_flags", "-DMK_B1_TC=1"), ("build_flags", "-DMK_LL_X=1"),
-            ("build_flags", "-DMK_WARPGROUPS=1"),
+            ("build_flags", "-DMK_WARPGROUPS=0"), ("build_flags", "-DMK_LL_PARTIALS=0"),
             ("build_flags", "-DMK_SETUP_FIRST=0"),
             ("build_flags", "-DMK_INFLIGHT_PAGES=0"),
             ("build_flags", "-DMK_INFLIGHT_PAGES=1"), ("build_flags", "-DMK_INFLIGHT_PAGES=3"),
@@ -81,10 +81,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_CHAIN_INFLIGHT=0", "MK_CHAIN_QKV=0", "MK_CHAIN_DOWN=0",
         "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
         "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=0", "MK_LL_Q=1", "MK_B1_TC=1",
-        "MK_LL_X=1", "MK_LL_X=1+MK_LL_X_SLEEP_NS=0", "MK_WARPGROUPS=1", "MK_WARPGROUPS=1+MK_LL_X=1",
-        "MK_WARPGROUPS=1+MK_ROW_TILE_B1=4", "MK_WARPGROUPS=1+MK_LL_Q=1", "MK_LL_PARTIALS=1",
-        "MK_WARPGROUPS=1+MK_LL_PARTIALS=1", "MK_WARPGROUPS=1+MK_LL_PARTIALS=1+MK_LL_X=1",
-        "MK_WARPGROUPS=1+MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0",
+        "MK_LL_X=1", "MK_LL_X=1+MK_LL_X_SLEEP_NS=0", "MK_WARPGROUPS=0", "MK_LL_PARTIALS=0",
+        "MK_LL_PARTIALS=1",
         "MK_LL_Q=1+MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_CLAIMS=1",
         "policy=queue+MK_CLAIM_AHEAD=0", "policy=queue+MK_CLAIM_REC=0", "no_compute", "no_load"}
     by_name = {r.name: r for r in rows}
