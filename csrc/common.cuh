@@ -503,14 +503,6 @@ __device__ __forceinline__ int get_flag(volatile int* f) {
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" :: "n"(kConsumerThreads) : "memory");
 }
-// consumer_sync that also tells every consumer whether any of them passed true.
-__device__ __forceinline__ bool consumer_sync_or(bool p) {
-  uint32_t any;
-  asm volatile("{\n\t.reg .pred p, q;\n\tsetp.ne.u32 q, %1, 0;\n\t"
-               "bar.red.or.pred p, 1, %2, q;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-               : "=r"(any) : "r"(static_cast<uint32_t>(p)), "n"(kConsumerThreads) : "memory");
-  return any != 0;
-}
 
 // A flagged poll's watchdog, checked every 256th spin (spin 0 starts the clock): true when
 // another SM reported an error or the wait ran past the budget.

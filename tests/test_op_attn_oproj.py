@@ -27,8 +27,8 @@ def test_attn_oproj(name, batch, flags):
 
 def test_attn_oproj_ll_waits_for_its_tags():
     """MK_LL_PARTIALS=1: partials whose tags never read epoch + 1 (layer 1's poisoned) keep
-    ATTN_OPROJ polling until the watchdog stops it before its first page (every consumer
-    leaves together) and the report names the instruction."""
+    ATTN_OPROJ polling until the watchdog gives up; the instruction still takes its pages
+    (the ring stays in step) and the report names it."""
     cfg = OP_CONFIGS[next(iter(OP_CONFIGS))]
     with pytest.raises(RuntimeError, match="ATTN_OPROJ.*flagged inputs"):
         run_op(cfg, 1, Op.ATTN_OPROJ, dict(head=0, dim0=0, ndims=cfg.D, col0=0, ncols=cfg.d),

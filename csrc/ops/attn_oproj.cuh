@@ -46,8 +46,9 @@ struct AttnOprojOp {
   // generic pointer, a load each (a.mode after every page's wait), and took ~2 us a page
   // where OPROJ takes 0.8.
   // kLlPartials: the partials come from part_ll, polled for tag epoch + 1 (the interpreter
-  // waited on the first range alone: the residual's writer); ERR_WATCHDOG, before any page
-  // is taken, when they did not come.
+  // waited on the first range alone: the residual's writer); ERR_WATCHDOG where they did
+  // not come (the adds are then garbage; the interpreter reports it after the instruction,
+  // as for ATTN's and a matvec's polls).
   template <int BT, bool kTiming>
   __device__ __forceinline__ static int run(const KernelArgs& a, const Ring& ring,
                                             const int32_t* ins, uint32_t& it, float* coef,
@@ -60,12 +61,7 @@ struct AttnOprojOp {
       return AttnReduceOp::MergeSource{(static_cast<size_t>(l) * B + b) * a.H + h,
                                        dim0 + (v - b * nv) * 4};
     }, [&](int v, float4 o) { *reinterpret_cast<float4*>(coef + v * 4) = o; }, true, epoch + 1);
-    // coef[b * nd + j] complete (or, polled, some thread gave up: every consumer leaves)
-    if constexpr (kLlPartials) {
-      if (consumer_sync_or(err != ERR_NONE)) return ERR_WATCHDOG;
-    } else {
-      consumer_sync();
-    }
+    consumer_sync();  // coef[b * nd + j] complete
     phase_stamp(1);   // every thread's merge done (over thread 0's own, merge_vectors')
     const MatvecGeometry g = matvec_geometry(a, ins);
     const int tpr = g.kc / 8, rg = kConsumerThreads / tpr;  // threads per row, row groups
@@ -143,7 +139,7 @@ struct AttnOprojOp {
       }
     }
     phase_stamp(3);  // this thread's adds issued
-    return ERR_NONE;
+    return err;
   }
 };
 }  // namespace mk
