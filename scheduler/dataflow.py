@@ -39,11 +39,10 @@ from .table import Placed
 # where DOWN holds whole rows (flagged_readers; K-sliced DOWNs only add onto GATEUP's copy,
 # and that build refuses such plans). MK_LL_PARTIALS (the batch-1/2 build's default since
 # session 35) makes ATTN_REDUCE, and in fused plans ATTN_OPROJ (which still waits on its
-# first range), such a reader too;
-# the lowering's waits cover it (OPROJ and ATTN_OPROJ wait on their residual's writer
-# themselves), but it is not modelled here: its two shallow hops in a row leave QKV no later
-# descendant, which no prefix set represents cheaply (a 70B tp=8 plan then validates in
-# 15 s, not 4).
+# first range), such a reader too; the lowering's waits cover it (OPROJ and ATTN_OPROJ wait
+# on their residual's writer themselves), but it is not modelled here: its two shallow hops
+# in a row leave QKV no later descendant, which no prefix set represents cheaply (a 70B
+# tp=8 plan then validates in 15 s, not 4).
 FLAGGED_READERS = (int(Op.ATTN),)
 X_LL_READERS = (int(Op.QKV), int(Op.LMHEAD))
 _DOWN_KN = isa.ARGS[Op.DOWN].index("kn")

@@ -38,9 +38,9 @@ A consumer waits on the contiguous counter range of the buckets holding the prod
 whose outputs it reads directly (isa.py says what each opcode reads); reads that are
 ordered transitively (DOWN's resid[2l+1]) get no wait of their own, except across the
 attention block: a build may have ATTN poll QKV's flagged outputs and ATTN_REDUCE (or
-ATTN_OPROJ) ATTN's (MK_LL_Q, MK_LL_PARTIALS) instead of acquiring their counters, and a relaxed store seen
-orders nothing else, so no order passes through those two stages (the validator assumes so
-of ATTN in every build, dataflow.py). The stage after them (ATTN_OPROJ, or OPROJ) also waits,
+ATTN_OPROJ) ATTN's (MK_LL_Q, MK_LL_PARTIALS) instead of acquiring their counters, and a
+relaxed store seen orders nothing else, so no order passes through those two stages (the
+validator assumes so of ATTN in every build, dataflow.py). The stage after them (ATTN_OPROJ, or OPROJ) also waits,
 first, on the stage before the layer's QKV (EMBED, DOWN, RESID_SUM: one counter), whose
 residual it reads or adds to; under fold on the layer's QKV, whose residual GATEUP reads.
 
