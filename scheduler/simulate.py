@@ -60,6 +60,16 @@ class Timeline:
         return path
 
 
+def wait_ready(done: np.ndarray, waits: list, lat: float) -> float:
+    """When an instruction's waits hold: the last end (`done`, per counter) over its wait
+    ranges (first, count, first, count, ...) plus the counter latency; 0 with none."""
+    ready = 0.0
+    for k in range(0, len(waits), 2):
+        if waits[k + 1]:
+            ready = max(ready, float(done[waits[k]:waits[k] + waits[k + 1]].max()) + lat)
+    return ready
+
+
 def simulate(program, spec=None) -> Timeline:
     """Predicted timeline of one step of `program` (a validated Program) on `spec`
     (a GpuSpec, preset name, dict or JSON path; default the program's own gpu)."""
@@ -79,11 +89,7 @@ def simulate(program, spec=None) -> Timeline:
     for i, (w, c, s) in enumerate(zip(waits, signal, t.sm.tolist())):
         if s == CLAIMED:
             s = sms[i] = int(np.argmin(sm_free))       # the first SM free, lowest on ties
-        ready = 0.0
-        for k in range(0, len(w), 2):
-            if w[k + 1]:
-                ready = max(ready, float(done[w[k]:w[k] + w[k + 1]].max()) + lat)
-        start[i] = max(ready, sm_free[s])
+        start[i] = max(wait_ready(done, w, lat), sm_free[s])
         end[i] = sm_free[s] = start[i] + cost[i]
         if c >= 0:
             done[c] = max(done[c], end[i])

@@ -1,0 +1,104 @@
+"""The ring model (scheduler/ring_model.py): which builds it sees, its page counts against
+the kernel's, and how its timeline responds to the ring's shape."""
+import numpy as np
+import pytest
+
+from megakernel.config import ModelConfig
+from megakernel.scheduler import plan
+from megakernel.scheduler.isa import Op
+from megakernel.scheduler.ring_model import RingModel, _weight_bytes, matvec_pages, simulate_ring
+
+from bench import ablate
+
+
+def test_for_build_reads_the_ring_flags_and_refuses_the_rest():
+    b1, b8 = RingModel.for_build(1), RingModel.for_build(8)
+    # batch 1: the batch-1/2 build, 5 pages + the idle staging area; batch 8: 4, tensor cores
+    assert (b1.slots, b1.inflight, b1.chain_inflight, b1.act_floats) == (6, 2, 1, 4096)
+    assert b1.chain_qkv and b1.chain_down and b1.prefetch
+    assert (b8.slots, b8.act_floats) == (4, 8192)
+    assert RingModel.for_build(1, variant="default").slots == 5
+    assert RingModel.for_build(1, ("-DMK_NUM_PAGES=2",)).slots == 3
+    assert RingModel.for_build(1, ("-DMK_RAW_SLOT=0",)).slots == 5
+    assert RingModel.for_build(8, ("-DMK_RAW_SLOT=0",)).slots == 4
+    assert RingModel.for_build(1, ("-DMK_INFLIGHT_PAGES=0",)).inflight == 0
+    off = RingModel.for_build(1, ("-DMK_CHAIN_INFLIGHT=0",))
+    assert off.chain_inflight == 0 and not off.chain_qkv and not off.chain_down
+    assert not RingModel.for_build(1, ("-DMK_CHAIN_QKV=0",)).chain_qkv
+    assert not RingModel.for_build(1, ablate=("no_prefetch",)).prefetch
+    for flags, modes in ((("-DMK_LL_X=1",), ()), (("-O2",), ()), ((), ("no_compute",))):
+        assert RingModel.for_build(1, flags, modes) is None
+    with pytest.raises(ValueError, match="slots"):
+        RingModel(slots=0, inflight=2)
+
+
+@pytest.mark.parametrize("batch, pages", [
+    # ring pages per opcode over a 1B step, as the kernel's page stamps counted them in the
+    # H100 traces of session 34 (bench/results/h100-20261207-s34/traces_*_864b4d3.txt)
+    (1, {Op.QKV: 6144, Op.ATTN_OPROJ: 4096, Op.GATEUP: 33792, Op.DOWN: 16896,
+         Op.LMHEAD: 16104}),
+    (8, {Op.QKV: 8192, Op.OPROJ: 4224, Op.GATEUP: 33792, Op.DOWN: 16896, Op.LMHEAD: 16104}),
+])
+def test_pages_match_the_kernels_geometry(batch, pages):
+    cfg = ModelConfig.preset("llama-3.2-1b")
+    t = plan(cfg, batch=batch, num_sms=132, kv_position=512).table()
+    n = matvec_pages(t, cfg, batch, RingModel.for_build(batch).act_floats)
+    got = {Op(o): int(n[t.op == o].sum()) for o in np.unique(t.op) if n[t.op == o].any()}
+    assert got == pages
+    assert (n[np.isin(t.op, [Op.ATTN, Op.ATTN_REDUCE, Op.EMBED, Op.ARGMAX])] == 0).all()
+
+
+def _program(batch=1):
+    return plan(ModelConfig.preset("llama-3.2-1b"), batch=batch, num_sms=132, kv_position=512)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_timeline_keeps_the_dependencies_and_responds_to_the_ring(batch):
+    prog = _program(batch)
+    ring = RingModel.for_build(batch)
+    tl = simulate_ring(prog, ring)
+    assert np.isfinite(tl.end_us).all() and (tl.end_us > tl.start_us).all()
+    # every instruction starts after what it waits on ended plus the counter latency
+    t = prog.table()
+    t = t.take(np.argsort(t.uid, kind="stable"))
+    ends = {}
+    for i in range(len(t)):
+        if t.signal[i] >= 0:
+            ends[int(t.signal[i])] = max(ends.get(int(t.signal[i]), 0.0), tl.end_us[i])
+    lat = prog.gpu.counter_latency_us
+    for i in range(0, len(t), 97):
+        for first, count in t.wait_ranges(i):
+            assert tl.start_us[i] >= max(ends[c] for c in range(first, first + count)) + lat - 1e-9
+    # the streaming floor: no SM gets its pages faster than its share of HBM
+    wb = prog.gpu.sm_bytes_per_s(prog.num_sms)
+    weights = np.bincount(t.sm, _weight_bytes(t, prog.config, prog.gpu.weight_bytes),
+                          minlength=prog.num_sms)
+    assert tl.total_us >= weights.max() / wb * 1e6
+    # a ring of 1-2 slots, or no prefetch across instructions, is slower
+    base = tl.total_us
+    shallow = simulate_ring(prog, RingModel.for_build(batch, ("-DMK_NUM_PAGES=1",))).total_us
+    late = simulate_ring(prog, RingModel.for_build(batch, ablate=("no_prefetch",))).total_us
+    assert shallow > 1.1 * base and late > 1.01 * base
+
+
+def test_refuses_claims_and_tp():
+    cfg = ModelConfig.preset("tiny")
+    queue = plan(cfg, batch=1, num_sms=8, policy="queue")
+    with pytest.raises(ValueError, match="claim"):
+        simulate_ring(queue, RingModel.for_build(1))
+    tp = plan(cfg, batch=1, num_sms=8, tp=2)
+    with pytest.raises(ValueError, match="one GPU"):
+        simulate_ring(tp.ranks[0], RingModel.for_build(1))
+
+
+def test_ablate_rows_get_the_ring_model_where_it_sees_them():
+    cfg = ModelConfig.preset("llama-3.2-1b")
+    rows = {r.name: r for r in ablate.grid()}
+    got = {}
+    for name in ("default", "no_prefetch", "MK_NUM_PAGES=2", "attn_splits=8", "MK_WARP_RELEASE=1",
+                 "policy=queue"):
+        prog = ablate.plan_row(rows[name], cfg, 1, 512, 132, None)
+        got[name] = ablate.ring_ms(rows[name], prog, 1)
+    assert got["MK_WARP_RELEASE=1"] is None and got["policy=queue"] is None
+    assert got["no_prefetch"] > got["default"] and got["MK_NUM_PAGES=2"] > got["default"]
+    assert got["attn_splits=8"] is not None and got["attn_splits=8"] != got["default"]
