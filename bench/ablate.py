@@ -24,7 +24,7 @@ BASELINE = "default"
 RUNTIME_KEYS = ("ablate", "build_flags", "variant")  # Decoder kwargs for the Runtime, not plan()
 RECORD_FIELDS = ("name", "change", "kwargs", "diagnostic", "modelled", "ms_per_step",
                  "ms_min", "ms_p90", "predicted_ms", "time_vs_default",
-                 "predicted_vs_default", "achieved_TBps", "fraction_of_copy_bandwidth",
+                 "predicted_vs_default", "ring_ms", "ring_vs_default", "achieved_TBps", "fraction_of_copy_bandwidth",
                  "logits_rel_diff", "argmax_equal", "setup_s", "note")
 
 
@@ -242,6 +242,19 @@ def plan_row(row: Row, cfg, batch: int, pos: int, num_sms: int, gpu):
     return stripped
 
 
+def ring_ms(row: Row, program, batch: int) -> float | None:
+    """The ring model's step time (ms) of a row's Program with the ring its build has
+    (scheduler/ring_model.py), or None where the model does not see the row's change (a
+    build flag or ablation other than the ring's) or cannot run the Program (claims)."""
+    from megakernel.scheduler.ring_model import RingModel, simulate_ring
+    kw = runtime_kwargs(row)
+    ring = RingModel.for_build(batch, kw.get("build_flags", ()), kw.get("ablate", ()),
+                               kw.get("variant", "auto"))
+    if ring is None or program.claim_len or program.tp != 1:
+        return None
+    return simulate_ring(program, ring).total_us / 1e3
+
+
 def record(row: Row, **measured) -> dict:
     """A row's record; measured fields default to None (not measured)."""
     rec = {f: None for f in RECORD_FIELDS}
@@ -258,6 +271,7 @@ def derive(run: dict) -> dict:
         ms, pred = r["ms_per_step"], r["predicted_ms"]
         r["time_vs_default"] = _ratio(ms, base.get("ms_per_step"))
         r["predicted_vs_default"] = _ratio(pred, base.get("predicted_ms"))
+        r["ring_vs_default"] = _ratio(r.get("ring_ms"), base.get("ring_ms"))
         tbps = run["bytes_read_per_step"] / (ms / 1e3) / 1e12 if ms else None
         r["achieved_TBps"] = tbps
         r["fraction_of_copy_bandwidth"] = _ratio(tbps, run["copy_TBps"])
@@ -266,6 +280,13 @@ def derive(run: dict) -> dict:
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def _ring(r: dict) -> str:
+    if r.get("ring_ms") is None:
+        return "-"
+    ratio = r.get("ring_vs_default")
+    return f"{r['ring_ms']:.3f}" + ("" if ratio is None else f" ({ratio:.2f})")
 
 
 def _f(x, fmt: str) -> str:
@@ -281,8 +302,8 @@ def markdown(run: dict) -> str:
            f"steps. Copy bandwidth in this run: {_f(run['copy_TBps'], '.2f')} TB/s. "
            f"Predictions: cost model `{run['cost_model']}`.", "",
            "| row | change | ms/step | time / default | predicted ms | predicted / default "
-           "| TB/s | of copy BW | logits vs default | setup s | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| ring model ms (/ default) | TB/s | of copy BW | logits vs default | setup s | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in run["records"]:
         mark = " (not modelled)" if not r["modelled"] and r["predicted_ms"] is not None else ""
         logits = _f(r["logits_rel_diff"], ".1e")
@@ -291,11 +312,15 @@ def markdown(run: dict) -> str:
         out.append(f"| {r['name']}{' †' if r['diagnostic'] else ''} | {r['change']} | "
                    f"{_f(r['ms_per_step'], '.3f')} | {_f(r['time_vs_default'], '.2f')} | "
                    f"{_f(r['predicted_ms'], '.3f')}{mark} | "
-                   f"{_f(r['predicted_vs_default'], '.2f')} | {_f(r['achieved_TBps'], '.2f')} | "
+                   f"{_f(r['predicted_vs_default'], '.2f')} | {_ring(r)} | "
+                   f"{_f(r['achieved_TBps'], '.2f')} | "
                    f"{_f(r['fraction_of_copy_bandwidth'], '.0%')} | {logits} | "
                    f"{_f(r['setup_s'], '.1f')} | {r['note']} |")
     out += ["", "† diagnostic: gives wrong results, timing only. (not modelled): the cost model "
-            "sees only the plan, so the prediction is the default plan's.", "",
+            "sees only the plan, so the prediction is the default plan's. Ring model: the cost "
+            "model with each SM's weight ring, loader and in-flight caps "
+            "(scheduler/ring_model.py), for the rows whose change it sees (plans, ring depth, "
+            "pages in flight, the chain cap, no_prefetch; '-' for the others).", "",
             "## Method", ""] + [f"- {line}" for line in run["method"]]
     if run["notes"]:
         out += ["", "## Notes", ""] + [f"- {line}" for line in run["notes"]]

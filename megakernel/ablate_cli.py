@@ -162,6 +162,7 @@ def run_rows(rows, cfg, w, inputs, args, builds, spec, num_sms, flush, log) -> l
             note = builds.wait(ablate.runtime_kwargs(row).get("build_flags", ()))
             program = ablate.plan_row(row, cfg, args.batch, args.pos, num_sms, spec)
             rec["predicted_ms"] = program.predicted_us / 1e3
+            rec["ring_ms"] = ablate.ring_ms(row, program, args.batch)
             if note:
                 rec["note"] = f"skipped: {note}"
             else:

@@ -130,8 +130,8 @@ def test_rows_subset():
 def fake_run():
     rows = {r.name: r for r in ablate.grid()}
     recs = [ablate.record(rows["default"], ms_per_step=1.25, ms_min=1.2, ms_p90=1.3,
-                          predicted_ms=1.0, setup_s=40.0),
-            ablate.record(rows["policy=rr"], ms_per_step=1.5, predicted_ms=1.2,
+                          predicted_ms=1.0, ring_ms=0.9, setup_s=40.0),
+            ablate.record(rows["policy=rr"], ms_per_step=1.5, predicted_ms=1.2, ring_ms=1.08,
                           logits_rel_diff=3e-3, argmax_equal=False),
             ablate.record(rows["MK_NUM_PAGES=2"], predicted_ms=1.0,
                           note="skipped: build failed (exit 1): nvcc error"),
@@ -174,10 +174,11 @@ def test_outputs_json_markdown_png(tmp_path):
     assert "abc123" in md and "3.00 TB/s" in md and "`h100-cal`" in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 4
-    assert rows[1].startswith("| default | nothing") and "| 1.250 | 1.00 | 1.000 | 1.00 | 2.00 | " \
-        "67% | - | 40.0 |" in rows[1]
-    assert "| 1.500 | 1.20 | 1.200 | 1.20 |" in rows[2] and "3.0e-03, argmax differs" in rows[2]
-    assert "| - | - | 1.000 (not modelled) | 1.00 |" in rows[3] and "nvcc error" in rows[3]
+    assert rows[1].startswith("| default | nothing") and "| 1.250 | 1.00 | 1.000 | 1.00 | " \
+        "0.900 (1.00) | 2.00 | 67% | - | 40.0 |" in rows[1]
+    assert "| 1.500 | 1.20 | 1.200 | 1.20 | 1.080 (1.20) |" in rows[2]
+    assert "3.0e-03, argmax differs" in rows[2]
+    assert "| - | - | 1.000 (not modelled) | 1.00 | - |" in rows[3] and "nvcc error" in rows[3]
     assert rows[4].startswith("| no_waits † |") and "† diagnostic" in md
     assert "## Method" in md and "- a note" in md
     assert paths[2].read_bytes()[:4] == b"\x89PNG" and paths[2].stat().st_size > 10_000
