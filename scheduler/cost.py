@@ -24,14 +24,20 @@ from . import isa
 from .isa import Op
 from .table import Instrs
 
+# The ring model's (ring_model.py) constants, first values read off the phase and page stamps
+# of session 34's 1B traces (bench/NOTES.md, session 37): an instruction's fixed time (setup,
+# epilogue, release), the consumers' time on a ring page on CUDA cores and on tensor cores
+# (batch >= 3), and a page's copy from issue to landed, its transfer included.
+RING_DEFAULTS = dict(ring_head_us=1.5, ring_page_us=0.5, ring_page_us_tc=0.75,
+                     ring_mem_latency_us=1.5)
+
 PRESETS: dict[str, dict] = {
     # H100 SXM 80GB. hbm_bytes_per_s: read bandwidth measured on the project's H100 (BRIEF.md).
     # The rest are first guesses, to be calibrated against kernel traces.
     "h100": dict(name="h100", num_sms=132, hbm_bytes_per_s=2.95e12, sm_max_bytes_per_s=1.0e11,
                  clock_hz=1.755e9, fp32_flops_per_sm_cycle=256.0, instr_latency_us=0.6,
                  counter_latency_us=0.8, weight_bytes=2, kv_bytes=2, act_bytes=4,
-                 ring_head_us=1.5, ring_page_us=0.5, ring_page_us_tc=0.75,
-                 ring_mem_latency_us=1.5),
+                 **RING_DEFAULTS),
 }
 
 
@@ -48,12 +54,11 @@ class GpuSpec:
     weight_bytes: int = 2           # bf16 weights
     kv_bytes: int = 2               # bf16 KV cache
     act_bytes: int = 4              # fp32 activations
-    # The ring model's (ring_model.py) constants, first values from the phase and page
-    # stamps of session 34's 1B traces (bench/NOTES.md, session 37):
-    ring_head_us: float = 1.5         # an instruction's fixed time: setup, epilogue, release
-    ring_page_us: float = 0.5         # consumers' time on a ring page, CUDA cores
-    ring_page_us_tc: float = 0.75     # the same on tensor cores (batch >= 3)
-    ring_mem_latency_us: float = 1.5  # a page's copy, issue to landed, its transfer included
+    # the ring model's (RING_DEFAULTS; calibration files older than it lack them)
+    ring_head_us: float = RING_DEFAULTS["ring_head_us"]
+    ring_page_us: float = RING_DEFAULTS["ring_page_us"]
+    ring_page_us_tc: float = RING_DEFAULTS["ring_page_us_tc"]
+    ring_mem_latency_us: float = RING_DEFAULTS["ring_mem_latency_us"]
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
