@@ -24,8 +24,9 @@ BASELINE = "default"
 RUNTIME_KEYS = ("ablate", "build_flags", "variant")  # Decoder kwargs for the Runtime, not plan()
 RECORD_FIELDS = ("name", "change", "kwargs", "diagnostic", "modelled", "ms_per_step",
                  "ms_min", "ms_p90", "predicted_ms", "time_vs_default",
-                 "predicted_vs_default", "ring_ms", "ring_vs_default", "achieved_TBps", "fraction_of_copy_bandwidth",
-                 "logits_rel_diff", "argmax_equal", "setup_s", "note")
+                 "predicted_vs_default", "ring_ms", "ring_vs_default", "achieved_TBps",
+                 "fraction_of_copy_bandwidth", "logits_rel_diff", "argmax_equal", "setup_s",
+                 "note")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +303,8 @@ def markdown(run: dict) -> str:
            f"steps. Copy bandwidth in this run: {_f(run['copy_TBps'], '.2f')} TB/s. "
            f"Predictions: cost model `{run['cost_model']}`.", "",
            "| row | change | ms/step | time / default | predicted ms | predicted / default "
-           "| ring model ms (/ default) | TB/s | of copy BW | logits vs default | setup s | note |",
+           "| ring model ms (/ default) | TB/s | of copy BW | logits vs default | setup s "
+           "| note |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in run["records"]:
         mark = " (not modelled)" if not r["modelled"] and r["predicted_ms"] is not None else ""

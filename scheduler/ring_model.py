@@ -89,9 +89,9 @@ class RingModel:
         b1 = batch <= 2 and variant != "default"
         tc = batch >= TC_MIN_BATCH
         pages = flags.get("MK_NUM_PAGES", 5 if b1 else 4)
-        raw_slot = flags.get("MK_RAW_SLOT", 1) and not tc   # the tensor-core staging area
+        raw_slot = bool(flags.get("MK_RAW_SLOT", 1)) and not tc   # the tc staging area
         cap = flags.get("MK_CHAIN_INFLIGHT", 1)
-        return cls(slots=pages + int(bool(raw_slot)), inflight=flags.get("MK_INFLIGHT_PAGES", 2),
+        return cls(slots=pages + raw_slot, inflight=flags.get("MK_INFLIGHT_PAGES", 2),
                    chain_inflight=cap, chain_qkv=bool(cap and flags.get("MK_CHAIN_QKV", 1)),
                    chain_down=bool(cap and flags.get("MK_CHAIN_DOWN", 1)),
                    prefetch="no_prefetch" not in ablate, act_floats=4096 if b1 else 8192)
@@ -102,47 +102,48 @@ _RING_FLAGS = ("MK_NUM_PAGES", "MK_RAW_SLOT", "MK_INFLIGHT_PAGES", "MK_CHAIN_INF
                "MK_CHAIN_QKV", "MK_CHAIN_DOWN")
 
 
+def _shape(ins: Instrs, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) int64 [N] of each instruction's weight block (0 for the ops without
+    weights): a matvec's rows of K columns (DOWN: its K slice), ATTN_OPROJ's ndims rows of
+    ncols columns."""
+    op, a = ins.op, ins.args.astype(np.int64)
+    rows, cols = a[:, 1].copy(), np.zeros(len(op), np.int64)
+    for o, k in ((Op.QKV, cfg.d), (Op.GATEUP, cfg.d), (Op.LMHEAD, cfg.d),
+                 (Op.OPROJ, cfg.H * cfg.D)):
+        cols[op == o] = k
+    down = op == Op.DOWN
+    cols[down] = np.where(a[down, 4] > 0, a[down, 4], cfg.I)
+    ax = op == Op.ATTN_OPROJ
+    rows[ax], cols[ax] = a[ax, 2], a[ax, 4]
+    rows[cols == 0] = 0
+    return rows, cols
+
+
 def matvec_pages(ins: Instrs, cfg: ModelConfig, batch: int, act_floats: int) -> np.ndarray:
     """int64 [N]: ring pages of each instruction (0 for the ops without weights), as the
     kernel's matvec geometry cuts them (csrc/matvec_geometry.cuh: row groups of rpp rows times
-    chunks of kc columns; ATTN_OPROJ's axpy pages)."""
-    B, op, a = batch, ins.op, ins.args.astype(np.int64)
-    elems = PAGE_BYTES // 2
-    K = np.zeros(len(op), np.int64)
-    for o, k in ((Op.QKV, cfg.d), (Op.GATEUP, cfg.d), (Op.LMHEAD, cfg.d),
-                 (Op.OPROJ, cfg.H * cfg.D)):
-        K[op == o] = k
-    down = op == Op.DOWN
-    K[down] = np.where(a[down, 4] > 0, a[down, 4], cfg.I)
-    rows = a[:, 1]
+    chunks of kc columns; ATTN_OPROJ's axpy chunks of at most kAxpyCols columns)."""
+    B, elems = batch, PAGE_BYTES // 2
+    rows, K = _shape(ins, cfg)
+    K1 = np.maximum(K, 1)
     if batch >= TC_MIN_BATCH:
         nt = -(-B // 8)
-        kc = np.minimum(K, (act_floats // (8 * nt)) & ~15)
-        stride = ((np.maximum(kc, 1) >> 3) | 1) << 4
-        rpp = np.maximum(1, np.minimum(elems // np.maximum(kc, 1), SLOT_BYTES // stride))
+        kc = np.minimum(K1, (act_floats // (8 * nt)) & ~15)
+        stride = ((kc >> 3) | 1) << 4
+        rpp = np.maximum(1, np.minimum(elems // kc, SLOT_BYTES // stride))
     else:
-        kc = np.minimum(K, min(elems, (act_floats // B) & ~7))
-        rpp = np.maximum(1, elems // np.maximum(kc, 1))
-    pages = np.where(K > 0, -(-rows // rpp) * -(-K // np.maximum(kc, 1)), 0)
-    ax = op == Op.ATTN_OPROJ                     # ndims rows of ncols columns
-    kc_ax = np.minimum(a[ax, 4], AXPY_COLS)
-    pages[ax] = -(-a[ax, 2] // np.maximum(1, elems // np.maximum(kc_ax, 1))) * \
-        -(-a[ax, 4] // np.maximum(kc_ax, 1))
-    return pages
+        kc = np.minimum(K1, min(elems, (act_floats // B) & ~7))
+        rpp = np.maximum(1, elems // kc)
+    ax = ins.op == Op.ATTN_OPROJ
+    kc[ax] = np.minimum(K1[ax], AXPY_COLS)
+    rpp[ax] = np.maximum(1, elems // kc[ax])
+    return np.where(K > 0, -(-rows // rpp) * -(-K // kc), 0)
 
 
 def _weight_bytes(ins: Instrs, cfg: ModelConfig, wb: int) -> np.ndarray:
     """float64 [N]: weight bytes each instruction streams through the ring."""
-    op, a = ins.op, ins.args.astype(np.float64)
-    w = np.zeros(len(op))
-    for o, k in ((Op.QKV, cfg.d), (Op.GATEUP, cfg.d), (Op.LMHEAD, cfg.d),
-                 (Op.OPROJ, cfg.H * cfg.D)):
-        w[op == o] = a[op == o, 1] * k * wb
-    down = op == Op.DOWN
-    w[down] = a[down, 1] * np.where(a[down, 4] > 0, a[down, 4], cfg.I) * wb
-    ax = op == Op.ATTN_OPROJ
-    w[ax] = a[ax, 2] * a[ax, 4] * wb
-    return w
+    rows, cols = _shape(ins, cfg)
+    return (rows * cols * wb).astype(np.float64)
 
 
 def simulate_ring(program, ring: RingModel, spec=None) -> Timeline:
