@@ -24,12 +24,16 @@ from . import isa
 from .isa import Op
 from .table import Instrs
 
-# The ring model's (ring_model.py) constants, first values read off the phase and page stamps
-# of session 34's 1B traces (bench/NOTES.md, session 37): an instruction's fixed time (setup,
-# epilogue, release), the consumers' time on a ring page on CUDA cores and on tensor cores
-# (batch >= 3), and a page's copy from issue to landed, its transfer included.
-RING_DEFAULTS = dict(ring_head_us=1.5, ring_page_us=0.5, ring_page_us_tc=0.75,
-                     ring_mem_latency_us=1.5)
+# The ring model's (ring_model.py) constants. Measured on committed H100 traces of 1B
+# (bench/NOTES.md, session 38; bench/trace.py ring_constants reads them off any trace with
+# page stamps): a matvec's time outside its pages (setup, staging, epilogue, release), ATTN's
+# whole time and the partials' merge (ATTN_REDUCE; ATTN_OPROJ on top of the matvec's), each
+# net of its non-weight bytes at the SM's share; the consumers' time on a ring page on CUDA
+# cores and on tensor cores (batch >= 3); the wait a dependent load adds per copy of its SM
+# in flight (0.25-0.5 us a page in the heads' stamps); and a page's copy from issue to landed
+# with one page in flight per SM (the s10 probe: one keeps ~99% of the stream).
+RING_DEFAULTS = dict(ring_head_us=1.9, ring_attn_us=4.5, ring_merge_us=2.4, ring_page_us=0.5,
+                     ring_page_us_tc=0.75, ring_queue_us=0.4, ring_mem_latency_us=1.4)
 
 PRESETS: dict[str, dict] = {
     # H100 SXM 80GB. hbm_bytes_per_s: read bandwidth measured on the project's H100 (BRIEF.md).
@@ -58,6 +62,9 @@ class GpuSpec:
     ring_head_us: float = RING_DEFAULTS["ring_head_us"]
     ring_page_us: float = RING_DEFAULTS["ring_page_us"]
     ring_page_us_tc: float = RING_DEFAULTS["ring_page_us_tc"]
+    ring_attn_us: float = RING_DEFAULTS["ring_attn_us"]
+    ring_merge_us: float = RING_DEFAULTS["ring_merge_us"]
+    ring_queue_us: float = RING_DEFAULTS["ring_queue_us"]
     ring_mem_latency_us: float = RING_DEFAULTS["ring_mem_latency_us"]
 
     def __post_init__(self):

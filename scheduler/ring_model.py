@@ -18,18 +18,24 @@ kernel's loader and consumers (csrc/loader.cuh, matvec.cuh):
   page in flight about keeps the share busy (Little's law: 132 SMs x 32 KB in flight at
   ~2.9 TB/s is ~1.5 us), two hide its variation.
 - The consumers start an instruction when its SM is free and its counters are complete +
-  counter_latency_us. Its head (setup, staging its inputs: ring_head_us plus its non-weight
-  bytes at the same share) starts once the SM's copies issued before it have landed: a
-  dependent load queues behind the pages in flight (bench/NOTES.md, sessions 26-29). Then
-  it takes each page once landed, `ring_page_us` a page (`ring_page_us_tc` on tensor cores),
-  and frees its slot.
+  counter_latency_us, + ring_queue_us per copy of the SM in flight then: the wait's last
+  poll is a dependent load, which queues behind the SM's pages in flight (bench/NOTES.md,
+  sessions 26-29; the traces' hops: ~2 us into QKV, ~0.7 into the capped attention chain).
+  Its head then takes ring_queue_us per copy still in flight (its staging loads queue
+  likewise) plus its fixed time (ring_head_us; ATTN: ring_attn_us, ATTN_REDUCE:
+  ring_merge_us, ATTN_OPROJ: both head and merge) plus its non-weight bytes at the SM's
+  share. Then it takes each page once landed, `ring_page_us` a page (`ring_page_us_tc` on
+  tensor cores), and frees its slot. bench/trace.py `ring_constants` measures the fixed
+  times and page times off a trace's page stamps by these same rules.
 - The chain flag (MK_CHAIN_INFLIGHT, csrc/common.cuh chain_op): set when an ATTN,
   ATTN_REDUCE, ATTN_OPROJ or OPROJ (and QKV with chain_qkv, DOWN with chain_down) is
   dispatched, cleared when the next instruction off the chain (DOWN: itself) has passed its
   wait.
 
 What it leaves out: the other SMs' idle bandwidth (each SM streams at its fixed share, so
-HBM "idles" exactly when rings are full), L2 hits, the loader's small-input prefetch, the
+HBM "idles" exactly when rings are full; a page issued after a quiet spell takes no less in
+the traces, and a global pool of bandwidth made the model worse), L2 hits, the LM head's
+longer epilogue at batch 8 (~10 us), the loader's small-input prefetch, the
 flagged hops (MK_LL_*), register and code effects of a build flag. So it predicts what the
 ring's shape does to a plan, not what a new kernel mechanism does: `RingModel.for_build`
 returns None for a build flag or ablation it does not know. Static programs only (claimed
@@ -149,6 +155,13 @@ def _weight_bytes(ins: Instrs, cfg: ModelConfig, wb: int) -> np.ndarray:
 def simulate_ring(program, ring: RingModel, spec=None) -> Timeline:
     """Predicted timeline of one step of a static `program` with the weight ring `ring` on
     `spec` (default the program's gpu): the model of this module's docstring."""
+    return ring_stamps(program, ring, spec)[0]
+
+
+def ring_stamps(program, ring: RingModel, spec=None) -> tuple[Timeline, np.ndarray]:
+    """simulate_ring's timeline and the ring-page stamps the kernel's timing build would
+    record if the model were exact: float64 [num_sms, most pages of an SM, 4] us, per SM its
+    pages in queue order (loader issue, consumer wait start, wait end, done), then 0."""
     program.require_static("ring_model.simulate_ring")
     spec = program.gpu if spec is None else GpuSpec.load(spec)
     if program.tp != 1:
@@ -161,7 +174,11 @@ def simulate_ring(program, ring: RingModel, spec=None) -> Timeline:
     wbytes = _weight_bytes(t, cfg, spec.weight_bytes)
     npages = matvec_pages(t, cfg, B, ring.act_floats)
     rate = spec.sm_bytes_per_s(program.num_sms) / 1e6          # bytes per us
-    head = spec.ring_head_us + np.maximum(nbytes - wbytes, 0.0) / rate
+    fixed = np.full(len(t), spec.ring_head_us)
+    fixed[t.op == Op.ATTN] = spec.ring_attn_us
+    fixed[t.op == Op.ATTN_REDUCE] = spec.ring_merge_us
+    fixed[t.op == Op.ATTN_OPROJ] += spec.ring_merge_us
+    head = fixed + np.maximum(nbytes - wbytes, 0.0) / rate
     page_us = spec.ring_page_us_tc if B >= TC_MIN_BATCH else spec.ring_page_us
     lat, mem = spec.counter_latency_us, spec.ring_mem_latency_us
     R, F, FC = ring.slots, ring.inflight or ring.slots, ring.chain_inflight
@@ -174,6 +191,7 @@ def simulate_ring(program, ring: RingModel, spec=None) -> Timeline:
     issue = [np.full(len(o), np.inf) for o in owner]
     land = [np.full(len(o), np.inf) for o in owner]
     freed = [np.full(len(o), np.inf) for o in owner]
+    waited = [np.zeros((len(o), 2)) for o in owner]       # consumer wait start, wait end
     issued = [0] * S                    # pages issued, and consumed, per SM
     consumed = [0] * S
     per_page = np.where(npages > 0, wbytes / np.maximum(npages, 1) / rate, 0.0)   # us
@@ -215,6 +233,11 @@ def simulate_ring(program, ring: RingModel, spec=None) -> Timeline:
             k += 1
         issued[s] = k
 
+    def in_flight(s, when):
+        """SM s's copies issued by `when` and not landed then."""
+        j = int(np.searchsorted(issue[s][:issued[s]], when, side="right"))
+        return int(np.count_nonzero(land[s][:j] > when))
+
     done = np.zeros(program.num_counters)
     sm_free = np.zeros(S)
     start, end = np.empty(len(t)), np.empty(len(t))
@@ -230,16 +253,20 @@ def simulate_ring(program, ring: RingModel, spec=None) -> Timeline:
         wend[s].append(start[i])
         flag[s].append(1 if op in chain_ops else 2 if (op == Op.DOWN and ring.chain_down) else 0)
         issue_known(s, i)
-        # the head waits for the copies issued before the instruction started to land
-        j = int(np.searchsorted(issue[s][:issued[s]], start[i], side="right"))
-        cur = max(start[i], land[s][j - 1] if j else 0.0) + head[i]
+        # the wait's last poll, then the head's loads, queue behind the SM's copies in flight
+        start[i] += spec.ring_queue_us * in_flight(s, start[i])
+        wend[s][-1] = start[i]
+        cur = start[i] + spec.ring_queue_us * in_flight(s, start[i]) + head[i]
         for k in range(consumed[s], consumed[s] + int(npages[i])):
-            cur = max(cur, land[s][k]) + page_us   # issued: its slot is one consumed before
-            freed[s][k] = cur
+            waited[s][k] = cur, max(cur, land[s][k])   # issued: its slot is one consumed before
+            cur = freed[s][k] = waited[s][k, 1] + page_us
             consumed[s] = k + 1
             issue_known(s, i)
         end[i] = sm_free[s] = cur
         if c >= 0:
             done[c] = max(done[c], end[i])
+    stamps = np.zeros((S, max(map(len, owner)), 4))
+    for s in range(S):
+        stamps[s, :len(owner[s])] = np.column_stack([issue[s], waited[s], freed[s]])
     return Timeline(spec.name + " (ring model)", S, t.uid, t.sm.copy(), t.op, t.layer, start,
-                    end)
+                    end), stamps

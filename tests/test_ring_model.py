@@ -1,12 +1,15 @@
 """The ring model (scheduler/ring_model.py): which builds it sees, its page counts against
 the kernel's, and how its timeline responds to the ring's shape."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 from megakernel.config import ModelConfig
 from megakernel.scheduler import plan
 from megakernel.scheduler.isa import Op
-from megakernel.scheduler.ring_model import RingModel, _weight_bytes, matvec_pages, simulate_ring
+from megakernel.scheduler.ring_model import (RingModel, _weight_bytes, matvec_pages, ring_stamps,
+                                             simulate_ring)
 
 from bench import ablate
 
@@ -74,11 +77,13 @@ def test_timeline_keeps_the_dependencies_and_responds_to_the_ring(batch):
     weights = np.bincount(t.sm, _weight_bytes(t, prog.config, prog.gpu.weight_bytes),
                           minlength=prog.num_sms)
     assert tl.total_us >= weights.max() / wb * 1e6
-    # a ring of 1-2 slots, or no prefetch across instructions, is slower
+    # a ring of 1-2 slots is slower; no prefetch across instructions costs 4-10% at batch 1
+    # and ~2% at batch 8 on the H100 (bench/NOTES.md, session 37's table)
     base = tl.total_us
     shallow = simulate_ring(prog, RingModel.for_build(batch, ("-DMK_NUM_PAGES=1",))).total_us
     late = simulate_ring(prog, RingModel.for_build(batch, ablate=("no_prefetch",))).total_us
-    assert shallow > 1.1 * base and late > 1.01 * base
+    assert shallow > 1.1 * base
+    assert late > 1.05 * base if batch == 1 else abs(late / base - 1) < 0.03
 
 
 def test_refuses_claims_and_tp():
@@ -102,3 +107,34 @@ def test_ablate_rows_get_the_ring_model_where_it_sees_them():
     assert got["MK_WARP_RELEASE=1"] is None and got["policy=queue"] is None
     assert got["no_prefetch"] > got["default"] and got["MK_NUM_PAGES=2"] > got["default"]
     assert got["attn_splits=8"] is not None and got["attn_splits=8"] != got["default"]
+
+
+def test_page_stamps_follow_the_rules():
+    prog = _program(1)
+    spec = prog.gpu
+    ring = RingModel.for_build(1)
+    tl, st = ring_stamps(prog, ring, spec)
+    assert tl.total_us == simulate_ring(prog, ring).total_us
+    t = prog.table()
+    n = matvec_pages(t, prog.config, 1, ring.act_floats)
+    used = st[..., 3] > 0
+    assert (used.sum(axis=1) == np.bincount(t.sm, n, minlength=prog.num_sms)).all()
+    issue, start, got, done = (st[..., k][used] for k in range(4))
+    assert (got >= issue + spec.ring_mem_latency_us - 1e-9).all()       # landed, then taken
+    assert (got >= start).all() and np.allclose(done - got, spec.ring_page_us)
+    # a page's slot is the one freed `slots` pages before: issued only once that was done
+    for s in range(0, prog.num_sms, 13):
+        k = np.flatnonzero(st[s, :, 3] > 0)
+        assert (st[s, k[ring.slots:], 0] >= st[s, k[:-ring.slots], 3] - 1e-9).all()
+
+
+def test_a_dependent_load_queues_behind_the_copies_in_flight():
+    prog = _program(1)
+    ring = RingModel.for_build(1)
+    quick = dataclasses.replace(prog.gpu, ring_queue_us=1e-6)
+    slow = dataclasses.replace(prog.gpu, ring_queue_us=1.0)
+    a, b = simulate_ring(prog, ring, quick), simulate_ring(prog, ring, slow)
+    # ATTN starts under the chain cap with its SM's one copy in flight: its head pays 1 us
+    assert b.total_us > a.total_us
+    grow = (b.end_us - b.start_us)[b.op == Op.ATTN] - (a.end_us - a.start_us)[a.op == Op.ATTN]
+    assert np.allclose(grow, 1.0, atol=1e-3)
