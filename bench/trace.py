@@ -226,6 +226,70 @@ def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: i
 
 # The loader's own stamps of a ring page (KernelArgs::page_timing, csrc/loader.cuh): the
 # intervals between them, in the order the loader passes them.
+def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict:
+    """The ring model's per-instruction constants (scheduler/ring_model.py, GpuSpec ring_*)
+    as this trace's page stamps give them, medians in us: `ring_page_us` (the consumers'
+    time on a page: done - wait end), `ring_head_us` (a matvec's time outside its pages:
+    wait end -> its first page's wait start, plus its last page's done -> end; LMHEAD, the
+    one-off epilogue, left out), `ring_attn_us` (ATTN's whole time) and `ring_merge_us`
+    (ATTN_REDUCE's; with none, ATTN_OPROJ's time outside its pages less ring_head_us). Each is
+    net of what the model charges on top: its non-weight bytes at the SM's share of `spec`'s
+    bandwidth and `spec.ring_queue_us` per own copy in flight when its wait ended (issued, not
+    yet landed by the model's rule: ring_mem_latency_us after its issue, a page's bytes at the
+    share after the page ahead). Keys with no instruction to measure are
+    left out; `instructions` counts the measured ones."""
+    from megakernel.scheduler.cost import instruction_bytes_flops
+    from megakernel.scheduler.ring_model import PAGE_BYTES, _weight_bytes
+    program.require_static("trace.ring_constants")
+    t = program.table()
+    nbytes, _ = instruction_bytes_flops(t, program.config, program.batch, program.attn_splits,
+                                        program.lm_slices, spec, program.options["kv_position"])
+    rate = spec.sm_bytes_per_s(program.num_sms) / 1e6          # bytes per us
+    extra = np.maximum(nbytes - _weight_bytes(t, program.config, spec.weight_bytes), 0) / rate
+    row = {(int(s), int(i)): k for k, (s, i) in enumerate(zip(t.sm, t.index))}
+    outside = np.full(len(t), np.nan)      # matvecs: time outside their pages
+    page_us = []
+    for sm, k, idx in _pages_by_instruction(program, timing, pages):
+        p = pages[sm, k].astype(np.float64) / 1e3
+        page_us.append(p[:, 3] - p[:, 2])
+        for q in np.unique(idx):
+            mine = p[idx == q]
+            outside[row[sm, int(q)]] = (mine[0, 1] - timing[sm, q, 1] / 1e3
+                                        + timing[sm, q, 2] / 1e3 - mine[-1, 3])
+    # the model's landing times of the stamped issues: in order, ring_mem_latency_us after
+    # issue and a page's bytes at the share after the page ahead
+    issued = pages[..., 0].astype(np.float64) / 1e3
+    land = np.full(issued.shape, -np.inf)
+    for sm in range(program.num_sms):
+        prev = -np.inf
+        for k in np.flatnonzero(issued[sm] > 0):
+            prev = land[sm, k] = max(issued[sm, k] + spec.ring_mem_latency_us,
+                                     prev + PAGE_BYTES / rate)
+    we = timing[t.sm, t.index, 1] / 1e3
+    n = np.array([np.count_nonzero((issued[s] <= w) & (land[s] > w)) for s, w in zip(t.sm, we)])
+    whole = timing[t.sm, t.index, 2] / 1e3 - we
+    net = np.where(np.isnan(outside), whole, outside) - extra - spec.ring_queue_us * n
+    op = t.op
+    got = {"instructions": 0}
+
+    def put(key, sel, minus=0.0):
+        if sel.any():
+            got[key] = float(np.median(net[sel])) - minus
+            got["instructions"] += int(sel.sum())
+    if page_us:
+        got["ring_page_us_tc" if program.batch >= 3 else "ring_page_us"] = float(
+            np.median(np.concatenate(page_us)))
+    put("ring_head_us", ~np.isnan(outside) & np.isin(op, [isa.Op.QKV, isa.Op.OPROJ,
+                                                          isa.Op.GATEUP, isa.Op.DOWN]))
+    put("ring_attn_us", op == isa.Op.ATTN)
+    if (op == isa.Op.ATTN_REDUCE).any():
+        put("ring_merge_us", op == isa.Op.ATTN_REDUCE)
+    else:
+        put("ring_merge_us", ~np.isnan(outside) & (op == isa.Op.ATTN_OPROJ),
+            got.get("ring_head_us", spec.ring_head_us))
+    return got
+
+
 LOADER_STEPS = (("slot", 7, 4), ("cap", 4, 5), ("quiet", 5, 0), ("issue", 0, 6))
 
 

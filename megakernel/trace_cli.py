@@ -236,6 +236,11 @@ def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
         loader = trace.loader_table(program, timing, pages)
         if loader is not None:
             print(f"loader (timing build):\n{loader}\n")
+        got = trace.ring_constants(program, timing, pages, program.gpu)
+        print("ring model constants from the page stamps (medians, us; the spec's in "
+              "brackets): " + ", ".join(f"{k} {v:.2f} ({getattr(program.gpu, k):.2f})"
+                                        for k, v in got.items() if k != "instructions")
+              + f"; {got['instructions']} instructions\n")
     if phases is not None:
         print(f"phases inside instructions ({PHASE_FLAG} build):\n"
               f"{trace.phase_table(program, timing, phases)}\n")
@@ -245,6 +250,12 @@ def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
         pred = simulate(program, spec).total_us
         print(f"  predicted ({label}): {pred:.1f} us, {pred / m.span_us - 1:+.1%} vs measured"
               f" -> {'within' if abs(pred / m.span_us - 1) <= 0.25 else 'NOT within'} 25%")
+    from megakernel.scheduler.ring_model import RingModel, simulate_ring
+    ring = RingModel.for_build(program.batch, meta.get("build_flags", ()), meta.get("ablate", ()))
+    if ring is not None and program.tp == 1:
+        pred = simulate_ring(program, ring).total_us
+        print(f"  predicted (ring model, {program.gpu.name}): {pred:.1f} us, "
+              f"{pred / m.span_us - 1:+.1%} vs measured")
     if args.calibrate and gpu is not None:
         program2, timing2, meta2 = gpu.trace_planned(specs["calibrated"])
         span2 = calibration.measure(program2, timing2).span_us

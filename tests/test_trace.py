@@ -6,13 +6,15 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megakernel.bench import trace
 from megakernel.scheduler import GpuSpec, calibration, isa, plan, simulate
-from megakernel.scheduler.cost import instruction_us
+from megakernel.scheduler.cost import RING_DEFAULTS, instruction_us
+from megakernel.scheduler.ring_model import RingModel, ring_stamps
 
 TRUE = dict(instr_latency_us=2.5, hbm_bytes_per_s=1.6e12, counter_latency_us=1.7)
 
@@ -297,3 +299,76 @@ def test_phase_table_reads_the_stamps_ops_took(traced, tmp_path):
     assert (trace.load_phases(kept) == phases).all()
     unstamped = trace.save_npz(tmp_path / "q.npz", timing, prog, {}, phases=0 * phases)
     assert trace.load_phases(unstamped) is None
+
+
+def ring_traced(prog, ring, spec):
+    """(timing [num_sms, max_len, 3], pages [num_sms, n, 4]) ns: what the kernel's timing
+    build would stamp if the ring model (ring_model.ring_stamps) were exact."""
+    tl, stamps = ring_stamps(prog, ring, spec)
+    t = prog.table()
+    start, end = np.empty(len(t)), np.empty(len(t))
+    start[np.argsort(t.uid)], end[np.argsort(t.uid)] = tl.start_us, tl.end_us
+    timing = np.zeros((prog.num_sms, prog.max_len, 3), np.int64)
+    wait_from = np.where(t.index == 0, 0.0, np.roll(end, 1))   # the SM's previous end
+    timing[t.sm, t.index] = np.round(np.stack([wait_from, start, end], 1) * 1e3).astype(np.int64)
+    pages = np.round(stamps * 1e3).astype(np.int64)
+    pages[stamps[..., 3] > 0] += 10 ** 9          # 0 stays "no page"
+    return timing + 10 ** 9, pages
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_ring_constants_invert_the_ring_model(batch):
+    """ring_constants reads the ring model's constants back off the stamps the model itself
+    would leave: the measurement and the model agree on what each constant is."""
+    prog = plan("llama-3.2-1b", batch=batch, num_sms=132, kv_position=512)
+    true = dict(ring_head_us=2.5, ring_attn_us=3.25, ring_merge_us=1.5, ring_page_us=0.6,
+                ring_page_us_tc=0.9)
+    spec = dataclasses.replace(prog.gpu, **true)
+    timing, pages = ring_traced(prog, RingModel.for_build(batch), spec)
+    got = trace.ring_constants(prog, timing, pages, spec)
+    page = "ring_page_us_tc" if batch >= 3 else "ring_page_us"
+    assert set(got) == {"instructions", page, "ring_head_us", "ring_attn_us", "ring_merge_us"}
+    for k in set(got) - {"instructions"}:
+        assert got[k] == pytest.approx(true[k], abs=2e-3), k
+    # with another queue charge the same stamps read differently: the charge is netted out
+    other = trace.ring_constants(prog, timing, pages, dataclasses.replace(spec, ring_queue_us=1.5))
+    assert other["ring_head_us"] < got["ring_head_us"] - 0.1
+
+
+@pytest.mark.parametrize("name, batch", [
+    ("h100-20261206-s23/trace_loader_stamps_6af7232.npz", 1),
+    ("h100-20261206-s20/trace_b8_f8b74e2.npz", 8)])
+def test_ring_defaults_are_what_committed_traces_give(name, batch):
+    """cost.RING_DEFAULTS against two kept H100 traces of 1B. Their programs are today's
+    plan() with the queues they ran (isa.py's encoding has not changed since)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "results" / name
+    timing, instructions, queue_len, meta = trace.load_npz(path)
+    assert meta["batch"] == batch
+    prog = plan(meta["model"], batch=batch, num_sms=meta["num_sms"], kv_position=meta["pos"])
+    prog = dataclasses.replace(prog, instructions=instructions, queue_len=queue_len,
+                               num_counters=int(instructions[..., 7].max()) + 1)
+    spec = calibration.for_device(meta["device"])
+    got = trace.ring_constants(prog, timing, trace.load_pages(path), spec)
+    assert got["instructions"] > 10_000
+    page = "ring_page_us_tc" if batch >= 3 else "ring_page_us"
+    assert got[page] == pytest.approx(RING_DEFAULTS[page], abs=0.03)
+    assert got["ring_head_us"] == pytest.approx(RING_DEFAULTS["ring_head_us"], abs=0.15)
+    assert got["ring_merge_us"] == pytest.approx(RING_DEFAULTS["ring_merge_us"], abs=0.3)
+    # ATTN: 4.4 us at batch 1 (16 splits of 33 positions), 5.3 at batch 8 (2 of 257)
+    assert got["ring_attn_us"] == pytest.approx(RING_DEFAULTS["ring_attn_us"], abs=0.9)
+
+
+def test_trace_cli_reports_the_ring_model(tmp_path):
+    prog = plan("llama-3.2-1b", batch=1, num_sms=132)
+    timing, pages = ring_traced(prog, RingModel.for_build(1), prog.gpu)
+    meta = dict(model="llama-3.2-1b", batch=1, pos=512, policy="dag", granularity="chunk",
+                num_sms=132, gpu_spec=prog.gpu.to_dict(), device="NVIDIA H100 80GB HBM3",
+                ms_timing_off=None, ms_timing_on=None, commit="abc", date="today",
+                build_flags=[], ablate=[])
+    npz = trace.save_npz(tmp_path / "ring.npz", timing, prog, meta, pages)
+    r = _cli("--from-npz", npz, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("ring model constants"))
+    assert f"ring_head_us {prog.gpu.ring_head_us:.2f} ({prog.gpu.ring_head_us:.2f})" in line
+    pred = next(x for x in r.stdout.splitlines() if "predicted (ring model" in x)
+    assert "0.0% vs measured" in pred                    # its own stamps: exact
