@@ -245,10 +245,12 @@ def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict
     nbytes, _ = instruction_bytes_flops(t, program.config, program.batch, program.attn_splits,
                                         program.lm_slices, spec, program.options["kv_position"])
     rate = spec.sm_bytes_per_s(program.num_sms) / 1e6          # bytes per us
-    extra = np.maximum(nbytes - _weight_bytes(t, program.config, spec.weight_bytes), 0) / rate
+    wbytes = _weight_bytes(t, program.config, spec.weight_bytes)
+    extra = np.maximum(nbytes - wbytes, 0) / rate
     row = {(int(s), int(i)): k for k, (s, i) in enumerate(zip(t.sm, t.index))}
     outside = np.full(len(t), np.nan)      # matvecs: time outside their pages
     page_us = []
+    page_bytes = np.full(pages.shape[:2], float(PAGE_BYTES))   # its instruction's share
     for sm, k, idx in _pages_by_instruction(program, timing, pages):
         p = pages[sm, k].astype(np.float64) / 1e3
         page_us.append(p[:, 3] - p[:, 2])
@@ -256,6 +258,7 @@ def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict
             mine = p[idx == q]
             outside[row[sm, int(q)]] = (mine[0, 1] - timing[sm, q, 1] / 1e3
                                         + timing[sm, q, 2] / 1e3 - mine[-1, 3])
+            page_bytes[sm, k[idx == q]] = wbytes[row[sm, int(q)]] / len(mine)
     # the model's landing times of the stamped issues: in order, ring_mem_latency_us after
     # issue and a page's bytes at the share after the page ahead
     issued = pages[..., 0].astype(np.float64) / 1e3
@@ -264,7 +267,7 @@ def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict
         prev = -np.inf
         for k in np.flatnonzero(issued[sm] > 0):
             prev = land[sm, k] = max(issued[sm, k] + spec.ring_mem_latency_us,
-                                     prev + PAGE_BYTES / rate)
+                                     prev + page_bytes[sm, k] / rate)
     we = timing[t.sm, t.index, 1] / 1e3
     n = np.array([np.count_nonzero((issued[s] <= w) & (land[s] > w)) for s, w in zip(t.sm, we)])
     whole = timing[t.sm, t.index, 2] / 1e3 - we
@@ -288,6 +291,23 @@ def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict
         put("ring_merge_us", ~np.isnan(outside) & (op == isa.Op.ATTN_OPROJ),
             got.get("ring_head_us", spec.ring_head_us))
     return got
+
+
+def stage_spread(program, timing: np.ndarray, min_count: int = 8) -> float | None:
+    """The ring model's ring_spread_us as this trace gives it: per stage (an opcode's
+    instructions of one layer, at least `min_count` of them), how far the last end is past
+    the median end, in units of ring_model.straggle(count) (the expected maximum of that
+    many normal draws); the median over stages, us. None with no such stage."""
+    from megakernel.scheduler.ring_model import straggle
+    program.require_static("trace.stage_spread")
+    t = program.table()
+    end = timing[t.sm, t.index, 2] / 1e3
+    got = []
+    for key in np.unique(np.stack([t.op, t.layer], 1), axis=0):
+        e = end[(t.op == key[0]) & (t.layer == key[1])]
+        if len(e) >= min_count:
+            got.append((e.max() - np.median(e)) / float(straggle(len(e))))
+    return float(np.median(got)) if got else None
 
 
 LOADER_STEPS = (("slot", 7, 4), ("cap", 4, 5), ("quiet", 5, 0), ("issue", 0, 6))

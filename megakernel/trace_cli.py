@@ -237,6 +237,9 @@ def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
         if loader is not None:
             print(f"loader (timing build):\n{loader}\n")
         got = trace.ring_constants(program, timing, pages, program.gpu)
+        spread = trace.stage_spread(program, timing)
+        if spread is not None:
+            got["ring_spread_us"] = spread
         print("ring model constants from the page stamps (medians, us; the spec's in "
               "brackets): " + ", ".join(f"{k} {v:.2f} ({getattr(program.gpu, k):.2f})"
                                         for k, v in got.items() if k != "instructions")

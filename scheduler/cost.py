@@ -30,10 +30,13 @@ from .table import Instrs
 # whole time and the partials' merge (ATTN_REDUCE; ATTN_OPROJ on top of the matvec's), each
 # net of its non-weight bytes at the SM's share; the consumers' time on a ring page on CUDA
 # cores and on tensor cores (batch >= 3); the wait a dependent load adds per copy of its SM
-# in flight (0.25-0.5 us a page in the heads' stamps); and a page's copy from issue to landed
-# with one page in flight per SM (the s10 probe: one keeps ~99% of the stream).
+# in flight (0.25-0.5 us a page in the heads' stamps); a page's copy from issue to landed
+# with one page in flight per SM (the s10 probe: one keeps ~99% of the stream); and the
+# standard deviation of a stage's end times across SMs, which a wait on the whole stage
+# pays as its last signaller's lag (bench/trace.py stage_spread: 0.36-0.43 us).
 RING_DEFAULTS = dict(ring_head_us=1.9, ring_attn_us=4.5, ring_merge_us=2.4, ring_page_us=0.5,
-                     ring_page_us_tc=0.75, ring_queue_us=0.4, ring_mem_latency_us=1.4)
+                     ring_page_us_tc=0.75, ring_queue_us=0.4, ring_mem_latency_us=1.4,
+                     ring_spread_us=0.37)
 
 PRESETS: dict[str, dict] = {
     # H100 SXM 80GB. hbm_bytes_per_s: read bandwidth measured on the project's H100 (BRIEF.md).
@@ -66,6 +69,7 @@ class GpuSpec:
     ring_merge_us: float = RING_DEFAULTS["ring_merge_us"]
     ring_queue_us: float = RING_DEFAULTS["ring_queue_us"]
     ring_mem_latency_us: float = RING_DEFAULTS["ring_mem_latency_us"]
+    ring_spread_us: float = RING_DEFAULTS["ring_spread_us"]
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

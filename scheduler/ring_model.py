@@ -18,7 +18,9 @@ kernel's loader and consumers (csrc/loader.cuh, matvec.cuh):
   page in flight about keeps the share busy (Little's law: 132 SMs x 32 KB in flight at
   ~2.9 TB/s is ~1.5 us), two hide its variation.
 - The consumers start an instruction when its SM is free and its counters are complete +
-  counter_latency_us, + ring_queue_us per copy of the SM in flight then: the wait's last
+  counter_latency_us (a range of n signallers: + ring_spread_us * straggle(n), the lag of
+  the last of n SMs whose end times scatter with that standard deviation; the model's own
+  ends are deterministic), + ring_queue_us per copy of the SM in flight then: the wait's last
   poll is a dependent load, which queues behind the SM's pages in flight (bench/NOTES.md,
   sessions 26-29; the traces' hops: ~2 us into QKV, ~0.7 into the capped attention chain).
   Its head then takes ring_queue_us per copy still in flight (its staging loads queue
@@ -46,6 +48,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import re
+from statistics import NormalDist
 
 import numpy as np
 
@@ -152,6 +155,14 @@ def _weight_bytes(ins: Instrs, cfg: ModelConfig, wb: int) -> np.ndarray:
     return (rows * cols * wb).astype(np.float64)
 
 
+def straggle(n) -> np.ndarray:
+    """Expected maximum of n standard normal draws (Blom's approximation; 0 for n <= 1): how
+    many standard deviations of its signallers' end times the last of n ends after them."""
+    n = np.asarray(n, np.float64)
+    p = np.clip((n - 0.375) / (n + 0.25), 0.5, None)
+    return np.array([NormalDist().inv_cdf(x) for x in np.atleast_1d(p)]).reshape(n.shape)
+
+
 def simulate_ring(program, ring: RingModel, spec=None) -> Timeline:
     """Predicted timeline of one step of a static `program` with the weight ring `ring` on
     `spec` (default the program's gpu): the model of this module's docstring."""
@@ -181,6 +192,10 @@ def ring_stamps(program, ring: RingModel, spec=None) -> tuple[Timeline, np.ndarr
     head = fixed + np.maximum(nbytes - wbytes, 0.0) / rate
     page_us = spec.ring_page_us_tc if B >= TC_MIN_BATCH else spec.ring_page_us
     lat, mem = spec.counter_latency_us, spec.ring_mem_latency_us
+    # the last of a wait range's n signallers ends spread_us * straggle(n) after the others
+    signallers = np.cumsum(np.r_[0, np.bincount(t.signal[t.signal >= 0],
+                                                minlength=program.num_counters)])
+    late = spec.ring_spread_us * straggle(np.arange(signallers[-1] + 1))
     R, F, FC = ring.slots, ring.inflight or ring.slots, ring.chain_inflight
     chain_ops = set(map(int, CHAIN_OPS)) | ({int(Op.QKV)} if ring.chain_qkv else set())
 
@@ -245,7 +260,9 @@ def ring_stamps(program, ring: RingModel, spec=None) -> tuple[Timeline, np.ndarr
     for i, (w, c, s) in enumerate(zip(waits, signal, sms)):
         if s == CLAIMED:   # require_static has ruled these out
             raise AssertionError("claimed record in a static program")
-        ready = ready_at[i] = wait_ready(done, w, lat)
+        ready = ready_at[i] = max(
+            (wait_ready(done, w[k:k + 2], lat) + late[signallers[w[k] + w[k + 1]] - signallers[w[k]]]
+             for k in range(0, len(w), 2) if w[k + 1]), default=0.0)
         dispatch = sm_free[s]
         start[i] = max(dispatch, ready)
         op = int(t.op[i])

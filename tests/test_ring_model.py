@@ -9,7 +9,7 @@ from megakernel.config import ModelConfig
 from megakernel.scheduler import plan
 from megakernel.scheduler.isa import Op
 from megakernel.scheduler.ring_model import (RingModel, _weight_bytes, matvec_pages, ring_stamps,
-                                             simulate_ring)
+                                             simulate_ring, straggle)
 
 from bench import ablate
 
@@ -61,17 +61,19 @@ def test_timeline_keeps_the_dependencies_and_responds_to_the_ring(batch):
     ring = RingModel.for_build(batch)
     tl = simulate_ring(prog, ring)
     assert np.isfinite(tl.end_us).all() and (tl.end_us > tl.start_us).all()
-    # every instruction starts after what it waits on ended plus the counter latency
+    # every instruction starts after what it waits on ended, plus the counter latency and the
+    # expected lag of the last of the range's n signallers
     t = prog.table()
     t = t.take(np.argsort(t.uid, kind="stable"))
-    ends = {}
+    ends, count = {}, np.bincount(t.signal[t.signal >= 0])
     for i in range(len(t)):
         if t.signal[i] >= 0:
             ends[int(t.signal[i])] = max(ends.get(int(t.signal[i]), 0.0), tl.end_us[i])
-    lat = prog.gpu.counter_latency_us
+    lat, spread = prog.gpu.counter_latency_us, prog.gpu.ring_spread_us
     for i in range(0, len(t), 97):
-        for first, count in t.wait_ranges(i):
-            assert tl.start_us[i] >= max(ends[c] for c in range(first, first + count)) + lat - 1e-9
+        for first, n in t.wait_ranges(i):
+            late = spread * straggle(count[first:first + n].sum())
+            assert tl.start_us[i] >= max(ends[c] for c in range(first, first + n)) + lat + late - 1e-9
     # the streaming floor: no SM gets its pages faster than its share of HBM
     wb = prog.gpu.sm_bytes_per_s(prog.num_sms)
     weights = np.bincount(t.sm, _weight_bytes(t, prog.config, prog.gpu.weight_bytes),
@@ -138,3 +140,12 @@ def test_a_dependent_load_queues_behind_the_copies_in_flight():
     assert b.total_us > a.total_us
     grow = (b.end_us - b.start_us)[b.op == Op.ATTN] - (a.end_us - a.start_us)[a.op == Op.ATTN]
     assert np.allclose(grow, 1.0, atol=1e-3)
+
+
+def test_straggle_is_the_expected_maximum_of_normal_draws():
+    assert straggle(0) == straggle(1) == 0.0
+    z = straggle(np.array([2, 4, 16, 132]))
+    assert (np.diff(z) > 0).all()
+    rng = np.random.default_rng(0)           # against a sample mean of the maximum
+    for n, want in zip((2, 4, 16, 132), z):
+        assert rng.standard_normal((20000, n)).max(axis=1).mean() == pytest.approx(want, abs=0.03)
