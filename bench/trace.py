@@ -1,7 +1,8 @@
 """One traced megakernel step, made readable: the kernel's timing array (calibration.Measured)
 -> Chrome/Perfetto trace JSON, a Gantt PNG, and a per-opcode table of measured against
-predicted time. Also the .npz a trace is kept in, so all of it can be redone offline
-(`python -m megakernel trace --from-npz`). numpy only (matplotlib for the PNG).
+predicted time; with the ring's page stamps, the ring model's constants as the trace gives
+them (ring_constants, stage_spread). Also the .npz a trace is kept in, so all of it can be
+redone offline (`python -m megakernel trace --from-npz`). numpy only (matplotlib for the PNG).
 
 Trace JSON: process 0, one thread (track) per SM named "SM s"; every instruction is a
 complete event named by its opcode from wait end to end, args uid / layer / its record's
@@ -224,8 +225,6 @@ def issue_timeline(program, timing: np.ndarray, pages: np.ndarray, page_bytes: i
     return "\n".join(lines)
 
 
-# The loader's own stamps of a ring page (KernelArgs::page_timing, csrc/loader.cuh): the
-# intervals between them, in the order the loader passes them.
 def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict:
     """The ring model's per-instruction constants (scheduler/ring_model.py, GpuSpec ring_*)
     as this trace's page stamps give them, medians in us: `ring_page_us` (the consumers'
@@ -310,6 +309,8 @@ def stage_spread(program, timing: np.ndarray, min_count: int = 8) -> float | Non
     return float(np.median(got)) if got else None
 
 
+# The loader's own stamps of a ring page (KernelArgs::page_timing, csrc/loader.cuh): the
+# intervals between them, in the order the loader passes them.
 LOADER_STEPS = (("slot", 7, 4), ("cap", 4, 5), ("quiet", 5, 0), ("issue", 0, 6))
 
 

@@ -240,8 +240,8 @@ def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
         spread = trace.stage_spread(program, timing)
         if spread is not None:
             got["ring_spread_us"] = spread
-        print("ring model constants from the page stamps (medians, us; the spec's in "
-              "brackets): " + ", ".join(f"{k} {v:.2f} ({getattr(program.gpu, k):.2f})"
+        print("ring model constants from this trace (trace.ring_constants, stage_spread; us, "
+              "the spec's in brackets): " + ", ".join(f"{k} {v:.2f} ({getattr(program.gpu, k):.2f})"
                                         for k, v in got.items() if k != "instructions")
               + f"; {got['instructions']} instructions\n")
     if phases is not None:
