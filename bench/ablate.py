@@ -152,6 +152,10 @@ def grid(num_sms: int = 132) -> list[Row]:
              "last page and its release, whose fence then waits for them"),
         flag("MK_RELEASE_QUIET", 2, "the loader pauses only from an instruction's outputs "
              "written to its release (not from a matvec's or ATTN_OPROJ's last page)"),
+        flag("MK_QUIET_WAIT_NS", 1000, "the loader stays quiet past a release until the "
+             "next instruction's wait has passed or 1 us, so an SM that finishes a stage last "
+             "polls for the next without its own new copies ahead of the poll"),
+        flag("MK_QUIET_WAIT_NS", 2000, "as MK_QUIET_WAIT_NS=1000, for 2 us at most"),
         flag("MK_QUIET_INPUTS", 1, "the loader issues nothing while ATTN / ATTN_REDUCE "
              "execute (their L2 loads do not queue behind landing pages)"),
         flag("MK_QUIET_INPUTS", 2, "as MK_QUIET_INPUTS=1, and during a CUDA-core matvec's "

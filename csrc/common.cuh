@@ -101,6 +101,14 @@ static_assert(!kWarpgroups || 128 * (kLaunchRegs - kLoaderRegs) >=
 #define MK_RELEASE_QUIET 1  // the loader issues nothing while a release fence waits for the SM's
 #endif                      // memory ops: 1 from a matvec's or ATTN_OPROJ's last page, 2 from
                             // the outputs; 0 never
+// After a release the loader stays quiet until the SM's next instruction has passed its wait,
+// or for at most MK_QUIET_WAIT_NS ns; 0 (default): it resumes at the release. An SM that
+// finishes a stage last (or nearly) polls for the next one right after its release, and that
+// poll queues behind the pages its loader issues then: in the s20 / s23 traces such SMs pass
+// their next wait 1.0-1.5 us after the median (bench/NOTES.md, session 38).
+#ifndef MK_QUIET_WAIT_NS
+#define MK_QUIET_WAIT_NS 0
+#endif
 // The loader issues nothing while the consumers wait for inputs from L2: 1 through ATTN /
 // ATTN_REDUCE, 2 also during a CUDA-core matvec's staging; 0 (default) never.
 #ifndef MK_QUIET_INPUTS
@@ -219,6 +227,9 @@ constexpr bool kRecordSmem = MK_RECORD_SMEM != 0;
 constexpr bool kMvVec4 = MK_MV_VEC4 != 0;
 constexpr bool kMvScatter = MK_MV_SCATTER != 0;
 constexpr bool kReleaseQuiet = MK_RELEASE_QUIET != 0;
+constexpr int kQuietWaitNs = MK_QUIET_WAIT_NS;
+static_assert(kQuietWaitNs >= 0 && (kQuietWaitNs == 0 || kReleaseQuiet),
+              "MK_QUIET_WAIT_NS: ns >= 0, and it extends MK_RELEASE_QUIET's quiet");
 constexpr bool kFuseReduce = MK_FUSE_REDUCE != 0;
 constexpr bool kFuseOproj = MK_FUSE_OPROJ != 0;
 constexpr bool kQuietFromLastPage = MK_RELEASE_QUIET == 1;

@@ -42,11 +42,11 @@ struct SmemLayout {
   static constexpr size_t pos = rstd + kMaxBatch * sizeof(float);
   static constexpr size_t rec = pos + kMaxBatch * sizeof(int);
   static constexpr size_t flags = rec + 2 * kWords * sizeof(int32_t);
-  // flags: wait ok, error, abort, ready, quiet, chain (0-5), then the claims' (Ring):
-  // started, nclaimed, the claim index of the consumers' current instruction, the claim
-  // FIFO and (kClaimRec) its records.
-  static constexpr int kChain = 5;
-  static constexpr int kStarted = 6, kNclaimed = 7, kClaimIndex = 8, kClaimq = 9;
+  // flags: wait ok, error, abort, ready, quiet, chain, quiet until (0-6), then the claims'
+  // (Ring): started, nclaimed, the claim index of the consumers' current instruction, the
+  // claim FIFO and (kClaimRec) its records.
+  static constexpr int kChain = 5, kQuietUntil = 6;
+  static constexpr int kStarted = 7, kNclaimed = 8, kClaimIndex = 9, kClaimq = 10;
   static constexpr int kClaimRecs = kClaimq + kClaimSlots;
   static constexpr int kFlags = kClaimRecs + (kClaims && kClaimRec ? kClaimSlots * kWords : 0);
   static constexpr size_t total = flags + kFlags * sizeof(int);
@@ -217,6 +217,7 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         if (tid == 0) {
           flags[0] = ok ? 1 : 0;
           if (kChainInflight && !chain_op(ins[W_OPCODE])) set_flag(ring.chain, 0);
+          if (kQuietWaitNs) set_flag(ring.quiet, 0);  // the release's quiet (2) ends here
           if (kTiming) {
             timing_row = a.timing + (static_cast<size_t>(blockIdx.x) * a.timing_len + i) * 4;
             timing_row[0] = t0;
@@ -350,7 +351,14 @@ __device__ __forceinline__ void consumer_main(const KernelArgs& a, const Ring& r
         red_release_add(a.counters + sig, 1);
       }
       if (kTiming) timing_row[2] = globaltimer();
-      if (kReleaseQuiet) set_flag(ring.quiet, 0);
+      if (kQuietWaitNs) {  // quiet on through the next wait, for kQuietWaitNs at most
+        set_flag(ring.quiet_until, static_cast<int>(static_cast<uint32_t>(globaltimer()) +
+                                                    static_cast<uint32_t>(kQuietWaitNs)));
+        __threadfence_block();  // the deadline before the state that makes the loader read it
+        set_flag(ring.quiet, 2);
+      } else if (kReleaseQuiet) {
+        set_flag(ring.quiet, 0);
+      }
     }
   }
   if (tid == 0) ring.abort[0] = 1;  // harmless after a full run: the loader has finished
@@ -369,6 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   ring.ready = flags + 3;
   ring.quiet = flags + 4;
   ring.chain = flags + SmemLayout::kChain;
+  ring.quiet_until = flags + SmemLayout::kQuietUntil;
   ring.started = flags + SmemLayout::kStarted;
   ring.nclaimed = flags + SmemLayout::kNclaimed;
   ring.claimq = flags + SmemLayout::kClaimq;
@@ -384,6 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
     flags[3] = -1;
     flags[4] = 0;
     if (kChainInflight) flags[SmemLayout::kChain] = 0;
+    if (kQuietWaitNs) flags[SmemLayout::kQuietUntil] = 0;
     if (kClaims) {
       flags[SmemLayout::kStarted] = -1;
       flags[SmemLayout::kNclaimed] = 0;

@@ -98,7 +98,8 @@ struct PageWalk {
 // written (with MK_RELEASE_QUIET=1, for a matvec or ATTN_OPROJ, from its last page) until
 // its release add is done: that release's fence waited for the memory operations the
 // loader kept issuing (measured: 1.4-3.1 us per matvec release with the ring streaming,
-// 0.5 us quiet). When
+// 0.5 us quiet); with kQuietWaitNs, on until the next instruction has passed its wait or
+// kQuietWaitNs have passed. When
 // the ring is full and its oldest page is still unconsumed after kL2StallNs (the consumers
 // are in attention, a reduction or a counter wait), HBM would idle: the loader then pulls
 // the next kL2PrefetchPages pages into L2 instead, so the bulk copies that later fill the
@@ -153,7 +154,13 @@ __device__ void loader_main(const KernelArgs& a, const Ring& ring, const int32_t
       while (!mbar_try_wait(&ring.full[ring.slot_of(back)], ring.phase_of(back))) {}
     }
     if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 5);
-    while (kReleaseQuiet && get_flag(ring.quiet) && !*ring.abort) __nanosleep(64);
+    for (int q; kReleaseQuiet && (q = get_flag(ring.quiet)) != 0 && !*ring.abort;) {
+      if (kQuietWaitNs && q == 2 &&  // past the release: quiet until the deadline at most
+          static_cast<int32_t>(static_cast<uint32_t>(globaltimer()) -
+                               static_cast<uint32_t>(get_flag(ring.quiet_until))) >= 0)
+        break;
+      __nanosleep(64);
+    }
     if (kTiming && lane == 0) page_stamp<kTiming>(a, it, 0);
     if (a.mode & MODE_NO_LOAD) {
       if (lane == 0) mbar_arrive(&ring.full[slot]);

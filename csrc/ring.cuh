@@ -15,6 +15,8 @@ struct Ring {
   volatile int* abort;     // set by consumers when the block stops early
   volatile int* ready;     // queue index whose waits the consumers have passed (NO_PREFETCH)
   volatile int* quiet;     // kReleaseQuiet: the consumers' release is near, issue nothing
+                           // (1); kQuietWaitNs: past the release, until quiet_until (2)
+  volatile int* quiet_until;  // kQuietWaitNs: %globaltimer's low 32 bits when quiet 2 ends
   volatile int* chain;     // kChainInflight: the consumers are on the attention chain
   // Claims (KernelArgs::claim): the loader claims records and hands them to the consumers
   // in order through a FIFO of kClaimSlots claim indices (-1: the list ran dry).

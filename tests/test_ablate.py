@@ -26,7 +26,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 def test_grid_rows_are_unique_decoder_kwargs():
     rows = ablate.grid(132)
     names = [r.name for r in rows]
-    assert len(set(names)) == len(names) == 70 and names[0] == ablate.BASELINE
+    assert len(set(names)) == len(names) == 72 and names[0] == ablate.BASELINE
     assert rows[0].kwargs == {} and not rows[0].diagnostic
     allowed = (set(inspect.signature(Decoder.__init__).parameters)
                | set(inspect.signature(plan).parameters) | set(OPTIONS))
@@ -64,6 +64,7 @@ def test_grid_rows_are_unique_decoder_kwargs():
             ("build_flags", "-DMK_TC_MIN_BUCKET=1"), ("build_flags", "-DMK_RECORD_SMEM=0"),
             ("build_flags", "-DMK_RELEASE_QUIET=0"), ("build_flags", "-DMK_RELEASE_QUIET=2"),
             ("build_flags", "-DMK_QUIET_INPUTS=1"), ("build_flags", "-DMK_QUIET_INPUTS=2"),
+            ("build_flags", "-DMK_QUIET_WAIT_NS=1000"), ("build_flags", "-DMK_QUIET_WAIT_NS=2000"),
             ("build_flags", "-DMK_MV_VEC4=1"), ("build_flags", "-DMK_COPY_KB=64"), ("build_flags", "-DMK_MV_SCATTER=0"),
             ("build_flags", "-DMK_CHAIN_INFLIGHT=0"), ("build_flags", "-DMK_CHAIN_QKV=0"),
             ("build_flags", "-DMK_CHAIN_DOWN=0"),
@@ -77,7 +78,8 @@ def test_grid_rows_are_unique_decoder_kwargs():
         "MK_PREFETCH_KV=0", "MK_L2_PREFETCH_PAGES=8", "MK_L2_PREFETCH_PAGES=8+MK_L2_STALL_NS=0",
         "MK_WARP_RELEASE=1", "MK_WARP_ACC=0", "MK_TC_MIN_BUCKET=1", "MK_RECORD_SMEM=0",
         "MK_RELEASE_QUIET=0", "MK_RELEASE_QUIET=2",
-        "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
+        "MK_QUIET_INPUTS=1", "MK_QUIET_INPUTS=2", "MK_QUIET_WAIT_NS=1000", "MK_QUIET_WAIT_NS=2000",
+        "MK_MV_VEC4=1", "MK_MV_SCATTER=0", "MK_COPY_KB=64",
         "MK_CHAIN_INFLIGHT=0", "MK_CHAIN_QKV=0", "MK_CHAIN_DOWN=0",
         "MK_ATTN_EXACT_G=0", "MK_SETUP_FIRST=0", "MK_FUSE_OPROJ=0", "MK_TC_SPLIT=0", "MK_ATTN_TWICE=1", "MK_TC_WARP_ACC=0",
         "MK_LL_PARTIALS=1+MK_FUSE_OPROJ=0", "MK_LL_Q=0", "MK_LL_Q=1", "MK_B1_TC=1",

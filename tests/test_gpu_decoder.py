@@ -181,6 +181,18 @@ def test_nine_warp_builds_match_fp32(cfg, batch, build):
     assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} {build}")
 
 
+@pytest.mark.parametrize("batch", [1, 2, 8])
+@pytest.mark.parametrize("cfg", RANDOM_CONFIGS[:2] + [ModelConfig.preset("llama-3.2-1b")],
+                         ids=lambda c: c.name)
+def test_quiet_wait_build_matches_fp32(cfg, batch):
+    """-DMK_QUIET_WAIT_NS=1000: the loader stays quiet past each release until the next wait
+    has passed or 1 us (timing only; a loader that never resumed would hang the step into
+    the watchdog). Both builds, three steps per position."""
+    err_mk, err_bf = relative_errors(cfg, batch, positions=[0, 37, 1000],
+                                     build_flags=("-DMK_QUIET_WAIT_NS=1000",))
+    assert_within_bf16(err_mk, err_bf, f"{cfg.name} B={batch} MK_QUIET_WAIT_NS=1000")
+
+
 def build_kwargs(flags: tuple[str, ...]) -> dict:
     """Decoder keywords of a build: a kernel without ATTN_OPROJ runs the unfused plan."""
     return dict(build_flags=flags, **({"fuse_oproj": False} if "-DMK_FUSE_OPROJ=0" in flags
