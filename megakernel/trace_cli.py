@@ -226,6 +226,8 @@ def report(program, timing, meta, args, gpu, pages=None, phases=None) -> None:
         specs["calibrated"] = cal.spec
     print(f"\nper opcode (predicted = cost model, mean us per instruction):\n"
           f"{trace.opcode_table(program, m, specs)}\n")
+    print(f"stragglers (wait end past the stage's median, by the previous end):\n"
+          f"{trace.straggler_table(m)}\n")
     release = trace.release_line(program, timing)
     if release:
         print(release)

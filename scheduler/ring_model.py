@@ -261,7 +261,8 @@ def ring_stamps(program, ring: RingModel, spec=None) -> tuple[Timeline, np.ndarr
         if s == CLAIMED:   # require_static has ruled these out
             raise AssertionError("claimed record in a static program")
         ready = ready_at[i] = max(
-            (wait_ready(done, w[k:k + 2], lat) + late[signallers[w[k] + w[k + 1]] - signallers[w[k]]]
+            (wait_ready(done, w[k:k + 2], lat)
+             + late[signallers[w[k] + w[k + 1]] - signallers[w[k]]]
              for k in range(0, len(w), 2) if w[k + 1]), default=0.0)
         dispatch = sm_free[s]
         start[i] = max(dispatch, ready)

@@ -73,7 +73,8 @@ def test_timeline_keeps_the_dependencies_and_responds_to_the_ring(batch):
     for i in range(0, len(t), 97):
         for first, n in t.wait_ranges(i):
             late = spread * straggle(count[first:first + n].sum())
-            assert tl.start_us[i] >= max(ends[c] for c in range(first, first + n)) + lat + late - 1e-9
+            last = max(ends[c] for c in range(first, first + n))
+            assert tl.start_us[i] >= last + lat + late - 1e-9
     # the streaming floor: no SM gets its pages faster than its share of HBM
     wb = prog.gpu.sm_bytes_per_s(prog.num_sms)
     weights = np.bincount(t.sm, _weight_bytes(t, prog.config, prog.gpu.weight_bytes),

@@ -382,7 +382,29 @@ def test_stage_spread_reads_the_noise_on_stage_ends():
     quiet = trace.stage_spread(prog, timing)
     noisy = timing.copy()
     ends = noisy[..., 2] > 0
-    noisy[..., 2][ends] += np.round(np.random.default_rng(1).normal(0, 500, ends.sum())).astype(np.int64)
+    noise = np.random.default_rng(1).normal(0, 500, ends.sum())     # ns: sigma 0.5 us
+    noisy[..., 2][ends] += np.round(noise).astype(np.int64)
     assert quiet < 0.1                                  # the model's own stages end together
     assert trace.stage_spread(prog, noisy) == pytest.approx(0.5, abs=0.1)
     assert trace.stage_spread(prog, timing, min_count=10 ** 6) is None
+
+
+def test_straggler_table_bins_the_wait_lag_by_the_previous_end(traced):
+    prog = traced[0]
+    t = prog.table()
+    idx = np.flatnonzero((t.op == isa.Op.QKV) & (t.layer == 3))[:12]
+    n = len(idx)
+    # 12 QKVs: the last signaller ends at 10 us; SM k's previous instruction ended 2 us
+    # before it (k < 6), 0.5 us before (k = 6..8) or at it (k = 9..11); they pass their
+    # wait 1 us after it, 1.5 us and 3 us after, and end 4 us later
+    before = np.r_[np.full(6, -2.0), np.full(3, -0.5), np.zeros(3)]
+    t1 = 10.0 + np.r_[np.full(6, 1.0), np.full(3, 1.5), np.full(3, 3.0)]
+    z = np.zeros(n)
+    m = calibration.Measured(t.take(idx), z, t1, t1 + 4.0, z, z, np.full(n, 10.0), 10.0 + before)
+    rows = {line.split()[0]: line.split() for line in trace.straggler_table(m).splitlines()[1:]}
+    assert n == 12 and set(rows) == {"QKV"}
+    median = np.median(t1)                               # 1.25 us past the signaller
+    assert float(rows["QKV"][1]) == pytest.approx(3.0 - (median - 10.0))
+    assert rows["QKV"][2:] == [f"{1.0 - (median - 10):+.2f}", "(6)", f"{1.5 - (median - 10):+.2f}",
+                               "(3)", f"{3.0 - (median - 10):+.2f}", "(3)"]
+    assert trace.straggler_table(m, min_count=13).splitlines()[1:] == []
