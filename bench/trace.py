@@ -238,7 +238,7 @@ def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict
     share after the page ahead). Keys with no instruction to measure are
     left out; `instructions` counts the measured ones."""
     from megakernel.scheduler.cost import instruction_bytes_flops
-    from megakernel.scheduler.ring_model import PAGE_BYTES, _weight_bytes
+    from megakernel.scheduler.ring_model import PAGE_BYTES, _weight_bytes, landing
     program.require_static("trace.ring_constants")
     t = program.table()
     nbytes, _ = instruction_bytes_flops(t, program.config, program.batch, program.attn_splits,
@@ -258,15 +258,14 @@ def ring_constants(program, timing: np.ndarray, pages: np.ndarray, spec) -> dict
             outside[row[sm, int(q)]] = (mine[0, 1] - timing[sm, q, 1] / 1e3
                                         + timing[sm, q, 2] / 1e3 - mine[-1, 3])
             page_bytes[sm, k[idx == q]] = wbytes[row[sm, int(q)]] / len(mine)
-    # the model's landing times of the stamped issues: in order, ring_mem_latency_us after
-    # issue and a page's bytes at the share after the page ahead
+    # the model's landing times (ring_model.landing) of the stamped issues
     issued = pages[..., 0].astype(np.float64) / 1e3
     land = np.full(issued.shape, -np.inf)
     for sm in range(program.num_sms):
-        prev = -np.inf
+        prev = None
         for k in np.flatnonzero(issued[sm] > 0):
-            prev = land[sm, k] = max(issued[sm, k] + spec.ring_mem_latency_us,
-                                     prev + page_bytes[sm, k] / rate)
+            prev = land[sm, k] = landing(issued[sm, k], issued[sm, k] if prev is None else prev,
+                                         page_bytes[sm, k] / rate, spec.ring_mem_latency_us)
     we = timing[t.sm, t.index, 1] / 1e3
     n = np.array([np.count_nonzero((issued[s] <= w) & (land[s] > w)) for s, w in zip(t.sm, we)])
     whole = timing[t.sm, t.index, 2] / 1e3 - we

@@ -155,6 +155,13 @@ def _weight_bytes(ins: Instrs, cfg: ModelConfig, wb: int) -> np.ndarray:
     return (rows * cols * wb).astype(np.float64)
 
 
+def landing(issue: float, ahead: float, transfer_us: float, mem_latency_us: float) -> float:
+    """When a ring page issued at `issue` lands: ring_mem_latency_us after its issue, and its
+    transfer at the SM's share after the page ahead of it landed (`ahead`; the first page of
+    an SM: its own issue)."""
+    return max(issue + mem_latency_us, ahead + transfer_us)
+
+
 def straggle(n) -> np.ndarray:
     """Expected maximum of n standard normal draws (Blom's approximation; 0 for n <= 1): how
     many standard deviations of its signallers' end times the last of n ends after them."""
@@ -244,7 +251,7 @@ def ring_stamps(program, ring: RingModel, spec=None) -> tuple[Timeline, np.ndarr
                 when = max(when, lnd[k - FC])
             iss[k] = when
             pp = per_page[own[k]]
-            lnd[k] = max(when + mem, (lnd[k - 1] if k else when) + pp)
+            lnd[k] = landing(when, lnd[k - 1] if k else when, pp, mem)
             k += 1
         issued[s] = k
 
