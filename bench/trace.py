@@ -406,8 +406,8 @@ def straggler_table(m: Measured, min_count: int = 8) -> str:
     stages (one layer's instructions, at least `min_count`): how far the last end lies past
     the median end, and the median lag of an instruction's wait end behind its stage's
     median wait end, by how late its SM's previous instruction ended relative to the last
-    signaller of what it waits on (LATE_BINS): a stage's stragglers are the previous
-    stage's when the late bin lags most."""
+    signaller of what it waits on (LATE_BINS; an SM still busy then is in no bin): a stage's
+    stragglers are the previous stage's when the late bin lags most."""
     t = m.table
     key = t.op.astype(np.int64) * 100_000 + t.layer
     lag = np.full(len(t), np.nan)
@@ -417,15 +417,15 @@ def straggler_table(m: Measured, min_count: int = 8) -> str:
         if sel.sum() >= min_count and k // 100_000 != isa.Op.NOP:   # older plans padded
             lag[sel] = m.t1[sel] - np.median(m.t1[sel])
             tail.setdefault(int(k // 100_000), []).append(m.t2[sel].max() - np.median(m.t2[sel]))
-    before = m.prev_end - m.ready                     # nan where it waits on nothing
-    late = np.digitize(before, LATE_BINS)
+    before = m.prev_end - m.ready    # nan where it waits on nothing; > 0: its SM was busy
+    late = np.where(before <= 0, np.digitize(before, LATE_BINS), -1)
     names = (">=1 us before", "0.25-1 us before", "last 0.25 us")
     lines = [f"{'opcode':<12}{'last end':>10}" + "".join(f"{n:>22}" for n in names)
              + "   (us past the stage's median; by when the SM's previous instruction ended)"]
     for op in sorted(tail):
         cells = []
         for b in range(len(names)):
-            sel = (t.op == op) & np.isfinite(lag) & np.isfinite(before) & (late == b)
+            sel = (t.op == op) & np.isfinite(lag) & (late == b)
             cells.append(f"{np.median(lag[sel]):+.2f} ({int(sel.sum())})" if sel.any() else "-")
         lines.append(f"{isa.Op(op).name:<12}{np.mean(tail[op]):>10.2f}"
                      + "".join(f"{c:>22}" for c in cells))

@@ -395,9 +395,10 @@ def test_straggler_table_bins_the_wait_lag_by_the_previous_end(traced):
     idx = np.flatnonzero((t.op == isa.Op.QKV) & (t.layer == 3))[:12]
     n = len(idx)
     # 12 QKVs: the last signaller ends at 10 us; SM k's previous instruction ended 2 us
-    # before it (k < 6), 0.5 us before (k = 6..8) or at it (k = 9..11); they pass their
-    # wait 1 us after it, 1.5 us and 3 us after, and end 4 us later
-    before = np.r_[np.full(6, -2.0), np.full(3, -0.5), np.zeros(3)]
+    # before it (k < 6), 0.5 us before (k = 6..8) or at it (k = 9, 10; k = 11 was still
+    # busy 0.5 us past it: in no bin); they pass their wait 1 us after it, 1.5 us and 3 us
+    # after, and end 4 us later
+    before = np.r_[np.full(6, -2.0), np.full(3, -0.5), np.zeros(2), 0.5]
     t1 = 10.0 + np.r_[np.full(6, 1.0), np.full(3, 1.5), np.full(3, 3.0)]
     z = np.zeros(n)
     m = calibration.Measured(t.take(idx), z, t1, t1 + 4.0, z, z, np.full(n, 10.0), 10.0 + before)
@@ -406,5 +407,5 @@ def test_straggler_table_bins_the_wait_lag_by_the_previous_end(traced):
     median = np.median(t1)                               # 1.25 us past the signaller
     assert float(rows["QKV"][1]) == pytest.approx(3.0 - (median - 10.0))
     assert rows["QKV"][2:] == [f"{1.0 - (median - 10):+.2f}", "(6)", f"{1.5 - (median - 10):+.2f}",
-                               "(3)", f"{3.0 - (median - 10):+.2f}", "(3)"]
+                               "(3)", f"{3.0 - (median - 10):+.2f}", "(2)"]
     assert trace.straggler_table(m, min_count=13).splitlines()[1:] == []
