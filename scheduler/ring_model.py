@@ -164,7 +164,7 @@ def landing(issue: float, ahead: float, transfer_us: float, mem_latency_us: floa
 
 def straggle(n) -> np.ndarray:
     """Expected maximum of n standard normal draws (Blom's approximation; 0 for n <= 1): how
-    many standard deviations of its signallers' end times the last of n ends after them."""
+    many standard deviations of n signallers' end times the last ends past their median."""
     n = np.asarray(n, np.float64)
     p = np.clip((n - 0.375) / (n + 0.25), 0.5, None)
     return np.array([NormalDist().inv_cdf(x) for x in np.atleast_1d(p)]).reshape(n.shape)
