@@ -203,6 +203,9 @@ def ring_stamps(program, ring: RingModel, spec=None) -> tuple[Timeline, np.ndarr
     signallers = np.cumsum(np.r_[0, np.bincount(t.signal[t.signal >= 0],
                                                 minlength=program.num_counters)])
     late = spec.ring_spread_us * straggle(np.arange(signallers[-1] + 1))
+
+    def lag(first, count):
+        return late[signallers[first + count] - signallers[first]]
     R, F, FC = ring.slots, ring.inflight or ring.slots, ring.chain_inflight
     chain_ops = set(map(int, CHAIN_OPS)) | ({int(Op.QKV)} if ring.chain_qkv else set())
 
@@ -267,10 +270,7 @@ def ring_stamps(program, ring: RingModel, spec=None) -> tuple[Timeline, np.ndarr
     for i, (w, c, s) in enumerate(zip(waits, signal, sms)):
         if s == CLAIMED:   # require_static has ruled these out
             raise AssertionError("claimed record in a static program")
-        ready = ready_at[i] = max(
-            (wait_ready(done, w[k:k + 2], lat)
-             + late[signallers[w[k] + w[k + 1]] - signallers[w[k]]]
-             for k in range(0, len(w), 2) if w[k + 1]), default=0.0)
+        ready = ready_at[i] = wait_ready(done, w, lat, lag)
         dispatch = sm_free[s]
         start[i] = max(dispatch, ready)
         op = int(t.op[i])

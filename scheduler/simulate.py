@@ -60,13 +60,16 @@ class Timeline:
         return path
 
 
-def wait_ready(done: np.ndarray, waits: list, lat: float) -> float:
+def wait_ready(done: np.ndarray, waits: list, lat: float, lag=None) -> float:
     """When an instruction's waits hold: the last end (`done`, per counter) over its wait
-    ranges (first, count, first, count, ...) plus the counter latency; 0 with none."""
+    ranges (first, count, first, count, ...) plus the counter latency, plus lag(first, count)
+    where given (the ring model's last-signaller lag); 0 with none."""
     ready = 0.0
     for k in range(0, len(waits), 2):
-        if waits[k + 1]:
-            ready = max(ready, float(done[waits[k]:waits[k] + waits[k + 1]].max()) + lat)
+        first, count = waits[k], waits[k + 1]
+        if count:
+            ready = max(ready, float(done[first:first + count].max()) + lat
+                        + (lag(first, count) if lag else 0.0))
     return ready
 
 
